@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both set everything up first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo-out
+# A fixed, public demo key: never use it for real data (`protect keygen` makes a real one).
+DEMO_KEY ?= demo-key-not-a-secret
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	PROTECT_KEY=$(DEMO_KEY) $(VENV)/bin/protect images --overwrite samples/cifar10/train $(DEMO_OUT)/cifar10-train
+	PROTECT_KEY=$(DEMO_KEY) $(VENV)/bin/protect images --overwrite samples/kodak/ --labels samples/kodak/labels.csv $(DEMO_OUT)/kodak
+	$(VENV)/bin/protect inspect $(DEMO_OUT)/cifar10-train
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ''
+
+bench: setup
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf $(DEMO_OUT) $(DEMO_OUT).protect .pytest_cache build *.egg-info

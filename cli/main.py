@@ -1,0 +1,245 @@
+"""The ``protect`` command: thin click commands over the library.
+
+Every error is one line on stderr and a non-zero exit code:
+0 success; 1 some images failed (the rest were written); 2 bad input or option;
+130 interrupted (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from perturbations.errors import ProtectError
+
+EXIT_FAILED_FILES, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines as ``warning: ...`` on stderr without breaking a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _setup_logging(quiet: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _TqdmHandler):
+            root.removeHandler(h)
+    handler = _TqdmHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.ERROR if quiet else logging.WARNING)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+key_options = [
+    click.option("--key", "key", metavar="SECRET", help="The secret key (visible in shell history: prefer --key-file)."),
+    click.option("--key-file", type=click.Path(dir_okay=False), help="File whose first line is the key."),
+]
+
+
+def with_key(fn: Any) -> Any:
+    for option in reversed(key_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="protect", prog_name="protect")
+def cli() -> None:
+    """Turn image folders into unlearnable datasets, and certify that it worked.
+
+    The key comes from exactly one of --key, --key-file or the PROTECT_KEY environment variable.
+    """
+
+
+@cli.command()
+def keygen() -> None:
+    """Print a fresh random 128-bit key (keep it secret: `protect keygen > owner.key`)."""
+    from protect.keys import generate_key
+
+    click.echo(generate_key())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def methods(as_json: bool) -> None:
+    """List the protection methods and their defaults."""
+    import perturbations
+
+    rows = []
+    for name in perturbations.available():
+        cls = perturbations.get(name)
+        rows.append({"name": name, "summary": cls.summary, "paper": cls.paper,
+                     "needs_labels": cls.needs_labels, "defaults": cls.defaults()})
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['name']}: {row['summary']}")
+        click.echo(f"  paper: {row['paper']}")
+        defaults = ", ".join(f"{k}={'auto' if v is None else v}" for k, v in row["defaults"].items())
+        click.echo(f"  defaults: {defaults}")
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"expected NAME=VALUE, got '{pair}'", param_hint="--param")
+        name, raw = pair.split("=", 1)
+        try:
+            params[name.strip().replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[name.strip().replace("-", "_")] = raw
+    return params
+
+
+@cli.command()
+@click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@with_key
+@click.option("--method", default="cuda", show_default=True, help="Protection method (see `protect methods`).")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' for folders without class sub-folders.")
+@click.option("--filter-size", type=int, help="CUDA: odd filter size k (default: 3 below 128 px, else 9).")
+@click.option("--blur", type=float, help="CUDA: off-peak filter bound p_b (default follows the filter size).")
+@click.option("--padding", type=click.Choice(["reflect", "replicate", "zero", "faithful"]), help="CUDA: border handling (zero/faithful = the paper's code).")
+@click.option("--mix", type=float, help="CUDA: fraction of images protected, chosen by the key.")
+@click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter.")
+@click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")
+@click.option("--jpeg-quality", type=int, default=95, show_default=True, help="Quality of JPEG outputs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--workers", type=int, help="Decode/encode threads (default: CPU count).")
+@click.option("--record", "record_dir", type=click.Path(file_okay=False), help="Private run record folder (default OUT_DIR.protect).")
+@click.option("--overwrite", is_flag=True, help="Redo every image instead of resuming.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@click.option("--max-pixels", type=int, help="Largest image accepted (decompression-bomb guard).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or warnings.")
+def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, method: str, labels_csv: str | None,
+           filter_size: int | None, blur: float | None, padding: str | None, mix: float | None, extra: tuple[str, ...],
+           out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None,
+           record_dir: str | None, overwrite: bool, strict: bool, max_pixels: int | None, as_json: bool, quiet: bool) -> None:
+    """Protect every image under IN_DIR into OUT_DIR (same names, same formats)."""
+    from protect import ProtectOptions, load_keyring, protect_folder
+    from protect.imageio import DEFAULT_MAX_PIXELS
+
+    _setup_logging(quiet or as_json)
+    keyring = load_keyring(key, key_file)
+    params = {"filter_size": filter_size, "blur": blur, "padding": padding, "mix": mix}
+    params = {k: v for k, v in params.items() if v is not None} | _parse_params(extra)
+    options = ProtectOptions(
+        method=method, params=params, labels_csv=labels_csv, out_format=out_format, device=device,
+        batch_size=batch_size, workers=workers, record_dir=record_dir, overwrite=overwrite, strict=strict,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, jpeg_quality=jpeg_quality, progress=not quiet,
+    )
+
+    def bar(total: int) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="img", desc="protect", disable=quiet or as_json or None,
+                    file=sys.stderr, dynamic_ncols=True)
+
+    summary = protect_folder(in_dir, out_dir, keyring, options, on_start=bar)
+    if as_json:
+        _echo_json(summary.to_dict())
+    else:
+        _print_summary(summary)
+    if summary.failed:
+        sys.exit(EXIT_FAILED_FILES)
+
+
+def _print_summary(s: Any) -> None:
+    click.echo(f"protected {s.out_dir} with {s.method} (key fingerprint {s.key_fingerprint}) "
+               f"in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s on {s.device})")
+    click.echo(f"  done {s.done}, skipped {s.skipped} (already protected), failed {s.failed}, of {s.total}")
+    if s.psnr_mean is not None:
+        click.echo(f"  fidelity: mean PSNR {s.psnr_mean:.2f} dB, mean SSIM {s.ssim_mean:.3f}")
+    params = ", ".join(f"{k}={v}" for k, v in s.params.items() if k != "size_rule")
+    click.echo(f"  parameters: {params}")
+    click.echo(f"  private record: {s.record_dir} (keep it; do not publish it)")
+    for warning in s.warnings:
+        click.echo(f"  warning: {warning}")
+    for rel, reason in s.failures:
+        click.echo(f"  failed: {rel}: {reason}")
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--record", "record_dir", type=click.Path(file_okay=False), help="Run record folder (default OUT_DIR.protect).")
+@click.option("--check", is_flag=True, help="Re-hash every output and report missing or changed files.")
+@with_key
+@click.option("--json", "as_json", is_flag=True)
+def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, key_file: str | None, as_json: bool) -> None:
+    """Show what was done to OUT_DIR: method, parameters, key fingerprint, fidelity."""
+    from protect import inspect_run, load_keyring
+
+    keyring = load_keyring(key, key_file) if (key or key_file) else None
+    info = inspect_run(out_dir, record_dir, check_files=check, keyring=keyring)
+    if as_json:
+        _echo_json(info)
+    else:
+        click.echo(f"{info['out_dir']}: {info['files']} image(s) protected with {info['method']} ({info['paper']})")
+        click.echo(f"  key fingerprint: {info['key_fingerprint']}"
+                   + ("" if keyring is None else ("  (matches the given key)" if info["key_matches"] else "  (does NOT match the given key)")))
+        params = ", ".join(f"{k}={v}" for k, v in (info["params"] or {}).items() if k != "size_rule")
+        click.echo(f"  parameters: {params}")
+        if info["class_map"]:
+            click.echo(f"  classes ({info['label_source']}): {', '.join(info['class_map'])}")
+        if info["psnr_mean"] is not None:
+            click.echo(f"  fidelity: PSNR mean {info['psnr_mean']:.2f} dB (min {info['psnr_min']:.2f}), "
+                       f"SSIM mean {info['ssim_mean']:.3f} (min {info['ssim_min']:.3f})")
+        click.echo(f"  run {'complete' if info['complete'] else 'INCOMPLETE: rerun the same command to resume'}"
+                   + (f"; {len(info['failures'])} file(s) failed" if info["failures"] else ""))
+        if check:
+            c = info["check"]
+            click.echo("  outputs intact" if c["ok"] else f"  {len(c['missing'])} output(s) missing, {len(c['changed'])} changed")
+    if check and not info["check"]["ok"]:
+        sys.exit(EXIT_FAILED_FILES)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the click group and turn every error into one line."""
+    debug = bool(os.environ.get("PROTECT_DEBUG"))
+    try:
+        cli.main(args=argv, prog_name="protect", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see `{ctx.command_path} --help`)"
+        click.echo(f"error: {exc.format_message()}{hint}".replace("\n", " "), err=True)
+        sys.exit(EXIT_ERROR)
+    except ProtectError as exc:
+        click.echo(f"error: {exc}".replace("\n", " "), err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
+        if debug:
+            raise
+        click.echo(f"internal error: {exc.__class__.__name__}: {exc} (rerun with PROTECT_DEBUG=1 for details)"
+                   .replace("\n", " "), err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The small base class every protection method implements.
+
+A method is built with its paper defaults in its ``__init__`` signature and a
+:class:`~perturbations.keyring.Keyring`; it may :meth:`~Perturbation.fit` on the dataset and then
+:meth:`~Perturbation.apply` to batches. Its fitted state is a plain dict of tensors so it can be
+saved in the run record and reloaded to protect more images later with the same key.
+
+Shapes and ranges: images are float32 in [0, 1], ``N x C x H x W`` (C = 1 or 3; an alpha channel
+never reaches a method), on the method's device. Methods return the same shape and range and
+never quantise; the pipeline quantises once, with rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import ConfigError
+from .keyring import Keyring
+
+
+@dataclass
+class FitData:
+    """What a method may look at before protecting a dataset.
+
+    Attributes:
+        num_classes: number of classes, or 0 for an unlabelled dataset.
+        labels: one label per image (``None`` when unlabelled).
+        sizes: ``(height, width)`` per image, in dataset order.
+        ids: a stable id per image (its relative path), in dataset order.
+        batches: optional factory yielding ``(images, indices)`` batches for methods that must see
+            pixels while fitting (Unlearnable Clusters, SALM); ``None`` for model-free methods.
+    """
+
+    num_classes: int
+    labels: Sequence[int] | None
+    sizes: Sequence[tuple[int, int]]
+    ids: Sequence[str] = field(default_factory=list)
+    batches: Callable[[], Iterator[tuple[torch.Tensor, Sequence[int]]]] | None = None
+
+
+class Perturbation(ABC):
+    """Base class for protection methods.
+
+    Subclasses set ``name``, ``summary``, ``paper`` and ``needs_labels`` and implement
+    :meth:`apply`; they override :meth:`fit`, :meth:`state_dict` and :meth:`load_state_dict`
+    when they have fitted state.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, keyring: Keyring) -> None:
+        if not isinstance(keyring, Keyring):
+            raise ConfigError(f"{self.name}: a Keyring is required, got {type(keyring).__name__}")
+        self.keyring = keyring
+        self.fitted = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def fit(self, data: FitData) -> "Perturbation":
+        """Look at the dataset once before protecting it. Default: nothing to learn."""
+        if self.needs_labels and (data.labels is None or data.num_classes < 1):
+            raise ConfigError(f"method '{self.name}' needs class labels")
+        self.fitted = True
+        return self
+
+    @abstractmethod
+    def apply(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Protect a batch ``x`` (N x C x H x W in [0,1]); return the same shape and range."""
+
+    # -- state -----------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """The resolved parameters, JSON-serialisable (written to the run record)."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Fitted state as plain tensors (saved in the run record)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore fitted state saved by :meth:`state_dict`."""
+        self.fitted = True
+
+    # -- helpers ---------------------------------------------------------------------------
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The paper defaults, read from the ``__init__`` signature (``None`` = chosen from data)."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            name: p.default
+            for name, p in sig.parameters.items()
+            if name not in ("self", "keyring") and p.default is not inspect.Parameter.empty
+        }
+
+    def _check_batch(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ConfigError(f"{self.name}: expected N x C x H x W with C in (1, 3), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ConfigError(f"{self.name}: expected a float tensor in [0, 1], got {x.dtype}")
+        if self.needs_labels:
+            if labels is None:
+                raise ConfigError(f"method '{self.name}' needs class labels")
+            if labels.shape != (x.shape[0],):
+                raise ConfigError(f"{self.name}: labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")

@@ -1,0 +1,250 @@
+"""Tests for verify.defenses: registry, invariants over every defense, and per-defense properties."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from perturbations.errors import ConfigError, InputError
+from verify import defenses
+from verify.defenses import dct_matrix, lowpass_band
+
+ALL = defenses.available()
+RANDOM = [name for name in ALL if not defenses.get(name).static]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def smooth_batch(n: int = 8, c: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Natural-looking images: upsampled noise, contrast spread over [0.1, 0.9]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, c, size // 8, size // 8, generator=g)
+    fine = torch.rand(n, c, size // 2, size // 2, generator=g)
+    x = 0.7 * F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
+    x = x + 0.3 * F.interpolate(fine, size=size, mode="bilinear", align_corners=False)
+    return (0.1 + 0.8 * x).clamp(0, 1)
+
+
+def onehot(n: int = 8, k: int = 10) -> torch.Tensor:
+    return F.one_hot(torch.arange(n) % k, k).float()
+
+
+def run(name: str, x: torch.Tensor, y: torch.Tensor | None = None, seed: int = 1, **kw):
+    y = onehot(x.shape[0]).to(x.device) if y is None else y
+    return defenses.get(name, **kw)(x, y, generator=torch.Generator().manual_seed(seed))
+
+
+# registry ------------------------------------------------------------------------------------------
+
+
+def test_registry_contents() -> None:
+    expected = {"none", "grayscale", "jpeg10", "blur", "bdr", "cutout", "cutmix", "mixup", "ueraser", "coin", "rskff"}
+    assert expected <= set(ALL)
+    assert ALL == sorted(ALL)
+    for name in ALL:
+        d = defenses.get(name)
+        assert d.name == name and d.source and isinstance(d.static, bool)
+    assert {n for n in ALL if defenses.get(n).static} >= {"none", "grayscale", "jpeg10", "blur", "bdr"}
+    assert set(RANDOM) >= {"cutout", "cutmix", "mixup", "ueraser", "coin", "rskff"}
+
+
+def test_unknown_names_raise() -> None:
+    with pytest.raises(ConfigError, match="'nope'"):
+        defenses.get("nope")
+    with pytest.raises(ConfigError, match="'nope'"):
+        defenses.parse_list("none,nope")
+    for bad in ("", " , ", "none,,blur"):
+        with pytest.raises(ConfigError):
+            defenses.parse_list(bad)
+    with pytest.raises(ConfigError):
+        defenses.get("coin", alpha=-1)
+    with pytest.raises(ConfigError):
+        defenses.get("blur", bogus=1)
+
+
+def test_parse_list() -> None:
+    assert defenses.parse_list("none,grayscale, jpeg10") == ["none", "grayscale", "jpeg10"]
+    assert defenses.parse_list(" coin ,coin") == ["coin"]
+
+
+def test_bad_input_shape() -> None:
+    with pytest.raises(InputError):
+        defenses.get("blur")(torch.rand(2, 4, 8, 8), onehot(2))
+    with pytest.raises(InputError):
+        defenses.get("blur")(torch.rand(2, 3, 8, 8), onehot(3))
+
+
+# invariants over every defense ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("name", ALL)
+def test_invariants(name: str, channels: int, device: str) -> None:
+    x = smooth_batch(c=channels).to(device)
+    y = onehot().to(device)
+    xo, yo = run(name, x, y)
+    assert xo.shape == x.shape and xo.dtype == x.dtype and xo.device == x.device
+    assert yo.shape == y.shape and yo.dtype == y.dtype and yo.device == y.device
+    assert xo.min() >= 0 and xo.max() <= 1 and torch.isfinite(xo).all()
+    torch.testing.assert_close(yo.sum(1), torch.ones(8, device=device))
+    assert (yo >= 0).all()
+    if name not in ("cutmix", "mixup"):
+        assert torch.equal(yo, y)
+    changes = name != "none" and not (name == "grayscale" and channels == 1)
+    diff = (xo - x).abs().mean().item()
+    assert (diff > 5e-3) if changes else (diff == 0), f"{name}: mean |diff| = {diff}"
+
+
+def test_default_generator_and_nonsquare() -> None:
+    x = smooth_batch(n=4, size=32)[..., :24, :]
+    for name in ALL:
+        a, _ = defenses.get(name)(x, onehot(4))
+        b, _ = defenses.get(name)(x, onehot(4))
+        assert a.shape == x.shape and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_determinism(name: str) -> None:
+    x = smooth_batch()
+    a, ya = run(name, x, seed=3)
+    b, yb = run(name, x, seed=3)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    if name in RANDOM:
+        c, _ = run(name, x, seed=4)
+        assert not torch.equal(a, c), f"{name} ignores the generator"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ALL)
+def test_cpu_cuda_agree(name: str) -> None:
+    x = smooth_batch()
+    a, ya = run(name, x, seed=5)
+    b, yb = run(name, x.cuda(), seed=5)
+    tol = 2 / 255 if name in ("ueraser",) else 1e-4
+    assert (a - b.cpu()).abs().mean() < tol and torch.allclose(ya, yb.cpu(), atol=1e-6)
+
+
+# per-defense properties ----------------------------------------------------------------------------
+
+
+def test_grayscale_equal_channels() -> None:
+    xo, _ = run("grayscale", smooth_batch())
+    assert torch.equal(xo[:, 0], xo[:, 1]) and torch.equal(xo[:, 1], xo[:, 2])
+    expected = 0.299 * smooth_batch()[:, 0] + 0.587 * smooth_batch()[:, 1] + 0.114 * smooth_batch()[:, 2]
+    torch.testing.assert_close(xo[:, 0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_jpeg_matches_pillow(channels: int) -> None:
+    x = smooth_batch(n=3, c=channels)
+    xo, _ = run("jpeg10", x)
+    for i in range(3):
+        arr = (x[i] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr[..., 0]) if channels == 1 else Image.fromarray(arr)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=10)
+        ref = np.asarray(Image.open(io.BytesIO(buf.getvalue()))).reshape(arr.shape)
+        got = (xo[i] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, ref)
+    assert (xo - x).abs().mean() > 5e-3
+    assert not torch.equal(run("jpeg10", x, quality=90)[0], xo)
+
+
+def test_bdr_four_levels() -> None:
+    xo, _ = run("bdr", smooth_batch())
+    for ch in range(3):
+        values = torch.unique(xo[:, ch])
+        assert len(values) <= 4
+        assert torch.allclose(values * 3, (values * 3).round(), atol=1e-6)
+
+
+def test_blur_smooths() -> None:
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    xo, _ = run("blur", x)
+    tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
+    assert tv(xo) < 0.7 * tv(x)
+    torch.testing.assert_close(xo.mean(), x.mean(), atol=0.02, rtol=0)
+
+
+def test_cutout_zeroed_square() -> None:
+    x = smooth_batch()  # strictly positive everywhere
+    assert x.min() > 0
+    xo, _ = run("cutout", x)
+    for i in range(8):
+        zero = xo[i, 0] == 0
+        assert torch.equal(zero, (xo[i] == 0).all(0))
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        assert len(rows) <= 16 and len(cols) <= 16 and zero.sum() > 0
+        box = zero[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() and zero.sum() == box.numel()  # one solid rectangle
+        assert torch.equal(xo[i][:, ~zero], x[i][:, ~zero])
+
+
+@pytest.mark.parametrize("name", ["cutmix", "mixup"])
+def test_mixed_labels(name: str) -> None:
+    x, y = smooth_batch(), onehot()  # 8 distinct classes
+    xo, yo = run(name, x, y, seed=2)
+    nonzero = (yo > 1e-6).sum(1)
+    assert (nonzero <= 2).all() and (nonzero == 2).any()
+    own = yo[torch.arange(8), torch.arange(8)]
+    assert (own > 0).all() or name == "cutmix"
+    for i in range(8):
+        if nonzero[i] == 2 and name == "cutmix":
+            unchanged = (xo[i] == x[i]).all(0).float().mean()
+            torch.testing.assert_close(own[i], unchanged, atol=1e-6, rtol=0)
+        if nonzero[i] == 2 and name == "mixup":
+            j = int((yo[i] > 1e-6).logical_and(torch.arange(10) != i).nonzero())
+            torch.testing.assert_close(xo[i], own[i] * x[i] + yo[i, j] * x[j], atol=1e-5, rtol=0)
+
+
+def test_coin_bounded() -> None:
+    const = torch.full((4, 3, 16, 16), 0.37)
+    xo, _ = run("coin", const)
+    torch.testing.assert_close(xo, const, atol=1e-6, rtol=0)
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(2, 3, 32, 32).contiguous()
+    xo, _ = run("coin", ramp, alpha=2.0)
+    step = 1 / 31
+    assert (xo - ramp).abs().max() <= 2 * step + 1e-5  # horizontal shift at most alpha pixels
+    assert (xo - ramp).abs().max() > 0.5 * step
+    xs, _ = run("coin", smooth_batch(), alpha=0.05)
+    assert (xs - smooth_batch()).abs().mean() < (run("coin", smooth_batch())[0] - smooth_batch()).abs().mean()
+
+
+def test_rskff_removes_high_band() -> None:
+    x = 0.4 + 0.2 * smooth_batch(n=4, size=32)  # low contrast: sharpening never leaves [0, 1]
+    xo, _ = run("rskff", x)
+    d = dct_matrix(32, xo.device, torch.float64)
+    coef = d @ xo.double() @ d.T
+    kh, kw = lowpass_band(32, 32, 0.3)
+    assert (kh, kw) == (10, 10)
+    band = torch.ones(32, 32, dtype=torch.bool)
+    band[:kh, :kw] = False
+    assert ((xo > 0) & (xo < 1)).all()  # so clamping added no energy
+    assert coef[..., band].abs().max() < 1e-5
+    assert coef[..., ~band].abs().sum() > 1
+
+
+def test_dct_orthonormal() -> None:
+    d = dct_matrix(12, torch.device("cpu"), torch.float64)
+    torch.testing.assert_close(d @ d.T, torch.eye(12, dtype=torch.float64))
+
+
+def test_ueraser_each_op() -> None:
+    ue = defenses.get("ueraser")
+    x = smooth_batch(n=2, size=16)
+    for k, kind in enumerate(ue.OPS):
+        for m in (0.05, 0.95):
+            out = ue._trivial_augment(x, torch.Generator(), torch.full((2,), k), torch.full((2,), m))
+            assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1, kind
+            diff = (out - x).abs().mean()
+            # identity; 8-bit posterize of 8-bit-exact values; solarize above the brightest pixel
+            unchanged = kind == "identity" or (kind, m) == ("posterize", 0.95) or (kind == "solarize" and m > x.max())
+            if unchanged:
+                assert diff < 2e-3, kind
+            else:
+                assert diff > 2e-3, f"{kind} at magnitude {m} changes nothing"

@@ -1,0 +1,1 @@
+"""Surrogate training, attacks, defenses and certificates."""
