@@ -210,6 +210,11 @@ def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, 
         sys.exit(EXIT_FAILED_FILES)
 
 
+from .verify_cmd import verify  # noqa: E402
+
+cli.add_command(verify)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the click group and turn every error into one line."""
     debug = bool(os.environ.get("PROTECT_DEBUG"))
@@ -217,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="protect", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except click.exceptions.Abort:  # click turns Ctrl-C inside a command into Abort
+        click.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         hint = ""

@@ -81,9 +81,14 @@ def convolve_normalise(x: torch.Tensor, filters: torch.Tensor, padding: str = "r
             mode = "replicate"  # reflection needs more pixels than the radius
         x = F.pad(x, (r, r, r, r), mode="constant" if mode == "zero" else mode)
     weight = filters.to(x.dtype).repeat_interleave(c, dim=0).unsqueeze(1)  # (N*C) x 1 x k x k
+    planes = x.reshape(1, n * c, h + 2 * r, w + 2 * r)
+    if n * c == 1:
+        # One plane alone would take conv2d's dense (groups=1) kernel, which rounds differently
+        # from the depthwise one: give it a twin so that results never depend on the batching.
+        planes, weight = planes.repeat(1, 2, 1, 1), weight.repeat(2, 1, 1, 1)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        out = F.conv2d(x.reshape(1, n * c, h + 2 * r, w + 2 * r), weight, groups=n * c)
-    out = out.reshape(n, c, h, w)
+        out = F.conv2d(planes, weight, groups=planes.shape[1])
+    out = out[:, : n * c].reshape(n, c, h, w)
     peak = out.amax(dim=(1, 2, 3), keepdim=True)
     return torch.where(peak > 0, out / peak.clamp_min(1e-12), out).clamp_(0.0, 1.0)
 

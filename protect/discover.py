@@ -82,10 +82,11 @@ def walk_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     root = root.resolve()
     found: list[str] = []
     skipped: list[tuple[str, str]] = []
-    seen_dirs = {root}
-    stack = [(root, PurePosixPath())]
+    # Each folder carries the real paths of the folders above it: a link back to one of them
+    # is a loop and is not followed; other links to the same folder are (like links to files).
+    stack = [(root, PurePosixPath(), frozenset({root}))]
     while stack:
-        folder, rel_folder = stack.pop()
+        folder, rel_folder, above = stack.pop()
         try:
             children = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
@@ -101,15 +102,13 @@ def walk_images(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
                     skipped.append((str(rel), "symbolic link leaves the input folder; not followed"))
                     continue
                 if target.is_dir():
-                    if target not in seen_dirs:
-                        seen_dirs.add(target)
-                        stack.append((Path(child.path), rel))
+                    if target not in above:
+                        stack.append((Path(child.path), rel, above | {target}))
                     continue
             if child.is_dir(follow_symlinks=True):
                 real = Path(child.path).resolve()
-                if real not in seen_dirs:
-                    seen_dirs.add(real)
-                    stack.append((Path(child.path), rel))
+                if real not in above:
+                    stack.append((Path(child.path), rel, above | {real}))
             elif child.is_file(follow_symlinks=True) and is_image_name(child.name):
                 found.append(str(rel))
     found.sort()

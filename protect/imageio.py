@@ -156,7 +156,9 @@ def output_name(rel: str, fmt: str, out_format: str) -> str:
 def to_image(pixels: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
     """A Pillow image from H x W x C pixels (uint8/uint16) and optional alpha."""
     if pixels.dtype == np.uint16:
-        return Image.fromarray(pixels[:, :, 0], mode="I;16")
+        # frombytes, not fromarray(mode="I;16"): Pillow >= 11 rejects that mode for uint16 arrays.
+        h, w = pixels.shape[:2]
+        return Image.frombytes("I;16", (w, h), pixels[:, :, 0].astype("<u2").tobytes())
     if alpha is not None:
         return Image.fromarray(np.concatenate([pixels, alpha[:, :, None]], axis=2), mode="LA" if pixels.shape[2] == 1 else "RGBA")
     return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, mode="L" if pixels.shape[2] == 1 else "RGB")

@@ -32,6 +32,7 @@ def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None
     manifest_path = root / MANIFEST
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     files = list(record.done.values())
+    failures = manifest.get("failures", [])
     info: dict[str, Any] = {
         "out_dir": str(out),
         "record_dir": str(root),
@@ -43,8 +44,9 @@ def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None
         "label_source": header.get("label_source"),
         "out_format": header.get("out_format"),
         "files": len(files),
-        "failures": manifest.get("failures", []),
-        "complete": bool(manifest) and manifest.get("summary", {}).get("total") == len(files),
+        "failures": failures,
+        # every image accounted for: protected, or failed with a reason (a rerun would not help)
+        "complete": bool(manifest) and manifest.get("summary", {}).get("total") == len(files) + len(failures),
         "psnr_mean": _mean(f["psnr"] for f in files),
         "psnr_min": min((f["psnr"] for f in files), default=None),
         "ssim_mean": _mean(f["ssim"] for f in files),

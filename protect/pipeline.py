@@ -378,6 +378,8 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
         "jpeg_quality": options.jpeg_quality,
         "in_dir": str(in_path.resolve()),
     }
+    if not options.overwrite:
+        RunRecord.check_matches(record_dir, header)  # a record of another run: say what differs
     resuming = not options.overwrite and RunRecord.resumable(record_dir, header)
     if out_path.is_dir() and not resuming and not options.overwrite and any(
         p for p in out_path.iterdir() if not p.name.startswith(".")

@@ -72,6 +72,13 @@ class RunRecord:
         old, _ = _read_journal(journal)
         return all(old.get(k) == header.get(k) for k in MATCHING)
 
+    @staticmethod
+    def check_matches(root: Path, header: dict[str, Any]) -> None:
+        """Raise :class:`RecordError` naming what differs if ``root`` records another run."""
+        journal = root / JOURNAL
+        if journal.is_file():
+            _check_header(root, _read_journal(journal)[0], header)
+
     @classmethod
     def open(cls, root: Path, header: dict[str, Any], overwrite: bool = False) -> "RunRecord":
         """Create a record, or resume one whose header matches ``header``."""
@@ -80,13 +87,7 @@ class RunRecord:
         done: dict[str, dict[str, Any]] = {}
         if journal.is_file() and not overwrite:
             old, done = _read_journal(journal)
-            diff = [k for k in MATCHING if old.get(k) != header.get(k)]
-            if diff:
-                what = "a different key" if "key_fingerprint" in diff else "different " + ", ".join(diff)
-                raise RecordError(
-                    f"{root} records a run with {what}; rerun with the same settings to resume, "
-                    "use --overwrite to start over, or choose another output folder"
-                )
+            _check_header(root, old, header)
             header = {**old, **{k: v for k, v in header.items() if k not in MATCHING}}
             fh = open(journal, "a", encoding="utf-8")
         else:
@@ -143,6 +144,16 @@ class RunRecord:
         """True if ``rel`` was already protected from the same input and its output is intact."""
         entry = self.done.get(rel)
         return bool(entry and entry.get("input_sha256") == in_sha and sha256_file(out_path) == entry.get("output_sha256"))
+
+
+def _check_header(root: Path, old: dict[str, Any], header: dict[str, Any]) -> None:
+    diff = [k for k in MATCHING if old.get(k) != header.get(k)]
+    if diff:
+        what = "a different key" if "key_fingerprint" in diff else "different " + ", ".join(diff)
+        raise RecordError(
+            f"{root} records a run with {what}; rerun with the same settings to resume, "
+            "use --overwrite to start over, or choose another output folder"
+        )
 
 
 def _read_journal(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -1,0 +1,76 @@
+"""`protect verify`: train surrogate models on a protected folder and print a certificate."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command()
+@click.argument("protected_dir", type=click.Path(file_okay=False))
+@click.option("--test", "test_dir", required=True, type=click.Path(file_okay=False), help="Clean test images (same class folders).")
+@click.option("--clean", "clean_dir", type=click.Path(file_okay=False), help="Clean training images: trains the baselines and gives the score.")
+@click.option("--tier", type=click.Choice(["quick", "standard", "paper"]), default="quick", show_default=True,
+              help="quick: fastcnn ~10 epochs, fast AT; standard: ResNet-18 40 epochs; paper: the CUDA paper's recipe.")
+@click.option("--training", "trainings", help="Regimes, e.g. erm,linf,l2 (linf4 = 4/255; l2@EPS).  [default: erm,linf]")
+@click.option("--defenses", help="Breakers, e.g. none,grayscale,jpeg10,ueraser,coin.  [default: none,grayscale,jpeg10]")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Train every cell with N seeds; report mean and spread.")
+@click.option("--model", help="Override the tier's surrogate model (e.g. resnet18, resnet20, fastcnn).")
+@click.option("--epochs", type=int, help="Override the tier's epochs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Report folder (default PROTECTED_DIR.verify).")
+@click.option("--baseline-per-defense", is_flag=True, help="Train the clean baseline under every defense too.")
+@click.option("--max-per-class", type=int, help="Use only the first N images per class (quick subsets).")
+@click.option("--no-cache", is_flag=True, help="Retrain clean baselines even when cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the certificate as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, trainings: str | None,
+           defenses: str | None, seeds: int, model: str | None, epochs: int | None, device: str,
+           report_dir: str | None, baseline_per_defense: bool, max_per_class: int | None, no_cache: bool,
+           as_json: bool, quiet: bool) -> None:
+    """Certify PROTECTED_DIR: train surrogates on it and measure clean test accuracy.
+
+    Each cell of the regime x defense grid trains a fresh model from scratch on the protected
+    images and evaluates it every epoch on the clean test set; the verdict uses the best attacker.
+    """
+    from verify.run import verify_folder
+
+    cert = verify_folder(
+        protected_dir, test_dir, clean_dir, tier=tier, trainings=trainings, defenses=defenses, seeds=seeds,
+        model=model, epochs=epochs, device=device, report_dir=report_dir,
+        cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
+        max_per_class=max_per_class, progress=not (quiet or as_json),
+    )
+    if as_json:
+        click.echo(json.dumps(cert, indent=2, sort_keys=True, default=str))
+        return
+    _print_certificate(cert)
+
+
+def _pct(v: float | None) -> str:
+    return "  -  " if v is None else f"{100 * v:5.1f}"
+
+
+def _print_certificate(cert: dict) -> None:
+    click.echo(f"tier {cert['tier']}: {cert['model']}, {cert['epochs']} epochs, seeds {cert['seeds']}"
+               + (" (adversarial training uses fast FGSM-RS AT)" if cert.get("fast_at") else ""))
+    click.echo(f"{'training':<10} {'defense':<10} {'protected peak':>14} {'final':>6} {'clean peak':>10} {'score':>6}")
+    for cell in cert["cells"]:
+        clean = cell.get("clean") or {}
+        score = cell.get("score")
+        click.echo(f"{cell['training']:<10} {cell['defense']:<10} {_pct(cell['protected']['peak_acc']):>14} "
+                   f"{_pct(cell['protected']['final_acc']):>6} {_pct(clean.get('peak_acc')):>10} "
+                   f"{'  -' if score is None else f'{score:6.2f}'}")
+    verdict = cert.get("verdict") or {}
+    best = verdict.get("best_attacker") or {}
+    if best:
+        line = (f"verdict: the best attacker ({best.get('training')} + {best.get('defense')}) reached "
+                f"{_pct(best.get('peak_acc')).strip()} % clean test accuracy")
+        if verdict.get("score") is not None:
+            line += f"; protection score {verdict['score']:.2f} (1 = chance level, 0 = no protection)"
+        click.echo(line)
+    if cert.get("report_dir"):
+        click.echo(f"report: {cert['report_dir']}")
+    sys.stdout.flush()

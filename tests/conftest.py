@@ -1,0 +1,49 @@
+"""Shared fixtures: the bundled samples (read-only), one keyring per session, tiny image folders."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+#: The key of the pipeline and CLI tests (long enough not to trigger the short-key warning).
+TEST_KEY = "pipeline-tests-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """The bundled ``samples/`` folder; never write to it."""
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def test_key() -> str:
+    return TEST_KEY
+
+
+@pytest.fixture(scope="session")
+def keyring():
+    """The keyring of :data:`TEST_KEY`, stretched once (scrypt is slow on purpose)."""
+    from protect.keys import derive_keyring
+
+    return derive_keyring(TEST_KEY)
+
+
+@pytest.fixture
+def make_folder(tmp_path: Path) -> Callable[..., Path]:
+    """``make_folder(name, classes=2, per_class=4, source="cifar10/train")``: copy the first
+    ``per_class`` real images of the first ``classes`` class folders of ``samples/<source>`` into
+    ``tmp_path/name/<class>/`` and return that folder."""
+
+    def make(name: str = "in", classes: int = 2, per_class: int = 4, source: str = "cifar10/train") -> Path:
+        root = tmp_path / name
+        for class_dir in sorted(p for p in (SAMPLES / source).iterdir() if p.is_dir())[:classes]:
+            (root / class_dir.name).mkdir(parents=True)
+            for f in sorted(class_dir.glob("*.png"))[:per_class]:
+                shutil.copyfile(f, root / class_dir.name / f.name)
+        return root
+
+    return make

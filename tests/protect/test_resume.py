@@ -1,0 +1,193 @@
+"""Resume: an interrupted run, rerun with the same command, ends byte-identical to an
+uninterrupted one, with no temporary file left behind (simulated, kill -9 and Ctrl-C)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from protect import ProtectOptions, inspect_run, protect_folder
+from protect.imageio import TMP_MARK
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def temporaries(*roots: Path) -> list[Path]:
+    return [p for root in roots for p in root.rglob("*") if TMP_MARK in p.name]
+
+
+def run(in_dir, out_dir, keyring, **options):
+    return protect_folder(in_dir, out_dir, keyring, ProtectOptions(progress=False, **options))
+
+
+# -- simulated interruption (in-process) -----------------------------------------------------
+def test_resume_after_lost_outputs_and_journal_lines(tmp_path, keyring, make_folder):
+    inp, out = make_folder(classes=2, per_class=8), tmp_path / "out"
+    journal = tmp_path / "out.protect" / "journal.jsonl"
+    first = run(inp, out, keyring, batch_size=4)
+    assert (first.done, first.skipped) == (16, 0)
+    complete = tree(out)
+
+    lines = journal.read_text(encoding="utf-8").splitlines(keepends=True)
+    entries = [json.loads(line) for line in lines[1:]]
+    assert len(entries) == 16
+    dropped = {e["output"] for e in entries[-4:]}  # journal lines lost in the crash
+    deleted = {e["output"] for e in entries[:3]}  # outputs lost
+    damaged = entries[5]["output"]  # an output changed since
+    journal.write_text("".join(lines[:-4]) + lines[-4][: len(lines[-4]) // 2], encoding="utf-8")  # torn line
+    for rel in deleted:
+        (out / rel).unlink()
+    (out / damaged).write_bytes(b"not the protected image")
+    stale = out / "airplane" / f".0000.png{TMP_MARK}99999-1"
+    stale.write_bytes(b"partial")
+
+    again = run(inp, out, keyring, batch_size=4)
+    redone = dropped | deleted | {damaged}
+    assert (again.done, again.skipped, again.failed) == (len(redone), 16 - len(redone), 0)
+    assert tree(out) == complete
+    assert temporaries(out, tmp_path / "out.protect") == []
+    manifest = json.loads((tmp_path / "out.protect" / "manifest.json").read_text(encoding="utf-8"))
+    assert sorted(f["output"] for f in manifest["files"]) == sorted(complete)
+
+    third = run(inp, out, keyring)
+    assert (third.done, third.skipped) == (0, 16)
+
+
+def test_changed_input_is_redone_and_overwrite_redoes_all(tmp_path, keyring, make_folder):
+    inp, out = make_folder(classes=2, per_class=3), tmp_path / "out"
+    run(inp, out, keyring)
+    before = tree(out)
+    shutil.copyfile(SAMPLES / "cifar10" / "train" / "airplane" / "0050.png", inp / "airplane" / "0001.png")
+    again = run(inp, out, keyring)
+    assert (again.done, again.skipped) == (1, 5)
+    after = tree(out)
+    assert after["airplane/0001.png"] != before["airplane/0001.png"]
+    assert {k: v for k, v in after.items() if k != "airplane/0001.png"} == {
+        k: v for k, v in before.items() if k != "airplane/0001.png"}
+    redo = run(inp, out, keyring, overwrite=True)
+    assert (redo.done, redo.skipped) == (6, 0) and tree(out) == after
+
+
+# -- real interruptions (a subprocess) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def big(tmp_path_factory, keyring):
+    """300 real images in 3 class folders, and the outputs of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("big")
+    inp = root / "in"
+    for class_dir in sorted((SAMPLES / "cifar10" / "train").iterdir())[:3]:
+        (inp / class_dir.name).mkdir(parents=True)
+        for f in sorted(class_dir.glob("*.png"))[:100]:
+            shutil.copyfile(f, inp / class_dir.name / f.name)
+    assert len(list(inp.rglob("*.png"))) == 300
+    summary = run(inp, root / "reference", keyring, batch_size=8)
+    assert summary.done == 300
+    return inp, tree(root / "reference")
+
+
+def _start(in_dir: Path, out_dir: Path, key: str, cwd: Path) -> tuple[subprocess.Popen, list[str]]:
+    args = ["images", str(in_dir), str(out_dir), "--key", key, "--batch-size", "8"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PROTECT_KEY", "PROTECT_DEBUG")}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, args
+
+
+@dataclass
+class Interrupted:
+    args: list[str]  # the command, to rerun it
+    out: Path
+    returncode: int
+    stderr: str
+    landed: dict[str, str]  # outputs right after the interruption
+    temporaries: list[Path]
+
+
+@pytest.fixture(scope="module")
+def interrupted(big, tmp_path_factory, test_key) -> dict[str, Interrupted]:
+    """Two real runs started together (they share the slow start-up); as soon as each has written
+    a few outputs, one gets kill -9 and the other Ctrl-C (SIGINT)."""
+    inp, _ = big
+    root = tmp_path_factory.mktemp("interrupted")
+    runs = {name: (*_start(inp, root / name, test_key, root), sig)
+            for name, sig in (("kill", signal.SIGKILL), ("ctrl-c", signal.SIGINT))}
+    pending = dict(runs)
+    deadline = time.monotonic() + 180
+    while pending and time.monotonic() < deadline:
+        for name, (proc, args, sig) in list(pending.items()):
+            out = root / name
+            if proc.poll() is not None:
+                for p, _, _ in runs.values():
+                    p.kill()
+                pytest.fail(f"run '{name}' ended (rc {proc.returncode}) before it could be interrupted: "
+                            f"{proc.stderr.read()}")
+            if out.is_dir() and sum(1 for _ in out.rglob("*.png")) >= 10:
+                proc.send_signal(sig)
+                del pending[name]
+        time.sleep(0.005)
+    for proc, _, _ in pending.values():
+        proc.kill()
+    assert not pending, f"no outputs appeared in time for {sorted(pending)}"
+    results = {}
+    for name, (proc, args, _) in runs.items():
+        _, stderr = proc.communicate(timeout=120)
+        out = root / name
+        landed = {k: v for k, v in tree(out).items() if TMP_MARK not in k}
+        results[name] = Interrupted(args, out, proc.returncode, stderr, landed,
+                                    temporaries(out, root / f"{name}.protect"))
+    return results
+
+
+def _resume_in_process(args: list[str]) -> dict:
+    result = CliRunner().invoke(cli, [*args, "--json"], env={"PROTECT_KEY": None})
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_kill_9_then_rerun_is_byte_identical(big, interrupted):
+    _, reference = big
+    run = interrupted["kill"]
+    assert run.returncode == -signal.SIGKILL
+    assert 10 <= len(run.landed) < 300, "the kill came too late to interrupt the run"
+    # whatever landed is complete: exactly the bytes of the uninterrupted run
+    assert all(reference[k] == v for k, v in run.landed.items())
+
+    summary = _resume_in_process(run.args)
+    assert summary["skipped"] > 0 and summary["failed"] == 0
+    assert summary["done"] + summary["skipped"] == 300
+    assert tree(run.out) == reference
+    assert temporaries(run.out, Path(summary["record_dir"])) == []
+
+
+def test_ctrl_c_exits_130_with_one_line_and_resumes(big, interrupted):
+    _, reference = big
+    run = interrupted["ctrl-c"]
+    assert run.returncode == 130, run.stderr
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), run.stderr
+    assert "rerun the same command" in lines[0]
+    assert run.temporaries == []
+    assert 10 <= len(run.landed) < 300 and all(reference[k] == v for k, v in run.landed.items())
+    assert inspect_run(run.out)["complete"] is False
+
+    summary = _resume_in_process(run.args)
+    assert summary["skipped"] >= len(run.landed) and summary["failed"] == 0
+    assert tree(run.out) == reference
+    assert inspect_run(run.out, check_files=True)["check"]["ok"] and inspect_run(run.out)["complete"]
