@@ -1,0 +1,149 @@
+"""verify.certificate (score, verdict, seeds, schema round trip) and verify.report (files)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from perturbations.errors import RecordError
+from verify.certificate import (
+    SCHEMA,
+    build_certificate,
+    cell_entry,
+    load_certificate,
+    save_certificate,
+    score,
+    summarize_runs,
+)
+from verify.recipes import get_recipe, parse_trainings
+from verify.report import report_markdown, write_report
+from verify.train import CellResult
+
+CHANCE = 0.1
+
+
+def run(training: str, defense: str, curve: list[float], seed: int = 0, train_acc: float = 0.9) -> CellResult:
+    peak = max(range(len(curve)), key=lambda i: curve[i])
+    return CellResult(training, defense, seed, curve, curve[-1], curve[peak], peak + 1, train_acc, 0.5,
+                      12.5, len(curve), [6.0, 6.5], [100] * len(curve), 1000, 100, "cpu")
+
+
+def grid(with_clean: bool = True) -> dict:
+    """2 regimes x 2 defenses, one seed; linf/grayscale has the highest protected peak (0.41)."""
+    protected = {
+        ("erm", "none"): [0.21, 0.33, 0.30],
+        ("erm", "grayscale"): [0.25, 0.38, 0.36],
+        ("linf", "none"): [0.20, 0.30, 0.29],
+        ("linf", "grayscale"): [0.30, 0.41, 0.40],
+    }
+    clean = {"erm": [0.50, 0.70, 0.76], "linf": [0.30, 0.45, 0.47]}
+    cells = []
+    for (t, d), curve in protected.items():
+        cells.append(cell_entry(t, d, [run(t, d, curve)], [run(t, "none", clean[t])] if with_clean else None,
+                                CHANCE, baseline_defense="none"))
+    recipe = get_recipe("quick", epochs=3)
+    return build_certificate(
+        recipe=recipe, trainings=parse_trainings("erm,linf", recipe), defenses=["none", "grayscale"], seeds=[0],
+        classes=[f"c{i}" for i in range(10)], cells=cells,
+        data={"train": {"root": "/p", "count": 1000, "sha256": "ab" * 32}, "test": {"root": "/t", "count": 100, "sha256": "cd" * 32}},
+        device="cpu", wall_s=50.0,
+    )
+
+
+def test_score_arithmetic() -> None:
+    assert score(0.76, 0.30, 0.1) == pytest.approx(0.46 / 0.66)
+    assert score(0.76, 0.76, 0.1) == pytest.approx(0.0)
+    assert score(0.76, 0.1, 0.1) == pytest.approx(1.0)
+    assert score(0.5, 0.6, 0.1) == pytest.approx(-0.25)  # protected data trains a better model
+    assert score(None, 0.3, 0.1) is None and score(0.1, 0.05, 0.1) is None  # no baseline / baseline at chance
+
+
+def test_cells_and_verdict_use_peaks_and_the_conservative_baseline() -> None:
+    cert = grid()
+    assert cert["schema"] == SCHEMA and cert["tier"] == "quick" and cert["model"] == "fastcnn" and cert["epochs"] == 3
+    cell = next(c for c in cert["cells"] if (c["training"], c["defense"]) == ("erm", "none"))
+    assert cell["protected"]["peak_acc"] == 0.33 and cell["protected"]["final_acc"] == 0.30
+    assert cell["clean"]["peak_acc"] == 0.76 and cell["clean"]["defense"] == "none"
+    assert cell["score"] == pytest.approx((0.76 - 0.33) / (0.76 - 0.1), abs=1e-4)
+    v = cert["verdict"]
+    assert (v["best_attacker"]["training"], v["best_attacker"]["defense"]) == ("linf", "grayscale")
+    assert v["best_attacker"]["peak_acc"] == 0.41
+    own = (0.47 - 0.41) / (0.47 - 0.1)  # against its own (linf) baseline ...
+    best = (0.76 - 0.41) / (0.76 - 0.1)  # ... not the best clean baseline (erm), which would claim more
+    assert v["score"] == pytest.approx(own, abs=1e-4) and v["score"] < best
+    assert v["accuracy_drop"] == pytest.approx(0.06)
+    assert (v["weakest_cell"]["training"], v["weakest_cell"]["defense"]) == ("linf", "grayscale")
+    assert cert["fast_at"] is True and cert["chance"] == 0.1
+    assert {"torch", "kornia", "protect"} <= set(cert["versions"])
+
+
+def test_no_clean_baseline_means_no_score() -> None:
+    cert = grid(with_clean=False)
+    assert all("clean" not in c and c["score"] is None for c in cert["cells"])
+    v = cert["verdict"]
+    assert v["score"] is None and v["best_attacker"]["peak_acc"] == 0.41
+    assert "no clean baseline" in v["summary"] and "41.0%" in v["summary"]
+
+
+def test_seeds_are_averaged_with_spread() -> None:
+    p = [run("erm", "none", [0.2, 0.30], seed=0), run("erm", "none", [0.3, 0.40], seed=1)]
+    c = [run("erm", "none", [0.6, 0.70], seed=0), run("erm", "none", [0.7, 0.80], seed=1)]
+    s = summarize_runs(p)
+    assert s["peak_acc"] == pytest.approx(0.35) and s["peak_acc_std"] == pytest.approx(math.sqrt(0.005), abs=1e-4)
+    assert s["curve"] == [pytest.approx(0.25), pytest.approx(0.35)] and len(s["per_seed"]) == 2
+    cell = cell_entry("erm", "none", p, c, CHANCE, clean_cached=[True, False])
+    assert cell["score"] == pytest.approx((0.75 - 0.35) / 0.65, abs=1e-4)
+    assert cell["score_per_seed"] == [pytest.approx(0.4 / 0.6, abs=1e-4), pytest.approx(0.4 / 0.7, abs=1e-4)]
+    assert [r["cached"] for r in cell["clean"]["per_seed"]] == [True, False]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    cert = grid()
+    path = save_certificate(cert, tmp_path / "out" / "certificate.json")
+    back = load_certificate(path)
+    assert back == json.loads(json.dumps(cert))
+    assert back["cells"][0]["protected"]["curve"] == [0.21, 0.33, 0.30]
+
+
+def test_load_rejects_other_files(tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match="not found"):
+        load_certificate(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(RecordError, match="cannot read"):
+        load_certificate(bad)
+    cert = grid()
+    for mutate, msg in [
+        (lambda c: c.update(schema="protect.certificate/0"), "schema"),
+        (lambda c: c.pop("cells"), "cells"),
+        (lambda c: c["cells"][0]["protected"].update(peak_acc=76.0), "accuracy in"),
+        (lambda c: c["verdict"].pop("best_attacker"), "best_attacker"),
+    ]:
+        broken = json.loads(json.dumps(cert))
+        mutate(broken)
+        bad.write_text(json.dumps(broken))
+        with pytest.raises(RecordError, match=msg):
+            load_certificate(bad)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
+    cert = grid()
+    cert["wall_s"] = float("nan")
+    back = load_certificate(save_certificate(cert, tmp_path / "c.json"))
+    assert back["wall_s"] is None
+
+
+def test_report_files_and_worst_cell(tmp_path: Path) -> None:
+    cert = grid()
+    files = write_report(cert, tmp_path / "rep")
+    assert files["report"].is_file() and files["curves"].is_file()
+    assert files["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files["report"].read_text()
+    assert "Tier **quick**" in md and "fastcnn" in md and "3 epochs" in md and "fast AT" in md
+    assert "**Worst cell:** linf / grayscale" in md
+    assert "| linf | 30.0% (clean 47.0%) · 0.46 | 41.0% (clean 47.0%) · 0.16 |" in md  # regime x defense table
+    assert "Protection score 0.16" in md
+    assert "Worst cell" in report_markdown(grid(with_clean=False))

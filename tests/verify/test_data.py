@@ -1,0 +1,133 @@
+"""verify.data.load_folder: shapes, labels, hashing, subsets and the errors a user can act on."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perturbations.errors import InputError, ProtectError
+from verify.data import TensorSet, load_folder
+
+SAMPLES = Path(__file__).parents[2] / "samples" / "cifar10"
+
+
+def _write(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode).save(path) if mode else Image.fromarray(arr).save(path)
+
+
+def _copy_classes(dst: Path, classes: list[str], n: int = 3) -> Path:
+    for c in classes:
+        (dst / c).mkdir(parents=True)
+        for f in sorted((SAMPLES / "train" / c).glob("*.png"))[:n]:
+            shutil.copy(f, dst / c / f.name)
+    return dst
+
+
+def test_loads_the_bundled_samples() -> None:
+    s = load_folder(SAMPLES / "test")
+    assert isinstance(s, TensorSet)
+    assert s.x.dtype == torch.uint8 and tuple(s.x.shape) == (200, 3, 32, 32)
+    assert s.y.dtype == torch.int64 and s.counts() == [20] * 10
+    assert s.classes == sorted(p.name for p in (SAMPLES / "test").iterdir() if p.is_dir())
+    assert s.rels == sorted(s.rels) and s.rels[0] == "airplane/0000.png"
+    # Pixels equal Pillow's decode, in C x H x W order, and the label is the class folder.
+    k = s.rels.index("cat/0003.png")
+    ref = np.array(Image.open(SAMPLES / "test" / "cat" / "0003.png").convert("RGB"))
+    assert torch.equal(s.x[k].permute(1, 2, 0), torch.from_numpy(ref))
+    assert s.classes[int(s.y[k])] == "cat"
+    assert s.describe()["count"] == 200 and s.describe()["shape"] == [3, 32, 32]
+
+
+def test_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
+    root = _copy_classes(tmp_path / "d", ["cat", "dog"])
+    a = load_folder(root)
+    assert load_folder(root).sha256 == a.sha256
+    f = root / "dog" / "0001.png"
+    arr = np.array(Image.open(f))
+    arr[0, 0, 0] ^= 1  # one bit of one pixel
+    Image.fromarray(arr).save(f)
+    b = load_folder(root)
+    assert b.sha256 != a.sha256
+    assert int((b.x.int() - a.x.int()).abs().sum()) == 1
+
+
+def test_max_per_class_keeps_first_in_sorted_order() -> None:
+    s = load_folder(SAMPLES / "train", max_per_class=3)
+    assert len(s) == 30 and s.counts() == [3] * 10
+    assert [r for r in s.rels if r.startswith("bird/")] == ["bird/0000.png", "bird/0001.png", "bird/0002.png"]
+    assert s.sha256 != load_folder(SAMPLES / "train", max_per_class=4).sha256
+
+
+def test_select_classes_relabels() -> None:
+    s = load_folder(SAMPLES / "test").select_classes(["ship", "cat"])
+    assert s.classes == ["cat", "ship"] and len(s) == 40 and s.counts() == [20, 20]
+    assert all(r.startswith(("cat/", "ship/")) for r in s.rels)
+    assert all(s.classes[int(y)] == r.split("/")[0] for y, r in zip(s.y, s.rels))
+
+
+def test_classes_must_match(tmp_path: Path) -> None:
+    root = _copy_classes(tmp_path / "t", ["cat", "dog"])
+    load_folder(root, classes=["cat", "dog"])  # equal: fine
+    with pytest.raises(InputError, match=r"class folders differ: train has \['cat', 'dog', 'ship'\], test has \['cat', 'dog'\]"):
+        load_folder(root, classes=["cat", "dog", "ship"], name="test", expected_name="train")
+
+
+def test_empty_and_unlabelled_and_missing_folders(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(InputError, match="no images"):
+        load_folder(tmp_path / "empty")
+    flat = tmp_path / "flat"
+    _write(flat / "a.png", np.zeros((8, 8, 3), np.uint8))
+    _write(flat / "b.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(InputError, match="no labels"):
+        load_folder(flat)
+    with pytest.raises(InputError, match="not found"):
+        load_folder(tmp_path / "nope")
+    one = tmp_path / "one"
+    _write(one / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(InputError, match="at least 2"):
+        load_folder(one)
+
+
+def test_mixed_sizes_name_the_odd_file(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    _write(root / "a" / "0.png", np.zeros((32, 32, 3), np.uint8))
+    _write(root / "b" / "0.png", np.zeros((32, 32, 3), np.uint8))
+    _write(root / "b" / "1.png", np.zeros((32, 40, 3), np.uint8))  # 40 wide, 32 high
+    with pytest.raises(InputError, match=r"b/1\.png .*40x32 RGB.*a/0\.png.*32x32 RGB"):
+        load_folder(root)
+
+
+def test_channel_rules(tmp_path: Path) -> None:
+    gray = tmp_path / "gray"
+    _write(gray / "a" / "0.png", np.full((8, 8), 7, np.uint8), "L")
+    _write(gray / "b" / "0.png", np.full((8, 8), 9, np.uint8), "L")
+    g = load_folder(gray)
+    assert tuple(g.x.shape) == (2, 1, 8, 8) and g.x[1].unique().tolist() == [9]
+
+    rgba = tmp_path / "rgba"
+    px = np.zeros((8, 8, 4), np.uint8)
+    px[..., 0], px[..., 3] = 200, 10  # alpha is dropped, not composited
+    _write(rgba / "a" / "0.png", px, "RGBA")
+    _write(rgba / "b" / "0.png", px, "RGBA")
+    r = load_folder(rgba)
+    assert tuple(r.x.shape) == (2, 3, 8, 8) and r.x[:, 0].unique().tolist() == [200]
+
+    mixed = tmp_path / "mixed"
+    _write(mixed / "a" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    _write(mixed / "b" / "0.png", np.zeros((8, 8), np.uint8), "L")
+    with pytest.raises(InputError, match="8x8 grayscale"):
+        load_folder(mixed)
+
+
+def test_undecodable_image_is_an_input_error(tmp_path: Path) -> None:
+    root = _copy_classes(tmp_path / "d", ["cat", "dog"], n=1)
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ProtectError, match="broken.png"):
+        load_folder(root)

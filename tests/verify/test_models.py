@@ -1,0 +1,167 @@
+"""Surrogate model registry: builds, shapes, gradients, akamaster weights, errors, torchvision names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from perturbations.errors import ConfigError, WeightsError
+from verify.models import AKAMASTER_MEAN, Classifier, Normalize, create_model, list_models
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "samples" / "cifar10" / "test"
+CIFAR_RESNETS = ["resnet20", "resnet32", "resnet44", "resnet56"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _akamaster(name: str) -> Path | None:
+    for root in (REPO / "shared", Path("/work/shared")):
+        hits = sorted((root / "data" / "cifar10_resnet_akamaster").glob(f"{name}-*.th"))
+        if hits:
+            return hits[0]
+    return None
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_and_trains(name):
+    torch.manual_seed(0)
+    gray = create_model(name, num_classes=7, in_channels=1, image_size=32).eval()
+    with torch.no_grad():
+        assert gray(torch.rand(2, 1, 32, 32)).shape == (2, 7)
+    model = create_model(name, num_classes=7, in_channels=3, image_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.logsumexp(1).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert isinstance(model, Classifier) and isinstance(model.normalize, torch.nn.Identity)
+    assert model.forward_features(x).shape == (2, model.num_features)
+
+
+def test_list_models():
+    assert list_models("resnet*") == ["resnet18", *CIFAR_RESNETS]
+    assert list_models("resnet[2-5]*") == CIFAR_RESNETS
+    assert "fastcnn" in list_models()
+    assert "resnet50" not in list_models()  # torchvision names are not listed
+    assert list_models("nope*") == []
+
+
+def test_fastcnn_architecture_and_sizes():
+    model = create_model("fastcnn", 10).to(memory_format=torch.channels_last)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert all(c.bias is None and c.kernel_size == (3, 3) for c in convs)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 3
+    for size in (8, 28, 45):
+        x = torch.rand(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+        assert model(x).shape == (2, 10)
+    with pytest.raises(ConfigError):
+        create_model("fastcnn", 10, image_size=7)
+
+
+def test_cifar_resnet_structure():
+    model = create_model("resnet20", 10)
+    names = {n for n, _ in model.named_parameters()}
+    assert {"conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer3.2.bn2.bias", "linear.weight"} <= names
+    assert not any("shortcut" in n for n in names)  # option A: parameter-free shortcuts
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(0.27e6, rel=0.02)
+    assert len(create_model("resnet56", 10).layer2) == 9
+
+
+def test_resnet18_variants():
+    small = create_model("resnet18", 10, image_size=32)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in small.modules())
+    big = create_model("resnet18", 10, in_channels=1, image_size=96)
+    assert isinstance(big, torchvision.models.ResNet)
+    assert big.conv1.in_channels == 1 and big.conv1.kernel_size == (7, 7)
+    assert big.eval()(torch.rand(2, 1, 96, 96)).shape == (2, 10)
+
+
+def test_torchvision_names_build_and_load_local_weights(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tv:mobilenet_v3_small", 4, in_channels=1).eval()
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    plain = create_model("shufflenet_v2_x0_5", 3).eval()  # plain torchvision name, not registered
+    assert isinstance(plain, torchvision.models.ShuffleNetV2)
+    x = torch.rand(2, 3, 32, 32)
+    path = tmp_path / "shuffle.pth"
+    torch.save(plain.state_dict(), path)
+    again = create_model("tv:shufflenet_v2_x0_5", 3, weights=path).eval()
+    assert torch.equal(again(x), plain(x))
+    with pytest.raises(WeightsError, match="torchvision docs"):
+        create_model("tv:resnet50", 10, weights="DEFAULT")
+    with pytest.raises(WeightsError, match="local"):
+        create_model("tv:resnet50", 10, weights=True)  # type: ignore[arg-type]
+
+
+def test_missing_weights_and_unknown_model(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(WeightsError, match="weights file not found: .*nope.pth"):
+        create_model("resnet20", 10, weights=missing)
+    with pytest.raises(ConfigError, match="fastcnn"):
+        create_model("no_such_model", 10)
+    with pytest.raises(ConfigError):
+        create_model("fastcnn", 0)
+
+
+def test_mismatched_weights(tmp_path):
+    path = tmp_path / "fast.pth"
+    torch.save(create_model("fastcnn", 10).state_dict(), path)
+    with pytest.raises(WeightsError, match="missing keys: conv1.weight"):
+        create_model("resnet20", 10, weights=path)
+    with pytest.raises(WeightsError, match="shape mismatch"):
+        create_model("fastcnn", 5, weights=path)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read"):
+        create_model("fastcnn", 10, weights=bad)
+
+
+def _cifar_samples(per_class: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    classes = sorted(p.name for p in SAMPLES.iterdir() if p.is_dir())
+    assert len(classes) == 10
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((SAMPLES / cls).glob("*.png"))[:per_class]:
+            xs.append(torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0))
+            ys.append(label)
+    return torch.stack(xs).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
+
+
+def test_akamaster_resnet20_loads_and_classifies(tmp_path):
+    weights = _akamaster("resnet20")
+    if weights is None:
+        pytest.skip("akamaster resnet20 checkpoint not in this checkout (shared/data/cifar10_resnet_akamaster)")
+    if not SAMPLES.is_dir():
+        pytest.skip(f"CIFAR-10 samples not found at {SAMPLES}")
+    model = create_model("resnet20", 10, weights=weights).eval()
+    assert isinstance(model.normalize, Normalize)
+    assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(AKAMASTER_MEAN))
+    x, y = _cifar_samples()
+    with torch.no_grad():
+        logits = model(x)
+    acc = (logits.argmax(1) == y).float().mean().item()
+    assert acc >= 0.8, acc
+    # Round trip: our own state dict keeps the normalisation prefix.
+    path = tmp_path / "r20.pth"
+    torch.save(model.state_dict(), path)
+    again = create_model("resnet20", 10, weights=path).eval()
+    assert isinstance(again.normalize, Normalize)
+    with torch.no_grad():
+        assert torch.equal(again(x), logits)

@@ -1,0 +1,176 @@
+"""verify.recipes and verify.train: tiers, regimes, the batched augmentation, and real training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perturbations.errors import ConfigError, InputError
+from verify.data import load_folder
+from verify.recipes import get_recipe, parse_training, parse_trainings
+from verify.train import CellResult, _crop_flip, _lr_lambda, train_cell
+
+SAMPLES = Path(__file__).parents[2] / "samples" / "cifar10"
+CLASSES = ["airplane", "frog", "truck"]
+
+
+@pytest.fixture(scope="module")
+def train3():
+    return load_folder(SAMPLES / "train").select_classes(CLASSES)
+
+
+@pytest.fixture(scope="module")
+def test3():
+    return load_folder(SAMPLES / "test").select_classes(CLASSES)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine's cores are shared
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+def test_tiers_follow_the_spec() -> None:
+    q, s, p = get_recipe("quick"), get_recipe("standard"), get_recipe("paper")
+    assert (q.model, q.epochs, q.batch_size, q.schedule, q.nesterov, q.momentum, q.weight_decay) == (
+        "fastcnn", 10, 128, "onecycle", True, 0.9, 5e-4)
+    assert q.fast_at and q.attack(parse_training("linf"))["method"] == "fgsm_rs"
+    assert q.attack(parse_training("l2"))["method"] == "fgsm_rs_l2"
+    assert (s.model, s.epochs, s.schedule, s.at_method, s.pgd_steps) == ("resnet18", 40, "cosine", "pgd", 10)
+    assert s.attack(parse_training("linf"))["step_size"] == pytest.approx(8 / 255 / 4)
+    assert s.attack(parse_training("l2"))["step_size"] == pytest.approx(0.5 / 4)
+    assert (p.model, p.epochs, p.batch_size, p.lr, p.milestones, p.normalize) == ("resnet18", 100, 512, 0.1, (40, 80), False)
+    assert p.attack(parse_training("linf"))["step_size"] == pytest.approx(1.5 * (8 / 255) / 10)
+    assert q.attack(parse_training("erm")) == {}
+
+
+def test_recipe_overrides_and_errors() -> None:
+    r = get_recipe("paper", epochs=10)
+    assert r.epochs == 10 and r.milestones == (4, 8)  # the paper's 40/80 scaled with the epochs
+    assert get_recipe("quick", model=None).model == "fastcnn"  # None means "not overridden"
+    with pytest.raises(ConfigError, match="unknown tier 'fast'"):
+        get_recipe("fast")
+    with pytest.raises(ConfigError, match="unknown recipe setting"):
+        get_recipe("quick", epoch=3)
+    with pytest.raises(ConfigError, match="epochs must be a positive integer"):
+        get_recipe("quick", epochs=0)
+    with pytest.raises(ConfigError, match="LR schedule"):
+        get_recipe("quick", schedule="exp")
+
+
+def test_parse_trainings() -> None:
+    ts = parse_trainings("erm, linf,linf4,linf@4,l2,l2@0.25")
+    assert [t.name for t in ts] == ["erm", "linf", "linf4", "l2", "l2@0.25"]  # linf@4 == linf4, dropped
+    assert ts[1].eps == pytest.approx(8 / 255) and ts[2].eps == pytest.approx(4 / 255)
+    assert ts[3].norm == "l2" and ts[3].eps == 0.5 and ts[4].eps == 0.25
+    assert parse_training("linf", get_recipe("quick", linf_eps=4 / 255)).eps == pytest.approx(4 / 255)
+    for bad in ("pgd", "linf@x", "l3", ""):
+        with pytest.raises(ConfigError):
+            parse_trainings(bad)
+
+
+def test_lr_schedules() -> None:
+    q = get_recipe("quick", epochs=4)
+    f = _lr_lambda(q, 10)
+    assert f(10) == pytest.approx(1.0) and f(0) < 0.1 and f(39) < 0.05  # warm-up to the peak, decay to ~0
+    c = _lr_lambda(get_recipe("standard", epochs=4), 10)
+    assert c(0) == 1.0 and c(20) == pytest.approx(0.5) and c(40) == pytest.approx(0.0, abs=1e-12)
+    s = _lr_lambda(get_recipe("paper"), 10)
+    assert s(399) == 1.0 and s(400) == pytest.approx(0.1) and s(800) == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation
+
+
+def test_crop_flip_is_a_real_crop_and_flip() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 5, 7, 3), dtype=torch.uint8)  # N x H x W x C, unpadded
+    idx = torch.tensor([4, 1, 1, 0])
+    out = _crop_flip(x, idx, (5, 7), 0, True, g)
+    assert tuple(out.shape) == (4, 3, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    for k, i in enumerate(idx.tolist()):
+        ref = x[i].permute(2, 0, 1)
+        assert torch.equal(out[k], ref) or torch.equal(out[k], ref.flip(2))
+    xp = F.pad(x.permute(0, 3, 1, 2), (2, 2, 2, 2)).permute(0, 2, 3, 1).contiguous()
+    outs = [_crop_flip(xp, torch.tensor([3]), (5, 7), 2, False, g)[0] for _ in range(40)]
+    full = xp[3].permute(2, 0, 1)
+    offsets = set()
+    for o in outs:  # every crop is a window of the padded image; several offsets occur
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(o, full[:, dy:dy + 5, dx:dx + 7])]
+        assert hits
+        offsets.add(hits[0])
+    assert len(offsets) > 3
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(_crop_flip(xp, idx, (5, 7), 2, True, g1), _crop_flip(xp, idx, (5, 7), 2, True, g2))
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def test_tiny_training_learns_above_chance(train3, test3) -> None:
+    # airplane vs frog, 60 training images each, 3 epochs of the quick recipe (batch 16).
+    tr, te = train3.select_classes(["airplane", "frog"]), test3.select_classes(["airplane", "frog"])
+    tr = tr.subset(torch.cat([torch.nonzero(tr.y == k).flatten()[:60] for k in range(2)]))
+    recipe = get_recipe("quick", epochs=3, batch_size=16, eval_subset=None)
+    seen = []
+    state = torch.get_rng_state()
+    res = train_cell(tr, te, recipe, "erm", "none", seed=0, progress=seen.append)
+    assert torch.equal(torch.get_rng_state(), state)  # no global seeding
+    assert isinstance(res, CellResult) and res.epochs == 3 and len(res.curve) == 3
+    assert [e.epoch for e in seen] == [1, 2, 3] and seen[-1].test_acc == res.curve[-1]
+    assert res.final_acc == res.curve[-1] and res.peak_acc == max(res.curve) == res.curve[res.peak_epoch - 1]
+    assert res.peak_acc >= 0.7, res.curve  # chance is 1/2
+    assert res.train_acc > 0.6 and math.isfinite(res.train_loss) and res.wall_s > 0
+    assert res.n_train == 120 and res.n_test == 40 and res.curve_n == [40] * 3
+
+
+def _tiny(train3, test3):
+    return train3.subset(torch.arange(0, 300, 10)), test3.subset(torch.arange(0, 60, 4))
+
+
+def test_training_is_deterministic_under_a_seed(train3, test3) -> None:
+    tr, te = _tiny(train3, test3)
+    r = get_recipe("quick", epochs=1, batch_size=8)
+    a = train_cell(tr, te, r, "linf", "cutmix", seed=3)
+    b = train_cell(tr, te, r, "linf", "cutmix", seed=3)
+    assert a.curve == b.curve and a.train_loss == b.train_loss
+    c = train_cell(tr, te, r, "linf", "cutmix", seed=4)
+    assert c.train_loss != a.train_loss
+
+
+@pytest.mark.parametrize(
+    "tier,training,defense",
+    [("quick", "l2", "grayscale"), ("standard", "linf4", "mixup"), ("paper", "l2", "jpeg10"), ("quick", "erm", "cutout")],
+)
+def test_regimes_and_defenses_run(train3, test3, tier, training, defense) -> None:
+    tr, te = _tiny(train3, test3)
+    r = get_recipe(tier, model="fastcnn", epochs=2, batch_size=8, pgd_steps=2, eval_subset=5)
+    res = train_cell(tr, te, r, training, defense, seed=0)
+    assert res.training == parse_training(training).name and res.defense == defense
+    assert len(res.curve) == 2 and all(0 <= a <= 1 for a in res.curve) and 0 <= res.train_acc <= 1
+    assert res.curve_n[-1] == len(te)  # the last epoch is always scored on the whole test set
+    assert res.peak_acc >= res.final_acc and res.curve_n[res.peak_epoch - 1] == len(te)
+
+
+def test_bad_inputs(train3, test3) -> None:
+    tr, te = _tiny(train3, test3)
+    r = get_recipe("quick", epochs=1)
+    with pytest.raises(ConfigError, match="unknown training regime"):
+        train_cell(tr, te, r, "fgsm", "none", seed=0)
+    with pytest.raises(ConfigError, match="unknown defense"):
+        train_cell(tr, te, r, "erm", "sharpen", seed=0)
+    other = load_folder(SAMPLES / "test", max_per_class=2).select_classes(["cat", "dog"])
+    with pytest.raises(InputError, match="class folders differ"):
+        train_cell(tr, other, r, "erm", "none", seed=0)

@@ -1,0 +1,244 @@
+"""Load a labelled image folder into memory as one uint8 tensor, for surrogate training.
+
+Verification trains many small models on the same few thousand images, so the images are decoded
+once (Pillow, in a thread pool) into ``x``: uint8 ``N x C x H x W`` (C = 1 for grayscale images, 3
+otherwise; alpha is dropped, palette/CMYK become RGB, 16-bit becomes 8-bit by rounding), and labels
+into ``y``: int64 ``(N,)``. All images must share one size and one channel count (verification does
+not resize: resizing would change what the protection put in the pixels).
+
+``sha256`` fingerprints the loaded data (sorted relative paths, class names and file bytes); the
+baseline cache in :mod:`verify.run` keys on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from perturbations.errors import InputError
+from protect.discover import ImageEntry, discover
+
+__all__ = ["TensorSet", "check_same_classes", "load_folder"]
+
+log = logging.getLogger(__name__)
+
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+@dataclass
+class TensorSet:
+    """A labelled image set in memory.
+
+    Attributes:
+        x: uint8 ``N x C x H x W`` images.
+        y: int64 ``(N,)`` class indices into ``classes``.
+        classes: sorted class names (the folder's class map).
+        root: the folder the images came from.
+        sha256: hex fingerprint of the relative paths, class names and file bytes.
+        rels: relative POSIX path of each image, in order (sorted).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    root: Path
+    sha256: str
+    rels: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return int(self.x.shape[2]), int(self.x.shape[3])
+
+    def counts(self) -> list[int]:
+        """Number of images per class, in class order."""
+        return torch.bincount(self.y, minlength=self.num_classes).tolist()
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> TensorSet:
+        """The images at ``indices`` (same classes); the hash covers the parent hash and the indices."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        h = hashlib.sha256(f"{self.sha256}/subset/".encode() + ",".join(map(str, idx.tolist())).encode())
+        rels = [self.rels[i] for i in idx.tolist()] if self.rels else []
+        return TensorSet(self.x[idx].contiguous(), self.y[idx].clone(), list(self.classes), self.root, h.hexdigest(), rels)
+
+    def select_classes(self, names: Sequence[str]) -> TensorSet:
+        """Only the images of the classes ``names``, relabelled ``0..len(names)-1`` in sorted name order."""
+        names = sorted(names)
+        missing = [n for n in names if n not in self.classes]
+        if missing:
+            raise InputError(f"classes {missing} are not in {self.root} (has {self.classes})")
+        old = [self.classes.index(n) for n in names]
+        keep = torch.isin(self.y, torch.tensor(old)).nonzero().flatten()
+        out = self.subset(keep)
+        remap = torch.full((len(self.classes),), -1, dtype=torch.int64)
+        remap[torch.tensor(old)] = torch.arange(len(old))
+        out.y = remap[out.y]
+        out.classes = list(names)
+        out.sha256 = hashlib.sha256(f"{out.sha256}/classes/{'|'.join(names)}".encode()).hexdigest()
+        return out
+
+    def describe(self) -> dict:
+        """A JSON-ready summary (root, count, per-class counts, shape, hash) for certificates."""
+        return {
+            "root": str(self.root),
+            "count": len(self),
+            "per_class": self.counts(),
+            "shape": [self.channels, *self.image_size],
+            "sha256": self.sha256,
+        }
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """H x W x C uint8 array of an ``L`` or ``RGB`` image (``tobytes`` is faster than ``asarray``)."""
+    w, h = img.size
+    return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(h, w, len(img.getbands()))
+
+
+def _to_array(img: Image.Image) -> np.ndarray:
+    """H x W x C uint8 array: C = 1 for grayscale modes, else 3 (alpha dropped)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        # 16-bit data (PNG 16-bit opens as I or I;16): scale 0..65535 to 0..255 with rounding.
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return a[:, :, None]
+    if mode in _GRAY_MODES:
+        return _pixels(img if mode == "L" else img.convert("L"))
+    if mode != "RGB":
+        img = img.convert("RGBA" if "A" in mode or mode == "P" else "RGB").convert("RGB")
+    return _pixels(img)
+
+
+def _read(entry: ImageEntry) -> tuple[str, np.ndarray]:
+    """(sha256 of the file bytes, H x W x C uint8 array) for one image."""
+    try:
+        data = entry.path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read image {entry.rel}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        try:  # naming the format skips probing every plugin (a third of the time for small PNGs)
+            img = Image.open(io.BytesIO(data), formats=[entry.format])
+        except UnidentifiedImageError:  # extension does not match the content
+            img = Image.open(io.BytesIO(data))
+        with img:
+            img.load()
+            if img.format in ("JPEG", "WEBP", "TIFF"):  # formats that carry EXIF orientation
+                img = ImageOps.exif_transpose(img)
+            arr = _to_array(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot decode image {entry.rel}: {exc}") from None
+    return digest, arr
+
+
+def _describe(arr: np.ndarray) -> str:
+    h, w, c = arr.shape
+    return f"{w}x{h} {'grayscale' if c == 1 else 'RGB'}"
+
+
+def check_same_classes(classes: Sequence[str], expected: Sequence[str], name: str, expected_name: str) -> None:
+    """InputError ``class folders differ: <expected_name> has [...], <name> has [...]`` unless equal."""
+    if list(classes) != list(expected):
+        only_here = sorted(set(classes) - set(expected))
+        only_there = sorted(set(expected) - set(classes))
+        hint = ""
+        if only_here or only_there:
+            hint = f" (only in {name}: {only_here or 'none'}; only in {expected_name}: {only_there or 'none'})"
+        raise InputError(
+            f"class folders differ: {expected_name} has {list(expected)}, {name} has {list(classes)}{hint}"
+        )
+
+
+def load_folder(
+    root: str | os.PathLike,
+    labels_csv: str | os.PathLike | None = None,
+    classes: list[str] | None = None,
+    max_per_class: int | None = None,
+    *,
+    name: str | None = None,
+    expected_name: str = "expected",
+    workers: int | None = None,
+) -> TensorSet:
+    """Decode every labelled image under ``root`` into a :class:`TensorSet`.
+
+    Labels come from class sub-folders or ``labels_csv`` (see :func:`protect.discover.discover`).
+    ``classes``: when given, the folder's class names must equal it (else InputError
+    ``class folders differ: <expected_name> has [...], <name> has [...]``). ``max_per_class``: keep
+    the first N images of each class in sorted path order (quick subsets; the hash covers only
+    the kept images). ``name`` labels this folder in messages (default: the folder's name).
+    ``workers``: decoding threads (default ``min(16, 2 * cpu_count)``).
+
+    Raises InputError for a missing, empty or unlabelled folder, fewer than two classes,
+    undecodable images, or images whose size or channel count differs from the first image.
+    """
+    root = Path(root)
+    name = name or root.name or str(root)
+    ds = discover(root, labels_csv)
+    if not ds.labelled:
+        raise InputError(
+            f"{name} folder {root} has no labels: put the images in one sub-folder per class "
+            "(or pass a path,label CSV)"
+        )
+    if classes is not None:
+        check_same_classes(ds.classes, classes, name, expected_name)
+    if len(ds.classes) < 2:
+        raise InputError(f"{name} folder {root} has only {len(ds.classes)} class ({ds.classes}); need at least 2")
+    entries = [e for e in ds.entries if e.label is not None]
+    if max_per_class is not None:
+        if max_per_class < 1:
+            raise InputError(f"max_per_class must be >= 1, got {max_per_class}")
+        kept: list[ImageEntry] = []
+        per: dict[int, int] = {}
+        for e in entries:  # entries are sorted by relative path
+            if per.get(e.label, 0) < max_per_class:  # type: ignore[arg-type]
+                per[e.label] = per.get(e.label, 0) + 1  # type: ignore[index]
+                kept.append(e)
+        entries = kept
+    if not entries:
+        raise InputError(f"{name} folder {root} has no labelled images")
+    empty = [c for i, c in enumerate(ds.classes) if not any(e.label == i for e in entries)]
+    if empty:
+        log.warning("%s folder %s: class(es) %s have no images", name, root, empty)
+
+    workers = workers or min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_read, entries, chunksize=64))
+
+    first_shape = results[0][1].shape
+    x = np.empty((len(entries), *first_shape), dtype=np.uint8)
+    h = hashlib.sha256()
+    h.update(b"protect.verify.data/1\0")
+    h.update(("\0".join(ds.classes) + "\0\0").encode())
+    for i, (entry, (digest, arr)) in enumerate(zip(entries, results)):
+        if arr.shape != first_shape:
+            raise InputError(
+                f"image {entry.rel} in {name} is {_describe(arr)}, but {entries[0].rel} is "
+                f"{_describe(results[0][1])}: all images must share one size and channel count"
+            )
+        x[i] = arr
+        h.update(f"{entry.rel}\0{entry.label}\0{digest}\n".encode())
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([e.label for e in entries], dtype=torch.int64)
+    log.info("loaded %d images (%s) from %s", len(entries), _describe(results[0][1]), root)
+    return TensorSet(xt, y, list(ds.classes), ds.root, h.hexdigest(), [e.rel for e in entries])

@@ -1,0 +1,272 @@
+"""Training recipes (tiers) and training regimes for verification.
+
+A **tier** fixes how a surrogate is trained (model, epochs, optimiser, schedule, augmentation, and how
+adversarial examples are made); a **training regime** fixes what it is trained against:
+
+* ``erm``: plain empirical risk minimisation.
+* ``linf``: L-inf adversarial training (Madry et al., ICLR 2018), eps 8/255. ``linf4`` (or
+  ``linf@4``) selects eps 4/255; any ``linf<N>`` means eps N/255.
+* ``l2``: L2 adversarial training, eps 0.5. ``l2@0.25`` selects another eps.
+
+Tiers (every number in a certificate names the tier that produced it):
+
+* ``quick``: ``fastcnn``, 10 epochs, batch 128, SGD (Nesterov, momentum 0.9, wd 5e-4), one-cycle LR
+  (peak 0.1), random crop (4 px zero padding) + horizontal flip. Adversarial regimes use **fast AT**
+  (FGSM with random start, Wong, Rice & Kolter, "Fast is better than free", ICLR 2020; step
+  1.25 eps), which the certificate records.
+* ``standard``: CIFAR ResNet-18, 40 epochs, batch 128, SGD 0.1 (momentum 0.9, wd 5e-4), cosine LR,
+  crop + flip; PGD-10 with step eps/4 and random start.
+* ``paper``: the CUDA paper's recipe (Sadasivan et al., "CUDA: Convolution-based Unlearnable
+  Datasets", CVPR 2023): ResNet-18, 100 epochs, batch 512, SGD 0.1 (momentum 0.9, wd 5e-4), LR
+  x0.1 at epochs 40 and 80, crop + flip, no normalisation; PGD-10 with step 1.5 eps/steps.
+
+>>> r = get_recipe("quick", epochs=5)
+>>> [t.name for t in parse_trainings("erm,linf4,l2")]
+['erm', 'linf4', 'l2']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+from perturbations.errors import ConfigError
+
+__all__ = ["TIERS", "Recipe", "Training", "get_recipe", "parse_training", "parse_trainings", "tiers"]
+
+DEFAULT_LINF_EPS = 8 / 255
+DEFAULT_L2_EPS = 0.5
+
+
+@dataclass(frozen=True)
+class Training:
+    """A training regime: ``norm`` None (ERM), ``"linf"`` or ``"l2"``, with budget ``eps``."""
+
+    name: str
+    norm: str | None = None
+    eps: float = 0.0
+
+    @property
+    def adversarial(self) -> bool:
+        return self.norm is not None
+
+    def describe(self) -> str:
+        if self.norm is None:
+            return "ERM"
+        if self.norm == "linf":
+            return f"L-inf AT, eps {_fmt_255(self.eps)}"
+        return f"L2 AT, eps {self.eps:g}"
+
+
+def _fmt_255(eps: float) -> str:
+    n = eps * 255
+    return f"{n:g}/255" if abs(n - round(n)) < 1e-6 else f"{eps:.4g}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one surrogate is trained. Frozen; derive variants with :func:`get_recipe` overrides.
+
+    LR schedule ``schedule``: ``"onecycle"`` (linear warm-up to ``lr`` over ``warmup_frac`` of the steps,
+    then linear decay to 0, per step), ``"cosine"`` (per step, from ``lr`` to 0), ``"step"`` (x ``gamma``
+    at each epoch in ``milestones``; when ``epochs`` is overridden and ``milestones`` is not, the paper's
+    milestones are scaled to keep their fraction of training, 40/100 and 80/100).
+
+    Adversarial examples: ``at_method`` ``"fgsm_rs"`` (fast AT: one step of ``fast_at_alpha`` x eps
+    after a uniform random start) or ``"pgd"`` (``pgd_steps`` steps of ``pgd_step`` x eps, random
+    start). Attacks run with the model in train mode (as in Madry's and Wong's reference code).
+
+    Evaluation: with ``eval_subset`` None the whole test set is scored after every epoch. With
+    ``eval_subset=k`` (quick tier: 2000) the epochs in between are scored on a fixed random subset
+    of k test images (the same subset in every cell), the last epoch on the whole set, and the epoch
+    with the best subset score is re-scored on the whole set from a saved copy of the weights; the
+    peak is the better of those two full-set scores. This keeps evaluation from costing as much as
+    training on a CPU while peak and final accuracy are still full-test-set numbers.
+    """
+
+    tier: str
+    model: str
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_frac: float = 0.25
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    crop_padding: int = 4
+    flip: bool = True
+    normalize: bool = False
+    label_smoothing: float = 0.0
+    at_method: str = "pgd"
+    pgd_steps: int = 10
+    pgd_step: float = 0.25
+    fast_at_alpha: float = 1.25
+    linf_eps: float = DEFAULT_LINF_EPS
+    l2_eps: float = DEFAULT_L2_EPS
+    eval_batch_size: int = 1000
+    eval_subset: int | None = None
+    description: str = field(default="", compare=False)
+
+    @property
+    def fast_at(self) -> bool:
+        return self.at_method == "fgsm_rs"
+
+    def attack(self, training: Training) -> dict:
+        """The attack that makes training examples for ``training`` (``{}`` for ERM)."""
+        if not training.adversarial:
+            return {}
+        if self.at_method == "fgsm_rs":
+            return {
+                "method": "fgsm_rs" if training.norm == "linf" else "fgsm_rs_l2",
+                "norm": training.norm, "eps": training.eps, "steps": 1,
+                "step_size": self.fast_at_alpha * training.eps, "random_start": True,
+                "source": "Wong, Rice & Kolter, Fast is better than free, ICLR 2020 (FGSM with random start)",
+            }
+        return {
+            "method": "pgd", "norm": training.norm, "eps": training.eps, "steps": self.pgd_steps,
+            "step_size": self.pgd_step * training.eps, "random_start": True,
+            "source": "Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks, ICLR 2018",
+        }
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        d["fast_at"] = self.fast_at
+        return d
+
+
+TIERS: dict[str, Recipe] = {
+    "quick": Recipe(
+        tier="quick", model="fastcnn", epochs=10, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
+        weight_decay=5e-4, schedule="onecycle", warmup_frac=0.25, at_method="fgsm_rs", eval_subset=2000,
+        description="fastcnn, 10 epochs, one-cycle SGD, crop+flip; fast AT (FGSM-RS, Wong et al. 2020)",
+    ),
+    "standard": Recipe(
+        tier="standard", model="resnet18", epochs=40, batch_size=128, lr=0.1, momentum=0.9, nesterov=False,
+        weight_decay=5e-4, schedule="cosine", at_method="pgd", pgd_steps=10, pgd_step=0.25,
+        description="ResNet-18, 40 epochs, cosine SGD, crop+flip; PGD-10 AT (step eps/4)",
+    ),
+    "paper": Recipe(
+        tier="paper", model="resnet18", epochs=100, batch_size=512, lr=0.1, momentum=0.9, nesterov=False,
+        weight_decay=5e-4, schedule="step", milestones=(40, 80), gamma=0.1, at_method="pgd",
+        pgd_steps=10, pgd_step=0.15,
+        description="CUDA paper recipe: ResNet-18, 100 epochs, batch 512, SGD 0.1, x0.1 at 40/80, "
+                    "crop+flip; PGD-10 AT (step 1.5 eps/steps)",
+    ),
+}
+
+
+def tiers() -> list[str]:
+    return list(TIERS)
+
+
+_SCHEDULES = ("onecycle", "cosine", "step")
+_AT_METHODS = ("fgsm_rs", "pgd")
+
+
+def get_recipe(tier: str | Recipe = "quick", **overrides: object) -> Recipe:
+    """The recipe of ``tier`` with ``overrides`` (any :class:`Recipe` field, e.g. ``epochs=5``,
+    ``model="resnet20"``, ``linf_eps=4/255``). ``None`` values are ignored. ConfigError on an unknown
+    tier, field or a value that cannot work."""
+    if isinstance(tier, Recipe):
+        base = tier
+    else:
+        try:
+            base = TIERS[tier]
+        except KeyError:
+            raise ConfigError(f"unknown tier '{tier}'; available: {', '.join(TIERS)}") from None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown recipe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    if "milestones" in overrides:
+        overrides["milestones"] = tuple(int(m) for m in overrides["milestones"])  # type: ignore[union-attr]
+    elif "epochs" in overrides and base.milestones:
+        e = int(overrides["epochs"])  # type: ignore[arg-type]
+        overrides["milestones"] = tuple(sorted({max(1, round(m * e / base.epochs)) for m in base.milestones}))
+    if overrides:
+        overrides.setdefault("description", base.description + " (modified: " + ", ".join(
+            f"{k}={v}" for k, v in overrides.items() if k != "milestones") + ")")
+    try:
+        recipe = dataclasses.replace(base, **overrides)
+    except TypeError as exc:
+        raise ConfigError(f"bad recipe override: {exc}") from None
+    _validate(recipe)
+    return recipe
+
+
+def _validate(r: Recipe) -> None:
+    def positive(name: str, value: object, integer: bool = False) -> None:
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool) or not math.isfinite(float(value)) or value <= 0:  # type: ignore[arg-type,operator]
+            raise ConfigError(f"recipe setting {name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+    for name in ("epochs", "batch_size", "pgd_steps", "eval_batch_size"):
+        positive(name, getattr(r, name), integer=True)
+    for name in ("lr", "pgd_step", "fast_at_alpha", "linf_eps", "l2_eps", "gamma"):
+        positive(name, getattr(r, name))
+    if r.eval_subset is not None:
+        positive("eval_subset", r.eval_subset, integer=True)
+    if r.schedule not in _SCHEDULES:
+        raise ConfigError(f"unknown LR schedule '{r.schedule}'; use one of {', '.join(_SCHEDULES)}")
+    if r.at_method not in _AT_METHODS:
+        raise ConfigError(f"unknown adversarial training method '{r.at_method}'; use one of {', '.join(_AT_METHODS)}")
+    if not 0 < r.warmup_frac < 1:
+        raise ConfigError(f"warmup_frac must lie in (0, 1), got {r.warmup_frac}")
+    if r.crop_padding < 0 or r.weight_decay < 0 or not 0 <= r.momentum < 1 or not 0 <= r.label_smoothing < 1:
+        raise ConfigError("crop_padding and weight_decay must be >= 0, momentum and label_smoothing in [0, 1)")
+    if r.linf_eps > 1:
+        raise ConfigError(f"linf_eps is a fraction of the pixel range (8/255 = {8 / 255:.4f}), got {r.linf_eps}")
+
+
+_TRAINING_RE = re.compile(r"^(?:(erm)|linf(?:@?(\d+(?:\.\d+)?))?|l2(?:@(\d*\.?\d+))?)$")
+TRAINING_HELP = "erm, linf (8/255), linf4 or linf@N (N/255), l2 (0.5), l2@EPS"
+
+
+def parse_training(name: str, recipe: Recipe | None = None) -> Training:
+    """One regime name -> :class:`Training`. ``linf``/``l2`` take their eps from ``recipe``
+    (defaults 8/255 and 0.5); explicit eps in the name win. Canonical names: ``erm``, ``linf``
+    (default eps), ``linf<N>``, ``l2`` (default eps), ``l2@<eps>``."""
+    raw = name.strip().lower()
+    m = _TRAINING_RE.match(raw)
+    if not m:
+        raise ConfigError(f"unknown training regime '{name.strip()}'; use {TRAINING_HELP}")
+    linf_default = recipe.linf_eps if recipe else DEFAULT_LINF_EPS
+    l2_default = recipe.l2_eps if recipe else DEFAULT_L2_EPS
+    if m.group(1):
+        return Training("erm")
+    if raw.startswith("linf"):
+        eps = float(m.group(2)) / 255 if m.group(2) else linf_default
+        if not 0 < eps <= 1:
+            raise ConfigError(f"training '{name.strip()}': L-inf eps must lie in (0, 255]/255")
+        if abs(eps - linf_default) < 1e-9:
+            return Training("linf", "linf", eps)
+        return Training(f"linf{eps * 255:g}", "linf", eps)
+    eps = float(m.group(3)) if m.group(3) else l2_default
+    if eps <= 0:
+        raise ConfigError(f"training '{name.strip()}': L2 eps must be positive")
+    if abs(eps - l2_default) < 1e-9:
+        return Training("l2", "l2", eps)
+    return Training(f"l2@{eps:g}", "l2", eps)
+
+
+def parse_trainings(spec: str | list[str] | tuple[str, ...], recipe: Recipe | None = None) -> list[Training]:
+    """``"erm,linf,l2"`` (or a list of names) -> regimes, duplicates dropped; ConfigError on unknown."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [p.strip() for p in parts]
+    if not any(names):
+        raise ConfigError(f"empty training list; use {TRAINING_HELP}")
+    out: list[Training] = []
+    for n in names:
+        if not n:
+            raise ConfigError(f"empty entry in training list {spec!r}")
+        t = parse_training(n, recipe)
+        if t not in out:
+            out.append(t)
+    return out

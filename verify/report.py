@@ -1,0 +1,278 @@
+"""Human-readable views of a certificate: ``report.md``, ``curves.png`` and ``samples.png``.
+
+* ``report.md``: the tier/model/epochs line, the verdict in one sentence, the weakest cell named, the
+  regime x defense table (protected peak accuracy with the clean baseline beside it, and the score),
+  then per-cell details and the settings that produced the numbers.
+* ``curves.png``: one panel per cell, clean-test accuracy per epoch, clean baseline vs protected.
+* ``samples.png``: a few images as clean / protected / amplified difference (matplotlib, Agg).
+
+Matplotlib is used through :class:`matplotlib.figure.Figure` with the Agg canvas, so no global
+pyplot state or display is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data import TensorSet
+
+__all__ = ["plot_curves", "plot_samples", "report_markdown", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+def _pct(x: float | None, std: float | None = None) -> str:
+    if x is None:
+        return "n/a"
+    s = f"{100 * x:.1f}%"
+    if std:
+        s = f"{100 * x:.1f} ± {100 * std:.1f}%"
+    return s
+
+
+def _score(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _cell_lookup(cert: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    trainings: list[str] = []
+    defenses: list[str] = []
+    cells: dict[tuple[str, str], dict] = {}
+    for c in cert["cells"]:
+        if c["training"] not in trainings:
+            trainings.append(c["training"])
+        if c["defense"] not in defenses:
+            defenses.append(c["defense"])
+        cells[(c["training"], c["defense"])] = c
+    return trainings, defenses, cells
+
+
+def _tier_line(cert: dict) -> str:
+    recipe = cert.get("recipe", {})
+    seeds = cert.get("seeds", [])
+    parts = [f"Tier **{cert['tier']}**", f"model {cert['model']}", f"{cert['epochs']} epochs",
+             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"]
+    if recipe:
+        parts.append(f"batch {recipe.get('batch_size')}, {recipe.get('schedule')} LR (peak {recipe.get('lr')})")
+    if cert.get("fast_at"):
+        parts.append("adversarial training is **fast AT** (FGSM with random start, Wong et al. 2020), not PGD")
+    elif any(t.get("norm") for t in cert.get("trainings", [])):
+        steps = recipe.get("pgd_steps")
+        parts.append(f"adversarial training is PGD-{steps}" if steps else "adversarial training is PGD")
+    return "; ".join(parts) + "."
+
+
+def report_markdown(cert: dict) -> str:
+    """The Markdown report for ``cert`` (see module doc)."""
+    trainings, defenses, cells = _cell_lookup(cert)
+    v = cert["verdict"]
+    lines = ["# Unlearnability verification", "", _tier_line(cert), ""]
+    lines += ["**Verdict.** " + v.get("summary", ""), ""]
+    w = v.get("weakest_cell")
+    if w:
+        if w.get("score") is not None:
+            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w['peak_acc'])}, "
+                         f"score {_score(w['score'])} (the lowest in the grid: the protection is weakest there).")
+        else:
+            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w['peak_acc'])} "
+                         "(the highest accuracy any attacker reached).")
+        lines.append("")
+    lines += [
+        ("Each entry: peak clean-test accuracy of a model trained on the **protected** data, the clean "
+         "baseline under the same regime in brackets, and the protection score "
+         "(baseline - protected) / (baseline - chance) (1 = chance, 0 = no protection). "
+         f"Chance is {_pct(cert.get('chance'))}."),
+        "",
+        "| training \\ defense | " + " | ".join(defenses) + " |",
+        "| --- | " + " | ".join("---" for _ in defenses) + " |",
+    ]
+    for t in trainings:
+        row = [t]
+        for d in defenses:
+            c = cells.get((t, d))
+            if c is None:
+                row.append("")
+                continue
+            p = c["protected"]
+            text = _pct(p["peak_acc"], p.get("peak_acc_std"))
+            if "clean" in c:
+                text += f" (clean {_pct(c['clean']['peak_acc'], c['clean'].get('peak_acc_std'))}) · {_score(c.get('score'))}"
+            row.append(text)
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Cells", "",
+              ("| training | defense | protected peak | protected final | peak epoch | train acc (protected) "
+               "| clean peak | clean final | score | wall s |"),
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in cert["cells"]:
+        p, k = c["protected"], c.get("clean")
+        wall = p.get("wall_s") or 0.0
+        lines.append("| " + " | ".join([
+            c["training"], c["defense"], _pct(p["peak_acc"], p.get("peak_acc_std")),
+            _pct(p["final_acc"], p.get("final_acc_std")), str(p.get("peak_epoch", "")),
+            _pct(p.get("train_acc")), _pct(k["peak_acc"]) if k else "n/a", _pct(k["final_acc"]) if k else "n/a",
+            _score(c.get("score")), f"{wall:.0f}",
+        ]) + " |")
+    lines += ["", "## Settings", ""]
+    if cert.get("score_definition"):
+        lines.append(f"- Score: {cert['score_definition']}.")
+    if v.get("rule"):
+        lines.append(f"- Verdict rule: {v['rule']}.")
+    recipe = cert.get("recipe")
+    if recipe:
+        lines.append("- Recipe: " + ", ".join(f"{k}={val}" for k, val in recipe.items() if k != "description"))
+    for t in cert.get("trainings", []):
+        a = t.get("attack") or {}
+        if a:
+            lines.append(f"- {t['name']}: {t.get('description')}; {a.get('method')} {a.get('steps')} step(s) of "
+                         f"{a.get('step_size'):.4g}, random start ({a.get('source')})")
+    for d in cert.get("defenses", []):
+        if d.get("source"):
+            lines.append(f"- defense {d['name']}: {d['source']}")
+    data = cert.get("data", {})
+    for role in ("train", "test", "clean"):
+        if role in data:
+            dd = data[role]
+            lines.append(f"- {role} data: {dd.get('root')} ({dd.get('count')} images, sha256 {str(dd.get('sha256'))[:16]}…)")
+    if cert.get("device"):
+        lines.append(f"- Device: {cert['device']} ({cert.get('threads')} CPU threads); total wall time "
+                     f"{cert.get('wall_s', 0):.0f} s")
+    versions = cert.get("versions")
+    if versions:
+        lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in versions.items() if val))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
+    """``curves.png``: one panel per cell, test accuracy per epoch, clean (blue) vs protected (red)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    trainings, defenses, cells = _cell_lookup(cert)
+    rows, cols = len(trainings), len(defenses)
+    fig = Figure(figsize=(3.2 * cols + 0.5, 2.6 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    chance = cert.get("chance")
+    for i, t in enumerate(trainings):
+        for j, d in enumerate(defenses):
+            ax = axes[i][j]
+            c = cells.get((t, d))
+            if c is None:
+                ax.set_axis_off()
+                continue
+            for key, colour, name in (("clean", "tab:blue", "clean"), ("protected", "tab:red", "protected")):
+                if key in c:
+                    curve = c[key]["curve"]
+                    ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=colour, marker="o",
+                            markersize=2.5, linewidth=1.3, label=name)
+            if chance:
+                ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label="chance")
+            title = f"{t} / {d}"
+            if c.get("score") is not None:
+                title += f"  (score {c['score']:.2f})"
+            ax.set_title(title, fontsize=9)
+            ax.set_ylim(0, 100)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if i == rows - 1:
+                ax.set_xlabel("epoch")
+            if j == 0:
+                ax.set_ylabel("clean test acc (%)")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{cert['tier']} tier, {cert['model']}, {cert['epochs']} epochs", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _match(clean: TensorSet, protected: TensorSet, n: int) -> list[tuple[int, int]]:
+    """Index pairs (clean, protected) of up to ``n`` images with the same relative path (spread
+    over classes), else the same index."""
+    pairs: list[tuple[int, int]] = []
+    if clean.rels and protected.rels:
+        where = {rel: i for i, rel in enumerate(clean.rels)}
+        common = [(where[rel], j) for j, rel in enumerate(protected.rels) if rel in where]
+        if common:
+            by_class: dict[int, list[tuple[int, int]]] = {}
+            for ci, pj in common:
+                by_class.setdefault(int(protected.y[pj]), []).append((ci, pj))
+            k = 0
+            while len(pairs) < min(n, len(common)):
+                for lst in by_class.values():
+                    if k < len(lst) and len(pairs) < n:
+                        pairs.append(lst[k])
+                k += 1
+            return pairs
+    m = min(n, len(clean), len(protected))
+    step = max(1, min(len(clean), len(protected)) // max(1, m))
+    return [(i * step, i * step) for i in range(m)]
+
+
+def plot_samples(clean: TensorSet, protected: TensorSet, path: str | os.PathLike, n: int = 8) -> Path:
+    """``samples.png``: rows clean / protected / amplified difference for ``n`` images matched by
+    relative path (or by index). The difference is ``0.5 + gain * (protected - clean)`` with one gain
+    for the whole grid (printed in the row label) so that the largest change reaches the full range."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs = [(i, j) for i, j in _match(clean, protected, n) if clean.x[i].shape == protected.x[j].shape]
+    if not pairs:
+        raise ValueError("no clean/protected image pairs of equal size to show")
+    a = np.stack([clean.x[i].permute(1, 2, 0).numpy() for i, _ in pairs]).astype(np.float32) / 255
+    b = np.stack([protected.x[j].permute(1, 2, 0).numpy() for _, j in pairs]).astype(np.float32) / 255
+    diff = b - a
+    peak = float(np.abs(diff).max())
+    gain = 0.5 / peak if peak > 0 else 1.0
+    amp = np.clip(0.5 + gain * diff, 0, 1)
+    # One mosaic image (3 rows x n columns, 2-px white gaps) drawn by a single imshow: fast.
+    cols, (h, w, c) = len(pairs), a.shape[1:]
+    gap = 2
+    mosaic = np.ones((3 * h + 2 * gap, cols * w + (cols - 1) * gap, 3), dtype=np.float32)
+    for r, imgs in enumerate((a, b, amp)):
+        for k in range(cols):
+            tile = imgs[k] if c == 3 else np.repeat(imgs[k], 3, axis=2)
+            y0, x0 = r * (h + gap), k * (w + gap)
+            mosaic[y0:y0 + h, x0:x0 + w] = tile
+    scale = max(1.0, 96 / max(h, w))  # small images drawn at ~1 inch per tile
+    fig = Figure(figsize=(cols * w * scale / 96 + 1.3, 3 * h * scale / 96 + 0.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((1.1 / (cols * w * scale / 96 + 1.3), 0.02, 1 - 1.15 / (cols * w * scale / 96 + 1.3), 0.88))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([(k + 0.5) * w + k * gap - 0.5 for k in range(cols)])
+    ax.set_xticklabels([protected.classes[int(protected.y[j])] for _, j in pairs], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([(r + 0.5) * h + r * gap - 0.5 for r in range(3)])
+    ax.set_yticklabels(["clean", "protected", f"diff x{gain:.0f}"], fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.suptitle(f"max |protected - clean| = {peak * 255:.0f}/255", fontsize=9)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(
+    cert: dict,
+    out_dir: str | os.PathLike,
+    clean: TensorSet | None = None,
+    protected: TensorSet | None = None,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``curves.png`` and (given both sets) ``samples.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"report": out / "report.md"}
+    files["report"].write_text(report_markdown(cert), encoding="utf-8")
+    files["curves"] = plot_curves(cert, out / "curves.png")
+    if clean is not None and protected is not None:
+        try:
+            files["samples"] = plot_samples(clean, protected, out / "samples.png")
+        except ValueError as exc:
+            log.warning("samples.png not written: %s", exc)
+    return files

@@ -1,0 +1,414 @@
+"""Train one verification cell: a fresh surrogate on (protected) training data, tested every epoch.
+
+One *cell* = one model trained from scratch with one training regime (ERM, L-inf AT, L2 AT, see
+:mod:`verify.recipes`) and one defense (:mod:`verify.defenses`), evaluated on the clean test set after
+every epoch. It reports the test-accuracy curve, its final and peak value (some protections leak early
+and recover later, so the peak matters), and the running accuracy on the training batches of the last
+epoch as the model saw them (augmented, defended, and adversarial under AT).
+
+Speed (the quick tier must train 10 epochs on 10k 32x32 images in about a minute on 2 CPU cores):
+
+* the images stay uint8 in memory (on the GPU when there is one), padded once, channels-last;
+* crop + flip is one batched gather (random offsets per image, the flip folded into the column
+  index), not per-image Python;
+* static defenses (deterministic per image: grayscale, JPEG, blur, ...) run once over the training
+  set before training and are re-quantised to 8 bits, as if the attacker had saved the defended
+  copy; random defenses run per batch;
+* on CUDA: bf16 autocast (fp16 + GradScaler where bf16 is missing), channels-last, cuDNN autotune.
+  ``torch.set_num_threads`` is left to the caller.
+
+Randomness comes only from generators seeded from ``seed`` (one per purpose: data order and
+augmentation, defense, attack); weight init runs under ``torch.random.fork_rng`` with
+``torch.manual_seed(seed)``, so the global RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from perturbations.errors import ConfigError, InputError
+
+from . import attacks
+from . import defenses as defense_registry
+from .data import TensorSet, check_same_classes
+from .models import create_model
+from .recipes import Recipe, Training, parse_training
+
+__all__ = ["CellResult", "EpochInfo", "evaluate", "resolve_device", "train_cell"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellResult:
+    """What one trained cell reports. Accuracies are fractions in [0, 1].
+
+    ``curve[i]`` is the test accuracy after epoch i+1, measured on ``curve_n[i]`` test images (the
+    whole set, or the recipe's ``eval_subset``); ``final_acc`` and ``peak_acc`` are always
+    whole-test-set numbers (``peak_epoch`` is 1-based).
+    """
+
+    training: str
+    defense: str
+    seed: int
+    curve: list[float]
+    final_acc: float
+    peak_acc: float
+    peak_epoch: int
+    train_acc: float
+    train_loss: float
+    wall_s: float
+    epochs: int
+    epoch_s: list[float] = field(default_factory=list)
+    curve_n: list[int] = field(default_factory=list)
+    n_train: int = 0
+    n_test: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CellResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class EpochInfo:
+    """Passed to a ``progress`` callback after every epoch of a cell."""
+
+    label: str
+    epoch: int
+    epochs: int
+    loss: float
+    train_acc: float
+    test_acc: float
+    elapsed_s: float
+    eta_s: float
+
+
+ProgressFn = Callable[[EpochInfo], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ConfigError for a device that is not there."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' requested but CUDA is not available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device '{device}' is not supported; use auto, cpu or cuda")
+    return dev
+
+
+def _subseed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed per purpose, so streams never overlap."""
+    digest = hashlib.sha256(f"protect.verify/{seed}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _amp(device: torch.device) -> tuple[contextlib.AbstractContextManager | Callable, torch.dtype | None]:
+    if device.type != "cuda":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
+
+
+def _lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(1, recipe.epochs * steps_per_epoch)
+    if recipe.schedule == "onecycle":
+        warm = max(1.0, recipe.warmup_frac * total)
+        start = 0.04  # OneCycleLR's default initial lr/25
+
+        def f(step: int) -> float:
+            if step < warm:
+                return start + (1 - start) * step / warm
+            return max(0.0, (total - step) / max(1.0, total - warm))
+    elif recipe.schedule == "cosine":
+        def f(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    else:
+        milestones = sorted(recipe.milestones)
+
+        def f(step: int) -> float:
+            epoch = step // steps_per_epoch
+            return recipe.gamma ** sum(epoch >= m for m in milestones)
+    return f
+
+
+def _quantise(x: Tensor) -> Tensor:
+    return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _apply_static(
+    defense: defense_registry.Defense, x: Tensor, y: Tensor, num_classes: int, g: torch.Generator, batch: int
+) -> tuple[Tensor, Tensor | None]:
+    """Apply a deterministic defense once to the whole uint8 set (re-quantised); soft labels only if changed."""
+    xs, ys, changed = [], [], False
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch].float().div_(255)
+        yb = F.one_hot(y[i:i + batch], num_classes).float()
+        xo, yo = defense(xb, yb, g)
+        if xo.shape != xb.shape:
+            raise ConfigError(f"defense '{defense.name}' changed the image shape {tuple(xb.shape)} -> {tuple(xo.shape)}")
+        changed = changed or not torch.equal(yo, yb)
+        xs.append(_quantise(xo))
+        ys.append(yo)
+    return torch.cat(xs), (torch.cat(ys) if changed else None)
+
+
+def _crop_flip(
+    xp: Tensor, idx: Tensor, size: tuple[int, int], pad: int, flip: bool, g: torch.Generator
+) -> Tensor:
+    """Random ``size`` crops (offsets 0..2*pad) with random horizontal flips of the padded NHWC uint8
+    images ``xp[idx]``, as one gather; returns ``n x C x H x W`` in channels-last memory layout."""
+    n = idx.shape[0]
+    h, w = size
+    dev = xp.device
+    if pad == 0 and not flip:
+        return xp[idx.to(dev)].permute(0, 3, 1, 2)
+    oy = torch.randint(0, 2 * pad + 1, (n, 1), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (n, 1), generator=g)
+    rows = oy + torch.arange(h)
+    cols = ox + torch.arange(w)
+    if flip:
+        flipped = torch.rand(n, 1, generator=g) < 0.5
+        cols = torch.where(flipped, cols.flip(1), cols)
+    out = xp[idx.view(n, 1, 1).to(dev), rows.view(n, h, 1).to(dev), cols.view(n, 1, w).to(dev)]
+    return out.permute(0, 3, 1, 2)
+
+
+def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
+    logits = logits.float()
+    if target.dim() == 2:  # soft labels (mixing defenses)
+        if smoothing:
+            target = target * (1 - smoothing) + smoothing / target.shape[1]
+        return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000, autocast=None) -> float:
+    """Top-1 accuracy of ``model`` (eval mode, restored afterwards) on uint8 images ``x`` (on the
+    model's device) with labels ``y``."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    ctx = autocast or contextlib.nullcontext
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i:i + batch_size].float().div_(255)
+        with ctx():
+            out = model(xb)
+        correct += (out.argmax(1) == y[i:i + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / max(1, x.shape[0])
+
+
+def _check_pair(train: TensorSet, test: TensorSet) -> None:
+    check_same_classes(test.classes, train.classes, "test", "train")
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise InputError(
+            f"train images are {tuple(train.x.shape[1:])} (C x H x W) but test images are "
+            f"{tuple(test.x.shape[1:])}: both sets must share one size and channel count"
+        )
+    if len(train) < 2 or len(test) < 1:
+        raise InputError(f"need at least 2 training and 1 test image, got {len(train)} and {len(test)}")
+
+
+def _tqdm_progress(label: str, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="ep", leave=True, dynamic_ncols=True)
+
+
+def train_cell(
+    train: TensorSet,
+    test: TensorSet,
+    recipe: Recipe,
+    training: str | Training,
+    defense: str | defense_registry.Defense,
+    seed: int,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | bool | None = None,
+    label: str | None = None,
+) -> CellResult:
+    """Train ``recipe.model`` from scratch on ``train`` under ``training`` and ``defense``; test on
+    ``test`` after every epoch.
+
+    ``progress``: None/False (silent), True (a tqdm bar per cell with ETA, loss and accuracies), or a
+    callable receiving an :class:`EpochInfo` after every epoch. ``label`` names the cell in progress
+    output (default ``"<training>/<defense>"``). Returns a :class:`CellResult`.
+    """
+    started = time.perf_counter()
+    if isinstance(training, str):
+        training = parse_training(training, recipe)
+    dfn = defense_registry.get(defense) if isinstance(defense, str) else defense
+    dev = resolve_device(device)
+    _check_pair(train, test)
+    label = label or f"{training.name}/{dfn.name}"
+    num_classes = train.num_classes
+    c, h, w = train.x.shape[1:]
+    autocast, amp_dtype = _amp(dev)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    g_data = torch.Generator().manual_seed(_subseed(seed, "data"))
+    g_def = torch.Generator().manual_seed(_subseed(seed, "defense"))
+    g_att = torch.Generator(device=dev).manual_seed(_subseed(seed, "attack"))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(recipe.model, num_classes, in_channels=int(c), image_size=int(max(h, w)))
+    if recipe.normalize:
+        if hasattr(model, "set_normalization"):
+            xf = train.x.float().div(255)
+            model.set_normalization(tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()))
+        else:
+            log.warning("model %s has no normalisation prefix; recipe.normalize ignored", recipe.model)
+    model = model.to(dev, memory_format=torch.channels_last).train()
+
+    # Data, once: uint8 on the device; static defense applied; padded NHWC for the crop gather.
+    x = train.x.to(dev, non_blocking=True)
+    y = train.y.to(dev, non_blocking=True)
+    y_soft: Tensor | None = None
+    if dfn.static and dfn.name != "none":
+        x, y_soft = _apply_static(dfn, x, y, num_classes, g_def, recipe.eval_batch_size)
+    pad = round(recipe.crop_padding * max(h, w) / 32) if recipe.crop_padding else 0
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad)).contiguous()  # N x H+2p x W+2p x C
+    del x
+    x_test = test.x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    y_test = test.y.to(dev, non_blocking=True)
+
+    n = train.x.shape[0]
+    bs = min(recipe.batch_size, n)
+    steps = n // bs + (1 if n % bs > 1 else 0)  # a last batch of 1 is dropped (BatchNorm)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe, steps))
+    attack = recipe.attack(training)
+
+    def make_adversarial(xb: Tensor, target: Tensor) -> Tensor:
+        with autocast():
+            if attack["method"] == "pgd":
+                return attacks.pgd(model, xb, target, attack["eps"], steps=attack["steps"],
+                                   step_size=attack["step_size"], norm=attack["norm"], generator=g_att)
+            fn = attacks.fgsm_rs if attack["method"] == "fgsm_rs" else attacks.fgsm_rs_l2
+            return fn(model, xb, target, attack["eps"], alpha=attack["step_size"], generator=g_att)
+
+    # Evaluation set per epoch: everything, or a fixed subset (the same in every cell; see Recipe).
+    n_test = x_test.shape[0]
+    if recipe.eval_subset is not None and recipe.eval_subset < n_test:
+        g_eval = torch.Generator().manual_seed(_subseed(0, "eval-subset"))
+        sub = torch.randperm(n_test, generator=g_eval)[: recipe.eval_subset].sort().values.to(dev)
+        x_eval, y_eval = x_test[sub].contiguous(memory_format=torch.channels_last), y_test[sub]
+    else:
+        x_eval, y_eval = x_test, y_test
+    subset_eval = x_eval.shape[0] < n_test
+    best_sub, best_state, best_epoch = -1.0, None, -1
+
+    bar = _tqdm_progress(label, recipe.epochs) if progress is True else None
+    callback = progress if callable(progress) else None
+    curve: list[float] = []
+    curve_n: list[int] = []
+    epoch_s: list[float] = []
+    train_acc = train_loss = 0.0
+    try:
+        for epoch in range(recipe.epochs):
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=g_data)
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.int64)
+            seen = 0
+            for s in range(steps):
+                idx = perm[s * bs:(s + 1) * bs]
+                xb = _crop_flip(xp, idx, (h, w), pad, recipe.flip, g_data).float().div_(255)
+                idx_d = idx.to(dev, non_blocking=True)
+                yb = y[idx_d]
+                ysb = y_soft[idx_d] if y_soft is not None else None
+                if not dfn.static:
+                    xb, ysb = dfn(xb, ysb if ysb is not None else F.one_hot(yb, num_classes).float(), g_def)
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                target = ysb if ysb is not None else yb
+                if attack:
+                    xb = make_adversarial(xb, target).contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    out = model(xb)
+                    loss = _loss(out, target, recipe.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                sched.step()
+                m = idx.shape[0]
+                hard = ysb.argmax(1) if ysb is not None else yb
+                correct += (out.detach().argmax(1) == hard).sum()
+                loss_sum += loss.detach().float() * m
+                seen += m
+            train_loss = loss_sum.item() / seen
+            train_acc = correct.item() / seen
+            if not math.isfinite(train_loss):
+                raise ConfigError(
+                    f"cell {label}: training diverged (loss {train_loss}) in epoch {epoch + 1}; lower the learning rate"
+                )
+            last = epoch == recipe.epochs - 1
+            if last or not subset_eval:
+                acc = evaluate(model, x_test, y_test, recipe.eval_batch_size, autocast)
+                curve_n.append(n_test)
+            else:
+                acc = evaluate(model, x_eval, y_eval, recipe.eval_batch_size, autocast)
+                curve_n.append(x_eval.shape[0])
+                if acc > best_sub:
+                    best_sub, best_epoch = acc, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            curve.append(acc)
+            epoch_s.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - started
+            eta = (recipe.epochs - epoch - 1) * (sum(epoch_s) / len(epoch_s))
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.3f}", train=f"{train_acc:.3f}", test=f"{acc:.3f}")
+                bar.update(1)
+            if callback is not None:
+                callback(EpochInfo(label, epoch + 1, recipe.epochs, train_loss, train_acc, acc, elapsed, eta))
+            log.debug("%s epoch %d/%d loss %.4f train %.4f test %.4f (%.1fs)", label, epoch + 1,
+                      recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
+        if best_state is not None and best_sub > curve[-1] - 0.01:
+            # The best subset epoch may beat the final one: re-score it on the whole test set.
+            model.load_state_dict(best_state)
+            curve[best_epoch] = evaluate(model, x_test, y_test, recipe.eval_batch_size, autocast)
+            curve_n[best_epoch] = n_test
+    finally:
+        if bar is not None:
+            bar.close()
+
+    full = [i for i, k in enumerate(curve_n) if k == n_test]
+    peak_epoch = max(full, key=lambda i: curve[i])
+    return CellResult(
+        training=training.name, defense=dfn.name, seed=seed, curve=curve, final_acc=curve[-1],
+        peak_acc=curve[peak_epoch], peak_epoch=peak_epoch + 1, train_acc=train_acc, train_loss=train_loss,
+        wall_s=time.perf_counter() - started, epochs=recipe.epochs, epoch_s=epoch_s, curve_n=curve_n,
+        n_train=n, n_test=len(test), device=str(dev),
+    )
