@@ -89,18 +89,20 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")
     args.work.mkdir(parents=True, exist_ok=True)
+    # Outputs go to a fresh folder: rewriting just-deleted files is much slower on ext4 with
+    # discard, which would distort both timings. Older runs are deleted after this one is measured.
+    old_runs = sorted(args.work.glob("run-*"))
+    run_dir = args.work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     env = {**os.environ, "PROTECT_KEY": KEY}
     protect_bin = str(Path(sys.executable).with_name("protect"))
     rows = []
     for name in args.sets.split(","):
         src, labels = stage(name, args.work)
-        for sub in ("bare", "protected", "protected.protect"):
-            shutil.rmtree(args.work / f"{name}-{sub}", ignore_errors=True)
         out, bare_wall, bare_rss = peak_rss_run(
-            [sys.executable, "-c", BARE, str(src), str(args.work / f"{name}-bare"), str(args.workers)], env)
+            [sys.executable, "-c", BARE, str(src), str(run_dir / f"{name}-bare"), str(args.workers)], env)
         n, bare_s = int(out.split()[0]), float(out.split()[1])
         cmd = [protect_bin, "images", "--quiet", "--json", "--workers", str(args.workers), "--device", args.device,
-               str(src), str(args.work / f"{name}-protected")]
+               str(src), str(run_dir / f"{name}-protected")]
         if labels:
             cmd[2:2] = ["--labels", str(labels)]
         out, wall, rss = peak_rss_run(cmd, env)
@@ -122,6 +124,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['set']} | {r['images']} | {r['bare_img_s']:.0f} | {r['protect_img_s']:.0f} | {r['ratio']:.2f} | "
               f"{r['ratio_wall']:.2f} | {r['bare_rss_mib']:.0f} / {r['protect_rss_mib']:.0f} | {r['psnr']:.1f} dB / {r['ssim']:.3f} |")
+    for old in old_runs:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Fidelity of protected images: PSNR and SSIM, batched on the compute device.
 
-SSIM follows Wang et al. (IEEE TIP 2004): an 11x11 Gaussian window with sigma 1.5 (shrunk for
-images smaller than the window), K1 = 0.01, K2 = 0.03, data range 1, 'valid' filtering, mean over
-channels and positions. The Gaussian is applied as two 1-D passes, which is what keeps it cheap
-on large photos.
+PSNR is over all channels. SSIM follows Wang et al. (IEEE TIP 2004) on the luma channel
+(ITU-R BT.601 weights) for colour images, as their reference implementation did on grayscale:
+an 11x11 Gaussian window with sigma 1.5 (shrunk for images smaller than the window), K1 = 0.01,
+K2 = 0.03, data range 1, 'valid' filtering, mean over positions. The Gaussian is applied as two
+1-D depthwise passes over the five local statistics at once, in channels-last layout, which is what
+keeps it cheap on large photos.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 _C1, _C2 = 0.01**2, 0.03**2
+_LUMA = (0.299, 0.587, 0.114)
 PSNR_CAP = 100.0  # identical images report this instead of infinity
 
 
@@ -29,18 +32,29 @@ def _window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
 
 def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
+    # channels-last makes the depthwise convolutions about 10x faster on CPU (oneDNN)
+    x = x.contiguous(memory_format=torch.channels_last)
     x = F.conv2d(x, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """N x 1 x H x W luma of an RGB batch (unchanged if already one channel)."""
+    if x.shape[1] == 1:
+        return x.float()
+    w = torch.tensor(_LUMA, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x.float() * w).sum(1, keepdim=True)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image mean SSIM of two N x C x H x W batches in [0, 1]."""
-    a, b = a.float(), b.float()
+    """Per-image mean SSIM (on luma) of two N x C x H x W batches in [0, 1]."""
+    a, b = luma(a), luma(b)
     size = min(window, a.shape[-1], a.shape[-2])
     size -= 1 - size % 2  # odd
     g = _window(size, sigma * size / window, a.device)
-    mu_a, mu_b = _blur(a, g), _blur(b, g)
-    aa, bb, ab = _blur(a * a, g) - mu_a**2, _blur(b * b, g) - mu_b**2, _blur(a * b, g) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + _C1) * (2 * ab + _C2)
-    den = (mu_a**2 + mu_b**2 + _C1) * (aa + bb + _C2)
+    stats = _blur(torch.cat([a, b, a * a, b * b, a * b], dim=1), g)
+    mu_a, mu_b, aa, bb, ab = stats.unbind(1)
+    mu_ab, mu_aa, mu_bb = mu_a * mu_b, mu_a * mu_a, mu_b * mu_b
+    num = (2 * mu_ab + _C1) * (2 * (ab - mu_ab) + _C2)
+    den = (mu_aa + mu_bb + _C1) * ((aa - mu_aa) + (bb - mu_bb) + _C2)
     return (num / den).flatten(1).mean(1)

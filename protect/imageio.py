@@ -99,9 +99,10 @@ def decode(data: bytes, expected_format: str, max_pixels: int = DEFAULT_MAX_PIXE
     notes: list[str] = []
     try:
         im.load()
-        orientation = im.getexif().get(_ORIENTATION, 1)
-        if orientation not in (1, None):
+        exif = im.getexif()
+        if exif.get(_ORIENTATION, 1) not in (1, None):
             im = ImageOps.exif_transpose(im)
+            exif = im.getexif()
             notes.append("EXIF orientation applied")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
@@ -111,7 +112,6 @@ def decode(data: bytes, expected_format: str, max_pixels: int = DEFAULT_MAX_PIXE
         meta["icc_profile"] = im.info["icc_profile"]
     if im.info.get("dpi"):
         meta["dpi"] = im.info["dpi"]
-    exif = im.getexif()
     if len(exif):
         exif[_ORIENTATION] = 1
         meta["exif"] = exif.tobytes()

@@ -25,6 +25,7 @@ import torch
 import perturbations
 from perturbations import FitData, Keyring, Perturbation
 
+from .device import resolve_device
 from .discover import Dataset, ImageEntry, discover
 from .errors import ConfigError, InputError, RecordError
 from .fidelity import psnr, ssim
@@ -46,7 +47,7 @@ from .record import FORMAT_VERSION, RunRecord, default_record_dir
 log = logging.getLogger(__name__)
 
 #: Values (pixels x channels) held per batch and in the decode queue; bounds memory on photos.
-BATCH_VALUES = 1 << 24
+BATCH_VALUES = 1 << 22
 QUEUE_VALUES = 1 << 26
 SIZE_SAMPLE = 256
 
@@ -101,17 +102,6 @@ class Summary:
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
         d["images_per_second"] = round(self.images_per_second, 2)
         return d
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is available here; use --device auto or cpu")
-    if spec != "cpu" and not spec.startswith("cuda"):
-        raise ConfigError(f"unknown device '{spec}'; use auto, cpu or cuda")
-    return torch.device(spec)
 
 
 def _within(a: Path, b: Path) -> bool:
@@ -300,12 +290,13 @@ class _Run:
                 bucket = buckets.setdefault(item.decoded.key, [])
                 bucket.append(item)
                 held += size
-                if len(bucket) >= self.options.batch_size or sum(i.decoded.pixels.size for i in bucket) >= BATCH_VALUES:
-                    held -= sum(i.decoded.pixels.size for i in bucket)
+                # every image in a bucket has the same shape, so its values are len x size
+                if len(bucket) >= self.options.batch_size or len(bucket) * size >= BATCH_VALUES:
+                    held -= len(bucket) * size
                     self.flush(buckets.pop(item.decoded.key))
                 elif held >= QUEUE_VALUES:
                     biggest = max(buckets, key=lambda k: len(buckets[k]))
-                    held -= sum(i.decoded.pixels.size for i in buckets[biggest])
+                    held -= len(buckets[biggest]) * buckets[biggest][0].decoded.pixels.size
                     self.flush(buckets.pop(biggest))
             refill()
             self.drain(self.write_window)

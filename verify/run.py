@@ -331,4 +331,6 @@ def verify_folder(
         device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
         progress=progress,
     )
+    if out is not None:
+        cert["report_dir"] = str(out)
     return cert

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perturbations.errors import ConfigError, InputError
+from protect.device import resolve_device
 
 from . import attacks
 from . import defenses as defense_registry
@@ -100,24 +101,6 @@ class EpochInfo:
 
 
 ProgressFn = Callable[[EpochInfo], None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ConfigError for a device that is not there."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device '{device}' is not supported; use auto, cpu or cuda")
-    return dev
 
 
 def _subseed(seed: int, purpose: str) -> int:

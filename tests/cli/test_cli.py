@@ -82,7 +82,7 @@ def test_methods_lists_the_registry_with_defaults():
     assert result.stdout.startswith("cuda: ") and "defaults:" in result.stdout and "filter_size=auto" in result.stdout
     rows = json.loads(invoke("methods", "--json").stdout)
     cuda = next(r for r in rows if r["name"] == "cuda")
-    assert cuda["needs_labels"] is True and cuda["defaults"]["padding"] == "reflect"
+    assert cuda["needs_labels"] is True and cuda["defaults"]["padding"] == "zero"
     assert "Sadasivan" in cuda["paper"]
 
 

@@ -26,7 +26,7 @@ def batch(n: int = 8, c: int = 3, h: int = 32, w: int = 32, seed: int = 0) -> to
 def test_registered_with_paper_defaults() -> None:
     assert "cuda" in perturbations.available()
     assert perturbations.get("cuda") is CUDA
-    assert CUDA.defaults() == {"num_classes": None, "filter_size": None, "blur": None, "padding": "reflect",
+    assert CUDA.defaults() == {"num_classes": None, "filter_size": None, "blur": None, "padding": "zero",
                                "mix": 1.0, "universal": False}
 
 

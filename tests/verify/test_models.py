@@ -61,17 +61,19 @@ def test_list_models():
     assert list_models("nope*") == []
 
 
-def test_fastcnn_architecture_and_sizes():
-    model = create_model("fastcnn", 10).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("name,widths,pools", [("fastcnn", [32, 64, 128, 256], 3),
+                                               ("vgg3", [32, 32, 64, 64, 128, 128], 3)])
+def test_fastcnn_architecture_and_sizes(name, widths, pools):
+    model = create_model(name, 10).to(memory_format=torch.channels_last)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert [c.out_channels for c in convs] == widths
     assert all(c.bias is None and c.kernel_size == (3, 3) for c in convs)
-    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 3
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == pools
     for size in (8, 28, 45):
         x = torch.rand(2, 3, size, size).contiguous(memory_format=torch.channels_last)
         assert model(x).shape == (2, 10)
     with pytest.raises(ConfigError):
-        create_model("fastcnn", 10, image_size=7)
+        create_model(name, 10, image_size=7)
 
 
 def test_cifar_resnet_structure():

@@ -1,0 +1,115 @@
+"""How much clean accuracy CUDA protection takes away, under attackers and breakers (quick tier).
+
+On a 10k CIFAR-10 training subset (the first 1000 images of each class of ../shared/data) and the
+full 10k test set:
+
+1. protect the subset with CUDA (default parameters, a fixed public benchmark key);
+2. time the default quick certificate, exactly as a user runs it, with a cold baseline cache:
+   ``protect verify PROT --test TEST --clean CLEAN --tier quick`` (erm,linf x none,grayscale,jpeg10);
+3. add the other attackers, reusing the cached clean baselines: erm x ueraser,coin,rskff and l2;
+4. (``--padding-ablation``) protect again with reflect padding (no dark border) and run erm/none.
+
+Prints a Markdown table beside the CUDA paper's numbers (a different tier: ResNet-18, 100 epochs,
+full 50k) and writes every certificate under bench/out/effectiveness/.
+
+    .venv/bin/python bench/effectiveness.py [--padding-ablation] [--skip-extra]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10"
+KEY = "benchmark-key-not-secret"
+PAPER = {("erm", "none"): 18.48, ("linf", "none"): 32.85, ("l2", "none"): 51.19, ("erm", "grayscale"): 20.12,
+         ("clean", "none"): 94.66}
+
+
+def run(cmd: list[str], env: dict[str, str]) -> float:
+    print("$", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def stage_subset(dst: Path, per_class: int = 1000) -> Path:
+    if not dst.exists():
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for cls in sorted((DATA / "train").iterdir()):
+            (tmp / cls.name).mkdir(parents=True)
+            for f in sorted(cls.glob("*.png"))[:per_class]:
+                shutil.copyfile(f, tmp / cls.name / f.name)
+        tmp.rename(dst)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "effectiveness")
+    ap.add_argument("--padding-ablation", action="store_true")
+    ap.add_argument("--skip-extra", action="store_true", help="only the timed default certificate")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "baseline-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "PROTECT_KEY": KEY, "PROTECT_CACHE": str(cache)}
+    protect = str(Path(sys.executable).with_name("protect"))
+    clean = stage_subset(work / "clean-train")
+    test = DATA / "test"
+
+    def protected(padding: str) -> Path:
+        out = work / f"cuda-{padding}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(out.name + ".protect"), ignore_errors=True)
+        run([protect, "images", "--quiet", "--padding", padding, str(clean), str(out)], env)
+        return out
+
+    prot = protected("zero")  # the default
+    times: dict[str, float] = {}
+    certs: list[dict] = []
+
+    def verify(name: str, folder: Path, *extra: str) -> None:
+        report = work / f"report-{name}"
+        times[name] = run([protect, "verify", "--quiet", str(folder), "--test", str(test), "--clean", str(clean),
+                           "--tier", "quick", "--report", str(report), *extra], env)
+        cert = json.loads((report / "certificate.json").read_text())
+        cert["_name"] = name
+        certs.append(cert)
+
+    verify("default", prot)
+    if not args.skip_extra:
+        verify("breakers", prot, "--training", "erm", "--defenses", "ueraser,coin,rskff")
+        verify("l2", prot, "--training", "l2", "--defenses", "none")
+    if args.padding_ablation:
+        verify("reflect-padding", protected("reflect"), "--training", "erm", "--defenses", "none")
+
+    print()
+    print(f"quick tier, {certs[0]['model']}, {certs[0]['epochs']} epochs, seed 0, device {certs[0].get('device')}; "
+          "accuracies in % on the full CIFAR-10 test set")
+    print("| run | training | defense | protected peak | protected final | clean baseline peak | score | paper (ResNet-18, 100 ep, 50k) | cell wall s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for cert in certs:
+        for cell in cert["cells"]:
+            p, c = cell["protected"], cell.get("clean") or {}
+            paper = PAPER.get((cell["training"], cell["defense"]))
+            wall = p.get("wall_s")
+            print(f"| {cert['_name']} | {cell['training']} | {cell['defense']} | {100 * p['peak_acc']:.1f} | "
+                  f"{100 * p['final_acc']:.1f} | {100 * c['peak_acc']:.1f} | {cell['score']:.2f} | "
+                  f"{'' if paper is None else paper} | {'' if wall is None else f'{wall:.0f}'} |")
+    print()
+    for name, seconds in times.items():
+        print(f"{name}: {seconds / 60:.1f} min wall (protect verify, including data loading)")
+
+
+if __name__ == "__main__":
+    main()
