@@ -104,8 +104,11 @@ def big(tmp_path_factory, keyring):
 def _start(in_dir: Path, out_dir: Path, key: str, cwd: Path) -> tuple[subprocess.Popen, list[str]]:
     args = ["images", str(in_dir), str(out_dir), "--key", key, "--batch-size", "8"]
     env = {k: v for k, v in os.environ.items() if k not in ("PROTECT_KEY", "PROTECT_DEBUG")}
+    # A test runner started as a background job inherits SIGINT ignored, and Python keeps it
+    # ignored; restore the default so the child installs its KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, args
 
 
