@@ -167,7 +167,7 @@ def test_jpeg_output_prints_a_warning(tmp_path, make_folder, test_key):
         ("bad format", "'gif' is not one of"),
         ("bad param", "expected NAME=VALUE"),
         ("unknown param", "has no parameter colour"),
-        ("batch size 0", "--batch-size must be >= 1"),
+        ("batch size 0", "0 is not in the range x>=1"),
         ("jpeg quality 0", "JPEG quality must be in 1..100"),
         ("unknown device", "unknown device 'tpu'"),
     ],
