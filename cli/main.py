@@ -114,7 +114,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' for folders without class sub-folders.")
 @click.option("--filter-size", type=int, help="CUDA: odd filter size k (default: 3 below 128 px, else 9).")
 @click.option("--blur", type=float, help="CUDA: off-peak filter bound p_b (default follows the filter size).")
-@click.option("--padding", type=click.Choice(["reflect", "replicate", "zero", "faithful"]), help="CUDA: border handling (zero/faithful = the paper's code).")
+@click.option("--padding", type=click.Choice(["reflect", "replicate", "zero", "faithful"]), help="CUDA: border handling (default zero = the paper's code, strongest; reflect leaves no dark border).")
 @click.option("--mix", type=float, help="CUDA: fraction of images protected, chosen by the key.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter.")
 @click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")
