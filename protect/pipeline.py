@@ -369,22 +369,23 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
         "jpeg_quality": options.jpeg_quality,
         "in_dir": str(in_path.resolve()),
     }
-    if not options.overwrite:
-        RunRecord.check_matches(record_dir, header)  # a record of another run: say what differs
-    resuming = not options.overwrite and RunRecord.resumable(record_dir, header)
+    previous = None if options.overwrite else RunRecord.find(record_dir)  # the journal is read once
+    if previous is not None:
+        previous.check_matches(header)  # a record of another run: say what differs
+    resuming = previous is not None
     if out_path.is_dir() and not resuming and not options.overwrite and any(
         p for p in out_path.iterdir() if not p.name.startswith(".")
     ):
         raise RecordError(f"{out_dir} is not empty and holds no matching run record at {record_dir}; "
                           "choose an empty output folder or pass --overwrite")
     method = method_cls(keyring, **params)
-    state = RunRecord.read(record_dir).load_state() if resuming else None
+    state = previous.load_state() if previous is not None else None
     if state:
         method.load_state_dict(state)
     else:
         method.fit(_fit_data(dataset, options.max_pixels))
     header["resolved_params"] = method.params()
-    record = RunRecord.open(record_dir, header, overwrite=options.overwrite)
+    record = RunRecord.open(record_dir, header, previous)
     summary = Summary(str(in_path), str(out_path), str(record_dir), method_cls.name, method.params(),
                       keyring.fingerprint(), dataset.class_map, total=len(dataset.entries), device=str(device))
     summary.warnings.extend(f"skipped {rel}: {why}" for rel, why in dataset.skipped)

@@ -63,32 +63,25 @@ class RunRecord:
         header, done = _read_journal(journal)
         return cls(root, header, done)
 
-    @staticmethod
-    def resumable(root: Path, header: dict[str, Any]) -> bool:
-        """True if ``root`` holds a record whose header matches ``header`` (a run to resume)."""
-        journal = root / JOURNAL
-        if not journal.is_file():
-            return False
-        old, _ = _read_journal(journal)
-        return all(old.get(k) == header.get(k) for k in MATCHING)
+    @classmethod
+    def find(cls, root: Path) -> "RunRecord | None":
+        """The record at ``root`` if there is one (read once), else None."""
+        return cls.read(root) if (root / JOURNAL).is_file() else None
 
-    @staticmethod
-    def check_matches(root: Path, header: dict[str, Any]) -> None:
-        """Raise :class:`RecordError` naming what differs if ``root`` records another run."""
-        journal = root / JOURNAL
-        if journal.is_file():
-            _check_header(root, _read_journal(journal)[0], header)
+    def check_matches(self, header: dict[str, Any]) -> None:
+        """Raise :class:`RecordError` naming what differs if this record is of another run."""
+        _check_header(self.root, self.header, header)
 
     @classmethod
-    def open(cls, root: Path, header: dict[str, Any], overwrite: bool = False) -> "RunRecord":
-        """Create a record, or resume one whose header matches ``header``."""
+    def open(cls, root: Path, header: dict[str, Any], previous: "RunRecord | None" = None) -> "RunRecord":
+        """Start a new record at ``root``, or resume ``previous`` (found there) if its header matches."""
         root.mkdir(parents=True, exist_ok=True)
         journal = root / JOURNAL
         done: dict[str, dict[str, Any]] = {}
-        if journal.is_file() and not overwrite:
-            old, done = _read_journal(journal)
-            _check_header(root, old, header)
-            header = {**old, **{k: v for k, v in header.items() if k not in MATCHING}}
+        if previous is not None:
+            previous.check_matches(header)
+            done = previous.done
+            header = {**previous.header, **{k: v for k, v in header.items() if k not in MATCHING}}
             fh = open(journal, "a", encoding="utf-8")
         else:
             fh = open(journal, "w", encoding="utf-8")
