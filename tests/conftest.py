@@ -13,6 +13,18 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 TEST_KEY = "pipeline-tests-key-0123456789"
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op torch thread: tiny tensors gain nothing from more, and the
+    test machine's cores are shared (spinning OpenMP workers slow everything down)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     """The bundled ``samples/`` folder; never write to it."""

@@ -13,13 +13,7 @@ from verify.attacks import fgsm_rs, fgsm_rs_l2, pgd, soft_cross_entropy
 EPS = {"linf": 8 / 255, "l2": 0.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model() -> nn.Module:

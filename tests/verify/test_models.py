@@ -18,13 +18,7 @@ SAMPLES = REPO / "samples" / "cifar10" / "test"
 CIFAR_RESNETS = ["resnet20", "resnet32", "resnet44", "resnet56"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _akamaster(name: str) -> Path | None:

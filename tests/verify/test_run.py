@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import verify.run as vrun
@@ -20,12 +19,7 @@ SAMPLES = Path(__file__).parents[2] / "samples" / "cifar10"
 CLASSES = ["airplane", "frog"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine's cores are shared
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _copy(split: str, dst: Path, n: int, classes: list[str] = CLASSES) -> Path:
