@@ -35,6 +35,7 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, 
     Each cell of the regime x defense grid trains a fresh model from scratch on the protected
     images and evaluates it every epoch on the clean test set; the verdict uses the best attacker.
     """
+    from verify import distributed
     from verify.run import verify_folder
 
     cert = verify_folder(
@@ -43,6 +44,8 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, 
         cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
         max_per_class=max_per_class, progress=not (quiet or as_json),
     )
+    if not distributed.is_main():  # under torchrun only rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(cert, indent=2, sort_keys=True, default=str))
         return

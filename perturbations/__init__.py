@@ -8,35 +8,58 @@
 
 from __future__ import annotations
 
-from .base import FitData, Perturbation
-from .errors import ConfigError, InputError, KeyMaterialError, ProtectError, RecordError, WeightsError
-from .keyring import Keyring
+import importlib
+from typing import TYPE_CHECKING, Any
 
-_REGISTRY: dict[str, type[Perturbation]] = {}
+from .errors import (
+    ConfigError,
+    InputError,
+    KeyMaterialError,
+    ProtectError,
+    RecordError,
+    WeightsError,
+)
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .base import FitData, Perturbation
+    from .keyring import Keyring
+
+# torch-backed names load on first use, so that importing the error types (as the CLI does for
+# `protect --help`) does not import torch.
+_LAZY = {"FitData": "base", "Perturbation": "base", "Keyring": "keyring"}
+
+_METHODS: Registry[type[Perturbation]] = Registry("method")
+_BUILTINS = ("cuda",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _load_builtins() -> None:
+    for module in _BUILTINS:  # each registers itself on import
+        importlib.import_module(f".{module}", __name__)
 
 
 def register(cls: type[Perturbation]) -> type[Perturbation]:
     """Class decorator: add a method to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _METHODS.register(cls)
 
 
 def available() -> list[str]:
     """Names of every registered method, sorted."""
-    return sorted(_REGISTRY)
+    _load_builtins()
+    return _METHODS.names()
 
 
 def get(name: str) -> type[Perturbation]:
     """The method class registered as ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown method '{name}'; available: {', '.join(available())}") from None
+    _load_builtins()
+    return _METHODS.lookup(name)
 
-
-from . import cuda  # noqa: E402,F401  (registers itself)
 
 __all__ = [
     "ConfigError",

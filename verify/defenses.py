@@ -27,31 +27,26 @@ from PIL import Image
 from torch import Tensor
 
 from perturbations.errors import ConfigError, InputError
+from perturbations.registry import Registry
 
 __all__ = ["Defense", "available", "get", "parse_list", "register"]
 
-_REGISTRY: dict[str, type[Defense]] = {}
+_DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
 def register(cls: type[Defense]) -> type[Defense]:
     """Class decorator: add a defense to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _DEFENSES.register(cls)
 
 
 def available() -> list[str]:
     """Names of every registered defense, sorted (includes ``"none"``)."""
-    return sorted(_REGISTRY)
+    return _DEFENSES.names()
 
 
 def get(name: str, **kwargs: object) -> Defense:
     """An instance of the defense registered as ``name``, built with ``kwargs``."""
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown defense '{name}'; available: {', '.join(available())}") from None
+    cls = _DEFENSES.lookup(name)
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -67,7 +62,7 @@ def parse_list(spec: str) -> list[str]:
     for name in names:
         if not name:
             raise ConfigError(f"empty entry in defense list {spec!r}")
-        if name not in _REGISTRY:
+        if name not in _DEFENSES:
             raise ConfigError(f"unknown defense '{name}'; available: {', '.join(available())}")
         if name not in out:
             out.append(name)

@@ -11,10 +11,10 @@ hash (the baseline's numbers are test accuracies), every recipe field, the train
 eps and attack, the baseline's defense (``none`` unless ``baseline_per_defense``), the seed and a
 cache format version. Repeated runs on the same clean data reuse them instead of retraining.
 
-Multi-GPU: one cell is one ordinary single-device training run, so the standard and paper tiers are
-spread over several GPUs by running several processes, each with its own ``CUDA_VISIBLE_DEVICES``
-and a share of the grid (e.g. ``--training erm`` on GPU 0, ``--training linf`` on GPU 1) with a
-shared ``PROTECT_CACHE``; cells are independent, so this scales linearly without DDP.
+Multi-GPU: under ``torchrun`` every process runs the same call; each cell is then trained
+data-parallel with DDP across the processes (:mod:`verify.distributed`), and only rank 0 prints,
+writes the cache and the report. Without ``torchrun``, the grid can also be split by hand: one
+process per GPU (``CUDA_VISIBLE_DEVICES``) with a share of the grid and a shared ``PROTECT_CACHE``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from perturbations.errors import ConfigError, InputError
 
 from . import defenses as defense_registry
+from . import distributed
 from .certificate import build_certificate, cell_entry, save_certificate
 from .data import TensorSet, check_same_classes, load_folder
 from .recipes import Recipe, Training, get_recipe, parse_trainings
@@ -176,7 +177,8 @@ def verify_sets(
     regimes = parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
     dfns = _defense_list(defenses)
     seed_list = _seed_list(seeds)
-    dev = resolve_device(device)
+    dev = resolve_device(distributed.setup(device))
+    main = distributed.is_main()
     check_same_classes(test.classes, protected.classes, "test", "protected")
     _check_shapes(protected, test, "protected", "test")
     if clean is not None:
@@ -206,18 +208,20 @@ def verify_sets(
             if role == "clean":
                 assert clean is not None
                 key = cache.key(clean, test, recipe, t, d.name, seed)
-                result = cache.get(key)
+                # Rank 0 decides (a cache shared by all processes must not be read half-written).
+                result = distributed.broadcast_object(cache.get(key) if main else None)
                 if result is not None:
                     log.info("%s: clean baseline from cache (peak %.3f)", label, result.peak_acc)
-                    if progress is True:
+                    if progress is True and main:
                         print(f"{label}: cached clean baseline, peak {100 * result.peak_acc:.1f}%",
                               file=sys.stderr, flush=True)
                     clean_runs.setdefault((t.name, d.name), []).append(result)
                     clean_cached.setdefault((t.name, d.name), []).append(True)
                     continue
                 result = train_cell(clean, test, recipe, t, d, seed, dev, progress=progress, label=label)
-                cache.put(key, result, {"clean_root": str(clean.root), "tier": recipe.tier, "training": t.name,
-                                        "defense": d.name, "seed": seed})
+                if main:
+                    cache.put(key, result, {"clean_root": str(clean.root), "tier": recipe.tier, "training": t.name,
+                                            "defense": d.name, "seed": seed})
                 clean_runs.setdefault((t.name, d.name), []).append(result)
                 clean_cached.setdefault((t.name, d.name), []).append(False)
             else:
@@ -241,6 +245,8 @@ def verify_sets(
     device_name = str(dev)
     if dev.type == "cuda":
         device_name += f" ({torch.cuda.get_device_name(dev)})"
+    if distributed.world() > 1:
+        device_name += f" x {distributed.world()} processes (DDP)"
     cert = build_certificate(
         recipe=recipe, trainings=regimes, defenses=dfns, seeds=seed_list, classes=protected.classes,
         cells=cells, data=data, device=device_name, wall_s=time.perf_counter() - started,
@@ -248,7 +254,7 @@ def verify_sets(
         extra={"baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits,
                                   "misses": cache.misses}},
     )
-    if report_dir is not None:
+    if report_dir is not None and main:
         out = Path(report_dir)
         save_certificate(cert, out / "certificate.json")
         write_report(cert, out, clean=clean, protected=protected)

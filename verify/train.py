@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from perturbations.errors import ConfigError, InputError
 from protect.device import resolve_device
 
-from . import attacks
+from . import attacks, distributed
 from . import defenses as defense_registry
 from .data import TensorSet, check_same_classes
 from .models import create_model
@@ -192,18 +192,26 @@ def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000, autocast=None) -> float:
     """Top-1 accuracy of ``model`` (eval mode, restored afterwards) on uint8 images ``x`` (on the
-    model's device) with labels ``y``."""
+    model's device) with labels ``y``.
+
+    Under ``torchrun`` every process scores its shard ``x[rank::world]`` and the counts are summed,
+    so all processes return the accuracy on the whole of ``x`` (call it on every process)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    r, w = distributed.rank(), distributed.world()
+    if w > 1:
+        x, y = x[r::w], y[r::w]
+    counts = torch.zeros(2, dtype=torch.int64, device=y.device)  # correct, seen
     ctx = autocast or contextlib.nullcontext
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size].float().div_(255)
         with ctx():
             out = model(xb)
-        correct += (out.argmax(1) == y[i:i + batch_size]).sum()
+        counts[0] += (out.argmax(1) == y[i:i + batch_size]).sum()
+    counts[1] = x.shape[0]
     model.train(was_training)
-    return correct.item() / max(1, x.shape[0])
+    correct, seen = distributed.all_reduce_sum(counts).tolist()
+    return correct / max(1, seen)
 
 
 def _check_pair(train: TensorSet, test: TensorSet) -> None:
@@ -255,9 +263,14 @@ def train_cell(
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    # Under torchrun every process draws the same batch order; crops, defenses and attacks are
+    # drawn per process (process 0 of N, or a single process, keeps the single-process streams).
+    rank, world = distributed.rank(), distributed.world()
+    tag = f"/rank{rank}" if rank else ""
     g_data = torch.Generator().manual_seed(_subseed(seed, "data"))
-    g_def = torch.Generator().manual_seed(_subseed(seed, "defense"))
-    g_att = torch.Generator(device=dev).manual_seed(_subseed(seed, "attack"))
+    g_aug = g_data if world == 1 else torch.Generator().manual_seed(_subseed(seed, "augment" + tag))
+    g_def = torch.Generator().manual_seed(_subseed(seed, "defense" + tag))
+    g_att = torch.Generator(device=dev).manual_seed(_subseed(seed, "attack" + tag))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -269,6 +282,11 @@ def train_cell(
         else:
             log.warning("model %s has no normalisation prefix; recipe.normalize ignored", recipe.model)
     model = model.to(dev, memory_format=torch.channels_last).train()
+    net = model  # what the attacks differentiate (never the DDP wrapper: they take input gradients only)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     # Data, once: uint8 on the device; static defense applied; padded NHWC for the crop gather.
     x = train.x.to(dev, non_blocking=True)
@@ -284,7 +302,10 @@ def train_cell(
 
     n = train.x.shape[0]
     bs = min(recipe.batch_size, n)
-    steps = n // bs + (1 if n % bs > 1 else 0)  # a last batch of 1 is dropped (BatchNorm)
+    if bs < 2 * world:
+        raise ConfigError(f"batch size {bs} is too small to split across {world} processes")
+    # A last batch with fewer than 2 images per process is dropped (BatchNorm needs 2).
+    steps = n // bs + (1 if n % bs >= 2 * world else 0)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe, steps))
@@ -293,10 +314,10 @@ def train_cell(
     def make_adversarial(xb: Tensor, target: Tensor) -> Tensor:
         with autocast():
             if attack["method"] == "pgd":
-                return attacks.pgd(model, xb, target, attack["eps"], steps=attack["steps"],
+                return attacks.pgd(net, xb, target, attack["eps"], steps=attack["steps"],
                                    step_size=attack["step_size"], norm=attack["norm"], generator=g_att)
             fn = attacks.fgsm_rs if attack["method"] == "fgsm_rs" else attacks.fgsm_rs_l2
-            return fn(model, xb, target, attack["eps"], alpha=attack["step_size"], generator=g_att)
+            return fn(net, xb, target, attack["eps"], alpha=attack["step_size"], generator=g_att)
 
     # Evaluation set per epoch: everything, or a fixed subset (the same in every cell; see Recipe).
     n_test = x_test.shape[0]
@@ -309,8 +330,9 @@ def train_cell(
     subset_eval = x_eval.shape[0] < n_test
     best_sub, best_state, best_epoch = -1.0, None, -1
 
-    bar = _tqdm_progress(label, recipe.epochs) if progress is True else None
-    callback = progress if callable(progress) else None
+    main = rank == 0
+    bar = _tqdm_progress(label, recipe.epochs) if progress is True and main else None
+    callback = progress if callable(progress) and main else None
     curve: list[float] = []
     curve_n: list[int] = []
     epoch_s: list[float] = []
@@ -319,12 +341,10 @@ def train_cell(
         for epoch in range(recipe.epochs):
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=g_data)
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.int64)
-            seen = 0
+            stats = torch.zeros(3, device=dev)  # loss sum, correct, seen (exact in float32 up to 2^24 images)
             for s in range(steps):
-                idx = perm[s * bs:(s + 1) * bs]
-                xb = _crop_flip(xp, idx, (h, w), pad, recipe.flip, g_data).float().div_(255)
+                idx = perm[s * bs:(s + 1) * bs][rank::world]
+                xb = _crop_flip(xp, idx, (h, w), pad, recipe.flip, g_aug).float().div_(255)
                 idx_d = idx.to(dev, non_blocking=True)
                 yb = y[idx_d]
                 ysb = y_soft[idx_d] if y_soft is not None else None
@@ -348,25 +368,27 @@ def train_cell(
                 sched.step()
                 m = idx.shape[0]
                 hard = ysb.argmax(1) if ysb is not None else yb
-                correct += (out.detach().argmax(1) == hard).sum()
-                loss_sum += loss.detach().float() * m
-                seen += m
-            train_loss = loss_sum.item() / seen
-            train_acc = correct.item() / seen
+                stats[0] += loss.detach().float() * m
+                stats[1] += (out.detach().argmax(1) == hard).sum()
+                stats[2] += m
+            loss_sum, correct, seen = distributed.all_reduce_sum(stats).tolist()
+            train_loss = loss_sum / seen
+            train_acc = correct / seen
+            distributed.broadcast_buffers(net)
             if not math.isfinite(train_loss):
                 raise ConfigError(
                     f"cell {label}: training diverged (loss {train_loss}) in epoch {epoch + 1}; lower the learning rate"
                 )
             last = epoch == recipe.epochs - 1
             if last or not subset_eval:
-                acc = evaluate(model, x_test, y_test, recipe.eval_batch_size, autocast)
+                acc = evaluate(net, x_test, y_test, recipe.eval_batch_size, autocast)
                 curve_n.append(n_test)
             else:
-                acc = evaluate(model, x_eval, y_eval, recipe.eval_batch_size, autocast)
+                acc = evaluate(net, x_eval, y_eval, recipe.eval_batch_size, autocast)
                 curve_n.append(x_eval.shape[0])
                 if acc > best_sub:
                     best_sub, best_epoch = acc, epoch
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             curve.append(acc)
             epoch_s.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
@@ -380,8 +402,8 @@ def train_cell(
                       recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
         if best_state is not None and best_sub > curve[-1] - 0.01:
             # The best subset epoch may beat the final one: re-score it on the whole test set.
-            model.load_state_dict(best_state)
-            curve[best_epoch] = evaluate(model, x_test, y_test, recipe.eval_batch_size, autocast)
+            net.load_state_dict(best_state)
+            curve[best_epoch] = evaluate(net, x_test, y_test, recipe.eval_batch_size, autocast)
             curve_n[best_epoch] = n_test
     finally:
         if bar is not None:

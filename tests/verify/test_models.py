@@ -55,7 +55,8 @@ def test_list_models():
     assert list_models("nope*") == []
 
 
-@pytest.mark.parametrize("name,widths,pools", [("fastcnn", [32, 64, 128, 256], 3),
+@pytest.mark.parametrize("name,widths,pools", [("fastcnn", [16, 32, 64, 128], 3),
+                                               ("fastcnn_wide", [32, 64, 128, 256], 3),
                                                ("vgg3", [32, 32, 64, 64, 128, 128], 3)])
 def test_fastcnn_architecture_and_sizes(name, widths, pools):
     model = create_model(name, 10).to(memory_format=torch.channels_last)

@@ -1,0 +1,100 @@
+"""Calibration runs: single quick-tier cells on the 10k CIFAR-10 subset, one JSON line each.
+
+Compares the verifier with the issue's calibration numbers (a 3-block CNN, 10-12 epochs on the same
+10k subset: clean 76 %, CUDA 30 %; FGSM-RS AT at 8/255: clean 47 %, CUDA 16 %) and checks whether
+fast adversarial training (FGSM-RS) tells the same story as PGD adversarial training.
+
+Data: the first 1000 training images per class of ``../shared/data/cifar10``, protected in memory
+with CUDA at its defaults (k=3, p_b=0.3, zero padding, 8-bit rounding as the pipeline writes) under
+the fixed public benchmark key of ``bench/padding.py``; scored on the full 10k test set. One seed.
+
+    .venv/bin/python bench/calibration.py [--runs NAME,...]      # default: all runs below
+    .venv/bin/python bench/calibration.py --list
+
+Each run is ``name: data model training [recipe overrides]``; results are appended to
+``bench/out/calibration.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from perturbations import Keyring, get
+from verify.data import load_folder
+from verify.recipes import get_recipe
+from verify.train import train_cell
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+OUT = Path(__file__).resolve().parent / "out" / "calibration.jsonl"
+
+RUNS: dict[str, tuple[str, str, str, dict]] = {
+    # quick-tier net, fast AT (as in the default certificate)
+    "fastcnn-cuda-linf": ("cuda", "fastcnn", "linf", {}),
+    # the same cell with PGD-10 AT (step eps/4) instead of FGSM-RS: does fast AT under-report?
+    "fastcnn-cuda-linf-pgd": ("cuda", "fastcnn", "linf", {"at_method": "pgd", "pgd_steps": 10, "pgd_step": 0.25}),
+    "fastcnn-clean-linf-pgd": ("clean", "fastcnn", "linf", {"at_method": "pgd", "pgd_steps": 10, "pgd_step": 0.25}),
+    # the issue's calibration net under the quick recipe
+    "vgg3-cuda-linf": ("cuda", "vgg3", "linf", {}),
+    "vgg3-clean-linf": ("clean", "vgg3", "linf", {}),
+    "vgg3-cuda-erm": ("cuda", "vgg3", "erm", {}),
+    "vgg3-clean-erm": ("clean", "vgg3", "erm", {}),
+    # candidate explanations of the calibration's 16 %: no crop/flip (the dark zero-padding border
+    # then sits still and is a large, robust class signal), and catastrophic overfitting (FGSM step 2 eps)
+    "fastcnn-cuda-linf-noaug": ("cuda", "fastcnn", "linf", {"crop_padding": 0, "flip": False}),
+    "fastcnn-clean-linf-noaug": ("clean", "fastcnn", "linf", {"crop_padding": 0, "flip": False}),
+    "fastcnn-cuda-erm-noaug": ("cuda", "fastcnn", "erm", {"crop_padding": 0, "flip": False}),
+    "fastcnn-cuda-linf-alpha2": ("cuda", "fastcnn", "linf", {"fast_at_alpha": 2.0}),
+    # wider quick net
+    "fastcnn_wide-cuda-erm": ("cuda", "fastcnn_wide", "erm", {}),
+    "fastcnn_wide-clean-erm": ("clean", "fastcnn_wide", "erm", {}),
+}
+
+
+def protected_copy(train):
+    method = get("cuda")(Keyring.from_seed(2023), num_classes=train.num_classes)
+    out = []
+    for i in range(0, len(train), 1000):
+        x = train.x[i : i + 1000].float() / 255
+        out.append((method.apply(x, train.y[i : i + 1000]) * 255).round().to(torch.uint8))
+    return replace(train, x=torch.cat(out), sha256=f"{train.sha256}-cuda")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the runs and exit")
+    args = ap.parse_args()
+    if args.list:
+        for name, (data, model, training, over) in RUNS.items():
+            print(f"{name}: {data} {model} {training} {over or ''}")
+        return
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s): {', '.join(unknown)}; see --list")
+    train = load_folder(DATA / "train", max_per_class=1000)
+    test = load_folder(DATA / "test", classes=train.classes)
+    sets = {"clean": train, "cuda": protected_copy(train)}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        data, model, training, over = RUNS[name]
+        recipe = get_recipe("quick", model=model, **over)
+        t = time.perf_counter()
+        r = train_cell(sets[data], test, recipe, training, "none", seed=0, progress=None)
+        row = {"run": name, "data": data, "model": model, "training": training, **over,
+               "peak": round(r.peak_acc, 4), "final": round(r.final_acc, 4), "train_acc": round(r.train_acc, 4),
+               "wall_s": round(time.perf_counter() - t, 1), "curve": [round(c, 3) for c in r.curve],
+               "torch_threads": torch.get_num_threads()}
+        print(json.dumps(row), flush=True)
+        with OUT.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
