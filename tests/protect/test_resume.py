@@ -112,6 +112,13 @@ def _start(in_dir: Path, out_dir: Path, key: str, cwd: Path) -> tuple[subprocess
     return proc, args
 
 
+def _journalled(record: Path) -> int:
+    try:
+        return max(0, (record / "journal.jsonl").read_bytes().count(b"\n") - 1)  # minus the header
+    except FileNotFoundError:
+        return 0
+
+
 @dataclass
 class Interrupted:
     args: list[str]  # the command, to rerun it
@@ -140,7 +147,9 @@ def interrupted(big, tmp_path_factory, test_key) -> dict[str, Interrupted]:
                     p.kill()
                 pytest.fail(f"run '{name}' ended (rc {proc.returncode}) before it could be interrupted: "
                             f"{proc.stderr.read()}")
-            if out.is_dir() and sum(1 for _ in out.rglob("*.png")) >= 10:
+            # Interrupt once some outputs are journalled (an output lands before its journal line,
+            # so counting files alone can interrupt a run that has nothing to resume yet).
+            if _journalled(root / f"{name}.protect") >= 10:
                 proc.send_signal(sig)
                 del pending[name]
         time.sleep(0.005)
