@@ -11,7 +11,7 @@ the fixed public benchmark key of ``bench/padding.py``; scored on the full 10k t
     .venv/bin/python bench/calibration.py [--runs NAME,...]      # default: all runs below
     .venv/bin/python bench/calibration.py --list
 
-Each run is ``name: data model training [recipe overrides]``; results are appended to
+Each run is ``name: data model training [recipe overrides and defense]``; results are appended to
 ``bench/out/calibration.jsonl``.
 """
 
@@ -50,6 +50,9 @@ RUNS: dict[str, tuple[str, str, str, dict]] = {
     "fastcnn-clean-linf-noaug": ("clean", "fastcnn", "linf", {"crop_padding": 0, "flip": False}),
     "fastcnn-cuda-erm-noaug": ("cuda", "fastcnn", "erm", {"crop_padding": 0, "flip": False}),
     "fastcnn-cuda-linf-alpha2": ("cuda", "fastcnn", "linf", {"fast_at_alpha": 2.0}),
+    "fastcnn-cuda-jpeg10-erm-noaug": ("cuda", "fastcnn", "erm", {"crop_padding": 0, "flip": False, "defense": "jpeg10"}),
+    "fastcnn-cuda-linf-croponly": ("cuda", "fastcnn", "linf", {"flip": False}),
+    "fastcnn-cuda-linf-fliponly": ("cuda", "fastcnn", "linf", {"crop_padding": 0}),
     # wider quick net
     "fastcnn_wide-cuda-erm": ("cuda", "fastcnn_wide", "erm", {}),
     "fastcnn_wide-clean-erm": ("clean", "fastcnn_wide", "erm", {}),
@@ -84,10 +87,12 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         data, model, training, over = RUNS[name]
-        recipe = get_recipe("quick", model=model, **over)
+        settings = dict(over)
+        defense = settings.pop("defense", "none")
+        recipe = get_recipe("quick", model=model, **settings)
         t = time.perf_counter()
-        r = train_cell(sets[data], test, recipe, training, "none", seed=0, progress=None)
-        row = {"run": name, "data": data, "model": model, "training": training, **over,
+        r = train_cell(sets[data], test, recipe, training, defense, seed=0, progress=None)
+        row = {"run": name, "data": data, "model": model, "training": training, "defense": defense, **settings,
                "peak": round(r.peak_acc, 4), "final": round(r.final_acc, 4), "train_acc": round(r.train_acc, 4),
                "wall_s": round(time.perf_counter() - t, 1), "curve": [round(c, 3) for c in r.curve],
                "torch_threads": torch.get_num_threads()}
