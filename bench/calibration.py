@@ -53,19 +53,21 @@ RUNS: dict[str, tuple[str, str, str, dict]] = {
     "fastcnn-cuda-jpeg10-erm-noaug": ("cuda", "fastcnn", "erm", {"crop_padding": 0, "flip": False, "defense": "jpeg10"}),
     "fastcnn-cuda-linf-croponly": ("cuda", "fastcnn", "linf", {"flip": False}),
     "fastcnn-cuda-linf-fliponly": ("cuda", "fastcnn", "linf", {"crop_padding": 0}),
+    # is it the dark zero-padding border? the same without crop/flip on reflect-padded CUDA
+    "fastcnn-cudareflect-linf-noaug": ("cuda-reflect", "fastcnn", "linf", {"crop_padding": 0, "flip": False}),
     # wider quick net
     "fastcnn_wide-cuda-erm": ("cuda", "fastcnn_wide", "erm", {}),
     "fastcnn_wide-clean-erm": ("clean", "fastcnn_wide", "erm", {}),
 }
 
 
-def protected_copy(train):
-    method = get("cuda")(Keyring.from_seed(2023), num_classes=train.num_classes)
+def protected_copy(train, padding: str = "zero"):
+    method = get("cuda")(Keyring.from_seed(2023), num_classes=train.num_classes, padding=padding)
     out = []
     for i in range(0, len(train), 1000):
         x = train.x[i : i + 1000].float() / 255
         out.append((method.apply(x, train.y[i : i + 1000]) * 255).round().to(torch.uint8))
-    return replace(train, x=torch.cat(out), sha256=f"{train.sha256}-cuda")
+    return replace(train, x=torch.cat(out), sha256=f"{train.sha256}-cuda-{padding}")
 
 
 def main() -> None:
@@ -83,7 +85,10 @@ def main() -> None:
         raise SystemExit(f"unknown run(s): {', '.join(unknown)}; see --list")
     train = load_folder(DATA / "train", max_per_class=1000)
     test = load_folder(DATA / "test", classes=train.classes)
+    needed = {RUNS[n][0] for n in names}
     sets = {"clean": train, "cuda": protected_copy(train)}
+    if "cuda-reflect" in needed:
+        sets["cuda-reflect"] = protected_copy(train, "reflect")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         data, model, training, over = RUNS[name]
