@@ -1,8 +1,9 @@
 """End to end on the bundled CIFAR-10 samples: protect a folder with CUDA through the real pipeline,
 then `verify_folder` shows the protected accuracy well below the clean baseline.
 
-About a minute on 2 CPU cores (two 10-epoch trainings on 1000 images), so marked slow:
-run it with `make test-all` or `pytest -m slow`."""
+About 20 s on 2 CPU cores (two 10-epoch trainings of the quick net on 1000 images). With one
+torch thread it measured clean peak 46.5 %, protected peak 29.5 %, score 0.47 against the bounds
+below (0.35, 10 points, 0.3)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ def _threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.slow
 def test_cuda_protected_folder_scores_well_below_clean(tmp_path: Path) -> None:
     clean = _copy("train", tmp_path / "train")
     test = _copy("test", tmp_path / "test")
