@@ -74,6 +74,8 @@ def _print_certificate(cert: dict) -> None:
         if verdict.get("score") is not None:
             line += f"; protection score {verdict['score']:.2f} (1 = chance level, 0 = no protection)"
         click.echo(line)
+    for warning in cert.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     if cert.get("report_dir"):
         click.echo(f"report: {cert['report_dir']}")
     sys.stdout.flush()

@@ -262,7 +262,33 @@ def build_certificate(
     if extra:
         cert.update(extra)
     cert["verdict"] = verdict(cert["cells"], chance)
+    cert["warnings"] = certificate_warnings(cert["cells"], chance)
     return cert
+
+
+#: A clean baseline less than this far above chance carries too little signal for a score.
+WEAK_BASELINE_MARGIN = 0.10
+
+
+def certificate_warnings(cells: Sequence[dict], chance: float) -> list[str]:
+    """Plain-language caveats about the numbers (empty when there are none): clean baselines that
+    barely beat chance, whose scores are therefore noise."""
+    out: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for c in cells:
+        clean = c.get("clean")
+        if not clean:
+            continue
+        key = (c["training"], clean.get("defense", c["defense"]))
+        if key in seen or clean["peak_acc"] - chance >= WEAK_BASELINE_MARGIN:
+            continue
+        seen.add(key)
+        out.append(
+            f"the clean baseline {key[0]}/{key[1]} reached only {100 * clean['peak_acc']:.1f}% "
+            f"(chance {100 * chance:.1f}%): too little signal for a protection score; train longer "
+            f"(--epochs) or on more images"
+        )
+    return out
 
 
 def _sanitize(obj: Any) -> Any:

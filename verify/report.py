@@ -72,6 +72,8 @@ def report_markdown(cert: dict) -> str:
     v = cert["verdict"]
     lines = ["# Unlearnability verification", "", _tier_line(cert), ""]
     lines += ["**Verdict.** " + v.get("summary", ""), ""]
+    for warning in cert.get("warnings", []):
+        lines += [f"**Warning:** {warning}.", ""]
     w = v.get("weakest_cell")
     if w:
         if w.get("score") is not None:

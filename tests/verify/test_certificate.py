@@ -147,3 +147,17 @@ def test_report_files_and_worst_cell(tmp_path: Path) -> None:
     assert "| linf | 30.0% (clean 47.0%) · 0.46 | 41.0% (clean 47.0%) · 0.16 |" in md  # regime x defense table
     assert "Protection score 0.16" in md
     assert "Worst cell" in report_markdown(grid(with_clean=False))
+
+
+def test_warns_when_a_clean_baseline_barely_beats_chance() -> None:
+    assert grid()["warnings"] == []
+    cells = [cell_entry(t, d, [run(t, d, [0.12, 0.15])], [run(t, "none", [0.11, 0.16])], CHANCE, baseline_defense="none")
+             for t, d in (("erm", "none"), ("erm", "grayscale"))]
+    recipe = get_recipe("quick", epochs=2)
+    cert = build_certificate(
+        recipe=recipe, trainings=parse_trainings("erm", recipe), defenses=["none", "grayscale"], seeds=[0],
+        classes=[f"c{i}" for i in range(10)], cells=cells, data={}, device="cpu", wall_s=1.0,
+    )
+    (warning,) = cert["warnings"]  # one baseline, named once
+    assert "erm/none reached only 16.0%" in warning and "chance 10.0%" in warning
+    assert f"**Warning:** {warning}." in report_markdown(cert)
