@@ -124,7 +124,7 @@ class RunRecord:
             "failures": [{"path": p, "reason": r} for p, r in failures],
         }
         path = self.root / MANIFEST
-        write_atomic(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+        write_atomic(path, _manifest_text(manifest).encode("utf-8"))
         return path
 
     def close(self) -> None:
@@ -137,6 +137,21 @@ class RunRecord:
         """True if ``rel`` was already protected from the same input and its output is intact."""
         entry = self.done.get(rel)
         return bool(entry and entry.get("input_sha256") == in_sha and sha256_file(out_path) == entry.get("output_sha256"))
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    """JSON with one line per top-level key and one line per file entry: as readable as an indented
+    dump, but every part goes through the C encoder (an indented dump of a 50k-file manifest runs
+    the pure-Python encoder and cost about 7 % of a CIFAR-10 run)."""
+    parts = []
+    for key in sorted(manifest):
+        value = manifest[key]
+        if isinstance(value, list) and value:
+            rows = ",\n  ".join(json.dumps(v, sort_keys=True) for v in value)
+            parts.append(f"{json.dumps(key)}: [\n  {rows}\n ]")
+        else:
+            parts.append(f"{json.dumps(key)}: {json.dumps(value, sort_keys=True)}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"
 
 
 def _check_header(root: Path, old: dict[str, Any], header: dict[str, Any]) -> None:

@@ -88,8 +88,12 @@ def test_flat_folder_with_a_label_csv(tmp_path, keyring):
     labels.write_text("path,label\n" + "".join(f"{n},{'ab'[i % 2]}\n" for i, n in enumerate(names)), encoding="utf-8")
     summary = run(inp, tmp_path / "out", keyring, labels_csv=labels)
     assert summary.done == 4 and summary.class_map == {"a": 0, "b": 1}
-    manifest = json.loads((tmp_path / "out.protect" / "manifest.json").read_text(encoding="utf-8"))
+    text = (tmp_path / "out.protect" / "manifest.json").read_text(encoding="utf-8")
+    manifest = json.loads(text)
     assert manifest["label_source"] == "csv"
+    # readable: one line per file entry, sorted by path
+    rows = [line for line in text.splitlines() if line.lstrip().startswith('{"input_sha256"')]
+    assert [json.loads(r.strip().rstrip(","))["path"] for r in rows] == sorted(names)
     assert {f["path"]: f["label"] for f in manifest["files"]} == {n: i % 2 for i, n in enumerate(names)}
 
 
