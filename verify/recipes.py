@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from perturbations.errors import ConfigError
 
-__all__ = ["TIERS", "Recipe", "Training", "get_recipe", "parse_training", "parse_trainings", "tiers"]
+__all__ = ["TIERS", "Recipe", "Training", "fit_to_data", "get_recipe", "parse_training", "parse_trainings", "tiers"]
 
 DEFAULT_LINF_EPS = 8 / 255
 DEFAULT_L2_EPS = 0.5
@@ -84,6 +84,12 @@ class Recipe:
     with the best subset score is re-scored on the whole set from a saved copy of the weights; the
     peak is the better of those two full-set scores. This keeps evaluation from costing as much as
     training on a CPU while peak and final accuracy are still full-test-set numbers.
+
+    Small training sets: with ``min_steps`` set (quick tier: 600, below the 780 steps that 10k
+    images take, so those are unchanged), :func:`fit_to_data` lowers the batch size to at most 1/8
+    of the set (not below 16) and raises the epochs until training takes at least ``min_steps``
+    optimizer steps; 10 epochs of 2 batches would otherwise leave even the clean baseline at chance.
+    The certificate records the adapted recipe. Overriding ``epochs`` (``--epochs``) turns this off.
     """
 
     tier: str
@@ -110,6 +116,7 @@ class Recipe:
     l2_eps: float = DEFAULT_L2_EPS
     eval_batch_size: int = 1000
     eval_subset: int | None = None
+    min_steps: int | None = None
     description: str = field(default="", compare=False)
 
     @property
@@ -143,7 +150,7 @@ class Recipe:
 TIERS: dict[str, Recipe] = {
     "quick": Recipe(
         tier="quick", model="fastcnn", epochs=10, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
-        weight_decay=5e-4, schedule="onecycle", warmup_frac=0.25, at_method="fgsm_rs", eval_subset=2000,
+        weight_decay=5e-4, schedule="onecycle", warmup_frac=0.25, at_method="fgsm_rs", eval_subset=2000, min_steps=600,
         description="fastcnn, 10 epochs, one-cycle SGD, crop+flip; fast AT (FGSM-RS, Wong et al. 2020)",
     ),
     "standard": Recipe(
@@ -185,6 +192,8 @@ def get_recipe(tier: str | Recipe = "quick", **overrides: object) -> Recipe:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"unknown recipe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    if "epochs" in overrides:
+        overrides.setdefault("min_steps", None)  # explicit epochs are taken as given
     if "milestones" in overrides:
         overrides["milestones"] = tuple(int(m) for m in overrides["milestones"])  # type: ignore[union-attr]
     elif "epochs" in overrides and base.milestones:
@@ -201,6 +210,24 @@ def get_recipe(tier: str | Recipe = "quick", **overrides: object) -> Recipe:
     return recipe
 
 
+def fit_to_data(recipe: Recipe, n_train: int) -> Recipe:
+    """``recipe`` adapted to a training set of ``n_train`` images (see :class:`Recipe`,
+    ``min_steps``); unchanged when ``min_steps`` is None or the set is large enough."""
+    if recipe.min_steps is None or n_train < 2:
+        return recipe
+    bs = min(recipe.batch_size, max(16, n_train // 8), n_train)
+    per_epoch = max(1, n_train // bs)
+    epochs = max(recipe.epochs, math.ceil(recipe.min_steps / per_epoch))
+    if (bs, epochs) == (recipe.batch_size, recipe.epochs):
+        return recipe
+    milestones = tuple(sorted({max(1, round(m * epochs / recipe.epochs)) for m in recipe.milestones}))
+    return dataclasses.replace(
+        recipe, batch_size=bs, epochs=epochs, milestones=milestones,
+        description=f"{recipe.description} (adapted to {n_train} training images: batch {bs}, {epochs} epochs, "
+                    f">= {recipe.min_steps} steps)",
+    )
+
+
 def _validate(r: Recipe) -> None:
     def positive(name: str, value: object, integer: bool = False) -> None:
         ok = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -211,8 +238,9 @@ def _validate(r: Recipe) -> None:
         positive(name, getattr(r, name), integer=True)
     for name in ("lr", "pgd_step", "fast_at_alpha", "linf_eps", "l2_eps", "gamma"):
         positive(name, getattr(r, name))
-    if r.eval_subset is not None:
-        positive("eval_subset", r.eval_subset, integer=True)
+    for name in ("eval_subset", "min_steps"):
+        if getattr(r, name) is not None:
+            positive(name, getattr(r, name), integer=True)
     if r.schedule not in _SCHEDULES:
         raise ConfigError(f"unknown LR schedule '{r.schedule}'; use one of {', '.join(_SCHEDULES)}")
     if r.at_method not in _AT_METHODS:

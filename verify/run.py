@@ -38,7 +38,7 @@ from . import defenses as defense_registry
 from . import distributed
 from .certificate import build_certificate, cell_entry, save_certificate
 from .data import TensorSet, check_same_classes, load_folder
-from .recipes import Recipe, Training, get_recipe, parse_trainings
+from .recipes import Recipe, Training, fit_to_data, get_recipe, parse_trainings
 from .report import write_report
 from .train import CellResult, resolve_device, train_cell
 
@@ -174,6 +174,14 @@ def verify_sets(
     ``cache_dir=False`` disables the baseline cache)."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
+    adapted = fit_to_data(recipe, len(protected))
+    if adapted is not recipe:
+        note = (f"only {len(protected)} training images: training with batch {adapted.batch_size} for "
+                f"{adapted.epochs} epochs (at least {adapted.min_steps} steps; --epochs N overrides)")
+        log.info("verify: %s", note)
+        if progress is True and distributed.is_main():
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        recipe = adapted
     regimes = parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
     dfns = _defense_list(defenses)
     seed_list = _seed_list(seeds)

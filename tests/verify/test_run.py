@@ -146,3 +146,16 @@ def test_errors_are_one_line_and_early(tmp_path: Path, monkeypatch: pytest.Monke
         with pytest.raises(error, match=message) as info:
             vrun.verify_folder(**args)
         assert isinstance(info.value, ProtectError) and "\n" not in str(info.value)
+
+
+def test_small_sets_train_for_min_steps_and_the_certificate_says_so(tmp_path: Path) -> None:
+    from verify.data import load_folder
+
+    train = load_folder(SAMPLES / "train", max_per_class=20).select_classes(CLASSES)  # 40 images
+    test = load_folder(SAMPLES / "test", max_per_class=5).select_classes(CLASSES)
+    recipe = get_recipe("quick", min_steps=30)  # 40 images -> batch 16, 2 steps per epoch -> 15 epochs
+    cert = vrun.verify_sets(train, test, tier=recipe, trainings="erm", defenses="none", device="cpu",
+                            cache_dir=False, progress=False)
+    assert cert["epochs"] == 15 and cert["recipe"]["batch_size"] == 16
+    assert "adapted to 40 training images" in cert["recipe"]["description"]
+    assert len(cert["cells"][0]["protected"]["curve"]) == 15

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from perturbations.errors import ConfigError, InputError
 from verify.data import load_folder
-from verify.recipes import get_recipe, parse_training, parse_trainings
+from verify.recipes import fit_to_data, get_recipe, parse_training, parse_trainings
 from verify.train import CellResult, _crop_flip, _lr_lambda, train_cell
 
 SAMPLES = Path(__file__).parents[2] / "samples" / "cifar10"
@@ -61,6 +61,20 @@ def test_recipe_overrides_and_errors() -> None:
         get_recipe("quick", epochs=0)
     with pytest.raises(ConfigError, match="LR schedule"):
         get_recipe("quick", schedule="exp")
+
+
+def test_small_training_sets_get_enough_steps() -> None:
+    q = get_recipe("quick")
+    assert q.min_steps == 600 and get_recipe("standard").min_steps is None
+    assert fit_to_data(q, 10_000) is q  # 78 batches x 10 epochs = 780 steps: unchanged
+    small = fit_to_data(q, 200)
+    assert (small.batch_size, small.epochs) == (25, 75) and (200 // 25) * 75 >= 600
+    assert "adapted to 200 training images" in small.description
+    tiny = fit_to_data(q, 40)
+    assert tiny.batch_size == 16 and (40 // 16) * tiny.epochs >= 600
+    assert get_recipe("quick", epochs=3).min_steps is None  # explicit epochs are taken as given
+    assert fit_to_data(get_recipe("quick", epochs=3), 200).epochs == 3
+    assert fit_to_data(get_recipe("paper"), 200) == get_recipe("paper")
 
 
 def test_parse_trainings() -> None:

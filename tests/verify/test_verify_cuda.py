@@ -41,7 +41,7 @@ def test_cuda_protected_folder_scores_well_below_clean(tmp_path: Path) -> None:
     test = _copy("test", tmp_path / "test")
     summary = protect_folder(clean, tmp_path / "prot", Keyring.from_seed(7), ProtectOptions(device="cpu"))
     assert summary.done == 1000 and summary.failed == 0
-    recipe = get_recipe("quick", batch_size=64, eval_subset=None)
+    recipe = get_recipe("quick", batch_size=64, eval_subset=None, epochs=10)  # explicit: no small-set adaptation
     cert = verify_folder(tmp_path / "prot", test, clean, tier=recipe, trainings="erm", defenses="none",
                          device="cpu", report_dir=tmp_path / "report", cache_dir=False, progress=False)
     cell = cert["cells"][0]
