@@ -20,17 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from perturbations import Keyring, get
+# bench/padding.py: the same subset, key and in-memory protection
+from padding import DATA, protect_set
+
 from verify.data import load_folder
 from verify.recipes import get_recipe
 from verify.train import train_cell
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 OUT = Path(__file__).resolve().parent / "out" / "calibration.jsonl"
 
 RUNS: dict[str, tuple[str, str, str, dict]] = {
@@ -61,15 +61,6 @@ RUNS: dict[str, tuple[str, str, str, dict]] = {
 }
 
 
-def protected_copy(train, padding: str = "zero"):
-    method = get("cuda")(Keyring.from_seed(2023), num_classes=train.num_classes, padding=padding)
-    out = []
-    for i in range(0, len(train), 1000):
-        x = train.x[i : i + 1000].float() / 255
-        out.append((method.apply(x, train.y[i : i + 1000]) * 255).round().to(torch.uint8))
-    return replace(train, x=torch.cat(out), sha256=f"{train.sha256}-cuda-{padding}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names (default: all)")
@@ -86,9 +77,9 @@ def main() -> None:
     train = load_folder(DATA / "train", max_per_class=1000)
     test = load_folder(DATA / "test", classes=train.classes)
     needed = {RUNS[n][0] for n in names}
-    sets = {"clean": train, "cuda": protected_copy(train)}
+    sets = {"clean": train, "cuda": protect_set(train, "zero")}
     if "cuda-reflect" in needed:
-        sets["cuda-reflect"] = protected_copy(train, "reflect")
+        sets["cuda-reflect"] = protect_set(train, "reflect")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         data, model, training, over = RUNS[name]

@@ -197,8 +197,7 @@ def get_recipe(tier: str | Recipe = "quick", **overrides: object) -> Recipe:
     if "milestones" in overrides:
         overrides["milestones"] = tuple(int(m) for m in overrides["milestones"])  # type: ignore[union-attr]
     elif "epochs" in overrides and base.milestones:
-        e = int(overrides["epochs"])  # type: ignore[arg-type]
-        overrides["milestones"] = tuple(sorted({max(1, round(m * e / base.epochs)) for m in base.milestones}))
+        overrides["milestones"] = _scale_milestones(base, int(overrides["epochs"]))  # type: ignore[arg-type]
     if overrides:
         overrides.setdefault("description", base.description + " (modified: " + ", ".join(
             f"{k}={v}" for k, v in overrides.items() if k != "milestones") + ")")
@@ -208,6 +207,11 @@ def get_recipe(tier: str | Recipe = "quick", **overrides: object) -> Recipe:
         raise ConfigError(f"bad recipe override: {exc}") from None
     _validate(recipe)
     return recipe
+
+
+def _scale_milestones(recipe: Recipe, epochs: int) -> tuple[int, ...]:
+    """``recipe.milestones`` moved to keep their fraction of training when it lasts ``epochs``."""
+    return tuple(sorted({max(1, round(m * epochs / recipe.epochs)) for m in recipe.milestones}))
 
 
 def fit_to_data(recipe: Recipe, n_train: int) -> Recipe:
@@ -220,9 +224,8 @@ def fit_to_data(recipe: Recipe, n_train: int) -> Recipe:
     epochs = max(recipe.epochs, math.ceil(recipe.min_steps / per_epoch))
     if (bs, epochs) == (recipe.batch_size, recipe.epochs):
         return recipe
-    milestones = tuple(sorted({max(1, round(m * epochs / recipe.epochs)) for m in recipe.milestones}))
     return dataclasses.replace(
-        recipe, batch_size=bs, epochs=epochs, milestones=milestones,
+        recipe, batch_size=bs, epochs=epochs, milestones=_scale_milestones(recipe, epochs),
         description=f"{recipe.description} (adapted to {n_train} training images: batch {bs}, {epochs} epochs, "
                     f">= {recipe.min_steps} steps)",
     )

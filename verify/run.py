@@ -174,19 +174,19 @@ def verify_sets(
     ``cache_dir=False`` disables the baseline cache)."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
+    dev = resolve_device(distributed.setup(device))  # joins the torchrun group first: rank 0 alone prints
+    main = distributed.is_main()
     adapted = fit_to_data(recipe, len(protected))
     if adapted is not recipe:
         note = (f"only {len(protected)} training images: training with batch {adapted.batch_size} for "
                 f"{adapted.epochs} epochs (at least {adapted.min_steps} steps; --epochs N overrides)")
         log.info("verify: %s", note)
-        if progress is True and distributed.is_main():
+        if progress is True and main:
             print(f"note: {note}", file=sys.stderr, flush=True)
         recipe = adapted
     regimes = parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
     dfns = _defense_list(defenses)
     seed_list = _seed_list(seeds)
-    dev = resolve_device(distributed.setup(device))
-    main = distributed.is_main()
     check_same_classes(test.classes, protected.classes, "test", "protected")
     _check_shapes(protected, test, "protected", "test")
     if clean is not None:
