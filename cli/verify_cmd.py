@@ -18,7 +18,7 @@ import click
 @click.option("--defenses", help="Breakers, e.g. none,grayscale,jpeg10,ueraser,coin.  [default: none,grayscale,jpeg10]")
 @click.option("--seeds", type=int, default=1, show_default=True, help="Train every cell with N seeds; report mean and spread.")
 @click.option("--model", help="Override the tier's surrogate model (e.g. resnet18, resnet20, fastcnn).")
-@click.option("--epochs", type=int, help="Override the tier's epochs.")
+@click.option("--epochs", type=int, help="Override the tier's epochs (and turn off the quick tier's small-set adaptation).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Report folder (default PROTECTED_DIR.verify).")
 @click.option("--baseline-per-defense", is_flag=True, help="Train the clean baseline under every defense too.")
