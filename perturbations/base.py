@@ -6,8 +6,11 @@ A method is built with its paper defaults in its ``__init__`` signature and a
 saved in the run record and reloaded to protect more images later with the same key.
 
 Shapes and ranges: images are float32 in [0, 1], ``N x C x H x W`` (C = 1 or 3; an alpha channel
-never reaches a method), on the method's device. Methods return the same shape and range and
-never quantise; the pipeline quantises once, with rounding.
+never reaches a method), on the method's device. :meth:`~Perturbation.apply` returns the same shape
+and range and never quantises. The folder pipeline calls :meth:`~Perturbation.protect_levels`
+instead: integer pixels in, integer pixels out, quantised once with rounding (its default is
+exactly ``round(apply(v / levels) * levels)``); a method may override it with a leaner or exact
+implementation that returns the same values.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ class Perturbation(ABC):
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
+    #: True when :meth:`protect_levels` is exact integer arithmetic: the same bytes on every CPU and
+    #: GPU and for every batch composition. Otherwise the run record also pins the device class.
+    exact: ClassVar[bool] = False
+    #: Rough working memory of :meth:`protect_levels` in bytes per input value (float copies,
+    #: buffers), used by the pipeline's memory budget.
+    work_bytes_per_value: ClassVar[float] = 12.0
 
     def __init__(self, keyring: Keyring) -> None:
         if not isinstance(keyring, Keyring):
@@ -76,6 +85,17 @@ class Perturbation(ABC):
         self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
     ) -> torch.Tensor:
         """Protect a batch ``x`` (N x C x H x W in [0,1]); return the same shape and range."""
+
+    def protect_levels(
+        self, v: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None,
+        levels: int = 255,
+    ) -> torch.Tensor:
+        """Protect integer pixels: ``v`` is ``N x C x H x W`` uint8 (``levels`` 255) or int32 holding
+        16-bit values (``levels`` 65535); returns the protected pixels, same dtype, quantised once
+        with rounding. Default: ``round(apply(v / levels) * levels)`` in float32."""
+        x = v.float().div_(levels)
+        y = self.apply(x, labels, ids)
+        return quantise_levels(y, levels, v.dtype)
 
     # -- state -----------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -111,3 +131,9 @@ class Perturbation(ABC):
                 raise ConfigError(f"method '{self.name}' needs class labels")
             if labels.shape != (x.shape[0],):
                 raise ConfigError(f"{self.name}: labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+
+
+def quantise_levels(y: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """``round(y * levels)`` in float32, clamped to ``[0, levels]``, as ``dtype`` (the one
+    quantisation every output goes through)."""
+    return y.float().mul(levels).round_().clamp_(0, levels).to(dtype)

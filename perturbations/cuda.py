@@ -15,25 +15,39 @@ below :data:`LARGE_IMAGE_SIDE` (128 px) gets the CIFAR setting, otherwise the Im
 The rule is applied once per dataset in :meth:`CUDA.fit`, so every image of a class shares one
 filter even when the folder mixes sizes.
 
+Exact arithmetic (why outputs are byte-identical everywhere): the filter entries are drawn on a
+grid of ``2**-bits`` (``bits`` = 14 for k=3, p_b=0.3 and 13 for k=9, p_b=0.06: a step of about
+1e-4, far below anything a model or a person can see), and the convolution runs on the integer
+pixel values. Every product and every partial sum is then an integer below ``2**24``, which float32
+holds exactly, so the convolution has one exact result whatever the kernel, summation order, SIMD
+width, FMA use, thread count or batch composition (16-bit images are split into two 8-bit halves,
+each convolved exactly, and recombined in float64). The only rounding left is one float64 division
+by the image's maximum and the final ``round(y * levels)``, both single IEEE operations. So the same
+key and the same input give the same bytes on any CPU or GPU, in any batch.
+
 Padding: the reference code pads with zeros (``padding="zero"``, alias ``"faithful"``), which
 darkens a ``k // 2`` pixel border in a class-dependent way. That border is part of the shortcut and
 makes the protection stronger, but a detector can spot it (COIN, AAAI'25). ``"reflect"`` mirrors the
 image instead: no dark frame, but weaker (quick tier on 10k CIFAR-10: 33.9 % clean-test accuracy
 after training on reflect-padded CUDA data vs 23.5 % with zero padding, clean 71.5 %; command and
 table in docs/BENCHMARKS.md). The default is therefore ``"zero"``.
+
+Large images are convolved in row strips (a ``k // 2`` row halo), so the working memory is the
+float32 sums of one image plus a strip, never several float copies of a photo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import register
-from .base import FitData, Perturbation
+from .base import FitData, Perturbation, quantise_levels
 from .errors import ConfigError
 from .keyring import Keyring
 
@@ -42,6 +56,10 @@ LARGE_IMAGE_SIDE = 128
 SMALL_DEFAULTS = (3, 0.3)  # CIFAR-10 setting of the paper
 LARGE_DEFAULTS = (9, 0.06)  # ImageNet setting of the paper
 PADDINGS = ("reflect", "replicate", "zero")
+#: float32 holds every integer below 2**24 exactly.
+_EXACT = 1 << 24
+#: Images with more values than this (per image) are convolved in row strips.
+STRIP_VALUES = 1 << 21
 
 
 def defaults_for_side(side: int) -> tuple[int, float]:
@@ -56,43 +74,179 @@ def blur_for_size(size: int) -> float:
     return round(b0 + t * (b1 - b0), 4)
 
 
+def weight_bits(size: int, blur: float) -> int:
+    """Bits of the filter grid: the finest (at most 16) for which 255 x (the largest possible sum
+    of one filter's integer entries) stays below 2**24, so 8-bit convolutions are exact in float32."""
+    for bits in range(16, 0, -1):
+        one = 1 << bits
+        if 255 * (one + (size * size - 1) * round(blur * one)) < _EXACT:
+            return bits
+    raise ConfigError(f"cuda: a {size}x{size} filter is too large for exact arithmetic")
+
+
 def draw_filters(gen: torch.Generator, num_classes: int, size: int, blur: float) -> torch.Tensor:
-    """``num_classes x size x size`` filters: entries in [0, blur), one random entry set to 1."""
-    filters = torch.rand(num_classes, size * size, generator=gen, dtype=torch.float32) * blur
+    """``num_classes x size x size`` filters: entries in [0, blur), one random entry set to 1, all
+    on the grid of ``2 ** -weight_bits(size, blur)`` (exact in float32)."""
+    scale = float(1 << weight_bits(size, blur))
+    raw = torch.rand(num_classes, size * size, generator=gen, dtype=torch.float32) * blur
+    filters = raw.mul_(scale).round_().div_(scale)
     peak = torch.randint(0, size * size, (num_classes,), generator=gen)
     filters[torch.arange(num_classes), peak] = 1.0
     return filters.view(num_classes, size, size)
+
+
+def _index_map(idx: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    if mode == "reflect":
+        idx = idx.abs()
+        return torch.where(idx >= n, 2 * (n - 1) - idx, idx)
+    return idx.clamp(0, n - 1)  # replicate
+
+
+def _padded(v: torch.Tensor, r0: int, r1: int, r: int, mode: str) -> torch.Tensor:
+    """Rows ``r0 - r .. r1 + r`` of ``v`` (N x C x H x W, any dtype) with ``r`` padded columns on each
+    side, as float32: the input of a 'valid' convolution giving rows ``r0 .. r1``."""
+    n, c, h, w = v.shape
+    if mode == "zero":
+        lo, hi = max(0, r0 - r), min(h, r1 + r)
+        top = lo - (r0 - r)
+        # one copy does the dtype change, the layout change (to N x C x H x W) and the padding
+        out = torch.zeros(n, c, r1 - r0 + 2 * r, w + 2 * r, device=v.device)
+        out[:, :, top:top + hi - lo, r:r + w].copy_(v[:, :, lo:hi])
+        return out
+    rows = _index_map(torch.arange(r0 - r, r1 + r, device=v.device), h, mode)
+    cols = _index_map(torch.arange(-r, w + r, device=v.device), w, mode)
+    return v.index_select(2, rows).index_select(3, cols).float()
+
+
+@contextlib.contextmanager
+def _ieee_onednn() -> Iterator[None]:
+    """Keep oneDNN convolutions in full float32 even if the caller allowed bf16/TF32 for speed
+    (``torch.backends.mkldnn.conv.fp32_precision``); exactness needs IEEE products."""
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    old = getattr(conv, "fp32_precision", "none")
+    if conv is None or old in ("none", "ieee"):
+        yield
+        return
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = old
+
+
+def _depthwise(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """'valid' depthwise convolution of ``x`` (N x P x H x W) with one ``k x k`` filter per plane
+    (``planes``: P x k x k). The kernel is free to sum in any order: the sums are exact."""
+    k = planes.shape[-1]
+    w = planes.to(x.device, torch.float32).view(-1, 1, k, k)
+    if x.device.type == "cuda":
+        # cuDNN may pick transform-based algorithms or TF32: use the direct native kernel.
+        with torch.backends.cudnn.flags(enabled=False):
+            return F.conv2d(x, w, groups=x.shape[1])
+    with _ieee_onednn():
+        return F.conv2d(x, w, groups=x.shape[1])
+
+
+def _conv8(v: torch.Tensor, filters: torch.Tensor, r0: int, r1: int, mode: str) -> torch.Tensor:
+    """Rows ``r0 .. r1`` of image ``i`` of the 8-bit-valued ``v`` (N x C x H x W) convolved with the
+    integer ``filters[i]`` (N x k x k): exact integer sums in float32 (see module doc)."""
+    n, c = v.shape[:2]
+    x = _padded(v, r0, r1, filters.shape[-1] // 2, mode)
+    if n == 1:  # one (large) image: channels-last is what oneDNN runs fast
+        return _depthwise(x.contiguous(memory_format=torch.channels_last), filters.expand(c, -1, -1))
+    # a batch of small images: every plane of every image is one group of a single convolution
+    out = _depthwise(x.reshape(1, n * c, *x.shape[2:]), filters.repeat_interleave(c, dim=0))
+    return out.view(n, c, r1 - r0, v.shape[-1])
+
+
+def _sums(v: torch.Tensor, filters: torch.Tensor, r0: int, r1: int, mode: str, levels: int) -> torch.Tensor:
+    """Exact weighted sums for rows ``r0 .. r1``: float32 for 8-bit values, float64 for 16-bit ones
+    (each 8-bit half convolved exactly, then recombined)."""
+    if levels <= 255:
+        return _conv8(v, filters, r0, r1, mode)
+    hi = torch.div(v, 256, rounding_mode="floor")
+    lo = v - hi * 256
+    return _conv8(hi, filters, r0, r1, mode).double().mul_(256).add_(_conv8(lo, filters, r0, r1, mode).double())
+
+
+def _strips(h: int, w: int, c: int) -> list[tuple[int, int]]:
+    rows = max(1, STRIP_VALUES // max(1, w * c))
+    return [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
+
+
+def _normalised(a: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """``a / peak`` as one IEEE division per value (float32 for 8-bit sums, float64 for 16-bit ones),
+    returned in float32; ``a`` and ``peak`` are exact."""
+    return a.div(peak) if a.dtype == torch.float32 else a.div(peak).float()
+
+
+def _padding_for(mode: str, h: int, w: int, r: int) -> str:
+    if mode == "reflect" and (h <= r or w <= r):
+        return "replicate"  # reflection needs more pixels than the radius
+    return mode
+
+
+def _image_levels(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Integer values of float images in [0, 1]: the 8-bit grid when every value lies on it (as the
+    pipeline's inputs do), else the 16-bit grid."""
+    v8 = x.mul(255).round_()
+    if torch.equal(v8.div(255), x):
+        return v8, 255
+    return x.clamp(0, 1).mul(65535).round_(), 65535
+
+
+def integer_filters(filters: torch.Tensor) -> torch.Tensor:
+    """``filters`` (non-negative) scaled to integers on the finest ``2**-bits`` grid (at most 16 bits)
+    for which 255 x every filter's sum stays below 2**24. Filters drawn on a coarser grid
+    (:func:`draw_filters`) are only scaled, not rounded, so results do not change."""
+    f = filters.float().clamp_min(0)
+    for bits in range(16, -1, -1):
+        ints = f.mul(1 << bits).round_()
+        if bool((ints.flatten(1).sum(1) * 255 < _EXACT).all()):
+            return ints
+    raise ConfigError("cuda: filter sums are too large for exact arithmetic")
 
 
 def convolve_normalise(x: torch.Tensor, filters: torch.Tensor, padding: str = "zero") -> torch.Tensor:
     """Depthwise-convolve image ``i`` with ``filters[i]`` and divide by its global maximum.
 
     Args:
-        x: ``N x C x H x W`` float images in [0, 1].
-        filters: ``N x k x k`` non-negative filters, ``k`` odd.
+        x: ``N x C x H x W`` float images in [0, 1] (taken at 8-bit precision when on that grid,
+            else at 16-bit precision).
+        filters: ``N x k x k`` non-negative filters, ``k`` odd; exact on a ``2**-bits`` grid
+            (:func:`draw_filters`), others are rounded to the finest exact grid.
         padding: ``"reflect"``, ``"replicate"`` or ``"zero"``.
     Returns:
-        ``N x C x H x W`` in [0, 1]; each image's maximum is 1 unless it was all zero.
+        ``N x C x H x W`` float32 in [0, 1]; each image's maximum is 1 unless it was all zero.
     """
-    n, c, h, w = x.shape
-    k = filters.shape[-1]
-    r = k // 2
-    if r:
-        mode = padding
-        if mode == "reflect" and (h <= r or w <= r):
-            mode = "replicate"  # reflection needs more pixels than the radius
-        x = F.pad(x, (r, r, r, r), mode="constant" if mode == "zero" else mode)
-    weight = filters.to(x.dtype).repeat_interleave(c, dim=0).unsqueeze(1)  # (N*C) x 1 x k x k
-    planes = x.reshape(1, n * c, h + 2 * r, w + 2 * r)
-    if n * c == 1:
-        # One plane alone would take conv2d's dense (groups=1) kernel, which rounds differently
-        # from the depthwise one: give it a twin so that results never depend on the batching.
-        planes, weight = planes.repeat(1, 2, 1, 1), weight.repeat(2, 1, 1, 1)
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        out = F.conv2d(planes, weight, groups=planes.shape[1])
-    out = out[:, : n * c].reshape(n, c, h, w)
-    # All-zero images stay zero (0 / tiny = 0); otherwise the maximum becomes exactly 1.
-    return out.div_(out.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)).clamp_(0.0, 1.0)
+    v, levels = _image_levels(x)
+    return _protect(v, integer_filters(filters), padding, levels, quantise=False)
+
+
+def _protect(v: torch.Tensor, filters: torch.Tensor, padding: str, levels: int, quantise: bool,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Image ``i`` of ``v`` convolved with the integer ``filters[i]`` and divided by its maximum;
+    quantised to ``levels`` in ``dtype`` when ``quantise``, else float32 in [0, 1]."""
+    n, c, h, w = v.shape
+    mode = _padding_for(padding, h, w, filters.shape[-1] // 2)
+
+    def finish(y: torch.Tensor) -> torch.Tensor:
+        return quantise_levels(y, levels, dtype or v.dtype) if quantise else y
+
+    if c * h * w <= STRIP_VALUES:
+        a = _sums(v, filters, 0, h, mode, levels)
+        return finish(_normalised(a, a.amax(dim=(1, 2, 3), keepdim=True).clamp_min_(1.0)))
+    # Large images: one at a time, strip by strip; the exact sums are the only full-size float copy.
+    out = torch.empty(v.shape, dtype=dtype if quantise else torch.float32, device=v.device)
+    for i in range(n):
+        a = torch.empty(1, c, h, w, dtype=torch.float32 if levels <= 255 else torch.float64, device=v.device)
+        for r0, r1 in _strips(h, w, c):
+            a[:, :, r0:r1] = _sums(v[i:i + 1], filters[i:i + 1], r0, r1, mode, levels)
+        peak = a.amax().clamp_min(1.0)  # all-zero images stay zero
+        for r0, r1 in _strips(h, w, c):
+            out[i:i + 1, :, r0:r1] = finish(_normalised(a[:, :, r0:r1], peak))
+        del a
+    return out
 
 
 @register
@@ -109,12 +263,16 @@ class CUDA(Perturbation):
             ``"replicate"`` (no dark border, weaker).
         mix: fraction in (0, 1] of images protected, chosen per image id from the key (Table 5).
         universal: one shared filter for all classes (the paper's ablation; weak on purpose).
+
+    Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] and returns the same; labels ``(N,)``.
     """
 
     name = "cuda"
     summary = "class-wise keyed blur filters; model-free, fast, any image size (needs labels)"
     paper = "Sadasivan et al., CUDA: Convolution-based Unlearnable Datasets, CVPR 2023"
     needs_labels = True
+    exact = True
+    work_bytes_per_value = 4.5  # the float32 sums of one image, plus a strip
 
     def __init__(
         self,
@@ -133,6 +291,8 @@ class CUDA(Perturbation):
             raise ConfigError(f"cuda: padding must be one of {', '.join(PADDINGS)} or faithful, got '{padding}'")
         if filter_size is not None and (int(filter_size) != filter_size or filter_size < 1 or filter_size % 2 == 0):
             raise ConfigError(f"cuda: filter size must be an odd integer >= 1, got {filter_size}")
+        if filter_size is not None and filter_size > 63:
+            raise ConfigError(f"cuda: filter size must be at most 63, got {filter_size}")
         if blur is not None and not 0.0 < float(blur) <= 1.0:
             raise ConfigError(f"cuda: blur must be in (0, 1], got {blur}")
         if not 0.0 < float(mix) <= 1.0:
@@ -147,6 +307,7 @@ class CUDA(Perturbation):
         self.mix = float(mix)
         self.universal = bool(universal)
         self.filters: torch.Tensor | None = None
+        self.bits: int | None = None
         self._on_device: dict[torch.device, torch.Tensor] = {}
 
     # -- fitting ---------------------------------------------------------------------------
@@ -163,6 +324,7 @@ class CUDA(Perturbation):
         count = 1 if self.universal else self.num_classes
         filters = draw_filters(gen, count, self.filter_size, self.blur)
         self.filters = filters.expand(self.num_classes, -1, -1).contiguous() if self.universal else filters
+        self.bits = weight_bits(self.filter_size, self.blur)
         self._on_device.clear()
         self.fitted = True
 
@@ -178,32 +340,58 @@ class CUDA(Perturbation):
         return self
 
     # -- protecting ------------------------------------------------------------------------
-    def apply(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
-    ) -> torch.Tensor:
-        self._check_batch(x, labels)
+    def _ready(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked labels on ``x``'s device and the integer filters there (``x`` may be integer)."""
+        self._check_batch(x if x.is_floating_point() else torch.empty(x.shape, device="meta"), labels)
         assert labels is not None
         if self.filters is None:
             if self.num_classes is None:
                 raise ConfigError("cuda: call fit() first or give num_classes")
             self._resolve(min(x.shape[-2:]))
             self._draw()
-        assert self.filters is not None
+        assert self.filters is not None and self.bits is not None
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.filters.shape[0]):
             raise ConfigError(f"cuda: labels must be in [0, {self.filters.shape[0]}), got {labels.tolist()}")
-        filters = self._on_device.get(x.device)
-        if filters is None:
-            filters = self._on_device.setdefault(x.device, self.filters.to(x.device))
-        labels = labels.to(x.device)
+        weights = self._on_device.get(x.device)
+        if weights is None:
+            weights = self._on_device.setdefault(x.device, integer_filters(self.filters).to(x.device))
+        return labels.to(x.device), weights
+
+    def _chosen(self, ids: Sequence[str] | None, n: int) -> list[bool] | None:
+        """Which images ``mix`` protects (None: all)."""
         if self.mix >= 1.0:
-            return convolve_normalise(x, filters[labels], self.padding)
-        if ids is None or len(ids) != x.shape[0]:
+            return None
+        if ids is None or len(ids) != n:
             raise ConfigError("cuda: mix < 1 needs one id per image")
-        chosen = torch.tensor([self.keyring.unit("cuda/mix", i) < self.mix for i in ids], device=x.device)
-        out = x.clone()
-        if chosen.any():
-            out[chosen] = convolve_normalise(x[chosen], filters[labels[chosen]], self.padding)
+        return self.is_protected(ids)
+
+    def _run(self, v: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, ids: Sequence[str] | None,
+             levels: int, passthrough: torch.Tensor, quantise: bool, dtype: torch.dtype | None) -> torch.Tensor:
+        chosen = self._chosen(ids, v.shape[0])
+        if chosen is None:
+            return _protect(v, weights[labels], self.padding, levels, quantise, dtype)
+        out = passthrough.clone()
+        pick = torch.tensor(chosen, device=v.device)
+        if pick.any():
+            out[pick] = _protect(v[pick], weights[labels[pick]], self.padding, levels, quantise, dtype)
         return out
+
+    def apply(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        labels, weights = self._ready(x, labels)
+        v, levels = _image_levels(x)
+        return self._run(v, labels, weights, ids, levels, x, quantise=False, dtype=None)
+
+    def protect_levels(
+        self, v: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None,
+        levels: int = 255,
+    ) -> torch.Tensor:
+        """Exact integer path (see module doc); equals ``round(apply(v / levels) * levels)``."""
+        if v.is_floating_point():
+            raise ConfigError("cuda: protect_levels takes integer pixels")
+        labels, weights = self._ready(v, labels)
+        return self._run(v, labels, weights, ids, levels, v, quantise=True, dtype=v.dtype)
 
     def is_protected(self, ids: Sequence[str]) -> list[bool]:
         """Which of these image ids ``mix`` selects for protection."""
@@ -224,14 +412,25 @@ class CUDA(Perturbation):
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.filters is None else {"filters": self.filters.clone()}
+        if self.filters is None:
+            return {}
+        return {"filters": self.filters.clone(), "blur": torch.tensor(float(self.blur or 0.0), dtype=torch.float64),
+                "bits": torch.tensor(int(self.bits or 0))}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        filters = state.get("filters")
-        if filters is None or filters.ndim != 3 or filters.shape[-1] != filters.shape[-2]:
+        filters, blur, bits = state.get("filters"), state.get("blur"), state.get("bits")
+        if filters is None or filters.ndim != 3 or filters.shape[-1] != filters.shape[-2] or filters.shape[-1] % 2 == 0:
             raise ConfigError("cuda: saved state has no valid 'filters' tensor")
-        self.filters = filters.to(torch.float32).clone()
-        self.num_classes, self.filter_size = filters.shape[0], filters.shape[-1]
+        if blur is None or bits is None:
+            raise ConfigError("cuda: saved state is from an older version (no exact filter grid); "
+                              "protect the folder again with --overwrite")
+        filters = filters.to(torch.float32).clone()
+        k, b, nbits = filters.shape[-1], float(blur), int(bits)
+        ints = filters * (1 << nbits)
+        if not (0.0 < b <= 1.0) or nbits != weight_bits(k, b) or not torch.equal(ints, ints.round()) \
+                or bool((ints.flatten(1).sum(1) * 255 >= _EXACT).any()):
+            raise ConfigError("cuda: saved state holds filters that are not on their exact grid")
+        self.filters, self.bits, self.blur = filters, nbits, b
+        self.num_classes, self.filter_size = filters.shape[0], k
         self._on_device.clear()
         self.fitted = True
-

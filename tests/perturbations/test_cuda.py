@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import perturbations
 from perturbations import ConfigError, FitData, Keyring
-from perturbations.cuda import CUDA, convolve_normalise, defaults_for_side, draw_filters
+from perturbations.cuda import CUDA, convolve_normalise, defaults_for_side, draw_filters, integer_filters, weight_bits
 
 KEY = Keyring.from_seed(1)
 
@@ -19,8 +20,25 @@ def fitted(num_classes: int = 10, side: int = 32, key: Keyring = KEY, **kw) -> C
 
 
 def batch(n: int = 8, c: int = 3, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
+    """Random 8-bit images as float in [0, 1] (what the pipeline decodes)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, c, h, w, generator=g)
+    return torch.randint(0, 256, (n, c, h, w), generator=g).float() / 255
+
+
+def exact_reference(v: np.ndarray, filt: np.ndarray, padding: str) -> np.ndarray:
+    """An independent, obviously exact CUDA: int64 sums of shifted integer images (one image
+    C x H x W of integers, integer filter k x k), divided by the maximum in float64 and cast to
+    float32 like the method (float32 division for 8-bit values is the same correctly rounded result)."""
+    k = filt.shape[0]
+    r = k // 2
+    mode = {"zero": "constant", "reflect": "reflect", "replicate": "edge"}[padding]
+    p = np.pad(v.astype(np.int64), ((0, 0), (r, r), (r, r)), mode=mode)
+    h, w = v.shape[1:]
+    acc = np.zeros(v.shape, dtype=np.int64)
+    for i in range(k):
+        for j in range(k):
+            acc += int(filt[i, j]) * p[:, i:i + h, j:j + w]
+    return (acc / max(1, acc.max())).astype(np.float32)
 
 
 def test_registered_with_paper_defaults() -> None:
@@ -67,7 +85,8 @@ def test_output_range_shape_and_channels_share_the_filter() -> None:
 
 
 def test_matches_direct_convolution() -> None:
-    """The batched depthwise implementation equals a per-image, per-channel convolution."""
+    """The batched depthwise implementation equals a per-image, per-channel float convolution
+    (up to float rounding)."""
     m = fitted(padding="zero")
     x, y = batch(4), torch.tensor([3, 1, 4, 1])
     out = m.apply(x, y)
@@ -76,6 +95,61 @@ def test_matches_direct_convolution() -> None:
         ref = torch.cat([torch.nn.functional.conv2d(x[i : i + 1, c : c + 1], f, padding=1) for c in range(3)], 1)
         ref = ref / ref.max()
         assert torch.allclose(out[i : i + 1], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["zero", "reflect", "replicate"])
+@pytest.mark.parametrize("size,side", [(3, 32), (9, 40)])
+def test_exact_integer_arithmetic(padding: str, size: int, side: int) -> None:
+    """Bit for bit equal to an int64 reference: the convolution has one exact result, so no
+    kernel, ISA, thread count or batch shape can change a byte."""
+    m = fitted(padding=padding, filter_size=size, blur=0.06 if size == 9 else 0.3, side=side)
+    x, y = batch(5, h=side, w=side + 3, seed=7), torch.tensor([0, 9, 3, 3, 7])
+    out = m.apply(x, y)
+    ints = integer_filters(m.filters)
+    v = (x * 255).round().numpy()
+    for i in range(5):
+        ref = exact_reference(v[i], ints[y[i]].numpy(), padding)
+        assert np.array_equal(out[i].numpy(), ref), i
+
+
+def test_filters_lie_on_an_exact_grid() -> None:
+    for size, blur, bits in ((3, 0.3, 14), (9, 0.06, 13)):
+        m = fitted(filter_size=size, blur=blur)
+        assert weight_bits(size, blur) == bits
+        ints = m.filters * (1 << bits)
+        assert torch.equal(ints, ints.round())
+        assert (ints.flatten(1).sum(1) * 255 < 2**24).all()
+
+
+def test_protect_levels_equals_quantised_apply_for_8_and_16_bits() -> None:
+    m = fitted(filter_size=5, blur=0.2)
+    y = torch.tensor([1, 2, 5])
+    v8 = (batch(3, h=20, w=24, seed=3) * 255).round().to(torch.uint8)
+    q8 = m.protect_levels(v8, y)
+    assert q8.dtype == torch.uint8 and q8.shape == v8.shape
+    assert torch.equal(q8, (m.apply(v8.float() / 255, y) * 255).round().to(torch.uint8))
+    g = torch.Generator().manual_seed(4)
+    v16 = torch.randint(0, 65536, (3, 1, 20, 24), generator=g, dtype=torch.int32)
+    q16 = m.protect_levels(v16, y, levels=65535)
+    assert q16.dtype == torch.int32 and int(q16.max()) == 65535 and int(q16.min()) >= 0
+    assert torch.equal(q16, (m.apply(v16.float() / 65535, y) * 65535).round().to(torch.int32))
+    # 16-bit values are convolved exactly too (split into two 8-bit halves)
+    ints = integer_filters(m.filters)
+    ref = exact_reference(v16[0].numpy(), ints[1].numpy(), "zero")
+    assert np.array_equal(m.apply(v16[:1].float() / 65535, y[:1])[0].numpy(), ref)
+
+
+def test_large_images_in_strips_equal_one_piece(monkeypatch) -> None:
+    """Row strips (used for photos) give exactly the one-piece result."""
+    import perturbations.cuda as cuda_mod
+
+    m = fitted(filter_size=9, blur=0.06, side=200)
+    v = (batch(2, h=61, w=50, seed=5) * 255).round().to(torch.uint8)
+    y = torch.tensor([4, 8])
+    whole = m.protect_levels(v, y)
+    monkeypatch.setattr(cuda_mod, "STRIP_VALUES", 50 * 3 * 7)  # 7-row strips
+    assert torch.equal(m.protect_levels(v, y), whole)
+    assert torch.equal(torch.cat([m.protect_levels(v[i:i + 1], y[i:i + 1]) for i in range(2)]), whole)
 
 
 def test_grayscale_stays_single_channel() -> None:
@@ -200,3 +274,6 @@ def test_convolve_normalise_identity_filter() -> None:
     ident[:, 1, 1] = 1
     out = convolve_normalise(x, ident)
     assert torch.allclose(out, x / x.amax(dim=(1, 2, 3), keepdim=True))
+    # any float input is taken at 16-bit precision
+    xf = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(convolve_normalise(xf, ident), xf / xf.amax(dim=(1, 2, 3), keepdim=True), atol=2e-5)
