@@ -2,9 +2,13 @@
 
 Decoding: EXIF orientation is applied; grayscale stays one channel; alpha is split off (it is
 never perturbed and is written back untouched); palette and bilevel images become RGB(A)/L;
-16-bit grayscale PNG/TIFF keeps 16 bits. Refused with a reason: CMYK and other exotic modes,
-16-bit colour PNG (Pillow reads it at 8 bits only), multi-frame files, a content type that does not
-match the extension, images above the pixel limit (decompression-bomb guard).
+16-bit grayscale PNG/TIFF keeps 16 bits; a transparent colour (PNG tRNS) becomes an alpha channel.
+Refused with a reason: CMYK and other exotic modes, 16-bit colour or grayscale+alpha PNG and
+16-bit colour TIFF (Pillow reads them at 8 bits only), multi-frame files, a content type that does
+not match the extension, images without pixels, and images above ``max_pixels``
+(decompression-bomb guard, checked from the header before any pixel is decoded; it replaces
+Pillow's own global limit for the call, so it can be raised above it). Any failure of the
+decoder on malformed bytes is an :class:`ImageError`, never another exception.
 
 Encoding: lossless formats stay as they are (PNG, lossless WebP, BMP, TIFF with lossless
 compression); JPEG is written at high quality without chroma subsampling (a JPEG re-encode
@@ -17,7 +21,8 @@ from __future__ import annotations
 import io
 import os
 import threading
-import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,7 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's hard decompression-bomb limit (2x its warning limit)
+#: Largest image accepted by default: Pillow's own hard limit (2 x its default MAX_IMAGE_PIXELS).
+#: ``decode(max_pixels=...)`` replaces it, above or below, without touching Pillow's global.
+DEFAULT_MAX_PIXELS = 178_956_970
 JPEG_QUALITY = 95
 OUT_FORMATS = ("keep", "png")
 _EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
@@ -67,35 +74,141 @@ def _png_bit_depth(data: bytes) -> tuple[int, int]:
     return 0, 0
 
 
-def decode(data: bytes, expected_format: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode one file's bytes. Raises :class:`ImageError` with a user-facing reason."""
+# -- the pixel limit ---------------------------------------------------------------------------
+# Pillow refuses images above 2 x Image.MAX_IMAGE_PIXELS (a process-wide global) inside
+# Image.open and some loaders, before we could apply our own limit. Decoding runs in threads, so
+# changing that global would race; instead Pillow's check function is wrapped once: in a thread
+# that is inside decode() it applies decode's ``max_pixels`` (and never warns), everywhere else it
+# is Pillow's own check, unchanged.
+_local = threading.local()
+_pillow_bomb_check = getattr(Image, "_decompression_bomb_check", None)
+_pillow_bomb_check = getattr(_pillow_bomb_check, "__wrapped__", _pillow_bomb_check)
+
+
+class _TooLarge(Image.DecompressionBombError):
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__(f"{size[0]}x{size[1]}")
+        self.size = size
+
+
+def _bomb_check(size: tuple[int, int], *args: Any, **kwargs: Any) -> None:
+    limit = getattr(_local, "max_pixels", None)
+    if limit is None:
+        return _pillow_bomb_check(size, *args, **kwargs)  # type: ignore[misc]
+    if max(1, size[0]) * max(1, size[1]) > limit:
+        raise _TooLarge(size)
+    return None
+
+
+if _pillow_bomb_check is not None:
+    _bomb_check.__wrapped__ = _pillow_bomb_check  # type: ignore[attr-defined]
+    Image._decompression_bomb_check = _bomb_check  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    before = getattr(_local, "max_pixels", None)
+    _local.max_pixels = max_pixels
+    try:
+        yield
+    finally:
+        _local.max_pixels = before
+
+
+def _too_large(size: tuple[int, int], max_pixels: int) -> ImageError:
+    w, h = size
+    return ImageError(f"{w}x{h} = {w * h} pixels is above the limit of {max_pixels} "
+                      "(decompression-bomb guard); raise it with --max-pixels if you trust the file")
+
+
+def _reason(exc: BaseException) -> str:
+    """The decoder's message; the exception's name too when it is not an I/O error."""
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and text:
+        return text
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+#: Formats named in a "content is X" message when the extension does not match.
+_KNOWN = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+
+
+def _open(data: bytes, expected_format: str, max_pixels: int) -> Image.Image:
+    """Open (header only) as ``expected_format``; say what the content is when it is not."""
+    try:
+        return Image.open(io.BytesIO(data), formats=[expected_format])
+    except UnidentifiedImageError:
+        pass
+    except _TooLarge as exc:
+        raise _too_large(exc.size, max_pixels) from None
+    except Image.DecompressionBombError as exc:  # Pillow's own check (only if it could not be wrapped)
+        raise ImageError(f"image too large for Pillow's decompression-bomb guard: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the file's
+        raise ImageError(f"cannot read image: {_reason(exc)}") from None
+    try:
+        with Image.open(io.BytesIO(data), formats=[f for f in _KNOWN if f != expected_format]) as other:
+            actual = "JPEG" if other.format == "MPO" else other.format
+    except Exception:  # noqa: BLE001 - not one of the known formats either
+        raise ImageError("not a readable image (corrupt or unknown format)") from None
+    if actual in _EXT:
+        raise ImageError(f"content is {actual} but the extension says {expected_format}; rename the file")
+    raise ImageError(f"content is {actual}, which is not supported (extension says {expected_format})")
+
+
+def decode(data: bytes, expected_format: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+           on_header: Callable[[int, int, int, int], None] | None = None) -> Decoded:
+    """Decode one file's bytes. Raises :class:`ImageError` with a user-facing reason.
+
+    ``max_pixels`` is the only size limit: it is checked from the header before any pixel is
+    decoded, and it replaces Pillow's global decompression-bomb limit (higher or lower) for
+    this call only, in this thread only. ``on_header(width, height, bands, bits)`` is called once
+    the header passed every check and before any pixel is decoded (the pipeline's memory budget
+    admits the image there; it may block).
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageError("not a readable image (corrupt or unknown format)") from None
-    except Image.DecompressionBombError:
-        raise ImageError("image too large for Pillow's decompression-bomb guard") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot read image: {exc}") from None
-    actual = im.format or "unknown"
-    if actual == "MPO":  # multi-picture JPEG from some cameras: the first frame is a JPEG
-        actual = "JPEG"
-    if actual != expected_format:
-        raise ImageError(f"content is {actual} but the extension says {expected_format}; rename the file")
+    with _pixel_limit(max_pixels):
+        im = _open(data, expected_format, max_pixels)
+        try:
+            return _decode(im, data, expected_format, max_pixels, on_header)
+        finally:
+            im.close()
+
+
+def _decode(im: Image.Image, data: bytes, expected_format: str, max_pixels: int,
+            on_header: Callable[[int, int, int, int], None] | None = None) -> Decoded:
+    actual = "JPEG" if im.format == "MPO" else im.format  # multi-picture JPEG from some cameras
     w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageError(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageError(f"{w}x{h} = {w * h} pixels is above the limit of {max_pixels} "
-                         "(decompression-bomb guard); raise it with --max-pixels if you trust the file")
-    if getattr(im, "n_frames", 1) > 1:
-        raise ImageError(f"{im.n_frames} frames (animated or multi-page); only single images are supported")
+        raise _too_large((w, h), max_pixels)
+    try:
+        frames = getattr(im, "n_frames", 1)
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes
+        raise ImageError(f"corrupt image: {_reason(exc)}") from None
+    if frames > 1:
+        raise ImageError(f"{frames} frames (animated or multi-page); only single images are supported")
     if actual == "PNG":
         depth, colour = _png_bit_depth(data)
         if depth == 16 and colour in (2, 6):
             raise ImageError("16-bit colour PNG: Pillow can only read it at 8 bits; convert it to 8-bit first")
+        if depth == 16 and colour == 4:
+            raise ImageError("16-bit grayscale+alpha PNG: Pillow can only read it as 8-bit RGBA; "
+                             "convert it to 8 bits first")
+    if actual == "TIFF" and im.mode in ("RGB", "RGBA", "LA"):
+        bits = getattr(im, "tag_v2", {}).get(258) or 8  # BitsPerSample: one value or one per sample
+        depth = max(bits) if isinstance(bits, tuple) else int(bits)
+        if depth > 8:
+            raise ImageError(f"{depth}-bit {im.mode} TIFF: Pillow can only read it at 8 bits; "
+                             "convert it to 8-bit first")
+    if on_header is not None:
+        bands = len(im.getbands())  # values per pixel once decoded: palettes expand to RGB(A)
+        if im.mode in ("P", "PA"):
+            bands = 4 if im.mode == "PA" or "transparency" in im.info else 3
+        elif im.mode in ("1", "L", "RGB") and "transparency" in im.info:
+            bands += 1
+        on_header(w, h, bands, 16 if im.mode.startswith("I") else 8)
     notes: list[str] = []
     try:
         im.load()
@@ -104,45 +217,53 @@ def decode(data: bytes, expected_format: str, max_pixels: int = DEFAULT_MAX_PIXE
             im = ImageOps.exif_transpose(im)
             exif = im.getexif()
             notes.append("EXIF orientation applied")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"corrupt or truncated image: {exc}") from None
 
-    meta: dict[str, Any] = {}
-    if im.info.get("icc_profile"):
-        meta["icc_profile"] = im.info["icc_profile"]
-    if im.info.get("dpi"):
-        meta["dpi"] = im.info["dpi"]
-    if len(exif):
-        exif[_ORIENTATION] = 1
-        meta["exif"] = exif.tobytes()
-    if actual == "TIFF":
-        meta["compression"] = im.info.get("compression")
+        meta: dict[str, Any] = {}
+        if im.info.get("icc_profile"):
+            meta["icc_profile"] = im.info["icc_profile"]
+        if im.info.get("dpi"):
+            meta["dpi"] = im.info["dpi"]
+        if len(exif):
+            exif[_ORIENTATION] = 1
+            meta["exif"] = exif.tobytes()
+        if actual == "TIFF":
+            meta["compression"] = im.info.get("compression")
 
-    mode = im.mode
-    alpha = None
-    if mode == "1":
-        im, mode = im.convert("L"), "L"
-        notes.append("bilevel image converted to 8-bit grayscale")
-    elif mode in ("P", "PA"):
-        has_alpha = mode == "PA" or "transparency" in im.info
-        im = im.convert("RGBA" if has_alpha else "RGB")
         mode = im.mode
-        notes.append("palette image converted to " + mode)
-    elif mode == "LA" or mode == "La":
-        im = im.convert("LA")
-    if mode in ("I;16", "I;16B", "I;16L") or (mode == "I" and actual == "PNG"):
-        arr = np.asarray(im, dtype=np.uint32 if mode == "I" else None)
-        pixels = arr.astype(np.uint16)[:, :, None]
-    elif mode in ("L", "RGB"):
-        pixels = np.asarray(im)
-        pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
-    elif mode in ("LA", "La", "RGBA"):
-        arr = np.asarray(im)
-        pixels, alpha = arr[:, :, :-1], arr[:, :, -1].copy()
-    elif mode == "CMYK":
-        raise ImageError("CMYK image: convert it to RGB with a colour-managed tool first")
-    else:
-        raise ImageError(f"unsupported pixel mode {mode}")
+        alpha = None
+        if mode in ("P", "PA"):
+            has_alpha = mode == "PA" or "transparency" in im.info
+            im = im.convert("RGBA" if has_alpha else "RGB")
+            mode = im.mode
+            notes.append("palette image converted to " + mode)
+        elif mode in ("1", "L", "RGB") and "transparency" in im.info:  # a transparent colour (tRNS)
+            im = im.convert("RGBA" if mode == "RGB" else "LA")
+            notes.append(f"transparent colour converted to an alpha channel ({mode} to {im.mode})")
+            mode = im.mode
+        elif mode == "1":
+            im, mode = im.convert("L"), "L"
+            notes.append("bilevel image converted to 8-bit grayscale")
+        elif mode == "La":
+            im, mode = im.convert("LA"), "LA"
+        if mode in ("I;16", "I;16B", "I;16L") or (mode == "I" and actual == "PNG"):
+            arr = np.asarray(im, dtype=np.uint32 if mode == "I" else None)
+            pixels = arr.astype(np.uint16)[:, :, None]
+        elif mode in ("L", "RGB"):
+            pixels = np.asarray(im)
+            pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+        elif mode in ("LA", "RGBA"):
+            arr = np.asarray(im)
+            pixels, alpha = arr[:, :, :-1], arr[:, :, -1].copy()
+        elif mode == "CMYK":
+            raise ImageError("CMYK image: convert it to RGB with a colour-managed tool first")
+        else:
+            raise ImageError(f"unsupported pixel mode {mode}")
+    except ImageError:
+        raise
+    except _TooLarge as exc:
+        raise _too_large(exc.size, max_pixels) from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the file's
+        raise ImageError(f"corrupt or truncated image: {_reason(exc)}") from None
     return Decoded(np.ascontiguousarray(pixels), alpha, actual, notes, meta)
 
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageCms
 import perturbations
 from protect import InputError, ProtectOptions, protect_folder
 from protect.imageio import TMP_MARK, ImageError, decode, output_name, remove_stale_temporaries, write_atomic
+from tests import corpus
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 CIFAR = SAMPLES / "cifar10" / "train"
@@ -305,11 +306,154 @@ def test_pixel_limit_gives_a_clear_failure(tmp_path, keyring):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def test_decode_reports_pillow_decompression_bomb(monkeypatch):
+BOMBS = {  # a tiny file that declares a huge size: refused from the header, nothing decoded
+    "png": (corpus.png_bomb, "PNG", "100000x100000 = 10000000000 pixels"),
+    "bmp": (corpus.bmp_bomb, "BMP", "60000x60000 = 3600000000 pixels"),
+    "jpeg": (corpus.jpeg_bomb, "JPEG", "60000x60000 = 3600000000 pixels"),
+    "webp": (corpus.webp_bomb, "WEBP", "16383x16383 = 268402689 pixels"),  # Pillow would allocate at open
+    "tiff": (corpus.tiff_bomb, "TIFF", "100000x100000 = 10000000000 pixels"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BOMBS))
+def test_decompression_bombs_are_refused_with_the_limit(kind):
+    build, fmt, fragment = BOMBS[kind]
+    data = build()
+    assert len(data) < 1000
+    with pytest.raises(ImageError) as info:
+        decode(data, fmt)
+    assert fragment in str(info.value) and "above the limit of 178956970" in str(info.value)
+    assert "--max-pixels" in str(info.value)
+    with pytest.raises(ImageError, match="above the limit of 1000 "):
+        decode(data, fmt, max_pixels=1000)
+
+
+def test_max_pixels_above_pillows_limit_is_honoured(monkeypatch):
+    """Pillow refuses above 2 x Image.MAX_IMAGE_PIXELS inside Image.open, before our own check:
+    "raise it with --max-pixels" must really work. (Pillow's limit is lowered here so that a
+    32 x 32 image stands for a photo above its real limit of 178956970 pixels.)"""
     data = (CIFAR / "cat" / "0000.png").read_bytes()
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above twice this
-    with pytest.raises(ImageError, match="decompression-bomb"):
-        decode(data, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above 200 pixels
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    d = decode(data, "PNG", max_pixels=2000)
+    assert d.pixels.shape == (32, 32, 3)
+    assert decode(data, "PNG").pixels.shape == (32, 32, 3)  # the default does not follow Pillow's global
+    with pytest.raises(ImageError, match=r"32x32 = 1024 pixels is above the limit of 1000 .*--max-pixels"):
+        decode(data, "PNG", max_pixels=1000)
+    # outside decode(), Pillow's own check is untouched
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(io.BytesIO(data)).close()
+
+
+def test_pixel_limit_is_per_thread(monkeypatch):
+    """decode() runs in threads: its limit must not leak into concurrent Image.open calls (a
+    mutated global would), nor theirs into it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = (CIFAR / "cat" / "0000.png").read_bytes()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+
+    def plain_open(_):
+        try:
+            Image.open(io.BytesIO(data)).close()
+        except Image.DecompressionBombError:
+            return "refused"
+        return "opened"
+
+    def decoded(i):
+        limit = 2000 if i % 2 else 1000
+        try:
+            return decode(data, "PNG", max_pixels=limit).pixels.shape == (32, 32, 3) and limit == 2000
+        except ImageError:
+            return limit == 1000
+
+    with ThreadPoolExecutor(8) as pool:
+        plain = [pool.submit(plain_open, i) for i in range(200)]
+        ours = [pool.submit(decoded, i) for i in range(200)]
+        assert {f.result() for f in plain} == {"refused"}
+        assert all(f.result() for f in ours)
+
+
+def test_16bit_files_pillow_reads_at_8_bits_are_refused():
+    with pytest.raises(ImageError, match="16-bit colour PNG"):
+        decode(corpus.png16(2), "PNG")
+    with pytest.raises(ImageError, match="16-bit colour PNG"):
+        decode(corpus.png16(6), "PNG")
+    with pytest.raises(ImageError, match="16-bit grayscale\\+alpha PNG"):  # Pillow makes it 8-bit RGBA
+        decode(corpus.png16(4), "PNG")
+    rgb16 = np.random.default_rng(0).integers(0, 65536, (4, 5, 3))
+    with pytest.raises(ImageError, match="16-bit RGB TIFF"):  # Pillow keeps the high byte only
+        decode(corpus.tiff(rgb16, 16, 2), "TIFF")
+    gray = decode(corpus.tiff(rgb16[:, :, 0], 16, 1), "TIFF")
+    assert gray.pixels.dtype == np.uint16 and np.array_equal(gray.pixels[:, :, 0], rgb16[:, :, 0])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "1"])
+def test_transparent_colour_becomes_alpha(mode):
+    im = cifar("cat").convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", transparency=im.getpixel((0, 0)))
+    d = decode(buf.getvalue(), "PNG")
+    assert d.alpha is not None and (d.alpha == 0).any() and (d.alpha == 255).any()
+    assert d.pixels.shape[2] == (3 if mode == "RGB" else 1)
+    assert any("transparent colour" in n for n in d.notes)
+
+
+def test_images_without_pixels_and_content_mismatch():
+    empty = corpus.png_raw(np.zeros((0, 4, 3)), 8, 2)
+    with pytest.raises(ImageError):
+        decode(empty, "PNG")
+    png = (CIFAR / "cat" / "0000.png").read_bytes()
+    with pytest.raises(ImageError, match="content is PNG but the extension says TIFF"):
+        decode(png, "TIFF")
+    buf = io.BytesIO()
+    cifar("cat").save(buf, format="GIF")
+    with pytest.raises(ImageError, match="content is GIF, which is not supported"):
+        decode(buf.getvalue(), "PNG")
+    with pytest.raises(ImageError, match="not a readable image"):
+        decode(bytes(range(256)) * 3, "BMP")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt TIFF tags
+def test_decoder_failures_are_always_image_errors():
+    """Seeded mutations (truncation, bit flips, overwritten runs) of small files in every format:
+    decode() either succeeds or raises ImageError, never another exception (a TIFF with a
+    flipped bit used to raise TypeError: Missing dimensions, an internal error of the CLI)."""
+    import random
+
+    base = cifar("cat").resize((24, 24))
+    sources = []
+    for fmt, kwargs in [("PNG", {}), ("JPEG", {"quality": 90}), ("JPEG", {"progressive": True}),
+                        ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80}), ("BMP", {}), ("TIFF", {}),
+                        ("TIFF", {"compression": "tiff_lzw"}), ("TIFF", {"compression": "tiff_adobe_deflate"})]:
+        buf = io.BytesIO()
+        base.save(buf, format=fmt, **kwargs)
+        sources.append((fmt, buf.getvalue()))
+    rnd = random.Random(0)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(1500):
+        fmt, data = rnd.choice(sources)
+        data = bytearray(data)
+        op = rnd.randrange(3)
+        if op == 0:
+            data = data[:rnd.randrange(len(data))]
+        elif op == 1:
+            for _ in range(rnd.randint(1, 4)):
+                data[rnd.randrange(len(data))] ^= 1 << rnd.randrange(8)
+        else:
+            i = rnd.randrange(len(data))
+            data[i:i + 8] = bytes(rnd.randrange(256) for _ in range(8))
+        try:
+            decode(bytes(data), fmt)
+            outcomes["ok"] += 1
+        except ImageError as exc:
+            assert str(exc)
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 100
 
 
 def test_decode_splits_alpha_and_keeps_16_bits():
@@ -360,3 +504,17 @@ def test_remove_stale_temporaries(tmp_path):
     keep.write_bytes(b"ok")
     assert remove_stale_temporaries(tmp_path) == 1
     assert not stale.exists() and keep.exists()
+
+
+@pytest.mark.parametrize("mode, options, bands", [("P", {}, 3), ("P", {"transparency": 0}, 4), ("L", {}, 1),
+                                                  ("L", {"transparency": 0}, 2), ("RGBA", {}, 4)])
+def test_on_header_gives_the_decoded_size_before_decoding(mode, options, bands):
+    buf = io.BytesIO()
+    cifar("cat").convert(mode).save(buf, format="PNG", **options)
+    seen = []
+    d = decode(buf.getvalue(), "PNG", on_header=lambda *args: seen.append(args))
+    assert seen == [(32, 32, bands, 8)]
+    assert d.pixels.shape[2] + (d.alpha is not None) == bands
+    with pytest.raises(ImageError):
+        decode(corpus.png_bomb(), "PNG", on_header=lambda *args: seen.append(args))
+    assert len(seen) == 1  # never called for a refused header
