@@ -1,13 +1,25 @@
-"""Throughput of `protect images` against a bare Pillow decode+encode copy of the same files.
+"""Throughput and memory of `protect images` against a bare Pillow decode+encode of the same files.
 
-Both run in their own subprocess over the same files, with the same number of threads and the
-same PNG encoder settings (Pillow defaults), so the ratio isolates what protection costs on top of
-the unavoidable image I/O. Peak RSS is read from the finished subprocess (``wait4``).
+The bare side is what "just decoding and re-encoding" costs: one process per core (so no GIL),
+each reading, decoding, re-encoding with Pillow's default settings and writing its share of the
+files. The protect side is the whole `protect images` command (CUDA, defaults). Both are timed as
+whole commands, start-up included, alternating bare/protect, ``--repeats`` pairs; the table gives
+the median ratio and its range. Input is read from the data folder; outputs go to ``--out``
+(default ``/dev/shm``, a RAM disk, so disk noise does not hide the CPU cost) and are deleted after
+each run.
 
-    .venv/bin/python bench/throughput.py                       # 10k + 50k CIFAR-10, 16 Kodak photos
-    .venv/bin/python bench/throughput.py --sets cifar10k,kodak  # a subset
+Memory: the whole process tree is sampled every 20 ms; the table reports the peak of the summed
+PSS (proportional set size: pages shared between the parent and its forked workers are counted
+once, split between them, so the sum is the memory the command really uses) and, for reference,
+the peak summed RSS (which counts the shared torch libraries once per process).
 
-Needs ../shared/data (CIFAR-10 PNG folders and the Kodak photos).
+    .venv/bin/python bench/throughput.py                              # cifar50k, kodak, photos24mp
+    .venv/bin/python bench/throughput.py --sets cifar10k --repeats 5
+    .venv/bin/python bench/throughput.py --sets photos24mp --photos 32  # memory does not grow
+
+Sets: ``cifar50k`` / ``cifar10k`` (CIFAR-10 train PNGs, 32x32), ``kodak`` (16 photos, 768x512),
+``photos24mp`` (``--photos`` 6000x4000 PNGs made once from the Kodak photos: upscaled, with mild
+noise so they compress like camera images; cached under ``bench/out``). Needs ../shared/data.
 """
 
 from __future__ import annotations
@@ -16,9 +28,13 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +44,7 @@ KEY = "benchmark-key-not-secret"
 
 BARE = r"""
 import io, os, sys, time
-from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import Pool
 from pathlib import Path
 from PIL import Image
 src, dst, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -39,93 +55,185 @@ def copy(p):
     buf = io.BytesIO(); im.save(buf, format="PNG")
     out = dst / p.relative_to(src); out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(buf.getvalue())
-t = time.perf_counter()
-with ThreadPoolExecutor(workers) as ex:
-    list(ex.map(copy, files))
-print(len(files), time.perf_counter() - t)
+if __name__ == "__main__":
+    with Pool(workers) as pool:
+        for _ in pool.imap_unordered(copy, files, chunksize=max(1, min(256, len(files) // (8 * workers)))):
+            pass
+    print(len(files))
 """
 
 
-def peak_rss_run(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float]:
+class TreeSampler(threading.Thread):
+    """Peak summed PSS and RSS (bytes) of a process and all its descendants."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.peak_pss = self.peak_rss = 0
+        self.stop = threading.Event()
+
+    def _tree(self) -> list[int]:
+        pids, frontier = [self.pid], [self.pid]
+        while frontier:
+            pid = frontier.pop()
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except OSError:
+                continue
+            pids += kids
+            frontier += kids
+        return pids
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            pss = rss = 0
+            for pid in self._tree():
+                try:
+                    with open(f"/proc/{pid}/smaps_rollup") as fh:
+                        for line in fh:
+                            if line.startswith("Pss:"):
+                                pss += int(line.split()[1]) << 10
+                            elif line.startswith("Rss:"):
+                                rss += int(line.split()[1]) << 10
+                except OSError:
+                    continue
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            time.sleep(self.every)
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float, float, float]:
+    """(stdout, wall seconds, CPU seconds of the tree, peak PSS MiB, peak RSS MiB) of a command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
     wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    sampler.stop.set()
+    sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return out, wall, usage.ru_maxrss / 1024.0
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}: {err[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the whole tree: workers are reaped by their parent
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return out, wall, cpu, sampler.peak_pss / 2**20, sampler.peak_rss / 2**20
 
 
-def stage(name: str, work: Path) -> tuple[Path, Path | None]:
+def make_photos(count: int, work: Path) -> Path:
+    """``count`` 6000x4000 RGB PNGs from the Kodak photos (cached)."""
+    import numpy as np
+    from PIL import Image
+
+    dst = work / f"photos24mp-{count}"
+    done = dst / ".complete"
+    if done.exists():
+        return dst
+    kodak = sorted((DATA / "kodak").glob("*.png"))
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        cls = dst / ("ab"[i % 2])
+        cls.mkdir(parents=True, exist_ok=True)
+        with Image.open(kodak[i % len(kodak)]) as im:
+            im = im.convert("RGB")
+            if im.width < im.height:
+                im = im.rotate(90, expand=True)
+            big = np.asarray(im.resize((6000, 4000), Image.Resampling.BICUBIC), dtype=np.int16)
+        noisy = np.clip(big + rng.normal(0, 2.0, big.shape).round().astype(np.int16), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(cls / f"photo{i:03d}.png")
+        print(f"made {cls / f'photo{i:03d}.png'}", file=sys.stderr, flush=True)
+    done.touch()
+    return dst
+
+
+def stage(name: str, work: Path, photos: int) -> tuple[Path, Path | None]:
     """The input folder (and label file) for a set."""
     if name == "cifar50k":
         return DATA / "cifar10" / "train", None
     if name == "cifar10k":
         dst = work / "in-cifar10k"
-        if not dst.exists():
+        if not (dst / ".complete").exists():
             for cls in sorted((DATA / "cifar10" / "train").iterdir()):
-                (dst / cls.name).mkdir(parents=True)
+                (dst / cls.name).mkdir(parents=True, exist_ok=True)
                 for f in sorted(cls.glob("*.png"))[:1000]:
                     shutil.copyfile(f, dst / cls.name / f.name)
+            (dst / ".complete").touch()
         return dst, None
     if name == "kodak":
         labels = work / "kodak-labels.csv"
         files = sorted((DATA / "kodak").glob("*.png"))
         labels.write_text("path,label\n" + "".join(f"{f.name},{'ab'[i % 2]}\n" for i, f in enumerate(files)))
         return DATA / "kodak", labels
+    if name == "photos24mp":
+        return make_photos(photos, work), None
     raise SystemExit(f"unknown set {name}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sets", default="kodak,cifar10k,cifar50k")
+    ap.add_argument("--sets", default="cifar50k,kodak,photos24mp")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating bare/protect pairs per set")
+    ap.add_argument("--photos", type=int, default=16, help="photos in the photos24mp set")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "throughput")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--extra", default="", help="extra arguments for protect images, e.g. '--memory 1GB'")
     args = ap.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA}")
     args.work.mkdir(parents=True, exist_ok=True)
-    # Outputs go to a fresh folder: rewriting just-deleted files is much slower on ext4 with
-    # discard, which would distort both timings. Older runs are deleted after this one is measured.
-    old_runs = sorted(args.work.glob("run-*"))
-    run_dir = args.work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     env = {**os.environ, "PROTECT_KEY": KEY}
     protect_bin = str(Path(sys.executable).with_name("protect"))
     rows = []
     for name in args.sets.split(","):
-        src, labels = stage(name, args.work)
-        out, bare_wall, bare_rss = peak_rss_run(
-            [sys.executable, "-c", BARE, str(src), str(run_dir / f"{name}-bare"), str(args.workers)], env)
-        n, bare_s = int(out.split()[0]), float(out.split()[1])
-        cmd = [protect_bin, "images", "--quiet", "--json", "--workers", str(args.workers), "--device", args.device,
-               str(src), str(run_dir / f"{name}-protected")]
-        if labels:
-            cmd[2:2] = ["--labels", str(labels)]
-        out, wall, rss = peak_rss_run(cmd, env)
-        summary = json.loads(out)
-        assert summary["done"] == n, (summary["done"], n)
-        row = {
-            "set": name, "images": n, "bare_img_s": n / bare_s, "protect_img_s": n / summary["seconds"],
-            "protect_wall_img_s": n / wall, "ratio": bare_s / summary["seconds"], "ratio_wall": bare_wall / wall,
-            "bare_rss_mib": bare_rss, "protect_rss_mib": rss, "psnr": summary["psnr_mean"], "ssim": summary["ssim_mean"],
-            "device": summary["device"],
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        src, labels = stage(name, args.work, args.photos)
+        pairs = []
+        for rep in range(args.repeats):
+            outs = Path(tempfile.mkdtemp(prefix="protect-bench-", dir=args.out))
+            try:
+                bare_out, bare_wall, bare_cpu, bare_pss, bare_rss = timed(
+                    [sys.executable, "-c", BARE, str(src), str(outs / "bare"), str(args.workers)], env)
+                shutil.rmtree(outs / "bare")
+                cmd = [protect_bin, "images", "--quiet", "--json", "--workers", str(args.workers), "--device",
+                       args.device, *args.extra.split(), str(src), str(outs / "protected")]
+                if labels:
+                    cmd[2:2] = ["--labels", str(labels)]
+                out, wall, cpu, pss, rss = timed(cmd, env)
+            finally:
+                shutil.rmtree(outs, ignore_errors=True)
+            n = int(bare_out.split()[0])
+            summary = json.loads(out)
+            assert summary["done"] == n, (summary["done"], n)
+            pair = {"set": name, "rep": rep, "images": n, "bare_s": round(bare_wall, 2), "protect_s": round(wall, 2),
+                    "bare_cpu_s": round(bare_cpu, 2), "protect_cpu_s": round(cpu, 2),
+                    "protect_loop_s": round(summary["seconds"], 2), "ratio": round(bare_wall / wall, 3),
+                    "bare_pss_mib": round(bare_pss), "bare_rss_mib": round(bare_rss), "protect_pss_mib": round(pss),
+                    "protect_rss_mib": round(rss), "psnr": summary["psnr_mean"], "ssim": summary["ssim_mean"],
+                    "device": summary["device"], "workers": summary.get("workers")}
+            print(json.dumps(pair), flush=True)
+            pairs.append(pair)
+        ratios = [p["ratio"] for p in pairs]
+        rows.append({
+            "set": name, "images": pairs[0]["images"], "ratio": statistics.median(ratios), "lo": min(ratios),
+            "hi": max(ratios), "bare_img_s": statistics.median(p["images"] / p["bare_s"] for p in pairs),
+            "protect_img_s": statistics.median(p["images"] / p["protect_s"] for p in pairs),
+            "pss": max(p["protect_pss_mib"] for p in pairs), "rss": max(p["protect_rss_mib"] for p in pairs),
+            "bare_pss": max(p["bare_pss_mib"] for p in pairs), "psnr": pairs[0]["psnr"], "ssim": pairs[0]["ssim"],
+            "bare_cpu_ms": statistics.median(1000 * p["bare_cpu_s"] / p["images"] for p in pairs),
+            "protect_cpu_ms": statistics.median(1000 * p["protect_cpu_s"] / p["images"] for p in pairs),
+        })
     print()
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
-          f"workers {args.workers}")
-    print("| set | images | bare copy img/s | protect img/s | ratio (loop) | ratio (incl. start-up) | peak RSS bare / protect (MiB) | mean PSNR / SSIM |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+          f"{platform.python_version()}; {args.workers} worker processes on both sides; outputs in {args.out}; "
+          f"{args.repeats} alternating pairs per set")
+    print("| set | images | bare img/s | protect img/s | ratio median (range) | CPU ms/img bare / protect "
+          "| peak PSS protect / bare (MiB) | peak RSS sum protect (MiB) | mean PSNR / SSIM |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['set']} | {r['images']} | {r['bare_img_s']:.0f} | {r['protect_img_s']:.0f} | {r['ratio']:.2f} | "
-              f"{r['ratio_wall']:.2f} | {r['bare_rss_mib']:.0f} / {r['protect_rss_mib']:.0f} | {r['psnr']:.1f} dB / {r['ssim']:.3f} |")
-    for old in old_runs:
-        shutil.rmtree(old, ignore_errors=True)
+        print(f"| {r['set']} | {r['images']} | {r['bare_img_s']:.1f} | {r['protect_img_s']:.1f} | {r['ratio']:.2f} "
+              f"({r['lo']:.2f}-{r['hi']:.2f}) | {r['bare_cpu_ms']:.2f} / {r['protect_cpu_ms']:.2f} | "
+              f"{r['pss']:.0f} / {r['bare_pss']:.0f} | {r['rss']:.0f} | {r['psnr']:.1f} dB / {r['ssim']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The ``protect`` command: thin click commands over the library.
 
 Every error is one line on stderr and a non-zero exit code:
-0 success; 1 some images failed (the rest were written); 2 bad input or option;
-130 interrupted (rerun the same command to resume).
+0 success; 1 some images failed (the rest were written), or ``inspect --check`` found changed
+outputs; 2 bad input or option; 3 internal error (a bug: rerun with PROTECT_DEBUG=1 and report
+it); 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import click
 
 from perturbations.errors import ProtectError
 
-EXIT_FAILED_FILES, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED_FILES, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 class _TqdmHandler(logging.Handler):
@@ -37,6 +38,8 @@ def _setup_logging(quiet: bool) -> None:
     handler = _TqdmHandler()
     root.addHandler(handler)
     root.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logging.captureWarnings(True)  # library warnings (Pillow's, say) go through the same line format
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)  # per-file decoder chatter: the summary says what failed
 
 
 def _echo_json(data: Any) -> None:
@@ -121,19 +124,23 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--jpeg-quality", type=int, default=95, show_default=True, help="Quality of JPEG outputs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), help="Decode/encode threads (default: CPU count).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: the CPU cores).")
+@click.option("--memory", metavar="SIZE", help="Image working memory of all workers together, e.g. 2GB (default: a quarter of RAM, at most 1.5GB).")
 @click.option("--record", "record_dir", type=click.Path(file_okay=False), help="Private run record folder (default OUT_DIR.protect).")
 @click.option("--overwrite", is_flag=True, help="Redo every image instead of resuming.")
+@click.option("--prune", is_flag=True, help="Delete outputs whose input was removed or now fails (only if unchanged).")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Largest image accepted (decompression-bomb guard).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or warnings.")
 def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, method: str, labels_csv: str | None,
            filter_size: int | None, blur: float | None, padding: str | None, mix: float | None, extra: tuple[str, ...],
-           out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None,
-           record_dir: str | None, overwrite: bool, strict: bool, max_pixels: int | None, as_json: bool, quiet: bool) -> None:
+           out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None, memory: str | None,
+           record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None, as_json: bool,
+           quiet: bool) -> None:
     """Protect every image under IN_DIR into OUT_DIR (same names, same formats)."""
     from protect import ProtectOptions, load_keyring, protect_folder
+    from protect.engine import parse_size
     from protect.imageio import DEFAULT_MAX_PIXELS
 
     _setup_logging(quiet or as_json)
@@ -142,7 +149,8 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
     params = {k: v for k, v in params.items() if v is not None} | _parse_params(extra)
     options = ProtectOptions(
         method=method, params=params, labels_csv=labels_csv, out_format=out_format, device=device,
-        batch_size=batch_size, workers=workers, record_dir=record_dir, overwrite=overwrite, strict=strict,
+        batch_size=batch_size, workers=workers, memory=parse_size(memory) if memory else None,
+        record_dir=record_dir, overwrite=overwrite, prune=prune, strict=strict,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, jpeg_quality=jpeg_quality, progress=not quiet,
     )
 
@@ -163,8 +171,9 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
 
 def _print_summary(s: Any) -> None:
     click.echo(f"protected {s.out_dir} with {s.method} (key fingerprint {s.key_fingerprint}) "
-               f"in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s on {s.device})")
-    click.echo(f"  done {s.done}, skipped {s.skipped} (already protected), failed {s.failed}, of {s.total}")
+               f"in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s on {s.device}, {s.workers} worker(s))")
+    click.echo(f"  done {s.done}, skipped {s.skipped} (already protected), failed {s.failed}, of {s.total}"
+               + (f"; pruned {s.pruned} orphaned output(s)" if s.pruned else ""))
     if s.psnr_mean is not None:
         click.echo(f"  fidelity: mean PSNR {s.psnr_mean:.2f} dB, mean SSIM {s.ssim_mean:.3f}")
     params = ", ".join(f"{k}={v}" for k, v in s.params.items() if k != "size_rule")
@@ -203,6 +212,13 @@ def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, 
                        f"SSIM mean {info['ssim_mean']:.3f} (min {info['ssim_min']:.3f})")
         click.echo(f"  run {'complete' if info['complete'] else 'INCOMPLETE: rerun the same command to resume'}"
                    + (f"; {len(info['failures'])} file(s) failed" if info["failures"] else ""))
+        if info["orphans"]:
+            click.echo(f"  {len(info['orphans'])} orphaned output(s) (input removed or now failing; "
+                       "`protect images ... --prune` deletes them):")
+            for o in info["orphans"][:20]:
+                click.echo(f"    {o.get('output')}: {o.get('reason')}")
+            if len(info["orphans"]) > 20:
+                click.echo(f"    ... and {len(info['orphans']) - 20} more (see --json)")
         if check:
             c = info["check"]
             click.echo("  outputs intact" if c["ok"] else f"  {len(c['missing'])} output(s) missing, {len(c['changed'])} changed")
@@ -241,9 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         if debug:
             raise
-        click.echo(f"internal error: {exc.__class__.__name__}: {exc} (rerun with PROTECT_DEBUG=1 for details)"
-                   .replace("\n", " "), err=True)
-        sys.exit(1)
+        click.echo(f"internal error: {exc.__class__.__name__}: {exc} (a bug: rerun with PROTECT_DEBUG=1 for "
+                   "details and report it)".replace("\n", " "), err=True)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,22 @@ from typing import Any
 from perturbations import Keyring
 
 from .errors import RecordError
-from .record import MANIFEST, RunRecord, default_record_dir, sha256_file
+from .record import MANIFEST, RunRecord, default_record_dir
+from .safefs import Tree
+
+
+def _manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"cannot read {path} ({exc.__class__.__name__}); rerun the protect command to "
+                          "rewrite it") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path} is not a protect manifest; rerun the protect command to rewrite it")
+    return data
 
 
 def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None = None,
@@ -20,19 +35,24 @@ def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None
     Args:
         out_dir: a folder written by ``protect images``.
         record_dir: where its record is (default ``<out_dir>.protect``).
-        check_files: re-hash every output and report missing or changed files.
+        check_files: re-hash every output and report missing or changed files (links inside the
+            output folder count as changed: they are never followed).
         keyring: if given, report whether it is the key the run used (by fingerprint).
+    Returns a dict: method, params, key fingerprint, counts, fidelity, failures, orphans (outputs of
+    inputs that were removed or now fail), completeness and, with ``check_files``, the check.
     """
     out = Path(out_dir)
     if not out.is_dir():
         raise RecordError(f"output folder not found: {out}")
-    root = Path(record_dir) if record_dir else default_record_dir(out.resolve())
+    root = Path(record_dir) if record_dir else default_record_dir(out)
     record = RunRecord.read(root)
     header = record.header
-    manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
-    files = list(record.done.values())
-    failures = manifest.get("failures", [])
+    manifest = _manifest(root)
+    failures = manifest.get("failures", []) if isinstance(manifest.get("failures"), list) else []
+    orphans = manifest.get("orphans", []) if isinstance(manifest.get("orphans"), list) else []
+    orphan_paths = {o.get("path") for o in orphans if isinstance(o, dict)}
+    files = [e for rel, e in record.done.items() if rel not in orphan_paths]
+    summary = manifest.get("summary", {}) if isinstance(manifest.get("summary"), dict) else {}
     info: dict[str, Any] = {
         "out_dir": str(out),
         "record_dir": str(root),
@@ -45,23 +65,25 @@ def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None
         "out_format": header.get("out_format"),
         "files": len(files),
         "failures": failures,
+        "orphans": orphans,
         # every image accounted for: protected, or failed with a reason (a rerun would not help)
-        "complete": bool(manifest) and manifest.get("summary", {}).get("total") == len(files) + len(failures),
-        "psnr_mean": _mean(f["psnr"] for f in files),
-        "psnr_min": min((f["psnr"] for f in files), default=None),
-        "ssim_mean": _mean(f["ssim"] for f in files),
-        "ssim_min": min((f["ssim"] for f in files), default=None),
+        "complete": bool(manifest) and summary.get("total") == len(files) + len(failures),
+        "psnr_mean": _mean(f.psnr for f in files),
+        "psnr_min": min((f.psnr for f in files), default=None),
+        "ssim_mean": _mean(f.ssim for f in files),
+        "ssim_min": min((f.ssim for f in files), default=None),
     }
     if keyring is not None:
         info["key_matches"] = keyring.fingerprint() == header.get("key_fingerprint")
     if check_files:
         missing, changed = [], []
-        for f in files:
-            digest = sha256_file(out / f["output"])
-            if digest is None:
-                missing.append(f["output"])
-            elif digest != f["output_sha256"]:
-                changed.append(f["output"])
+        with Tree(out, create=False) as tree:
+            for f in files:
+                digest = tree.sha256(f.output)
+                if digest is None:
+                    (changed if os.path.lexists(out / f.output) else missing).append(f.output)
+                elif digest != f.output_sha256:
+                    changed.append(f.output)
         info["check"] = {"missing": missing, "changed": changed, "ok": not missing and not changed}
     return info
 

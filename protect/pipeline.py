@@ -1,60 +1,50 @@
-"""Protect a folder: discover, decode, perturb, encode, record.
+"""Protect a folder: discover, fit, then decode, perturb, encode and record every file.
 
-Decoding and encoding run in a thread pool (Pillow releases the GIL) while the main thread
-batches same-size images and runs the method on the compute device, so the CPU stays busy.
-Every output is written atomically and journalled once it is in place, so an interrupted run
-resumes where it stopped and ends byte-identical to an uninterrupted one.
+The run takes an exclusive lock on its output and record folders, fits the method once (or loads
+the fitted state of the run it resumes), saves that state before any output, and hands chunks of
+files to an engine (:mod:`protect.engine`: worker processes, memory bounded in bytes) that runs
+the per-file work of :mod:`protect.work`. Every output is written atomically, never through a
+symbolic link, and journalled once it is in place, so an interrupted run resumes where it stopped
+and ends byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import perturbations
 from perturbations import FitData, Keyring, Perturbation
 
 from .device import resolve_device
-from .discover import Dataset, ImageEntry, discover
+from .discover import Dataset, discover
+from .engine import LocalEngine, chunks, default_memory, default_workers
 from .errors import ConfigError, InputError, RecordError
-from .fidelity import psnr, ssim
-from .imageio import (
-    DEFAULT_MAX_PIXELS,
-    JPEG_QUALITY,
-    OUT_FORMATS,
-    Decoded,
-    ImageError,
-    decode,
-    encode,
-    output_name,
-    remove_stale_temporaries,
-    to_image,
-    write_atomic,
-)
-from .record import FORMAT_VERSION, RunRecord, default_record_dir
+from .imageio import DEFAULT_MAX_PIXELS, JPEG_QUALITY, OUT_FORMATS, output_name
+from .record import FORMAT_VERSION, JOURNAL, RunRecord, default_record_dir, deps_digest
+from .safefs import RunLock, Tree
+from .work import Prev, Result, Spec, Task
 
 log = logging.getLogger(__name__)
 
-#: Values (pixels x channels) held per batch and in the decode queue; bounds memory on photos.
-BATCH_VALUES = 1 << 22
-QUEUE_VALUES = 1 << 26
 SIZE_SAMPLE = 256
 
 
 @dataclass
 class ProtectOptions:
-    """Everything about a run except the folders and the key."""
+    """Everything about a run except the folders and the key.
+
+    ``workers``: worker processes (default: the CPU cores); ``memory``: bytes of image working
+    memory shared by all workers (default :func:`protect.engine.default_memory`); ``prune``: delete
+    the outputs of inputs that were removed or now fail (see :mod:`protect.record`).
+    """
 
     method: str = "cuda"
     params: dict[str, Any] = field(default_factory=dict)
@@ -63,8 +53,10 @@ class ProtectOptions:
     device: str = "auto"
     batch_size: int = 256
     workers: int | None = None
+    memory: int | None = None
     record_dir: Path | None = None
     overwrite: bool = False
+    prune: bool = False
     strict: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int = JPEG_QUALITY
@@ -87,11 +79,15 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    orphans: list[dict[str, str]] = field(default_factory=list)
+    pruned: int = 0
+    skipped_entries: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     psnr_mean: float | None = None
     ssim_mean: float | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    workers: int = 1
 
     @property
     def images_per_second(self) -> float:
@@ -110,14 +106,19 @@ def _within(a: Path, b: Path) -> bool:
 
 def check_folders(in_dir: Path, out_dir: Path, record_dir: Path) -> None:
     """Refuse layouts where writing could touch the input or mix record and images."""
-    in_r, out_r, rec_r = in_dir.resolve(), out_dir.resolve(), record_dir.resolve()
+    try:
+        in_r, out_r, rec_r = in_dir.resolve(), out_dir.resolve(), record_dir.resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop in a given path
+        raise InputError(f"cannot resolve the folders: {exc}") from None
     if not in_r.is_dir():
         raise InputError(f"input folder not found: {in_dir}" if not in_r.exists() else f"input is not a folder: {in_dir}")
     if out_r.exists() and not out_r.is_dir():
         raise InputError(f"output path exists and is not a folder: {out_dir}")
+    if rec_r.exists() and not rec_r.is_dir():
+        raise InputError(f"record path exists and is not a folder: {record_dir}")
     if _within(out_r, in_r) or _within(in_r, out_r):
         raise InputError("the output folder must not be, contain, or lie inside the input folder")
-    if _within(rec_r, in_r) or _within(rec_r, out_r) or _within(out_r, rec_r):
+    if _within(rec_r, in_r) or _within(rec_r, out_r) or _within(out_r, rec_r) or _within(in_r, rec_r):
         raise InputError("the run record must lie outside both the input and the output folder")
 
 
@@ -130,7 +131,7 @@ def _fit_data(dataset: Dataset, max_pixels: int) -> FitData:
     sizes = []
     for entry in entries[::step][:SIZE_SAMPLE]:
         try:
-            with Image.open(entry.path) as im:
+            with Image.open(entry.path, formats=[entry.format]) as im:
                 w, h = im.size
             if w * h <= max_pixels:
                 sizes.append((h, w))
@@ -138,171 +139,6 @@ def _fit_data(dataset: Dataset, max_pixels: int) -> FitData:
             continue
     labels = [e.label for e in entries] if dataset.labelled else None
     return FitData(len(dataset.classes), labels, sizes, [e.rel for e in entries])  # type: ignore[arg-type]
-
-
-@dataclass
-class _Item:
-    entry: ImageEntry
-    out_rel: str
-    in_sha: str
-    decoded: Decoded
-
-
-class _Run:
-    """One protect run's moving parts (kept off the public API)."""
-
-    def __init__(self, dataset: Dataset, out_dir: Path, method: Perturbation, record: RunRecord,
-                 options: ProtectOptions, device: torch.device, summary: Summary) -> None:
-        self.dataset, self.out_dir, self.method, self.record = dataset, out_dir, method, record
-        self.options, self.device, self.summary = options, device, summary
-        workers = options.workers or max(2, os.cpu_count() or 2)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="protect-io")
-        self.writes: deque[Future] = deque()
-        self.write_window = 4 * workers + 2 * options.batch_size
-        self.notes: dict[str, int] = {}
-        self.bar: Any = None
-
-    # -- worker side -----------------------------------------------------------------------
-    def load(self, entry: ImageEntry) -> tuple[str, Any, str]:
-        out_rel = output_name(entry.rel, entry.format, self.options.out_format)
-        try:
-            data = entry.path.read_bytes()
-        except OSError as exc:
-            return "fail", f"cannot read file: {exc.strerror or exc}", out_rel
-        in_sha = hashlib.sha256(data).hexdigest()
-        if not self.options.overwrite and self.record.is_current(entry.rel, in_sha, self.out_dir / out_rel):
-            return "skip", None, out_rel
-        try:
-            decoded = decode(data, entry.format, self.options.max_pixels)
-        except ImageError as exc:
-            return "fail", str(exc), out_rel
-        return "ok", _Item(entry, out_rel, in_sha, decoded), out_rel
-
-    def write(self, item: _Item, pixels: np.ndarray, p: float, s: float) -> dict[str, Any]:
-        fmt = "PNG" if self.options.out_format == "png" else item.decoded.format
-        try:
-            data = encode(to_image(pixels, item.decoded.alpha), fmt, item.decoded.meta, self.options.jpeg_quality)
-            write_atomic(self.out_dir / item.out_rel, data)
-        except (ImageError, OSError, ValueError) as exc:
-            return {"path": item.entry.rel, "error": f"cannot write output: {exc}"}
-        return {
-            "path": item.entry.rel,
-            "output": item.out_rel,
-            "label": item.entry.label,
-            "input_sha256": item.in_sha,
-            "output_sha256": hashlib.sha256(data).hexdigest(),
-            "psnr": round(p, 3),
-            "ssim": round(s, 5),
-            "notes": item.decoded.notes,
-        }
-
-    # -- main thread -----------------------------------------------------------------------
-    def fail(self, rel: str, reason: str) -> None:
-        self.summary.failed += 1
-        self.summary.failures.append((rel, reason))
-        log.warning("%s: %s", rel, reason)
-        self._tick()
-        if self.options.strict:
-            raise InputError(f"{rel}: {reason} (stopped by --strict)")
-
-    def _tick(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            if self.summary.failed:
-                self.bar.set_postfix(failed=self.summary.failed, refresh=False)
-
-    def flush(self, items: list[_Item]) -> None:
-        if not items:
-            return
-        stack = np.stack([it.decoded.pixels for it in items])  # N x H x W x C
-        peak = 65535.0 if stack.dtype == np.uint16 else 255.0
-        x = torch.from_numpy(stack.astype(np.int32) if stack.dtype == np.uint16 else stack)
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(peak)
-        labels = None
-        if self.dataset.labelled:
-            labels = torch.tensor([it.entry.label for it in items], dtype=torch.long)
-        with torch.inference_mode():
-            y = self.method.apply(x, labels, [it.entry.rel for it in items])
-            q = y.mul(peak).round_().clamp_(0, peak)
-            qf = q / peak
-            ps, ss = psnr(x, qf).tolist(), ssim(x, qf).tolist()
-            out = q.permute(0, 2, 3, 1).to("cpu", torch.int32).numpy().astype(stack.dtype)
-        for i, item in enumerate(items):
-            self.writes.append(self.pool.submit(self.write, item, out[i], ps[i], ss[i]))
-        self.drain(self.write_window)
-
-    def drain(self, keep: int = 0) -> None:
-        """Journal finished writes (in submission order) until at most ``keep`` are pending."""
-        while self.writes and (len(self.writes) > keep or self.writes[0].done()):
-            self._journal(self.writes.popleft().result())
-        self.record.flush()
-
-    def drain_finished(self) -> None:
-        """After shutdown: journal every write that completed; cancelled ones are simply redone."""
-        for fut in self.writes:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                try:
-                    self._journal(fut.result())
-                except InputError:  # --strict: the run is already stopping
-                    pass
-        self.writes.clear()
-
-    def _journal(self, entry: dict[str, Any]) -> None:
-        if "error" in entry:
-            self.fail(entry["path"], entry["error"])
-        else:
-            self.record.add(entry)
-            self.summary.done += 1
-            for note in entry["notes"]:
-                self.notes[note] = self.notes.get(note, 0) + 1
-            self._tick()
-
-    def run(self) -> None:
-        entries = self.dataset.entries
-        buckets: dict[tuple, list[_Item]] = {}
-        held = 0  # values held in buckets
-        loads: deque[Future] = deque()
-        it = iter(entries)
-        window, seen_values, seen = 2 * self.options.batch_size, 0, 0
-
-        def refill() -> None:
-            while len(loads) < window:
-                entry = next(it, None)
-                if entry is None:
-                    return
-                loads.append(self.pool.submit(self.load, entry))
-
-        refill()
-        while loads:
-            status, payload, out_rel = loads.popleft().result()
-            rel = entries[seen].rel
-            seen += 1
-            if status == "skip":
-                self.summary.skipped += 1
-                self._tick()
-            elif status == "fail":
-                self.fail(rel, payload)
-            else:
-                item: _Item = payload
-                size = item.decoded.pixels.size
-                seen_values += size
-                window = int(min(2 * self.options.batch_size, max(8, QUEUE_VALUES * seen / max(seen_values, 1))))
-                bucket = buckets.setdefault(item.decoded.key, [])
-                bucket.append(item)
-                held += size
-                # every image in a bucket has the same shape, so its values are len x size
-                if len(bucket) >= self.options.batch_size or len(bucket) * size >= BATCH_VALUES:
-                    held -= len(bucket) * size
-                    self.flush(buckets.pop(item.decoded.key))
-                elif held >= QUEUE_VALUES:
-                    biggest = max(buckets, key=lambda k: len(buckets[k]))
-                    held -= len(buckets[biggest]) * buckets[biggest][0].decoded.pixels.size
-                    self.flush(buckets.pop(biggest))
-            refill()
-            self.drain(self.write_window)
-        for key in sorted(buckets):
-            self.flush(buckets.pop(key))
-        self.drain(0)
 
 
 def _requested_params(method_cls: type[Perturbation], dataset: Dataset, given: dict[str, Any]) -> dict[str, Any]:
@@ -314,6 +150,56 @@ def _requested_params(method_cls: type[Perturbation], dataset: Dataset, given: d
     if "num_classes" in params and params["num_classes"] is None and dataset.labelled:
         params["num_classes"] = len(dataset.classes)
     return params
+
+
+def _check_options(options: ProtectOptions) -> None:
+    if options.out_format not in OUT_FORMATS:
+        raise ConfigError(f"unknown output format '{options.out_format}'; use {' or '.join(OUT_FORMATS)}")
+    if options.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+    if options.workers is not None and options.workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    if not 1 <= options.jpeg_quality <= 100:
+        raise ConfigError("JPEG quality must be in 1..100")
+    if options.max_pixels < 1:
+        raise ConfigError("--max-pixels must be >= 1")
+
+
+class _Run:
+    """The parent's side of a run: journal results as they arrive, count, show progress."""
+
+    def __init__(self, record: RunRecord, summary: Summary, strict: bool) -> None:
+        self.record, self.summary, self.strict = record, summary, strict
+        self.notes: dict[str, int] = {}
+        self.failed: set[str] = set()
+        self.bar: Any = None
+
+    def on_results(self, results: list[Result]) -> None:
+        stop: tuple[str, str] | None = None
+        try:
+            for r in results:
+                if r.kind == "done":
+                    self.record.add(r.line)
+                    self.summary.done += 1
+                    for note in r.notes:
+                        self.notes[note] = self.notes.get(note, 0) + 1
+                elif r.kind == "skip":
+                    self.summary.skipped += 1
+                else:
+                    self.summary.failed += 1
+                    self.summary.failures.append((r.rel, r.reason))
+                    self.failed.add(r.rel)
+                    log.warning("%s: %s", r.rel, r.reason)
+                    if self.strict and (stop is None or r.rel < stop[0]):  # the first in input order
+                        stop = (r.rel, r.reason)
+        finally:
+            self.record.flush()
+        if self.bar is not None:
+            self.bar.update(len(results))
+            if self.summary.failed:
+                self.bar.set_postfix(failed=self.summary.failed, refresh=False)
+        if stop is not None:
+            raise InputError(f"{stop[0]}: {stop[1]} (stopped by --strict)")
 
 
 def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyring: Keyring,
@@ -332,14 +218,9 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
         a :class:`Summary`; failed files are listed there and in the manifest.
     """
     options = options or ProtectOptions()
-    if options.out_format not in OUT_FORMATS:
-        raise ConfigError(f"unknown output format '{options.out_format}'; use {' or '.join(OUT_FORMATS)}")
-    if options.batch_size < 1:
-        raise ConfigError("--batch-size must be >= 1")
-    if not 1 <= options.jpeg_quality <= 100:
-        raise ConfigError("JPEG quality must be in 1..100")
+    _check_options(options)
     in_path, out_path = Path(in_dir), Path(out_dir)
-    record_dir = Path(options.record_dir) if options.record_dir else default_record_dir(out_path.resolve())
+    record_dir = Path(options.record_dir) if options.record_dir else default_record_dir(out_path)
     check_folders(in_path, out_path, record_dir)
     method_cls = perturbations.get(options.method)
     dataset = discover(in_path, options.labels_csv)
@@ -369,65 +250,135 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
         "jpeg_quality": options.jpeg_quality,
         "in_dir": str(in_path.resolve()),
     }
-    previous = None if options.overwrite else RunRecord.find(record_dir)  # the journal is read once
+    method = method_cls(keyring, **params)  # checks the parameters before anything is created
+    if (not options.overwrite and not (record_dir / JOURNAL).is_file() and out_path.is_dir()
+            and any(not p.name.startswith(".") for p in out_path.iterdir())):
+        raise RecordError(f"{out_dir} is not empty and holds no run record at {record_dir}; "
+                          "choose an empty output folder or pass --overwrite")
+    for folder in (out_path, record_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create {folder}: {exc.strerror or exc}") from None
+        if not folder.is_dir():
+            raise InputError(f"cannot create {folder}: not a folder")
+    lock = RunLock(record_dir, out_path)
+    try:
+        return _locked_run(dataset, in_path, out_path, record_dir, keyring, options, method, params, header,
+                           device, on_start)
+    finally:
+        lock.release()
+
+
+def _load_state(previous: RunRecord) -> dict[str, torch.Tensor] | None:
+    fh = previous.open_state()
+    if fh is None:
+        return None
+    with fh:
+        try:
+            return torch.load(fh, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+            raise RecordError(f"cannot read method state in {previous.root}: {exc.__class__.__name__}; "
+                              "rerun with --overwrite") from None
+
+
+def _locked_run(dataset: Dataset, in_path: Path, out_path: Path, record_dir: Path, keyring: Keyring,
+                options: ProtectOptions, method: Perturbation, params: dict[str, Any],
+                header: dict[str, Any], device: torch.device, on_start: Callable[[int], Any] | None) -> Summary:
+    method_cls = type(method)
+    previous = None if options.overwrite else RunRecord.find(record_dir)  # read under the lock
     if previous is not None:
         previous.check_matches(header)  # a record of another run: say what differs
-    resuming = previous is not None
-    if out_path.is_dir() and not resuming and not options.overwrite and any(
-        p for p in out_path.iterdir() if not p.name.startswith(".")
-    ):
-        raise RecordError(f"{out_dir} is not empty and holds no matching run record at {record_dir}; "
-                          "choose an empty output folder or pass --overwrite")
-    method = method_cls(keyring, **params)
-    state = previous.load_state() if previous is not None else None
+    state = _load_state(previous) if previous is not None else None
     if state:
         method.load_state_dict(state)
     else:
         method.fit(_fit_data(dataset, options.max_pixels))
     header["resolved_params"] = method.params()
+    for root in (out_path, record_dir):
+        with Tree(root) as tree:
+            tree.remove_temporaries()
     record = RunRecord.open(record_dir, header, previous)
+    workers = options.workers or default_workers()
     summary = Summary(str(in_path), str(out_path), str(record_dir), method_cls.name, method.params(),
-                      keyring.fingerprint(), dataset.class_map, total=len(dataset.entries), device=str(device))
+                      keyring.fingerprint(), dataset.class_map, total=len(dataset.entries), device=str(device),
+                      workers=workers)
+    summary.skipped_entries = [{"path": rel, "reason": why} for rel, why in dataset.skipped]
     summary.warnings.extend(f"skipped {rel}: {why}" for rel, why in dataset.skipped)
-    run = _Run(dataset, out_path, method, record, options, device, summary)
+    run = _Run(record, summary, options.strict)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # The I/O threads already keep the cores busy; OpenMP workers spinning beside them
-        # would slow every tensor op by orders of magnitude (oversubscription).
-        torch.set_num_threads(1)
     try:
-        if not state:
-            record.save_state(method.state_dict())
-        out_path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_path)
-        if on_start is not None:
-            run.bar = on_start(len(dataset.entries))
-        run.run()
+        state_dict = method.state_dict()
+        if state:
+            state_sha = record.state_sha256() or ""
+        else:
+            state_sha = record.save_state(lambda fh: torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, fh))
+        deps = deps_digest({"method": method_cls.name, "params": method.params(), "state": state_sha,
+                            "out_format": options.out_format, "jpeg_quality": options.jpeg_quality,
+                            "compute": "exact" if method.exact else device.type})
+        classes = dataset.classes
+        tasks = []
+        for e in dataset.entries:
+            old = record.done.get(e.rel)
+            prev = Prev(old.input_sha256, old.output_sha256, old.output, old.label, old.deps) if old else None
+            tasks.append(Task(e.rel, e.format, output_name(e.rel, e.format, options.out_format), e.label,
+                              classes[e.label] if e.label is not None else None, prev))
+        spec = Spec(method_cls.name, params, state_dict, keyring, str(dataset.root), str(out_path.resolve()),
+                    options.out_format, options.jpeg_quality, options.max_pixels, options.batch_size,
+                    options.overwrite, str(device), deps, options.memory or default_memory())
+        engine = LocalEngine(spec, min(workers, max(1, len(tasks))))
+
+        def ready() -> None:
+            if on_start is not None:
+                run.bar = on_start(len(tasks))
+
+        engine.run(chunks(tasks, engine.workers), run.on_results, ready, ordered=options.strict)
     finally:
-        run.pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
-        run.drain_finished()
         if run.bar is not None:
             run.bar.close()
         summary.seconds = time.perf_counter() - start
-        _finish(summary, record, run, options)
+        _finish(summary, record, run, dataset, out_path, options)
     return summary
 
 
-def _finish(summary: Summary, record: RunRecord, run: _Run, options: ProtectOptions) -> None:
-    values = list(record.done.values())
+def _finish(summary: Summary, record: RunRecord, run: _Run, dataset: Dataset, out_path: Path,
+            options: ProtectOptions) -> None:
+    rels = {e.rel for e in dataset.entries}
+    current = [r for r in rels if r in record.done and r not in run.failed]
+    orphan_rels = sorted(r for r in record.done if r not in rels or r in run.failed)
+    outputs = {record.done[r].output for r in current}
+    orphans = [{"path": r, "output": record.done[r].output,
+                "reason": "input was removed" if r not in rels else "input now fails"} for r in orphan_rels]
+    if options.prune and orphans:
+        with Tree(out_path) as tree:
+            for o in orphans:
+                entry = record.done[o["path"]]
+                if entry.output in outputs:
+                    continue  # the same name is a current output now
+                if tree.sha256(entry.output) == entry.output_sha256:
+                    tree.unlink(entry.output)
+                    summary.pruned += 1
+                elif tree.sha256(entry.output) is not None:
+                    summary.warnings.append(f"kept {entry.output}: it changed since it was written (not pruned)")
+        record.forget(orphan_rels)
+        record.compact()
+        orphans = []
+    summary.orphans = orphans
+    if orphans:
+        summary.warnings.append(f"{len(orphans)} output(s) belong to inputs that were removed or now fail; "
+                                "`protect images ... --prune` deletes them")
+    values = [record.done[r] for r in current]
     if values:
-        summary.psnr_mean = round(sum(v["psnr"] for v in values) / len(values), 3)
-        summary.ssim_mean = round(sum(v["ssim"] for v in values) / len(values), 5)
-    jpeg = sum(1 for v in values if v["output"].lower().endswith((".jpg", ".jpeg")))
+        summary.psnr_mean = round(sum(v.psnr for v in values) / len(values), 3)
+        summary.ssim_mean = round(sum(v.ssim for v in values) / len(values), 5)
+    jpeg = sum(1 for v in values if v.output.lower().endswith((".jpg", ".jpeg")))
     if jpeg:
         summary.warnings.append(f"{jpeg} output(s) written as JPEG (quality {options.jpeg_quality}): "
                                 "re-encoding as JPEG weakens the protection; use --format png to keep it lossless")
     for note, count in sorted(run.notes.items()):
         summary.warnings.append(f"{count} image(s): {note}")
     record.write_manifest(
-        {k: v for k, v in summary.to_dict().items() if k not in ("failures", "params", "class_map")},
-        summary.failures,
+        {k: v for k, v in summary.to_dict().items() if k not in ("failures", "params", "class_map", "orphans")},
+        current, summary.failures, orphans,
     )
     record.close()

@@ -1,13 +1,22 @@
-"""The private run record: what was done, with which key fingerprint, to which file.
+"""The private run record of a protected folder (``OUT_DIR.protect/`` by default).
 
-It lives outside the published folder (default ``<OUT_DIR>.protect/``) and holds:
+Files (all written without following links inside the folder, see :mod:`protect.safefs`):
 
-- ``journal.jsonl``: a header line (format version, method, parameters, class map, key
-  fingerprint, output options), then one line per finished file, appended and flushed as each
+- ``journal.jsonl``: line 1 is the run header (method, parameters, class map, key fingerprint,
+  format version); then one JSON line per finished file, appended and flushed right after its
   output lands. It is what an interrupted run resumes from.
 - ``manifest.json``: the summary written at the end of every run (header, per-file entries with
-  relative path, input and output SHA-256, PSNR, SSIM; failures; totals).
-- ``state.pt``: the method's fitted state (tensors only), to protect more images later.
+  relative path, label, input and output SHA-256, PSNR, SSIM; failures; orphans; totals).
+- ``state.pt``: the method's fitted state (tensors only), streamed to disk, to protect more images
+  later; its SHA-256 is part of what makes an output current.
+- ``lock``: the pid of the run holding the folder (see :class:`protect.safefs.RunLock`).
+
+An output is *current* (skipped on a rerun) only when its input bytes, its label, and everything
+else it depends on (method, resolved parameters, state, output format and quality, and the device
+class for methods that are not exact) match its journal line, and the output file still has the
+recorded bytes. Journal lines of files that are no longer in the input folder, or that now fail,
+are *orphans*: reported by the run and by ``protect inspect``, and removed (with their outputs,
+when those still hold the recorded bytes) by ``protect images --prune``.
 
 Never the key: only its fingerprint.
 """
@@ -17,51 +26,77 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, BinaryIO
 
 from .errors import RecordError
-from .imageio import write_atomic
+from .safefs import Tree
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 JOURNAL, MANIFEST, STATE = "journal.jsonl", "manifest.json", "state.pt"
 #: Header fields that must match for a run to resume into an existing record.
 MATCHING = ("format_version", "method", "params", "class_map", "key_fingerprint", "out_format", "jpeg_quality")
 
 
-def sha256_file(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def default_record_dir(out_dir: Path) -> Path:
-    return out_dir.parent / (out_dir.name + ".protect")
+    """``OUT_DIR.protect`` beside the output folder as given (a link named as OUT_DIR is not resolved)."""
+    out = Path(os.path.abspath(out_dir))
+    return out.parent / (out.name + ".protect")
+
+
+def deps_digest(fields: dict[str, Any]) -> str:
+    """A short digest of everything, besides the input bytes and the label, an output depends on."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Entry:
+    """One journalled file: its JSON line and the fields the pipeline reads back."""
+
+    line: str
+    path: str
+    output: str
+    input_sha256: str
+    output_sha256: str
+    label: str | None
+    deps: str
+    psnr: float
+    ssim: float
+
+    @classmethod
+    def parse(cls, line: str) -> "Entry | None":
+        try:
+            item = json.loads(line)
+            return cls(line.rstrip("\n"), item["path"], item["output"], item["input_sha256"], item["output_sha256"],
+                       item.get("label"), item.get("deps", ""), float(item["psnr"]), float(item["ssim"]))
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 @dataclass
 class RunRecord:
-    """An open run record. Use :meth:`open` to create or resume one."""
+    """An open run record. Use :meth:`open` to create or resume one, :meth:`read` to look at one."""
 
     root: Path
     header: dict[str, Any]
-    done: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _fh: Any = None
+    done: dict[str, Entry] = field(default_factory=dict)
+    journal_lines: int = 0  # lines after the header, including superseded and torn ones
+    _tree: Tree | None = None
+    _fh: BinaryIO | None = None
 
     @classmethod
     def read(cls, root: Path) -> "RunRecord":
         """Load an existing record (read-only use: inspect, verify)."""
         journal = root / JOURNAL
-        if not journal.is_file():
+        if not journal.is_file() or journal.is_symlink():
             raise RecordError(f"no run record at {root} (expected {JOURNAL}); pass --record DIR if it was moved")
-        header, done = _read_journal(journal)
-        return cls(root, header, done)
+        header, done, lines = _read_journal(journal)
+        return cls(root, header, done, lines)
 
     @classmethod
     def find(cls, root: Path) -> "RunRecord | None":
@@ -75,83 +110,117 @@ class RunRecord:
     @classmethod
     def open(cls, root: Path, header: dict[str, Any], previous: "RunRecord | None" = None) -> "RunRecord":
         """Start a new record at ``root``, or resume ``previous`` (found there) if its header matches."""
-        root.mkdir(parents=True, exist_ok=True)
-        journal = root / JOURNAL
-        done: dict[str, dict[str, Any]] = {}
+        tree = Tree(root)
+        done: dict[str, Entry] = {}
+        lines = 0
         if previous is not None:
             previous.check_matches(header)
-            done = previous.done
+            done, lines = previous.done, previous.journal_lines
             header = {**previous.header, **{k: v for k, v in header.items() if k not in MATCHING}}
-            fh = open(journal, "a", encoding="utf-8")
+            record = cls(root, header, done, lines, tree)
+            if lines > len(done):  # superseded or torn lines: start from a compact journal
+                record.compact()
+            record._fh = record._append()
         else:
-            fh = open(journal, "w", encoding="utf-8")
-            fh.write(json.dumps({"header": header}, sort_keys=True) + "\n")
-            fh.flush()
-        return cls(root, header, done, fh)
+            tree.write(JOURNAL, (json.dumps({"header": header}, sort_keys=True) + "\n").encode())
+            record = cls(root, header, done, lines, tree)
+            record._fh = record._append()
+        return record
+
+    def _append(self) -> BinaryIO:
+        assert self._tree is not None
+        try:
+            return self._tree.open_append(JOURNAL)
+        except OSError as exc:
+            raise RecordError(f"cannot append to {self.root / JOURNAL}: {exc.strerror or exc}") from None
 
     # -- writing ---------------------------------------------------------------------------
-    def add(self, entry: dict[str, Any]) -> None:
-        """Journal one finished file (after its output was renamed into place); see :meth:`flush`."""
-        self.done[entry["path"]] = entry
-        self._fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    def add(self, line: str) -> Entry:
+        """Journal one finished file (a JSON line, after its output was renamed into place)."""
+        entry = Entry.parse(line)
+        if entry is None:
+            raise RecordError(f"internal: unparseable journal line {line[:80]!r}")
+        assert self._fh is not None
+        self._fh.write(line.encode("utf-8") + b"\n")
+        self.done[entry.path] = entry
+        self.journal_lines += 1
+        return entry
 
     def flush(self) -> None:
         """Push journalled lines to the OS. A line lost to a crash only means that file is redone."""
         if self._fh is not None:
             self._fh.flush()
 
-    def save_state(self, state: dict[str, torch.Tensor]) -> None:
-        import io
+    def forget(self, paths: Iterable[str]) -> None:
+        """Drop journal entries (after pruning their outputs); call :meth:`compact` to persist."""
+        for p in paths:
+            self.done.pop(p, None)
 
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
-        write_atomic(self.root / STATE, buf.getvalue())
+    def compact(self) -> None:
+        """Rewrite the journal atomically with one line per current entry."""
+        assert self._tree is not None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        text = json.dumps({"header": self.header}, sort_keys=True) + "\n" + "".join(
+            self.done[k].line + "\n" for k in sorted(self.done))
+        self._tree.write(JOURNAL, text.encode("utf-8"))
+        self.journal_lines = len(self.done)
 
-    def load_state(self) -> dict[str, torch.Tensor] | None:
-        path = self.root / STATE
-        if not path.is_file():
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-            raise RecordError(f"cannot read method state {path}: {exc.__class__.__name__}") from None
+    def reopen(self) -> None:
+        if self._fh is None:
+            self._fh = self._append()
 
-    def write_manifest(self, summary: dict[str, Any], failures: list[tuple[str, str]]) -> Path:
-        manifest = {
-            **self.header,
-            "summary": summary,
-            "files": [self.done[k] for k in sorted(self.done)],
-            "failures": [{"path": p, "reason": r} for p, r in failures],
-        }
-        path = self.root / MANIFEST
-        write_atomic(path, _manifest_text(manifest).encode("utf-8"))
-        return path
+    def save_state(self, write: Any) -> str:
+        """Stream the method state to ``state.pt`` (``write(fh)`` serialises it); returns its SHA-256."""
+        assert self._tree is not None
+        digest = hashlib.sha256()
+
+        class _Hashing:
+            def __init__(self, fh: BinaryIO) -> None:
+                self.fh = fh
+
+            def write(self, b: bytes) -> int:
+                digest.update(b)
+                return self.fh.write(b)
+
+            def flush(self) -> None:
+                self.fh.flush()
+
+        self._tree.write(STATE, lambda fh: write(_Hashing(fh)))
+        return digest.hexdigest()
+
+    def state_sha256(self) -> str | None:
+        tree = self._tree or Tree(self.root, create=False)
+        return tree.sha256(STATE)
+
+    def open_state(self) -> BinaryIO | None:
+        tree = self._tree or Tree(self.root, create=False)
+        return tree.open_read(STATE)
+
+    def write_manifest(self, summary: dict[str, Any], files: list[str], failures: list[tuple[str, str]],
+                       orphans: list[dict[str, str]]) -> Path:
+        """``manifest.json``: header, summary, the entries of ``files`` (sorted), failures, orphans."""
+        assert self._tree is not None
+        parts = [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(self.header.items())]
+        parts.append(f'"summary": {json.dumps(summary, sort_keys=True)}')
+        rows = ",\n  ".join(self.done[k].line for k in sorted(files))
+        parts.append('"files": [' + (f"\n  {rows}\n " if rows else "") + "]")
+        fails = ",\n  ".join(json.dumps({"path": p, "reason": r}, sort_keys=True) for p, r in failures)
+        parts.append('"failures": [' + (f"\n  {fails}\n " if fails else "") + "]")
+        orph = ",\n  ".join(json.dumps(o, sort_keys=True) for o in orphans)
+        parts.append('"orphans": [' + (f"\n  {orph}\n " if orph else "") + "]")
+        self._tree.write(MANIFEST, ("{\n " + ",\n ".join(parts) + "\n}\n").encode("utf-8"))
+        return self.root / MANIFEST
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.flush()
             self._fh.close()
             self._fh = None
-
-    def is_current(self, rel: str, in_sha: str, out_path: Path) -> bool:
-        """True if ``rel`` was already protected from the same input and its output is intact."""
-        entry = self.done.get(rel)
-        return bool(entry and entry.get("input_sha256") == in_sha and sha256_file(out_path) == entry.get("output_sha256"))
-
-
-def _manifest_text(manifest: dict[str, Any]) -> str:
-    """JSON with one line per top-level key and one line per file entry: as readable as an indented
-    dump, but every part goes through the C encoder (an indented dump of a 50k-file manifest runs
-    the pure-Python encoder and cost about 7 % of a CIFAR-10 run)."""
-    parts = []
-    for key in sorted(manifest):
-        value = manifest[key]
-        if isinstance(value, list) and value:
-            rows = ",\n  ".join(json.dumps(v, sort_keys=True) for v in value)
-            parts.append(f"{json.dumps(key)}: [\n  {rows}\n ]")
-        else:
-            parts.append(f"{json.dumps(key)}: {json.dumps(value, sort_keys=True)}")
-    return "{\n " + ",\n ".join(parts) + "\n}\n"
+        if self._tree is not None:
+            self._tree.close()
+            self._tree = None
 
 
 def _check_header(root: Path, old: dict[str, Any], header: dict[str, Any]) -> None:
@@ -164,22 +233,33 @@ def _check_header(root: Path, old: dict[str, Any], header: dict[str, Any]) -> No
         )
 
 
-def _read_journal(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _read_journal(path: Path) -> tuple[dict[str, Any], dict[str, Entry], int]:
     header: dict[str, Any] | None = None
-    done: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-line leaves at most one torn line at the end; ignore it.
-                log.debug("ignoring torn journal line %d", n + 1)
-                continue
-            if n == 0:
-                header = item.get("header") if isinstance(item, dict) else None
-            elif isinstance(item, dict) and "path" in item:
-                done[item["path"]] = item
-    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
-        raise RecordError(f"{path} is not a protect run record of format {FORMAT_VERSION}")
-    return header, done
-
+    done: dict[str, Entry] = {}
+    lines = 0
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise RecordError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            for n, line in enumerate(fh):
+                if n == 0:
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    header = item.get("header") if isinstance(item, dict) else None
+                    continue
+                lines += 1
+                entry = Entry.parse(line)  # a run killed mid-line leaves a torn last line: ignored
+                if entry is not None:
+                    done[entry.path] = entry
+        except UnicodeDecodeError:
+            raise RecordError(f"{path} is not a protect run record (not UTF-8 text)") from None
+    if not isinstance(header, dict):
+        raise RecordError(f"{path} is not a protect run record")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise RecordError(f"{path} is a run record of format {header.get('format_version')}, this version "
+                          f"reads format {FORMAT_VERSION}: protect the folder again with --overwrite")
+    return header, done, lines

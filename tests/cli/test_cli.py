@@ -249,6 +249,36 @@ def test_inspect_without_a_record_is_one_line_exit_2(tmp_path, capsys):
     assert_one_line_error(err, "no run record")
 
 
+def test_a_damaged_manifest_is_one_line_exit_2(protected, capsys):
+    (protected.parent / "out.protect" / "manifest.json").write_text("{torn", encoding="utf-8")
+    code, _, err = call_main(capsys, "inspect", protected)
+    assert code == 2
+    assert_one_line_error(err, "manifest.json")
+
+
+def test_an_internal_error_has_its_own_exit_code(tmp_path, capsys, monkeypatch):
+    """A bug is not a user's mistake: exit 3 (not 1, which means some images failed), one line."""
+    import protect
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(protect, "inspect_run", broken)
+    code, _, err = call_main(capsys, "inspect", tmp_path)
+    assert code == 3
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("internal error: ZeroDivisionError: a bug"), err
+
+
+def test_memory_option(tmp_path, make_folder, test_key, capsys):
+    inp = make_folder(per_class=2)
+    code, _, err = call_main(capsys, "images", inp, tmp_path / "o", "--key", test_key, "--memory", "lots")
+    assert code == 2
+    assert_one_line_error(err, "memory size")
+    code, out, _ = call_main(capsys, "images", inp, tmp_path / "o", "--key", test_key, "--memory", "64MB", "--json")
+    assert code == 0 and json.loads(out)["done"] == 4
+
+
 # -- last, so that the real process had the whole module to start up -------------------------
 def test_error_contract_in_a_real_process(real_process):
     proc = real_process

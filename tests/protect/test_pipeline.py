@@ -92,9 +92,9 @@ def test_flat_folder_with_a_label_csv(tmp_path, keyring):
     manifest = json.loads(text)
     assert manifest["label_source"] == "csv"
     # readable: one line per file entry, sorted by path
-    rows = [line for line in text.splitlines() if line.lstrip().startswith('{"input_sha256"')]
+    rows = [line for line in text.splitlines() if line.lstrip().startswith("{") and '"input_sha256"' in line]
     assert [json.loads(r.strip().rstrip(","))["path"] for r in rows] == sorted(names)
-    assert {f["path"]: f["label"] for f in manifest["files"]} == {n: i % 2 for i, n in enumerate(names)}
+    assert {f["path"]: f["label"] for f in manifest["files"]} == {n: "ab"[i % 2] for i, n in enumerate(names)}
 
 
 def test_unknown_method_and_parameter(tmp_path, keyring, make_folder):
@@ -154,7 +154,7 @@ def test_output_holds_only_images_and_the_record_lives_beside_it(tmp_path, keyri
     assert all(Path(f).suffix.lower() in IMAGE_EXTENSIONS and not Path(f).name.startswith(".") for f in files)
     record = tmp_path / "out.protect"
     assert summary.record_dir == str(record)
-    assert sorted(p.name for p in record.iterdir()) == ["journal.jsonl", "manifest.json", "state.pt"]
+    assert sorted(p.name for p in record.iterdir()) == ["journal.jsonl", "lock", "manifest.json", "state.pt"]
     manifest = json.loads((record / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["method"] == "cuda" and manifest["key_fingerprint"] == keyring.fingerprint()
     assert manifest["class_map"] == {"airplane": 0, "automobile": 1}

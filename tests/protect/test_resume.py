@@ -21,7 +21,8 @@ from cli.main import cli
 from protect import ProtectOptions, inspect_run, protect_folder
 from protect.imageio import TMP_MARK
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "samples"
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -101,12 +102,16 @@ def big(tmp_path_factory, keyring):
     return inp, tree(root / "reference")
 
 
-def _start(in_dir: Path, out_dir: Path, key: str, cwd: Path) -> tuple[subprocess.Popen, list[str]]:
-    args = ["images", str(in_dir), str(out_dir), "--key", key, "--batch-size", "8"]
+def _start(in_dir: Path, out_dir: Path, key: str, cwd: Path, pause_after: int = 0,
+           mark: Path | None = None) -> tuple[subprocess.Popen, list[str]]:
+    args = ["images", str(in_dir), str(out_dir), "--key", key, "--batch-size", "8", "--workers", "2"]
     env = {k: v for k, v in os.environ.items() if k not in ("PROTECT_KEY", "PROTECT_DEBUG")}
+    env["PYTHONPATH"] = str(ROOT)
+    if pause_after:
+        env.update(PROTECT_TEST_PAUSE_AFTER=str(pause_after), PROTECT_TEST_PAUSE_MARK=str(mark))
     # A test runner started as a background job inherits SIGINT ignored, and Python keeps it
     # ignored; restore the default so the child installs its KeyboardInterrupt handler.
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.paused_cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, args
@@ -126,42 +131,41 @@ class Interrupted:
     returncode: int
     stderr: str
     landed: dict[str, str]  # outputs right after the interruption
+    journalled: int  # files in the journal at the interruption
     temporaries: list[Path]
 
 
 @pytest.fixture(scope="module")
 def interrupted(big, tmp_path_factory, test_key) -> dict[str, Interrupted]:
-    """Two real runs started together (they share the slow start-up); as soon as each has written
-    a few outputs, one gets kill -9 and the other Ctrl-C (SIGINT)."""
+    """Two real runs (two worker processes each) started together; each pauses its journal after
+    10 files (tests/paused_cli.py), then one gets kill -9 and the other Ctrl-C (SIGINT). The
+    workers keep writing until their queue is full, so outputs land that the journal lacks."""
     inp, _ = big
     root = tmp_path_factory.mktemp("interrupted")
-    runs = {name: (*_start(inp, root / name, test_key, root), sig)
+    runs = {name: (*_start(inp, root / name, test_key, root, 10, root / f"{name}.paused"), sig)
             for name, sig in (("kill", signal.SIGKILL), ("ctrl-c", signal.SIGINT))}
     pending = dict(runs)
     deadline = time.monotonic() + 180
     while pending and time.monotonic() < deadline:
         for name, (proc, args, sig) in list(pending.items()):
-            out = root / name
             if proc.poll() is not None:
                 for p, _, _ in runs.values():
                     p.kill()
-                pytest.fail(f"run '{name}' ended (rc {proc.returncode}) before it could be interrupted: "
-                            f"{proc.stderr.read()}")
-            # Interrupt once some outputs are journalled (an output lands before its journal line,
-            # so counting files alone can interrupt a run that has nothing to resume yet).
-            if _journalled(root / f"{name}.protect") >= 10:
+                pytest.fail(f"run '{name}' ended (rc {proc.returncode}) before it paused: {proc.stderr.read()}")
+            if (root / f"{name}.paused").exists():
+                time.sleep(0.3)  # let the workers fill their queue: outputs land unjournalled
                 proc.send_signal(sig)
                 del pending[name]
-        time.sleep(0.005)
+        time.sleep(0.02)
     for proc, _, _ in pending.values():
         proc.kill()
-    assert not pending, f"no outputs appeared in time for {sorted(pending)}"
+    assert not pending, f"no run paused in time: {sorted(pending)}"
     results = {}
     for name, (proc, args, _) in runs.items():
         _, stderr = proc.communicate(timeout=120)
         out = root / name
         landed = {k: v for k, v in tree(out).items() if TMP_MARK not in k}
-        results[name] = Interrupted(args, out, proc.returncode, stderr, landed,
+        results[name] = Interrupted(args, out, proc.returncode, stderr, landed, _journalled(root / f"{name}.protect"),
                                     temporaries(out, root / f"{name}.protect"))
     return results
 
@@ -176,7 +180,7 @@ def test_kill_9_then_rerun_is_byte_identical(big, interrupted):
     _, reference = big
     run = interrupted["kill"]
     assert run.returncode == -signal.SIGKILL
-    assert 10 <= len(run.landed) < 300, "the kill came too late to interrupt the run"
+    assert run.journalled >= 10 and 10 <= len(run.landed) < 300
     # whatever landed is complete: exactly the bytes of the uninterrupted run
     assert all(reference[k] == v for k, v in run.landed.items())
 
@@ -200,6 +204,37 @@ def test_ctrl_c_exits_130_with_one_line_and_resumes(big, interrupted):
     assert inspect_run(run.out)["complete"] is False
 
     summary = _resume_in_process(run.args)
-    assert summary["skipped"] >= len(run.landed) and summary["failed"] == 0
+    assert summary["skipped"] >= run.journalled >= 10 and summary["failed"] == 0
     assert tree(run.out) == reference
     assert inspect_run(run.out, check_files=True)["check"]["ok"] and inspect_run(run.out)["complete"]
+
+
+# -- kill -9 at random moments ---------------------------------------------------------------
+def _kill_at_random_moments(big, tmp_path: Path, test_key: str, kills: int, seed: int) -> None:
+    """Start the same command again and again, kill -9 it after a random delay (spread over start-up,
+    fitting, writing and the manifest), then let it finish: the outputs equal an uninterrupted
+    run's, byte for byte, and no temporary file is left."""
+    import random
+
+    inp, reference = big
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    for _ in range(kills):
+        proc, args = _start(inp, out, test_key, tmp_path)
+        time.sleep(rng.uniform(0.5, 6.0))
+        proc.kill()
+        proc.communicate(timeout=60)
+    summary = _resume_in_process(args)
+    assert summary["failed"] == 0 and summary["done"] + summary["skipped"] == 300
+    assert tree(out) == reference
+    assert temporaries(out, tmp_path / "out.protect") == []
+    assert inspect_run(out, check_files=True)["check"]["ok"]
+
+
+def test_kill_9_at_three_random_moments(big, tmp_path, test_key):
+    _kill_at_random_moments(big, tmp_path, test_key, kills=3, seed=1)
+
+
+@pytest.mark.slow
+def test_kill_9_at_twenty_random_moments(big, tmp_path, test_key):
+    _kill_at_random_moments(big, tmp_path, test_key, kills=20, seed=2)

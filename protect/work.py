@@ -1,0 +1,362 @@
+"""The per-file work of a protect run, the same for every engine.
+
+A worker holds a :class:`Context` (the fitted method, the output tree, the options) and turns a
+*chunk* of :class:`Task` (relative path, label, what the journal says of it) into results: a
+journal line for each protected file, ``skip`` for a file whose output is current, or a failure
+with its reason. Per file: read the input, hash it, skip it if current, decode it (admitted by the
+memory budget first), batch it with images of the same size, protect, measure PSNR/SSIM, encode,
+write atomically, hash the output. Pixels are released as soon as their file is written.
+
+Engines (:mod:`protect.engine`) only decide where chunks run: in this process, or in worker
+processes; they never hold method logic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+import perturbations
+from perturbations import Keyring, Perturbation
+
+from .fidelity import measure
+from .imageio import Decoded, ImageError, decode, encode, to_image
+from .safefs import Tree, UnsafePath
+
+log = logging.getLogger(__name__)
+
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+#: Values (pixels x channels) in one batch of same-size images.
+BATCH_VALUES = 1 << 22
+#: Bytes per decoded value the pipeline itself holds per image (input pixels, protected pixels,
+#: the PIL image handed to the encoder, the encoded file), on top of the method's own.
+PIPELINE_BYTES_PER_VALUE = 3.5
+
+
+class Prev(NamedTuple):
+    """What the journal says of a file: enough to decide whether its output is current."""
+
+    input_sha256: str
+    output_sha256: str
+    output: str
+    label: str | None
+    deps: str
+
+
+class Task(NamedTuple):
+    """One input file to protect."""
+
+    rel: str
+    fmt: str
+    out_rel: str
+    label: int | None
+    label_name: str | None
+    prev: Prev | None
+
+
+@dataclass
+class Spec:
+    """Everything a worker needs to build its :class:`Context` (picklable for spawned workers)."""
+
+    method: str
+    params: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    keyring: Keyring
+    in_dir: str
+    out_dir: str
+    out_format: str
+    jpeg_quality: int
+    max_pixels: int
+    batch_size: int
+    overwrite: bool
+    device: str
+    deps: str
+    budget_bytes: int
+
+
+class Result(NamedTuple):
+    """``kind`` is ``"done"`` (``line`` is the journal line), ``"skip"`` or ``"fail"`` (``reason``)."""
+
+    kind: str
+    rel: str
+    line: str = ""
+    reason: str = ""
+    notes: tuple[str, ...] = ()
+
+
+class Budget:
+    """Bytes of image working memory shared by every worker of a run (see :mod:`protect.engine`).
+
+    ``acquire(n)`` waits until ``n`` more bytes fit, except when nothing is held at all (an image
+    larger than the whole budget then runs alone). A worker never waits while it holds bytes (it
+    flushes first), so workers cannot deadlock each other.
+    """
+
+    def __init__(self, limit: int, value: Any = None, cond: Any = None) -> None:
+        self.limit = int(limit)
+        self.value, self.cond = value, cond  # shared (multiprocessing) or None in one process
+        self._local = 0
+
+    def _used(self) -> int:
+        return self.value.value if self.value is not None else self._local
+
+    def _add(self, n: int) -> None:
+        if self.value is not None:
+            self.value.value += n
+        else:
+            self._local += n
+
+    def try_acquire(self, n: int) -> bool:
+        if self.cond is None:
+            if self._local and self._local + n > self.limit:
+                return False
+            self._local += n
+            return True
+        with self.cond:
+            used = self._used()
+            if used and used + n > self.limit:
+                return False
+            self._add(n)
+            return True
+
+    def acquire(self, n: int) -> None:
+        if self.cond is None:
+            self._local += n  # one worker holds nothing when it waits: nothing to wait for
+            return
+        with self.cond:
+            while self._used() and self._used() + n > self.limit:
+                self.cond.wait(timeout=1.0)
+            self._add(n)
+
+    def release(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.cond is None:
+            self._local -= n
+            return
+        with self.cond:
+            self._add(-n)
+            self.cond.notify_all()
+
+
+@dataclass
+class _Item:
+    task: Task
+    in_sha: str
+    decoded: Decoded
+    cost: int
+
+
+@dataclass
+class Context:
+    """A worker's fitted method, output tree and options."""
+
+    spec: Spec
+    budget: Budget
+    method: Perturbation = field(init=False)
+    tree: Tree = field(init=False)
+    device: torch.device = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        self.method = perturbations.get(spec.method)(spec.keyring, **spec.params)
+        if spec.state:
+            self.method.load_state_dict(spec.state)
+        self.device = torch.device(spec.device)
+        self.tree = Tree(spec.out_dir)
+        self.in_dir = Path(spec.in_dir)
+        self.per_value = PIPELINE_BYTES_PER_VALUE + self.method.work_bytes_per_value
+
+    def close(self) -> None:
+        self.tree.close()
+
+    # -- one chunk --------------------------------------------------------------------------
+    def run(self, tasks: Sequence[Task]) -> list[Result]:
+        results: list[Result] = []
+        self._groups: dict[tuple, list[_Item]] = {}
+        self._results = results
+        for task in tasks:
+            item, outcome = self._load(task, self._admit)
+            if outcome is not None:
+                results.append(outcome)
+                continue
+            assert item is not None
+            group = self._groups.setdefault(item.decoded.key, [])
+            group.append(item)
+            if len(group) >= self.spec.batch_size or len(group) * item.decoded.pixels.size >= BATCH_VALUES:
+                results.extend(self._flush(self._groups.pop(item.decoded.key)))
+        self._flush_all()
+        return results
+
+    def _flush_all(self) -> None:
+        for key in sorted(self._groups):
+            self._results.extend(self._flush(self._groups.pop(key)))
+
+    def _admit(self, n: int, holding: int) -> None:
+        """Take ``n`` more bytes of the budget for the file being loaded, which already holds
+        ``holding``. If they do not fit, flush this worker's batches and wait holding nothing (a
+        worker that waited while holding bytes could deadlock with another one doing the same)."""
+        if self.budget.try_acquire(n):
+            return
+        self._flush_all()
+        self.budget.release(holding)
+        self.budget.acquire(n + holding)
+
+    def _cost(self, values: int, bits: int) -> int:
+        return int(values * (bits // 8) * self.per_value)
+
+    def _read(self, task: Task, admit: Any) -> tuple[bytes | None, int, str]:
+        """The input's bytes (admitted by the budget first), their budget share, or a failure reason.
+        Only a regular file is read (a FIFO swapped in after discovery would block forever), and no
+        file larger than any image within ``max_pixels`` could be."""
+        try:
+            fd = os.open(self.in_dir / task.rel, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
+        except OSError as exc:
+            return None, 0, f"cannot read file: {exc.strerror or exc}"
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None, 0, "not a regular file (it changed since the folder was listed)"
+            cap = self.spec.max_pixels * 8 + (256 << 20)
+            if st.st_size > cap:
+                return None, 0, (f"file is {st.st_size} bytes, more than an image within the pixel limit "
+                                 f"({self.spec.max_pixels}) can take; raise --max-pixels if you trust it")
+            admit(st.st_size, 0)
+            try:
+                return fh.read(), st.st_size, ""
+            except MemoryError:
+                self.budget.release(st.st_size)
+                return None, 0, "not enough memory to read the file"
+            except OSError as exc:
+                self.budget.release(st.st_size)
+                return None, 0, f"cannot read file: {exc.strerror or exc}"
+
+    def _load(self, task: Task, admit: Any) -> tuple[_Item | None, Result | None]:
+        data, file_cost, reason = self._read(task, admit)
+        if data is None:
+            return None, Result("fail", task.rel, reason=reason)
+        in_sha = hashlib.sha256(data).hexdigest()
+        prev = task.prev
+        if (prev is not None and not self.spec.overwrite and prev.input_sha256 == in_sha
+                and prev.label == task.label_name and prev.deps == self.spec.deps and prev.output == task.out_rel
+                and self.tree.sha256(task.out_rel) == prev.output_sha256):
+            self.budget.release(file_cost)
+            return None, Result("skip", task.rel)
+        admitted = file_cost
+
+        def on_header(width: int, height: int, bands: int, bits: int) -> None:
+            nonlocal admitted
+            cost = self._cost(width * height * bands, bits)
+            admit(cost, admitted)
+            admitted += cost
+
+        try:
+            decoded = decode(data, task.fmt, self.spec.max_pixels, on_header=on_header)
+        except ImageError as exc:
+            self.budget.release(admitted)
+            return None, Result("fail", task.rel, reason=str(exc))
+        except MemoryError:
+            self.budget.release(admitted)
+            return None, Result("fail", task.rel, reason="not enough memory to decode the image")
+        except BaseException:
+            self.budget.release(admitted)
+            raise
+        del data
+        cost = self._cost(decoded.pixels.size, decoded.bits)  # the file's bytes are released now
+        if admitted > cost:
+            self.budget.release(admitted - cost)
+        elif cost > admitted:
+            self.budget.acquire(cost - admitted)
+        return _Item(task, in_sha, decoded, cost), None
+
+    def _flush(self, items: list[_Item]) -> list[Result]:
+        """Protect a batch of same-size images, write each output, return their results."""
+        try:
+            stack = np.stack([it.decoded.pixels for it in items])  # N x H x W x C
+            for it in items:
+                it.decoded.pixels = None  # type: ignore[assignment]  # the stack holds them now
+            levels = 65535 if stack.dtype == np.uint16 else 255
+            v = torch.from_numpy(stack.astype(np.int32) if levels > 255 else stack).permute(0, 3, 1, 2)
+            v = v.to(self.device, non_blocking=True)
+            labels = None
+            if items[0].task.label is not None:
+                labels = torch.tensor([it.task.label for it in items], dtype=torch.long)
+            with torch.inference_mode():
+                q = self.method.protect_levels(v, labels, [it.task.rel for it in items], levels)
+                ps, ss = measure(v, q, levels)
+            out = q.permute(0, 2, 3, 1).cpu().numpy()
+            del v, q
+            if levels > 255:
+                out = out.astype(np.uint16)
+            results = [self._write(it, out[i], ps[i], ss[i]) for i, it in enumerate(items)]
+        finally:
+            self.budget.release(sum(it.cost for it in items))
+        return results
+
+    def _write(self, item: _Item, pixels: np.ndarray, p: float, s: float) -> Result:
+        task, dec = item.task, item.decoded
+        fmt = "PNG" if self.spec.out_format == "png" else dec.format
+        try:
+            data = encode(to_image(pixels, dec.alpha), fmt, dec.meta, self.spec.jpeg_quality)
+            self.tree.write(task.out_rel, data)
+        except UnsafePath as exc:
+            return Result("fail", task.rel, reason=f"cannot write output: {exc.strerror}")
+        except (ImageError, OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return Result("fail", task.rel, reason=f"cannot write output: {reason}")
+        line = json.dumps({
+            "path": task.rel, "output": task.out_rel, "label": task.label_name,
+            "input_sha256": item.in_sha, "output_sha256": hashlib.sha256(data).hexdigest(),
+            "psnr": round(p, 3), "ssim": round(s, 5), "notes": dec.notes, "deps": self.spec.deps,
+        }, sort_keys=True)
+        return Result("done", task.rel, line=line, notes=tuple(dec.notes))
+
+
+# -- the worker-process side of the local engine --------------------------------------------
+_CONTEXT: Context | None = None
+
+
+def init_worker(spec: Spec, limit: int, value: Any, cond: Any, parent: int) -> None:
+    """Initialiser of a worker process: one torch thread, no SIGINT (the parent handles Ctrl-C),
+    dies with its parent (Linux), and builds its :class:`Context`."""
+    import signal
+
+    global _CONTEXT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")  # decoder warnings about one file: its result says what matters
+    _die_with_parent(parent)
+    torch.set_num_threads(1)
+    _CONTEXT = Context(spec, Budget(limit, value, cond))
+
+
+def run_chunk(tasks: Sequence[Task]) -> list[Result]:
+    """Worker-process entry point: run one chunk in this process's :class:`Context`."""
+    assert _CONTEXT is not None, "worker not initialised"
+    return _CONTEXT.run(tasks)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this worker when the parent dies (kill -9 of the run must not leave
+    workers writing into the output folder)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
