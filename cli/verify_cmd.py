@@ -20,20 +20,26 @@ import click
 @click.option("--model", help="Override the tier's surrogate model (e.g. resnet18, resnet20, fastcnn).")
 @click.option("--epochs", type=int, help="Override the tier's epochs (and turn off the quick tier's small-set adaptation).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Report folder (default PROTECTED_DIR.verify).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Report folder (default PROTECTED_DIR.verify); finished cells are saved in its cells/ folder.")
 @click.option("--baseline-per-defense", is_flag=True, help="Train the clean baseline under every defense too.")
 @click.option("--max-per-class", type=int, help="Use only the first N images per class (quick subsets).")
 @click.option("--no-cache", is_flag=True, help="Retrain clean baselines even when cached.")
+@click.option("--fresh", is_flag=True,
+              help="Retrain every cell: ignore the finished cells an earlier run left in the report folder "
+                   "(and the clean-baseline cache).")
 @click.option("--json", "as_json", is_flag=True, help="Print the certificate as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, trainings: str | None,
            defenses: str | None, seeds: int, model: str | None, epochs: int | None, device: str,
            report_dir: str | None, baseline_per_defense: bool, max_per_class: int | None, no_cache: bool,
-           as_json: bool, quiet: bool) -> None:
+           fresh: bool, as_json: bool, quiet: bool) -> None:
     """Certify PROTECTED_DIR: train surrogates on it and measure clean test accuracy.
 
     Each cell of the regime x defense grid trains a fresh model from scratch on the protected
     images and evaluates it every epoch on the clean test set; the verdict uses the best attacker.
+    Finished cells are saved in the report folder as they finish: after an interruption, the same
+    command trains only the missing ones (--fresh retrains everything). Progress: a bar per cell on
+    a terminal, one line per finished cell otherwise (logs, CI).
     """
     from verify import distributed
     from verify.run import verify_folder
@@ -42,7 +48,7 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, 
         protected_dir, test_dir, clean_dir, tier=tier, trainings=trainings, defenses=defenses, seeds=seeds,
         model=model, epochs=epochs, device=device, report_dir=report_dir,
         cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
-        max_per_class=max_per_class, progress=not (quiet or as_json),
+        max_per_class=max_per_class, progress=not (quiet or as_json), fresh=fresh,
     )
     if not distributed.is_main():  # under torchrun only rank 0 reports
         return
@@ -66,6 +72,10 @@ def _print_certificate(cert: dict) -> None:
         click.echo(f"{cell['training']:<10} {cell['defense']:<10} {_pct(cell['protected']['peak_acc']):>14} "
                    f"{_pct(cell['protected']['final_acc']):>6} {_pct(clean.get('peak_acc')):>10} "
                    f"{'  -' if score is None else f'{score:6.2f}'}")
+    chance = f"chance {_pct(cert.get('chance')).strip()} %: the majority-class rate of the test set"
+    if cert.get("chance_class"):
+        chance += f" (always answering '{cert['chance_class']}')"
+    click.echo(chance)
     verdict = cert.get("verdict") or {}
     best = verdict.get("best_attacker") or {}
     if best:
@@ -76,6 +86,12 @@ def _print_certificate(cert: dict) -> None:
         click.echo(line)
     for warning in cert.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
+    for difference in (cert.get("reference") or {}).get("differences", []):
+        click.echo(f"note: differs from the reference recipe: {difference}", err=True)
+    resume = cert.get("resume") or {}
+    if resume.get("reused"):
+        click.echo(f"resumed: {resume['reused']} finished cell(s) reused, {resume.get('trained', 0)} trained "
+                   "(--fresh retrains all)")
     if cert.get("report_dir"):
         click.echo(f"report: {cert['report_dir']}")
     sys.stdout.flush()

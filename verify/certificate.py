@@ -18,7 +18,12 @@ trained; ``score`` is then null.
 
 **Score** (RobustBench-style: one number, and every setting that produced it)::
 
-    score = (baseline_peak - protected_peak) / (baseline_peak - chance),   chance = 1 / num_classes
+    score = (baseline_peak - protected_peak) / (baseline_peak - chance)
+
+``chance`` is the majority-class rate of the test set: the accuracy of always answering its most
+frequent class (``chance_class``), which is what a model that learned nothing reaches. It equals
+1/num_classes on a balanced test set; on an imbalanced one 1/K would be too low, and a baseline
+stuck at the majority rate would get a meaningful-looking score.
 
 using *peak* accuracies over epochs (a protection that leaks early and recovers later is judged by
 its leak). 1 means the protected data trains a model no better than chance, 0 means no protection,
@@ -52,11 +57,13 @@ from perturbations.errors import RecordError
 from .train import CellResult
 
 __all__ = [
+    "CHANCE_DEFINITION",
     "SCHEMA",
     "SCORE_DEFINITION",
     "VERDICT_RULE",
     "build_certificate",
     "cell_entry",
+    "chance_level",
     "library_versions",
     "load_certificate",
     "save_certificate",
@@ -66,8 +73,13 @@ __all__ = [
 ]
 
 SCHEMA = "protect.certificate/1"
+CHANCE_DEFINITION = (
+    "chance = the majority-class rate of the test set (the accuracy of always answering its most frequent "
+    "class; 1/num_classes when the test set is balanced)"
+)
 SCORE_DEFINITION = (
-    "score = (baseline_peak - protected_peak) / (baseline_peak - chance), chance = 1/num_classes, "
+    "score = (baseline_peak - protected_peak) / (baseline_peak - chance), chance = the majority-class rate "
+    "of the test set, "
     "peak = highest clean-test accuracy over epochs (mean over seeds); baseline = the same tier and "
     "training regime on the clean data; 1 = no better than chance, 0 = no protection"
 )
@@ -86,6 +98,18 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def chance_level(counts: Sequence[int], classes: Sequence[str] | None = None) -> tuple[float, str | None]:
+    """``(majority-class rate, that class's name)`` of a test set with ``counts`` images per class:
+    the name is the first of the most frequent classes, None when every class has as many images
+    (then the rate is 1/K) or for an empty set (rate 1/K)."""
+    total = sum(counts)
+    if total <= 0:
+        return 1.0 / max(1, len(counts)), None
+    k = max(range(len(counts)), key=lambda i: counts[i])
+    balanced = min(counts) == counts[k]
+    return counts[k] / total, (classes[k] if classes is not None and not balanced else None)
 
 
 def score(baseline_peak: float | None, protected_peak: float | None, chance: float) -> float | None:
@@ -219,15 +243,24 @@ def build_certificate(
     device: str,
     wall_s: float,
     baseline_per_defense: bool = False,
+    chance: float | None = None,
+    chance_class: str | None = None,
     extra: dict | None = None,
 ) -> dict:
     """Assemble the certificate dict (see module doc) from :func:`cell_entry` cells and settings.
 
     ``recipe``: a :class:`verify.recipes.Recipe`; ``trainings``: :class:`verify.recipes.Training`
     objects; ``defenses``: Defense objects or names; ``data``: ``{"train": {...}, "test": {...},
-    "clean": {...}}`` summaries (:meth:`verify.data.TensorSet.describe`).
+    "clean": {...}}`` summaries (:meth:`verify.data.TensorSet.describe`). ``chance`` (and the
+    ``chance_class`` it answers): default the majority-class rate of ``data["test"]["per_class"]``,
+    else 1/num_classes; pass the same value the cells were scored with.
     """
-    chance = 1.0 / len(classes)
+    if chance is None:
+        per_class = (data.get("test") or {}).get("per_class")
+        if per_class and len(per_class) == len(classes):
+            chance, chance_class = chance_level(per_class, classes)
+        else:
+            chance = 1.0 / len(classes)
     import torch
 
     cert: dict[str, Any] = {
@@ -239,6 +272,8 @@ def build_certificate(
         "num_classes": len(classes),
         "classes": list(classes),
         "chance": _r(chance),
+        "chance_class": chance_class,
+        "chance_definition": CHANCE_DEFINITION,
         "fast_at": bool(recipe.fast_at and any(t.adversarial for t in trainings)),
         "trainings": [
             {"name": t.name, "norm": t.norm, "eps": t.eps, "description": t.describe(), "attack": recipe.attack(t)}

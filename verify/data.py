@@ -7,7 +7,11 @@ into ``y``: int64 ``(N,)``. All images must share one size and one channel count
 not resize: resizing would change what the protection put in the pixels).
 
 ``sha256`` fingerprints the loaded data (sorted relative paths, class names and file bytes); the
-baseline cache in :mod:`verify.run` keys on it.
+baseline cache and the saved cells in :mod:`verify.run` key on it.
+
+Every failure a user's files can cause (missing, unreadable, undecodable, truncated or otherwise
+damaged images, whatever Pillow raises for them) is an :class:`InputError` of one line that names
+the file and the reason.
 """
 
 from __future__ import annotations
@@ -147,9 +151,25 @@ def _read(entry: ImageEntry) -> tuple[str, np.ndarray]:
             if img.format in ("JPEG", "WEBP", "TIFF"):  # formats that carry EXIF orientation
                 img = ImageOps.exif_transpose(img)
             arr = _to_array(img)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot decode image {entry.rel}: {exc}") from None
+    except UnidentifiedImageError:
+        raise InputError(f"cannot decode image {entry.rel}: not an image Pillow can read "
+                         "(unknown format or a damaged header)") from None
+    except MemoryError:
+        raise InputError(f"cannot decode image {entry.rel}: it needs more memory than is available") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file can make any Pillow plugin raise anything
+        # (OSError "truncated", SyntaxError "broken PNG file", struct.error, EOFError, ValueError,
+        # DecompressionBombError, ...): all are the file's fault, never an internal error.
+        raise InputError(f"cannot decode image {entry.rel}: {_reason(exc)}") from None
     return digest, arr
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the exception's message (or its type when it has none), for a decode error."""
+    text = " ".join(str(exc).split())
+    kind = type(exc).__name__
+    if not text:
+        return f"damaged file ({kind})"
+    return text if isinstance(exc, (OSError, ValueError)) else f"{text} ({kind})"
 
 
 def _describe(arr: np.ndarray) -> str:

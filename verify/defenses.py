@@ -347,11 +347,17 @@ class UEraserLite(Defense):
 
 @register
 class Coin(Defense):
-    """COIN: each pixel re-sampled (bilinear, border padding, align_corners=True) at a random offset drawn
-    uniformly from [-alpha, alpha] pixels per axis (default alpha = 2), independently per pixel and image."""
+    """COIN: each pixel re-sampled by bilinear interpolation at a random offset drawn uniformly from
+    [-alpha, alpha] pixels per axis (default alpha = 2, the reference's severity 4), independently per pixel
+    and image and shared by the channels. Coordinates wrap around to the opposite edge, as in the reference
+    (``scipy.ndimage.map_coordinates(..., order=1, mode="wrap")``): here they are taken modulo H and W
+    (scipy's ``"grid-wrap"``; its ``"wrap"`` lets the first and last pixel overlap, which moves samples
+    that cross the edge by at most one pixel). The reference then truncates to uint8; here the result
+    stays float."""
 
     name, static = "coin", False
-    source = "COIN: random coordinate-based pixel displacement defense against unlearnable examples, AAAI 2025"
+    source = ("Li, Wang, Yu, Hu, Zhou, Zhang & Zhang, Detecting and Corrupting Convolution-based Unlearnable "
+              "Examples, AAAI 2025 (arXiv 2311.18403; code github.com/wxldragon/COIN)")
 
     def __init__(self, alpha: float = 2.0) -> None:
         if alpha < 0:
@@ -359,14 +365,29 @@ class Coin(Defense):
         self.alpha = float(alpha)
 
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         disp = (2 * _rand(g, n, h, w, 2, like=x) - 1) * self.alpha  # pixels, (dx, dy)
-        ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1).expand(n, h, w)
-        xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w).expand(n, h, w)
-        gx = 2 * (xs + disp[..., 0]) / max(w - 1, 1) - 1
-        gy = 2 * (ys + disp[..., 1]) / max(h - 1, 1) - 1
-        grid = torch.stack([gx, gy], -1)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True), y
+        return wrap_bilinear(x, disp[..., 0], disp[..., 1]), y
+
+
+def wrap_bilinear(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
+    """Bilinear samples of ``x`` (N x C x H x W) at ``(row + dy, col + dx)`` for every pixel, with
+    coordinates taken modulo H and W (wrap-around); ``dx``, ``dy``: N x H x W offsets in pixels."""
+    n, c, h, w = x.shape
+    sy = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1) + dy
+    sx = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w) + dx
+    y0, x0 = torch.floor(sy), torch.floor(sx)
+    fy, fx = (sy - y0).unsqueeze(1), (sx - x0).unsqueeze(1)  # N x 1 x H x W weights
+    y0i, x0i = y0.long().remainder(h), x0.long().remainder(w)
+    y1i, x1i = (y0i + 1).remainder(h), (x0i + 1).remainder(w)
+    flat = x.reshape(n, c, h * w)
+
+    def at(yi: Tensor, xi: Tensor) -> Tensor:
+        return flat.gather(2, (yi * w + xi).view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+
+    top = at(y0i, x0i) * (1 - fx) + at(y0i, x1i) * fx
+    bottom = at(y1i, x0i) * (1 - fx) + at(y1i, x1i) * fx
+    return top * (1 - fy) + bottom * fy
 
 
 _DCT_CACHE: dict[tuple[int, str, torch.dtype], Tensor] = {}
@@ -396,7 +417,8 @@ class RSKFF(Defense):
     orthonormal 2D DCT-II, keeping only the low-frequency block u < ceil(0.3 H), v < ceil(0.3 W), inverse DCT."""
 
     name, static = "rskff", False
-    source = "Kim & Sandoval-Segura, Effective and Efficient Defense against Unlearnable Examples (random sharpening + frequency filtering), 2024"
+    source = ("Kim & Sandoval-Segura, Learning From Convolution-based Unlearnable Datasets, arXiv 2411.01742, 2024 "
+              "(RSK+FF: random sharpening kernels + frequency filtering; code github.com/aseriesof-tubes/RSK)")
 
     def __init__(self, centre_mean: float = 2.5, centre_std: float = 0.1, keep: float = 0.3) -> None:
         if not 0 < keep <= 1 or centre_std < 0:

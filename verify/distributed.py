@@ -5,9 +5,13 @@ Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, `
 into one process group (NCCL on GPUs, Gloo on CPUs) and pins each process to GPU ``LOCAL_RANK``.
 Every cell is then trained data-parallel: each global batch of the recipe is split across the
 processes, DDP averages the gradients, and test accuracy is counted on a shard of the test set per
-process and summed. The recipe's batch size and learning rate stay global, so a run on 4 GPUs
-trains the same recipe as on one. Only rank 0 prints progress, writes the baseline cache and the
-report.
+process and summed. The recipe's batch size and learning rate stay global, and on GPUs every
+BatchNorm becomes a SyncBatchNorm (batch statistics over the whole global batch), so a run on 4
+GPUs trains the same recipe as on one (up to the order of floating-point sums and the per-process
+crop, defense and attack draws). On CPUs (Gloo) PyTorch's SyncBatchNorm does not run, so each
+process normalises over its own share of the batch; the certificate records which one was used
+(:func:`batchnorm_mode`). Only rank 0 prints progress, writes the baseline cache, the finished
+cells and the report; it also decides which finished cells a resumed run reuses and tells the others.
 
     torchrun --standalone --nproc_per_node 4 -m cli.main verify out/ --test test/ --clean train/ --tier paper
 
@@ -30,8 +34,10 @@ from perturbations.errors import ConfigError
 
 __all__ = [
     "all_reduce_sum",
+    "batchnorm_mode",
     "broadcast_buffers",
     "broadcast_object",
+    "convert_batchnorm",
     "env_world_size",
     "is_main",
     "rank",
@@ -118,3 +124,28 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def uses_sync_batchnorm(device: str | torch.device) -> bool:
+    """True when cells train data-parallel on GPUs, where BatchNorm becomes SyncBatchNorm."""
+    return world() > 1 and torch.device(device).type == "cuda"
+
+
+def batchnorm_mode(device: str | torch.device) -> str:
+    """How BatchNorm statistics are taken, for the certificate: ``"single process"``,
+    ``"synchronized (SyncBatchNorm over N processes)"`` or ``"per process (...)"`` on CPUs."""
+    w = world()
+    if w == 1:
+        return "single process"
+    if uses_sync_batchnorm(device):
+        return f"synchronized (SyncBatchNorm over {w} processes)"
+    return (f"per process (each of {w} processes normalises over its share of the batch: "
+            "PyTorch's SyncBatchNorm needs GPUs)")
+
+
+def convert_batchnorm(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """``model`` with every BatchNorm layer turned into :class:`torch.nn.SyncBatchNorm` when
+    :func:`uses_sync_batchnorm` (GPUs under torchrun); else ``model`` unchanged."""
+    if not uses_sync_batchnorm(device):
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

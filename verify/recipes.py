@@ -17,8 +17,12 @@ Tiers (every number in a certificate names the tier that produced it):
 * ``standard``: CIFAR ResNet-18, 40 epochs, batch 128, SGD 0.1 (momentum 0.9, wd 5e-4), cosine LR,
   crop + flip; PGD-10 with step eps/4 and random start.
 * ``paper``: the CUDA paper's recipe (Sadasivan et al., "CUDA: Convolution-based Unlearnable
-  Datasets", CVPR 2023): ResNet-18, 100 epochs, batch 512, SGD 0.1 (momentum 0.9, wd 5e-4), LR
-  x0.1 at epochs 40 and 80, crop + flip, no normalisation; PGD-10 with step 1.5 eps/steps.
+  Datasets", CVPR 2023) as its released training script (``final_filter_unlearnable.py``) runs it:
+  ResNet-18, 100 epochs, batch 512, SGD 0.1 (momentum 0.9, wd 5e-4), LR x0.1 at epochs 40 and 80,
+  crop + flip, no normalisation, gradients clipped to norm 5 in every regime; PGD-10 with step
+  1.5 eps/steps, run with the model in **eval mode** (the script uses torchattacks, whose attacks
+  switch the model to eval mode while they run). What still differs from that script is listed by
+  :func:`reference_differences` and written into every certificate of the tier.
 
 >>> r = get_recipe("quick", epochs=5)
 >>> [t.name for t in parse_trainings("erm,linf4,l2")]
@@ -34,7 +38,10 @@ from dataclasses import dataclass, field
 
 from perturbations.errors import ConfigError
 
-__all__ = ["TIERS", "Recipe", "Training", "fit_to_data", "get_recipe", "parse_training", "parse_trainings", "tiers"]
+__all__ = [
+    "PAPER_REFERENCE", "TIERS", "Recipe", "Training", "fit_to_data", "get_recipe", "parse_training", "parse_trainings",
+    "reference_differences", "tiers",
+]
 
 DEFAULT_LINF_EPS = 8 / 255
 DEFAULT_L2_EPS = 0.5
@@ -76,7 +83,11 @@ class Recipe:
 
     Adversarial examples: ``at_method`` ``"fgsm_rs"`` (fast AT: one step of ``fast_at_alpha`` x eps
     after a uniform random start) or ``"pgd"`` (``pgd_steps`` steps of ``pgd_step`` x eps, random
-    start). Attacks run with the model in train mode (as in Madry's and Wong's reference code).
+    start). With ``attack_eval_mode`` False (quick, standard) attacks run with the model in train
+    mode, as in Madry's and Wong's reference code (BatchNorm uses batch statistics and updates its
+    running statistics during the attack too); True (paper) runs them in eval mode, as the CUDA
+    reference does through torchattacks. ``grad_clip``: clip the gradient to this global L2 norm
+    before every optimizer step (paper: 5.0, as the CUDA reference; None: no clipping).
 
     Evaluation: with ``eval_subset`` None the whole test set is scored after every epoch. With
     ``eval_subset=k`` (quick tier: 2000) the epochs in between are scored on a fixed random subset
@@ -117,6 +128,8 @@ class Recipe:
     eval_batch_size: int = 1000
     eval_subset: int | None = None
     min_steps: int | None = None
+    attack_eval_mode: bool = False
+    grad_clip: float | None = None
     description: str = field(default="", compare=False)
 
     @property
@@ -132,11 +145,13 @@ class Recipe:
                 "method": "fgsm_rs" if training.norm == "linf" else "fgsm_rs_l2",
                 "norm": training.norm, "eps": training.eps, "steps": 1,
                 "step_size": self.fast_at_alpha * training.eps, "random_start": True,
+                "model_mode": "eval" if self.attack_eval_mode else "train",
                 "source": "Wong, Rice & Kolter, Fast is better than free, ICLR 2020 (FGSM with random start)",
             }
         return {
             "method": "pgd", "norm": training.norm, "eps": training.eps, "steps": self.pgd_steps,
             "step_size": self.pgd_step * training.eps, "random_start": True,
+            "model_mode": "eval" if self.attack_eval_mode else "train",
             "source": "Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks, ICLR 2018",
         }
 
@@ -161,11 +176,47 @@ TIERS: dict[str, Recipe] = {
     "paper": Recipe(
         tier="paper", model="resnet18", epochs=100, batch_size=512, lr=0.1, momentum=0.9, nesterov=False,
         weight_decay=5e-4, schedule="step", milestones=(40, 80), gamma=0.1, at_method="pgd",
-        pgd_steps=10, pgd_step=0.15,
+        pgd_steps=10, pgd_step=0.15, attack_eval_mode=True, grad_clip=5.0,
         description="CUDA paper recipe: ResNet-18, 100 epochs, batch 512, SGD 0.1, x0.1 at 40/80, "
-                    "crop+flip; PGD-10 AT (step 1.5 eps/steps)",
+                    "crop+flip, gradient norm clipped at 5; PGD-10 AT (step 1.5 eps/steps, model in eval mode)",
     ),
 }
+
+#: The released training script the ``paper`` tier follows.
+PAPER_REFERENCE = ("final_filter_unlearnable.py of github.com/vinusankars/Convolution-based-Unlearnability "
+                   "(Sadasivan et al., CUDA: Convolution-based Unlearnable Datasets, CVPR 2023; torchattacks 3.2.6)")
+
+
+def reference_differences(recipe: Recipe, device: str = "cpu", world: int = 1, sync_batchnorm: bool = False,
+                          n_train: int | None = None) -> list[str]:
+    """What a ``paper``-tier run still does differently from the CUDA reference script (empty for
+    other tiers, whose recipes are our own). ``device``: ``"cpu"`` or ``"cuda"``; ``world``: the
+    number of data-parallel processes; ``sync_batchnorm``: whether they synchronise BatchNorm;
+    ``n_train``: the number of training images (None: name the differences that depend on it)."""
+    if recipe.tier != "paper":
+        return []
+    base = TIERS["paper"]
+    out: list[str] = []
+    changed = [f.name for f in dataclasses.fields(Recipe)
+               if f.compare and f.name != "tier"
+               and getattr(recipe, f.name) != getattr(base, f.name)]
+    if changed:
+        out.append("recipe settings changed from the reference: " + ", ".join(
+            f"{n}={getattr(recipe, n)!r} (reference {getattr(base, n)!r})" for n in changed))
+    if str(device).startswith("cuda"):
+        out.append("on CUDA the forward and backward passes run under bf16 autocast (fp16 with loss "
+                   "scaling where bf16 is missing); the reference trains in float32")
+    if world > 1 and not sync_batchnorm:
+        out.append(f"{world} data-parallel processes normalise each BatchNorm over their own share of the "
+                   "batch (SyncBatchNorm needs GPUs); the reference normalises over the whole batch")
+    rest = None if n_train is None else n_train % min(recipe.batch_size, n_train)
+    if rest is None or 0 < rest < 2 * world:
+        out.append("a last batch with fewer than 2 images per process is dropped (BatchNorm needs 2); the "
+                   "reference keeps it")
+    if recipe.model == "resnet18":
+        out.append("the model is verify.models' CIFAR ResNet-18 (3x3 stem, no max-pool, 1x1 conv shortcuts); the "
+                   "reference imports its ResNet-18 from fshp971/robust-unlearnable-examples (not compared layer by layer)")
+    return out
 
 
 def tiers() -> list[str]:
@@ -254,6 +305,10 @@ def _validate(r: Recipe) -> None:
         raise ConfigError("crop_padding and weight_decay must be >= 0, momentum and label_smoothing in [0, 1)")
     if r.linf_eps > 1:
         raise ConfigError(f"linf_eps is a fraction of the pixel range (8/255 = {8 / 255:.4f}), got {r.linf_eps}")
+    if r.grad_clip is not None:
+        positive("grad_clip", r.grad_clip)
+    if not isinstance(r.attack_eval_mode, bool):
+        raise ConfigError(f"attack_eval_mode must be true or false, got {r.attack_eval_mode!r}")
 
 
 _TRAINING_RE = re.compile(r"^(?:(erm)|linf(?:@?(\d+(?:\.\d+)?))?|l2(?:@(\d*\.?\d+))?)$")

@@ -62,8 +62,20 @@ def _tier_line(cert: dict) -> str:
         parts.append("adversarial training is **fast AT** (FGSM with random start, Wong et al. 2020), not PGD")
     elif any(t.get("norm") for t in cert.get("trainings", [])):
         steps = recipe.get("pgd_steps")
-        parts.append(f"adversarial training is PGD-{steps}" if steps else "adversarial training is PGD")
+        text = f"adversarial training is PGD-{steps}" if steps else "adversarial training is PGD"
+        if recipe.get("attack_eval_mode"):
+            text += " with the model in eval mode"
+        parts.append(text)
+    if recipe.get("grad_clip"):
+        parts.append(f"gradients clipped to norm {recipe['grad_clip']:g}")
     return "; ".join(parts) + "."
+
+
+def _chance_sentence(cert: dict) -> str:
+    text = f"Chance is {_pct(cert.get('chance'))}: the majority-class rate of the test set"
+    if cert.get("chance_class"):
+        text += f" (always answering '{cert['chance_class']}')"
+    return text + "."
 
 
 def report_markdown(cert: dict) -> str:
@@ -87,7 +99,7 @@ def report_markdown(cert: dict) -> str:
         ("Each entry: peak clean-test accuracy of a model trained on the **protected** data, the clean "
          "baseline under the same regime in brackets, and the protection score "
          "(baseline - protected) / (baseline - chance) (1 = chance, 0 = no protection). "
-         f"Chance is {_pct(cert.get('chance'))}."),
+         f"{_chance_sentence(cert)}"),
         "",
         "| training \\ defense | " + " | ".join(defenses) + " |",
         "| --- | " + " | ".join("---" for _ in defenses) + " |",
@@ -142,6 +154,16 @@ def report_markdown(cert: dict) -> str:
     if cert.get("device"):
         lines.append(f"- Device: {cert['device']} ({cert.get('threads')} CPU threads); total wall time "
                      f"{cert.get('wall_s', 0):.0f} s")
+    if cert.get("batchnorm") and cert["batchnorm"] != "single process":
+        lines.append(f"- BatchNorm: {cert['batchnorm']}")
+    resume = cert.get("resume") or {}
+    if resume.get("reused"):
+        lines.append(f"- Resumed: {resume['reused']} cell(s) reused from an earlier run of the same settings "
+                     f"({resume.get('cells_dir')}), {resume.get('trained', 0)} trained in this run")
+    ref = cert.get("reference")
+    if ref:
+        lines.append(f"- Reference recipe: {ref.get('source')}; differences: "
+                     + ("; ".join(ref.get("differences") or []) or "none"))
     versions = cert.get("versions")
     if versions:
         lines.append("- Versions: " + ", ".join(f"{k} {val}" for k, val in versions.items() if val))

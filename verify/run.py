@@ -5,26 +5,38 @@ folder; checks that their class maps agree; trains the grid of cells (training r
 seed) on the protected data and the clean baselines; scores them (:mod:`verify.certificate`); writes
 ``certificate.json``, ``report.md``, ``curves.png`` and ``samples.png``; returns the certificate.
 
-Clean baselines are cached as small JSON files under ``cache_dir`` (default ``$PROTECT_CACHE`` or
-``~/.cache/protect/baselines``), keyed by the sha256 of: the clean training data hash, the test data
-hash (the baseline's numbers are test accuracies), every recipe field, the training regime with its
-eps and attack, the baseline's defense (``none`` unless ``baseline_per_defense``), the seed and a
-cache format version. Repeated runs on the same clean data reuse them instead of retraining.
+**Resumable.** Every finished cell is saved at once in ``<report>/cells/`` (:class:`verify.store.CellStore`,
+one small JSON file per cell, written atomically and named by the hash of everything that determines
+the cell: data hashes, recipe, regime with eps and attack, defense, seed, format version). A run that
+is interrupted (Ctrl-C, kill -9) and started again with the same command reuses every finished cell
+and trains only the rest; its certificate equals an uninterrupted run's (up to wall times). A changed
+input or option changes the hash, so nothing stale is reused; ``fresh=True`` (``--fresh``) retrains
+everything. Cells of other settings in the same folder are kept, so adding a defense to a finished
+run trains only the new cells.
+
+**Clean baselines** are also cached across runs under ``cache_dir`` (default ``$PROTECT_CACHE`` or
+``~/.cache/protect/baselines``, :class:`verify.store.BaselineCache`), keyed the same way, so repeated
+runs on the same clean data reuse them instead of retraining.
+
+**Chance** is the majority-class rate of the test set (the accuracy of always answering its most
+frequent class; 1/K on a balanced test set), the floor a model reaches without learning anything.
+
+**Progress** (``progress=True``): a tqdm bar per cell when stderr is a terminal; otherwise (a log
+file, CI, a pipe) one line per finished cell and no bars.
 
 Multi-GPU: under ``torchrun`` every process runs the same call; each cell is then trained
 data-parallel with DDP across the processes (:mod:`verify.distributed`), and only rank 0 prints,
-writes the cache and the report. Without ``torchrun``, the grid can also be split by hand: one
-process per GPU (``CUDA_VISIBLE_DEVICES``) with a share of the grid and a shared ``PROTECT_CACHE``.
+writes the cache, the finished cells and the report; rank 0 decides which saved cells are reused
+and broadcasts them, so every process skips the same cells. Without ``torchrun``, the grid can also
+be split by hand: one process per GPU (``CUDA_VISIBLE_DEVICES``) with a share of the grid and a
+shared ``PROTECT_CACHE``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,16 +48,19 @@ from perturbations.errors import ConfigError, InputError
 
 from . import defenses as defense_registry
 from . import distributed
-from .certificate import build_certificate, cell_entry, save_certificate
+from .certificate import build_certificate, cell_entry, chance_level, save_certificate
 from .data import TensorSet, check_same_classes, load_folder
-from .recipes import Recipe, Training, fit_to_data, get_recipe, parse_trainings
+from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
 from .report import write_report
+from .store import CACHE_VERSION, BaselineCache, CellStore, cell_key, default_cache_dir
 from .train import CellResult, resolve_device, train_cell
 
 __all__ = [
+    "CACHE_VERSION",
     "DEFAULT_DEFENSES",
     "DEFAULT_TRAININGS",
     "BaselineCache",
+    "CellStore",
     "default_cache_dir",
     "verify_folder",
     "verify_sets",
@@ -55,69 +70,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRAININGS = "erm,linf"
 DEFAULT_DEFENSES = "none,grayscale,jpeg10"
-CACHE_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$PROTECT_CACHE`` if set, else ``~/.cache/protect/baselines``."""
-    env = os.environ.get("PROTECT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "protect" / "baselines"
-
-
-class BaselineCache:
-    """Clean-baseline results on disk, one JSON file per key (see module doc)."""
-
-    def __init__(self, root: str | os.PathLike | None) -> None:
-        self.root = Path(root) if root is not None else None
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(clean: TensorSet, test: TensorSet, recipe: Recipe, training: Training, defense: str, seed: int) -> str:
-        fields = recipe.to_dict()
-        fields.pop("description", None)
-        payload = {
-            "version": CACHE_VERSION, "clean": clean.sha256, "test": test.sha256, "recipe": fields,
-            "training": [training.name, training.norm, training.eps], "attack": recipe.attack(training),
-            "defense": defense, "seed": seed,
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-    def _path(self, key: str) -> Path:
-        assert self.root is not None
-        return self.root / f"{key[:40]}.json"
-
-    def get(self, key: str) -> CellResult | None:
-        if self.root is None:
-            return None
-        path = self._path(key)
-        try:
-            blob = json.loads(path.read_text(encoding="utf-8"))
-            if blob.get("key") != key:
-                raise ValueError("key mismatch")
-            result = CellResult.from_dict(blob["result"])
-        except FileNotFoundError:
-            self.misses += 1
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable baseline cache file %s (%s)", path, exc)
-            self.misses += 1
-            return None
-        self.hits += 1
-        return result
-
-    def put(self, key: str, result: CellResult, meta: dict | None = None) -> None:
-        if self.root is None:
-            return
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"key": key, "meta": meta or {}, "result": result.to_dict()}, indent=1)
-            fd, tmp = tempfile.mkstemp(prefix=".baseline-", suffix=".json", dir=self.root)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, self._path(key))
-        except OSError as exc:  # a cache that cannot be written only costs time later
-            log.warning("cannot write baseline cache in %s: %s", self.root, exc)
+CELLS_DIR = "cells"
 
 
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
@@ -154,6 +107,17 @@ def _default_report_dir(protected_dir: Path) -> Path:
     return protected_dir.parent / f"{protected_dir.name}.verify"
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
 def verify_sets(
     protected: TensorSet,
     test: TensorSet,
@@ -169,20 +133,28 @@ def verify_sets(
     cache_dir: str | os.PathLike | None | bool = None,
     baseline_per_defense: bool = False,
     progress: bool | Any = True,
+    fresh: bool = False,
 ) -> dict:
-    """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files;
-    ``cache_dir=False`` disables the baseline cache)."""
+    """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files and
+    keeps no finished cells; ``cache_dir=False`` disables the baseline cache)."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
     dev = resolve_device(distributed.setup(device))  # joins the torchrun group first: rank 0 alone prints
     main = distributed.is_main()
+    # progress=True: bars on a terminal, else one line per finished cell (logs and CI stay readable)
+    bars = progress is True and main and _stderr_is_terminal()
+    lines = progress is True and main and not bars
+
+    def say(text: str) -> None:
+        if progress is True and main:
+            print(text, file=sys.stderr, flush=True)
+
     adapted = fit_to_data(recipe, len(protected))
     if adapted is not recipe:
         note = (f"only {len(protected)} training images: training with batch {adapted.batch_size} for "
                 f"{adapted.epochs} epochs (at least {adapted.min_steps} steps; --epochs N overrides)")
         log.info("verify: %s", note)
-        if progress is True and main:
-            print(f"note: {note}", file=sys.stderr, flush=True)
+        say(f"note: {note}")
         recipe = adapted
     regimes = parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
     dfns = _defense_list(defenses)
@@ -193,7 +165,8 @@ def verify_sets(
         check_same_classes(clean.classes, protected.classes, "clean", "protected")
         _check_shapes(protected, clean, "protected", "clean")
     cache = BaselineCache(None if cache_dir is False else (cache_dir if cache_dir is not None else default_cache_dir()))
-    chance = 1.0 / protected.num_classes
+    store = CellStore(Path(report_dir) / CELLS_DIR if report_dir is not None else None)
+    chance, chance_class = chance_level(test.counts(), test.classes)
 
     plan: list[tuple[str, Training, defense_registry.Defense]] = []  # (role, training, defense)
     for t in regimes:
@@ -209,33 +182,70 @@ def verify_sets(
     clean_runs: dict[tuple[str, str], list[CellResult]] = {}
     clean_cached: dict[tuple[str, str], list[bool]] = {}
     done = 0
-    for role, t, d in plan:
-        for seed in seed_list:
-            done += 1
-            label = f"[{done}/{total}] {role} {t.name}/{d.name} seed {seed}"
-            if role == "clean":
-                assert clean is not None
-                key = cache.key(clean, test, recipe, t, d.name, seed)
-                # Rank 0 decides (a cache shared by all processes must not be read half-written).
-                result = distributed.broadcast_object(cache.get(key) if main else None)
-                if result is not None:
-                    log.info("%s: clean baseline from cache (peak %.3f)", label, result.peak_acc)
-                    if progress is True and main:
-                        print(f"{label}: cached clean baseline, peak {100 * result.peak_acc:.1f}%",
-                              file=sys.stderr, flush=True)
-                    clean_runs.setdefault((t.name, d.name), []).append(result)
-                    clean_cached.setdefault((t.name, d.name), []).append(True)
-                    continue
-                result = train_cell(clean, test, recipe, t, d, seed, dev, progress=progress, label=label)
-                if main:
-                    cache.put(key, result, {"clean_root": str(clean.root), "tier": recipe.tier, "training": t.name,
-                                            "defense": d.name, "seed": seed})
-                clean_runs.setdefault((t.name, d.name), []).append(result)
-                clean_cached.setdefault((t.name, d.name), []).append(False)
-            else:
-                result = train_cell(protected, test, recipe, t, d, seed, dev, progress=progress, label=label)
-                protected_runs.setdefault((t.name, d.name), []).append(result)
+
+    def run_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str) -> tuple[CellResult, bool]:
+        """One cell: reused from the report's cells, else from the baseline cache (clean), else
+        trained; saved in the report's cells as soon as it is there. Returns (result, from cache)."""
+        data = clean if role == "clean" else protected
+        assert data is not None
+        key = cell_key(data, test, recipe, t, d, seed, role=role)
+        # Rank 0 decides (files shared by all processes must not be read half-written) and tells the others.
+        saved = distributed.broadcast_object(store.get(key) if main and not fresh else None)
+        if saved is not None:
+            result, meta = saved
+            store.reused += 1
+            if role == "clean" and cache.root is not None:
+                # count the lookup the original run made, so the certificate matches an uninterrupted run
+                cache.hits += meta.get("baseline_cache") == "hit"
+                cache.misses += meta.get("baseline_cache") == "miss"
+            log.info("%s: reused from %s (peak %.3f)", label, store.root, result.peak_acc)
+            say(f"{label}: finished before, reused (peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)})")
+            return result, bool(meta.get("cached", False))
+        cached = False
+        lookup = None  # the baseline-cache lookup: "hit", "miss", or None (no cache, or fresh)
+        if role == "clean" and not fresh:
+            bkey = cell_key(data, test, recipe, t, d.name, seed)
+            hit = distributed.broadcast_object(cache.get(bkey) if main else None)
+            if cache.root is not None:
+                lookup = "hit" if hit is not None else "miss"
+            if hit is not None:
+                result, cached = hit, True
+                log.info("%s: clean baseline from cache (peak %.3f)", label, result.peak_acc)
+                say(f"{label}: cached clean baseline, peak {_pct(result.peak_acc)}")
+        if not cached:
+            result = train_cell(data, test, recipe, t, d, seed, dev, progress=True if bars else (
+                progress if callable(progress) else False), label=label)
+            store.trained += 1
+            if role == "clean" and main:
+                cache.put(cell_key(data, test, recipe, t, d.name, seed), result, {
+                    "clean_root": str(data.root), "tier": recipe.tier, "training": t.name, "defense": d.name,
+                    "seed": seed})
             log.info("%s: peak %.3f final %.3f (%.0f s)", label, result.peak_acc, result.final_acc, result.wall_s)
+            if lines:
+                say(f"{label}: peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)}, "
+                    f"train {_pct(result.train_acc)} ({result.wall_s:.0f} s)")
+        if main:
+            store.put(key, result, {"role": role, "tier": recipe.tier, "training": t.name, "defense": d.name,
+                                    "seed": seed, "cached": cached, "baseline_cache": lookup,
+                                    "train_root": str(data.root), "test_root": str(test.root)})
+        return result, cached
+
+    try:
+        for role, t, d in plan:
+            for seed in seed_list:
+                done += 1
+                label = f"[{done}/{total}] {role} {t.name}/{d.name} seed {seed}"
+                result, cached = run_cell(role, t, d, seed, label)
+                if role == "clean":
+                    clean_runs.setdefault((t.name, d.name), []).append(result)
+                    clean_cached.setdefault((t.name, d.name), []).append(cached)
+                else:
+                    protected_runs.setdefault((t.name, d.name), []).append(result)
+    except KeyboardInterrupt:
+        if store.root is not None and main:  # every cell before the interrupted one is saved
+            log.warning("verify interrupted: %d of %d cells are saved in %s", done - 1, total, store.root)
+            say(f"verify: {done - 1} of {total} cells are saved in {store.root}; the same command resumes")
+        raise
 
     cells = []
     for t in regimes:
@@ -255,12 +265,22 @@ def verify_sets(
         device_name += f" ({torch.cuda.get_device_name(dev)})"
     if distributed.world() > 1:
         device_name += f" x {distributed.world()} processes (DDP)"
+    extra: dict[str, Any] = {
+        "baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits, "misses": cache.misses},
+        "batchnorm": distributed.batchnorm_mode(dev),
+        "resume": {"cells_dir": str(store.root) if store.root else None, "reused": store.reused,
+                   "trained": store.trained, "fresh": bool(fresh)},
+    }
+    if recipe.tier == "paper":
+        extra["reference"] = {
+            "source": PAPER_REFERENCE,
+            "differences": reference_differences(recipe, dev.type, distributed.world(),
+                                                 distributed.uses_sync_batchnorm(dev), len(protected)),
+        }
     cert = build_certificate(
         recipe=recipe, trainings=regimes, defenses=dfns, seeds=seed_list, classes=protected.classes,
         cells=cells, data=data, device=device_name, wall_s=time.perf_counter() - started,
-        baseline_per_defense=baseline_per_defense,
-        extra={"baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits,
-                                  "misses": cache.misses}},
+        baseline_per_defense=baseline_per_defense, chance=chance, chance_class=chance_class, extra=extra,
     )
     if report_dir is not None and main:
         out = Path(report_dir)
@@ -286,6 +306,7 @@ def verify_folder(
     baseline_per_defense: bool = False,
     max_per_class: int | None = None,
     progress: bool | Any = True,
+    fresh: bool = False,
 ) -> dict:
     """Certify how much a protected folder takes away from models trained on it.
 
@@ -300,14 +321,17 @@ def verify_folder(
         seeds: a count N (seeds 0..N-1) or a list of seeds; accuracies are averaged over seeds.
         model, epochs: override the tier's model and epochs.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
-        report_dir: where certificate.json, report.md, curves.png and samples.png go; None means
-            ``<protected_dir>.verify`` beside the protected folder; False writes nothing.
+        report_dir: where certificate.json, report.md, curves.png, samples.png and the finished
+            cells (``cells/``) go; None means ``<protected_dir>.verify`` beside the protected folder;
+            False writes nothing (and nothing can be resumed).
         cache_dir: clean-baseline cache (default ``$PROTECT_CACHE`` or ``~/.cache/protect/baselines``);
             False disables it.
         baseline_per_defense: train the clean baseline under every defense too (else under none).
         max_per_class: use only the first N images per class of every folder (quick subsets).
-        progress: True for a progress bar per cell, False for silence, or a callback
-            (:class:`verify.train.EpochInfo`).
+        progress: True for a progress bar per cell on a terminal (one line per finished cell when
+            stderr is not a terminal), False for silence, or a callback (:class:`verify.train.EpochInfo`).
+        fresh: retrain every cell: ignore the finished cells in the report folder and the clean
+            baseline cache (both are overwritten with the new results).
 
     Returns the certificate dict (schema ``protect.certificate/1``). Raises ConfigError for unknown
     tiers, regimes, defenses, models or devices, InputError for unusable folders (missing, empty,
@@ -343,7 +367,7 @@ def verify_folder(
     cert = verify_sets(
         protected, test, clean, tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds,
         device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
-        progress=progress,
+        progress=progress, fresh=fresh,
     )
     if out is not None:
         cert["report_dir"] = str(out)

@@ -281,6 +281,7 @@ def train_cell(
             model.set_normalization(tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()))
         else:
             log.warning("model %s has no normalisation prefix; recipe.normalize ignored", recipe.model)
+    model = distributed.convert_batchnorm(model, dev)  # SyncBatchNorm under torchrun on GPUs
     model = model.to(dev, memory_format=torch.channels_last).train()
     net = model  # what the attacks differentiate (never the DDP wrapper: they take input gradients only)
     if world > 1:
@@ -312,12 +313,17 @@ def train_cell(
     attack = recipe.attack(training)
 
     def make_adversarial(xb: Tensor, target: Tensor) -> Tensor:
-        with autocast():
-            if attack["method"] == "pgd":
-                return attacks.pgd(net, xb, target, attack["eps"], steps=attack["steps"],
-                                   step_size=attack["step_size"], norm=attack["norm"], generator=g_att)
-            fn = attacks.fgsm_rs if attack["method"] == "fgsm_rs" else attacks.fgsm_rs_l2
-            return fn(net, xb, target, attack["eps"], alpha=attack["step_size"], generator=g_att)
+        if recipe.attack_eval_mode:
+            net.eval()  # as torchattacks does in the CUDA reference: BatchNorm running statistics
+        try:
+            with autocast():
+                if attack["method"] == "pgd":
+                    return attacks.pgd(net, xb, target, attack["eps"], steps=attack["steps"],
+                                       step_size=attack["step_size"], norm=attack["norm"], generator=g_att)
+                fn = attacks.fgsm_rs if attack["method"] == "fgsm_rs" else attacks.fgsm_rs_l2
+                return fn(net, xb, target, attack["eps"], alpha=attack["step_size"], generator=g_att)
+        finally:
+            net.train()
 
     # Evaluation set per epoch: everything, or a fixed subset (the same in every cell; see Recipe).
     n_test = x_test.shape[0]
@@ -360,10 +366,15 @@ def train_cell(
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                    if recipe.grad_clip is not None:
+                        scaler.unscale_(opt)
+                        nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
                     scaler.step(opt)
                     scaler.update()
                 else:
                     loss.backward()
+                    if recipe.grad_clip is not None:  # after DDP's all-reduce: the same clip on every process
+                        nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
                     opt.step()
                 sched.step()
                 m = idx.shape[0]

@@ -13,6 +13,7 @@ from verify.certificate import (
     SCHEMA,
     build_certificate,
     cell_entry,
+    chance_level,
     load_certificate,
     save_certificate,
     score,
@@ -161,3 +162,36 @@ def test_warns_when_a_clean_baseline_barely_beats_chance() -> None:
     (warning,) = cert["warnings"]  # one baseline, named once
     assert "erm/none reached only 16.0%" in warning and "chance 10.0%" in warning
     assert f"**Warning:** {warning}." in report_markdown(cert)
+
+
+def test_chance_is_the_majority_class_rate_of_the_test_set() -> None:
+    assert chance_level([20, 20, 20]) == (pytest.approx(1 / 3), None)  # balanced: 1/K, no class named
+    assert chance_level([15, 5], ["airplane", "frog"]) == (0.75, "airplane")
+    assert chance_level([2, 6, 6], ["a", "b", "c"]) == (pytest.approx(6 / 14), "b")  # first of the tied majority
+    assert chance_level([0, 0]) == (0.5, None)
+
+
+def test_imbalanced_test_set_scores_against_the_majority_rate() -> None:
+    """On a 75/25 test set a baseline that always answers the majority class scores 75%: with chance
+    1/K = 50% it would get a meaningful-looking score; against the majority rate it gets none."""
+    chance, name = chance_level([30, 10], ["airplane", "frog"])
+    stuck = cell_entry("erm", "none", [run("erm", "none", [0.70, 0.72])], [run("erm", "none", [0.74, 0.75])],
+                       chance, baseline_defense="none")
+    assert stuck["score"] is None  # the baseline learned nothing beyond the majority class
+    assert cell_entry("erm", "none", [run("erm", "none", [0.70, 0.72])], [run("erm", "none", [0.74, 0.75])],
+                      0.5, baseline_defense="none")["score"] == pytest.approx(0.12)  # what 1/K claimed
+    learned = cell_entry("erm", "grayscale", [run("erm", "grayscale", [0.76, 0.8])],
+                         [run("erm", "none", [0.85, 0.95])], chance, baseline_defense="none")
+    assert learned["score"] == pytest.approx((0.95 - 0.8) / (0.95 - 0.75))
+    recipe = get_recipe("quick", epochs=2)
+    cert = build_certificate(
+        recipe=recipe, trainings=parse_trainings("erm", recipe), defenses=["none", "grayscale"], seeds=[0],
+        classes=["airplane", "frog"], cells=[stuck, learned], device="cpu", wall_s=1.0,
+        data={"train": {"per_class": [50, 50]}, "test": {"per_class": [30, 10], "count": 40}},
+    )  # chance taken from the test set's counts
+    assert cert["chance"] == 0.75 and cert["chance_class"] == "airplane" and "majority" in cert["chance_definition"]
+    assert "majority-class rate" in cert["score_definition"] and cert["verdict"]["chance"] == 0.75
+    assert any("chance 75.0%" in w for w in cert["warnings"])  # the stuck baseline is flagged
+    md = report_markdown(cert)
+    assert "Chance is 75.0%: the majority-class rate of the test set (always answering 'airplane')." in md
+    assert grid()["chance"] == 0.1 and grid()["chance_class"] is None  # no counts given: 1/K

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +134,66 @@ def test_undecodable_image_is_an_input_error(tmp_path: Path) -> None:
     (root / "dog" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ProtectError, match="broken.png"):
         load_folder(root)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_with_broken_second_chunk() -> bytes:
+    """A PNG whose pixel data is split over two IDAT chunks, the second with a damaged chunk type:
+    Pillow opens it and then raises SyntaxError("broken PNG file") while decoding."""
+    raw = b"".join(b"\0" + bytes((3 * x + y) % 256 for x in range(8 * 3)) for y in range(8))
+    z = zlib.compress(raw)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+            + _chunk(b"IDAT", z[: len(z) // 2]) + _chunk(b"I\0AT", z[len(z) // 2:]) + _chunk(b"IEND", b""))
+
+
+MALFORMED = {
+    "truncated.png": lambda good: good[: len(good) // 2],
+    "random.png": lambda good: np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes(),
+    "syntax.png": lambda good: _png_with_broken_second_chunk(),
+    "ppm-maxval.png": lambda good: b"P6\n8 8\n99999999\n" + bytes(192),  # a PPM header under a .png name
+    "ppm-short.png": lambda good: b"P6\n8 8\n255\n" + bytes(10),
+    "header.tif": lambda good: b"II*\x00\x08\x00\x00\x00\xff\xff" + bytes(20),
+    "depth.bmp": lambda good: b"BM" + bytes(12) + struct.pack("<IiiHH", 40, 4, 4, 1, 153) + bytes(30),
+    "truncated.jpg": lambda good: b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(5),
+    "empty.png": lambda good: b"",
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_files_are_one_line_input_errors(tmp_path: Path, name: str) -> None:
+    """Whatever Pillow raises for a damaged file (OSError, SyntaxError, ValueError, ...) becomes an
+    InputError of one line that names the file."""
+    root = _copy_classes(tmp_path / "d", ["cat", "dog"], n=1)
+    good = (root / "cat" / "0000.png").read_bytes()
+    (root / "dog" / name).write_bytes(MALFORMED[name](good))
+    with pytest.raises(InputError, match=rf"cannot decode image dog/{re.escape(name)}: \S") as info:
+        load_folder(root)
+    assert "\n" not in str(info.value) and "0x" not in str(info.value)  # no "<_io.BytesIO object at 0x...>"
+
+
+def test_syntax_error_from_pillow_is_caught(tmp_path: Path) -> None:
+    """The PNG above really makes Pillow raise SyntaxError (else the test above would prove nothing)."""
+    import io
+
+    img = Image.open(io.BytesIO(_png_with_broken_second_chunk()))
+    with pytest.raises(SyntaxError):
+        img.load()
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack requires a buffer of 4 bytes"), EOFError(),
+                                   Image.DecompressionBombError("Image size (1 pixels) exceeds limit"),
+                                   IndexError("list index out of range"), MemoryError()])
+def test_any_pillow_error_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error) -> None:
+    root = _copy_classes(tmp_path / "d", ["cat", "dog"], n=1)
+
+    def explode(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Image.Image, "load", explode)
+    with pytest.raises(InputError, match=r"cannot decode image (cat|dog)/0000\.png: \S") as info:
+        load_folder(root, workers=1)
+    assert "\n" not in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -209,10 +210,40 @@ def test_coin_bounded() -> None:
     ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(2, 3, 32, 32).contiguous()
     xo, _ = run("coin", ramp, alpha=2.0)
     step = 1 / 31
-    assert (xo - ramp).abs().max() <= 2 * step + 1e-5  # horizontal shift at most alpha pixels
-    assert (xo - ramp).abs().max() > 0.5 * step
+    inner = (xo - ramp)[..., 3:-3].abs()  # away from the seam, where samples wrap to the other edge
+    assert inner.max() <= 2 * step + 1e-5  # horizontal shift at most alpha pixels
+    assert inner.max() > 0.5 * step
     xs, _ = run("coin", smooth_batch(), alpha=0.05)
     assert (xs - smooth_batch()).abs().mean() < (run("coin", smooth_batch())[0] - smooth_batch()).abs().mean()
+
+
+def test_coin_wraps_around_like_the_reference() -> None:
+    """COIN's reference samples with scipy's mode="wrap": a pixel shifted past the right edge reads the
+    left edge. One bright left column, alpha 2: right-edge pixels displaced to the right pick it up
+    (border padding would keep them exactly 0), and every output pixel equals a periodic bilinear
+    interpolation at the displaced coordinates, computed here independently in float64."""
+    n, c, h, w, alpha = 2, 3, 8, 12, 2.0
+    x = torch.zeros(n, c, h, w)
+    x[..., 0] = 1.0
+    xo, _ = run("coin", x, alpha=alpha, seed=5)
+    assert xo[..., -1].max() > 0.3 and xo[..., -2].max() > 0.0  # wrapped from column 0
+    assert (xo[..., 3:w - 3] == 0).all()  # out of the bright column's reach either way
+    # the same displacements as the defense draws: (dx, dy) per pixel, uniform in [-alpha, alpha]
+    disp = ((2 * torch.rand(n, h, w, 2, generator=torch.Generator().manual_seed(5)) - 1) * alpha).double()
+    img = torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(9))
+    out, _ = run("coin", img, alpha=alpha, seed=5)
+    ref = torch.zeros(n, c, h, w, dtype=torch.float64)
+    src = img.double()
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                sy, sx = i + float(disp[b, i, j, 1]), j + float(disp[b, i, j, 0])
+                y0, x0 = math.floor(sy), math.floor(sx)
+                fy, fx = sy - y0, sx - x0
+                for yy, wy in ((y0, 1 - fy), (y0 + 1, fy)):
+                    for xx, wx in ((x0, 1 - fx), (x0 + 1, fx)):
+                        ref[b, :, i, j] += wy * wx * src[b, :, yy % h, xx % w]
+    torch.testing.assert_close(out.double(), ref.clamp(0, 1), atol=1e-5, rtol=0)
 
 
 def test_rskff_removes_high_band() -> None:

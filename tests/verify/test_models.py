@@ -15,6 +15,8 @@ from verify.models import AKAMASTER_MEAN, Classifier, Normalize, create_model, l
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "cifar10" / "test"
+#: the shared data folder beside the checkout (not part of the repository; tests that need it skip without it)
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CIFAR_RESNETS = ["resnet20", "resnet32", "resnet44", "resnet56"]
 
 
@@ -22,11 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _akamaster(name: str) -> Path | None:
-    for root in (REPO / "shared", Path("/work/shared")):
-        hits = sorted((root / "data" / "cifar10_resnet_akamaster").glob(f"{name}-*.th"))
-        if hits:
-            return hits[0]
-    return None
+    hits = sorted((SHARED_DATA / "cifar10_resnet_akamaster").glob(f"{name}-*.th"))
+    return hits[0] if hits else None
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -144,7 +143,8 @@ def _cifar_samples(per_class: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
 def test_akamaster_resnet20_loads_and_classifies(tmp_path):
     weights = _akamaster("resnet20")
     if weights is None:
-        pytest.skip("akamaster resnet20 checkpoint not in this checkout (shared/data/cifar10_resnet_akamaster)")
+        pytest.skip(f"akamaster resnet20 checkpoint not found under {SHARED_DATA / 'cifar10_resnet_akamaster'} "
+                    "(the shared data folder beside the checkout)")
     if not SAMPLES.is_dir():
         pytest.skip(f"CIFAR-10 samples not found at {SAMPLES}")
     model = create_model("resnet20", 10, weights=weights).eval()

@@ -1,0 +1,75 @@
+"""`protect verify` as a user runs it, in a real subprocess: killed with SIGKILL half-way, then the
+same command again, with stderr a pipe (a CI log): one line per finished cell, no progress bars.
+
+The command is ``python -m cli.main`` from this checkout (what the ``protect`` console script runs),
+so the test exercises the code under test wherever the package is installed from. About 15 s."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "samples" / "cifar10"
+CLASSES = ["airplane", "frog"]
+CELL_LINE = re.compile(r"^\[(\d)/4\] (clean|protected) erm/(\w+) seed 0: (.*)$")
+
+
+def _copy(split: str, dst: Path, n: int) -> Path:
+    for c in CLASSES:
+        (dst / c).mkdir(parents=True)
+        for f in sorted((SAMPLES / split / c).glob("*.png"))[:n]:
+            shutil.copy(f, dst / c / f.name)
+    return dst
+
+
+def _command(tmp: Path) -> list[str]:
+    # 4 cells: the clean erm/none baseline, then protected erm x {none, grayscale, cutout}; ~0.5 s each
+    return [sys.executable, "-m", "cli.main", "verify", str(tmp / "train"), "--test", str(tmp / "test"),
+            "--clean", str(tmp / "train"), "--training", "erm", "--defenses", "none,grayscale,cutout",
+            "--epochs", "20", "--device", "cpu", "--no-cache", "--report", str(tmp / "report")]
+
+
+def test_kill_9_then_the_same_command_trains_only_the_missing_cells(tmp_path: Path) -> None:
+    _copy("train", tmp_path / "train", 16)
+    _copy("test", tmp_path / "test", 4)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PROTECT_CACHE": str(tmp_path / "cache")}
+    cells = tmp_path / "report" / "cells"
+    first = subprocess.Popen(_command(tmp_path), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(cells.glob("*.json")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if first.poll() is not None:
+        _, err = first.communicate()
+        pytest.fail(f"verify ended (code {first.returncode}) before the kill: {err.decode()[-2000:]}")
+    first.send_signal(signal.SIGKILL)  # no chance to clean up: what a lost machine looks like
+    first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    saved = len(list(cells.glob("*.json")))
+    if not 1 <= saved < 4:
+        pytest.skip(f"the kill did not land between cells ({saved} of 4 saved); machine too slow or too fast")
+    assert not (tmp_path / "report" / "certificate.json").exists()
+
+    second = subprocess.run(_command(tmp_path), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    # stderr is a pipe: no tqdm bars (no carriage returns), one line per cell, reused ones first
+    assert "\r" not in second.stderr and "it/s" not in second.stderr
+    lines = [m.groups() for m in map(CELL_LINE.match, second.stderr.splitlines()) if m]
+    assert [int(n) for n, *_ in lines] == [1, 2, 3, 4], second.stderr
+    reused = [n for n, _, _, text in lines if text.startswith("finished before, reused")]
+    trained = [n for n, _, _, text in lines if re.match(r"peak [\d.]+%, final [\d.]+%, train [\d.]+% \(\d+ s\)$", text)]
+    assert reused == [str(i) for i in range(1, saved + 1)] and len(reused) + len(trained) == 4, second.stderr
+    assert f"resumed: {saved} finished cell(s) reused, {4 - saved} trained" in second.stdout
+    assert "chance 50.0 %: the majority-class rate of the test set" in second.stdout
+    cert = json.loads((tmp_path / "report" / "certificate.json").read_text())
+    assert cert["resume"]["reused"] == saved and cert["resume"]["trained"] == 4 - saved
+    assert len(list(cells.glob("*.json"))) == 4
