@@ -32,6 +32,7 @@ from perturbations import Keyring, Perturbation
 
 from .fidelity import measure
 from .imageio import Decoded, ImageError, decode, encode, to_image
+from .record import Entry
 from .safefs import Tree, UnsafePath
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,11 @@ class Spec:
 
 
 class Result(NamedTuple):
-    """``kind`` is ``"done"`` (``line`` is the journal line), ``"skip"`` or ``"fail"`` (``reason``)."""
+    """``kind`` is ``"done"`` (``entry`` is the journal entry), ``"skip"`` or ``"fail"`` (``reason``)."""
 
     kind: str
     rel: str
-    line: str = ""
+    entry: Entry | None = None
     reason: str = ""
     notes: tuple[str, ...] = ()
 
@@ -285,11 +286,14 @@ class Context:
     def _flush(self, items: list[_Item]) -> list[Result]:
         """Protect a batch of same-size images, write each output, return their results."""
         try:
-            stack = np.stack([it.decoded.pixels for it in items])  # N x H x W x C
+            # N x H x W x C (a view, not a copy, for a lone image: photos come one at a time)
+            stack = items[0].decoded.pixels[None] if len(items) == 1 else np.stack([it.decoded.pixels for it in items])
             for it in items:
                 it.decoded.pixels = None  # type: ignore[assignment]  # the stack holds them now
             levels = 65535 if stack.dtype == np.uint16 else 255
-            v = torch.from_numpy(stack.astype(np.int32) if levels > 255 else stack).permute(0, 3, 1, 2)
+            with warnings.catch_warnings():  # decoded pixels may be read-only: they are only read here
+                warnings.simplefilter("ignore", UserWarning)
+                v = torch.from_numpy(stack.astype(np.int32) if levels > 255 else stack).permute(0, 3, 1, 2)
             v = v.to(self.device, non_blocking=True)
             labels = None
             if items[0].task.label is not None:
@@ -317,12 +321,13 @@ class Context:
         except (ImageError, OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return Result("fail", task.rel, reason=f"cannot write output: {reason}")
+        out_sha, p, s = hashlib.sha256(data).hexdigest(), round(p, 3), round(s, 5)
         line = json.dumps({
-            "path": task.rel, "output": task.out_rel, "label": task.label_name,
-            "input_sha256": item.in_sha, "output_sha256": hashlib.sha256(data).hexdigest(),
-            "psnr": round(p, 3), "ssim": round(s, 5), "notes": dec.notes, "deps": self.spec.deps,
+            "path": task.rel, "output": task.out_rel, "label": task.label_name, "input_sha256": item.in_sha,
+            "output_sha256": out_sha, "psnr": p, "ssim": s, "notes": dec.notes, "deps": self.spec.deps,
         }, sort_keys=True)
-        return Result("done", task.rel, line=line, notes=tuple(dec.notes))
+        entry = Entry(line, task.rel, task.out_rel, item.in_sha, out_sha, task.label_name, self.spec.deps, p, s)
+        return Result("done", task.rel, entry=entry, notes=tuple(dec.notes))
 
 
 # -- the worker-process side of the local engine --------------------------------------------

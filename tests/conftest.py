@@ -13,6 +13,22 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 TEST_KEY = "pipeline-tests-key-0123456789"
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI configures the root logger (level, a handler, captured warnings) as a program
+    should; in-process CLI tests must not leak that into the tests after them."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    warnings_level = logging.getLogger("py.warnings").level
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    logging.getLogger("py.warnings").setLevel(warnings_level)
+    logging.captureWarnings(False)
+
+
 @pytest.fixture
 def one_thread():
     """Run a test with one intra-op torch thread: tiny tensors gain nothing from more, and the
