@@ -89,8 +89,10 @@ def chunks(tasks: Sequence[Task], workers: int) -> Iterator[list[Task]]:
 class LocalEngine:
     """Run chunks in this process (one worker) or in a pool of worker processes."""
 
-    def __init__(self, spec: Spec, workers: int) -> None:
+    def __init__(self, spec: Spec, workers: int, start_method: str | None = None) -> None:
         self.spec, self.workers = spec, max(1, int(workers))
+        fork = sys.platform.startswith("linux") and spec.device == "cpu"
+        self.start_method = start_method or ("fork" if fork else "spawn")
 
     def run(self, work: Iterable[list[Task]], on_results: Callable[[list[Result]], None],
             on_ready: Callable[[], None] | None = None, ordered: bool = False) -> None:
@@ -122,8 +124,7 @@ class LocalEngine:
                   on_ready: Callable[[], None] | None, ordered: bool) -> None:
         import multiprocessing as mp
 
-        fork = sys.platform.startswith("linux") and self.spec.device == "cpu"
-        ctx = mp.get_context("fork" if fork else "spawn")
+        ctx = mp.get_context(self.start_method)
         value, cond = ctx.Value("q", 0, lock=False), ctx.Condition()
         pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
                                    initargs=(self.spec, self.spec.budget_bytes, value, cond, os.getpid()))

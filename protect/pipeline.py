@@ -179,7 +179,8 @@ class _Run:
         try:
             for r in results:
                 if r.kind == "done":
-                    self.record.add(r.line)
+                    assert r.entry is not None
+                    self.record.add(r.entry)
                     self.summary.done += 1
                     for note in r.notes:
                         self.notes[note] = self.notes.get(note, 0) + 1

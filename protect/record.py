@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from .errors import RecordError
 from .safefs import Tree
@@ -54,8 +54,7 @@ def deps_digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@dataclass
-class Entry:
+class Entry(NamedTuple):
     """One journalled file: its JSON line and the fields the pipeline reads back."""
 
     line: str
@@ -135,16 +134,12 @@ class RunRecord:
             raise RecordError(f"cannot append to {self.root / JOURNAL}: {exc.strerror or exc}") from None
 
     # -- writing ---------------------------------------------------------------------------
-    def add(self, line: str) -> Entry:
-        """Journal one finished file (a JSON line, after its output was renamed into place)."""
-        entry = Entry.parse(line)
-        if entry is None:
-            raise RecordError(f"internal: unparseable journal line {line[:80]!r}")
+    def add(self, entry: Entry) -> None:
+        """Journal one finished file (after its output was renamed into place)."""
         assert self._fh is not None
-        self._fh.write(line.encode("utf-8") + b"\n")
+        self._fh.write(entry.line.encode("utf-8") + b"\n")
         self.done[entry.path] = entry
         self.journal_lines += 1
-        return entry
 
     def flush(self) -> None:
         """Push journalled lines to the OS. A line lost to a crash only means that file is redone."""

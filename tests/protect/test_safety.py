@@ -255,6 +255,22 @@ def test_workers_and_in_process_runs_give_the_same_bytes(tmp_path, keyring, make
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
 
 
+def test_spawned_workers_give_the_same_bytes(tmp_path, keyring, make_folder, monkeypatch):
+    """The start method used with a GPU (and on macOS/Windows): workers import everything anew."""
+    import protect.engine as engine
+
+    inp = make_folder(classes=2, per_class=4)
+    run(inp, tmp_path / "fork", keyring, workers=2)
+    real = engine.LocalEngine.__init__
+
+    def spawning(self, spec, workers, start_method=None):
+        real(self, spec, workers, "spawn")
+
+    monkeypatch.setattr(engine.LocalEngine, "__init__", spawning)
+    run(inp, tmp_path / "spawn", keyring, workers=2)
+    assert snapshot(tmp_path / "fork") == snapshot(tmp_path / "spawn")
+
+
 def test_strict_stops_with_workers_too(tmp_path, keyring, make_folder):
     inp = make_folder(classes=2, per_class=30)
     (inp / "airplane" / "0000.png").write_bytes(b"broken")
