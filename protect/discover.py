@@ -44,16 +44,21 @@ IMAGE_EXTENSIONS = {
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One image found under the root: POSIX relative path, absolute path, label index or None."""
+    """One image found under the root: POSIX relative path, the root, label index or None."""
 
     rel: str
-    path: Path
+    root: Path
     label: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The absolute path (made on demand: a folder of millions of images needs no Path each)."""
+        return self.root / self.rel
 
     @property
     def format(self) -> str:
         """Pillow format name implied by the extension."""
-        return IMAGE_EXTENSIONS[PurePosixPath(self.rel).suffix.lower()]
+        return IMAGE_EXTENSIONS[os.path.splitext(self.rel)[1].lower()]
 
 
 @dataclass
@@ -79,7 +84,7 @@ class Dataset:
 
 
 def is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _inside(path: str, root: str) -> bool:
@@ -140,7 +145,6 @@ def walk_images(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str
             if name.startswith("."):
                 continue
             rel = f"{rel_folder}/{name}" if rel_folder else name
-            shown = _printable(rel)
             try:
                 is_link = child.is_symlink()
                 if not is_link and child.is_file(follow_symlinks=False):  # the common case: no stat call
@@ -148,22 +152,22 @@ def walk_images(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str
                         if _valid_utf8(name):
                             found.append(rel)
                         else:
-                            skipped.append((shown, "name is not valid UTF-8; rename it"))
+                            skipped.append((_printable(rel), "name is not valid UTF-8; rename it"))
                     continue
                 st = child.stat(follow_symlinks=True)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    skipped.append((shown, "symbolic link loop; not followed"))
+                    skipped.append((_printable(rel), "symbolic link loop; not followed"))
                 elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                    skipped.append((shown, "broken symbolic link (its target does not exist)"))
+                    skipped.append((_printable(rel), "broken symbolic link (its target does not exist)"))
                 else:
-                    skipped.append((shown, f"cannot examine: {_why(exc)}"))
+                    skipped.append((_printable(rel), f"cannot examine: {_why(exc)}"))
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
             if not (is_dir or is_image_name(name) or is_link):
                 continue  # not an image: ignored silently
             if not _valid_utf8(name):
-                skipped.append((shown, "name is not valid UTF-8; rename it"))
+                skipped.append((_printable(rel), "name is not valid UTF-8; rename it"))
                 continue
             if is_link and not _inside(os.path.realpath(child.path), root_real):
                 skipped.append((rel, "symbolic link leaves the input folder; not followed"))
@@ -255,7 +259,7 @@ def discover(root: str | os.PathLike, labels_csv: str | os.PathLike | None = Non
         if len(classes) > len(labelled):  # cannot happen with names; guards against a regression
             raise InputError(f"label file {labels_csv} has {len(classes)} classes for {len(labelled)} images")
         index = {name: i for i, name in enumerate(classes)}
-        entries = [ImageEntry(r, abs_root / r, index[table[r]]) for r in labelled]
+        entries = [ImageEntry(r, abs_root, index[table[r]]) for r in labelled]
         return Dataset(abs_root, entries, classes, skipped, "csv")
 
     top_level = [r for r in rels if "/" not in r]
@@ -263,11 +267,11 @@ def discover(root: str | os.PathLike, labels_csv: str | os.PathLike | None = Non
     if nested and not top_level:
         classes = class_names(r.split("/", 1)[0] for r in nested)
         index = {name: i for i, name in enumerate(classes)}
-        entries = [ImageEntry(r, abs_root / r, index[r.split("/", 1)[0]]) for r in rels]
+        entries = [ImageEntry(r, abs_root, index[r.split("/", 1)[0]]) for r in rels]
         return Dataset(abs_root, entries, classes, skipped, "folders")
     if nested and top_level:
         log.warning(
             "%d image(s) lie directly in %s beside class folders; treating the folder as unlabelled",
             len(top_level), root,
         )
-    return Dataset(abs_root, [ImageEntry(r, abs_root / r, None) for r in rels], [], skipped, "none")
+    return Dataset(abs_root, [ImageEntry(r, abs_root, None) for r in rels], [], skipped, "none")

@@ -230,12 +230,14 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
             f"method '{method_cls.name}' needs classes: put the images in class sub-folders or pass "
             "--labels FILE.csv (label-free protection comes with Unlearnable Clusters)"
         )
-    out_names: dict[str, str] = {}
-    for e in dataset.entries:
-        name = output_name(e.rel, e.format, options.out_format)
-        if name in out_names:
-            raise InputError(f"'{out_names[name]}' and '{e.rel}' would both be written as '{name}'")
-        out_names[name] = e.rel
+    formats = [e.format for e in dataset.entries]
+    out_rels = [output_name(e.rel, f, options.out_format) for e, f in zip(dataset.entries, formats)]
+    if options.out_format != "keep" and len(set(out_rels)) < len(out_rels):
+        seen: dict[str, str] = {}
+        for e, name in zip(dataset.entries, out_rels):
+            if name in seen:
+                raise InputError(f"'{seen[name]}' and '{e.rel}' would both be written as '{name}'")
+            seen[name] = e.rel
     device = resolve_device(options.device)
     params = _requested_params(method_cls, dataset, options.params)
     header = {
@@ -265,8 +267,8 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
             raise InputError(f"cannot create {folder}: not a folder")
     lock = RunLock(record_dir, out_path)
     try:
-        return _locked_run(dataset, in_path, out_path, record_dir, keyring, options, method, params, header,
-                           device, on_start)
+        return _locked_run(dataset, formats, out_rels, in_path, out_path, record_dir, keyring, options, method,
+                           params, header, device, on_start)
     finally:
         lock.release()
 
@@ -283,7 +285,8 @@ def _load_state(previous: RunRecord) -> dict[str, torch.Tensor] | None:
                               "rerun with --overwrite") from None
 
 
-def _locked_run(dataset: Dataset, in_path: Path, out_path: Path, record_dir: Path, keyring: Keyring,
+def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_path: Path, out_path: Path,
+                record_dir: Path, keyring: Keyring,
                 options: ProtectOptions, method: Perturbation, params: dict[str, Any],
                 header: dict[str, Any], device: torch.device, on_start: Callable[[int], Any] | None) -> Summary:
     method_cls = type(method)
@@ -319,11 +322,10 @@ def _locked_run(dataset: Dataset, in_path: Path, out_path: Path, record_dir: Pat
                             "compute": "exact" if method.exact else device.type})
         classes = dataset.classes
         tasks = []
-        for e in dataset.entries:
+        for e, fmt, out_rel in zip(dataset.entries, formats, out_rels):
             old = record.done.get(e.rel)
             prev = Prev(old.input_sha256, old.output_sha256, old.output, old.label, old.deps) if old else None
-            tasks.append(Task(e.rel, e.format, output_name(e.rel, e.format, options.out_format), e.label,
-                              classes[e.label] if e.label is not None else None, prev))
+            tasks.append(Task(e.rel, fmt, out_rel, e.label, classes[e.label] if e.label is not None else None, prev))
         spec = Spec(method_cls.name, params, state_dict, keyring, str(dataset.root), str(out_path.resolve()),
                     options.out_format, options.jpeg_quality, options.max_pixels, options.batch_size,
                     options.overwrite, str(device), deps, options.memory or default_memory())

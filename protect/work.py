@@ -300,8 +300,9 @@ class Context:
                 labels = torch.tensor([it.task.label for it in items], dtype=torch.long)
             with torch.inference_mode():
                 q = self.method.protect_levels(v, labels, [it.task.rel for it in items], levels)
+                q = q.contiguous(memory_format=torch.channels_last)  # the layout of v and of the files
                 ps, ss = measure(v, q, levels)
-            out = q.permute(0, 2, 3, 1).cpu().numpy()
+            out = q.permute(0, 2, 3, 1).cpu().numpy()  # N x H x W x C, each image contiguous
             del v, q
             if levels > 255:
                 out = out.astype(np.uint16)
