@@ -39,7 +39,6 @@ _EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": "
 _LOSSLESS_TIFF = {"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits", None}
 _ORIENTATION = 0x0112
 
-TMP_MARK = ".protect-tmp-"
 
 
 class ImageError(Exception):
@@ -318,38 +317,3 @@ def encode(im: Image.Image, fmt: str, meta: dict[str, Any], jpeg_quality: int = 
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that no reader ever sees a partial file.
-
-    The bytes go to a hidden temporary file in the same folder (named per process and thread, so
-    concurrent writers never share one), then ``os.replace`` renames it into place.
-    """
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
-    try:
-        fh = open(tmp, "wb")
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(tmp, "wb")
-    try:
-        with fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def remove_stale_temporaries(root: Path) -> int:
-    """Delete temporary files an interrupted run left under ``root``; returns how many."""
-    count = 0
-    if root.is_dir():
-        for tmp in root.rglob(f".*{TMP_MARK}*"):
-            if tmp.is_file():
-                tmp.unlink()
-                count += 1
-    return count

@@ -138,44 +138,18 @@ class Tree:
     def write(self, rel: str, data: bytes | Callable[[BinaryIO], None]) -> None:
         """Atomically put ``data`` (bytes, or a function writing to a binary file) at ``rel``."""
         parts = _parts(rel)
-        name = parts[-1]
-        tmp = tmp_name(name)
-        if not _DIR_FD:
+        name, tmp = parts[-1], tmp_name(parts[-1])
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
+        if _DIR_FD:
+            dfd = self.fd if len(parts) == 1 else self._open_dir(parts[:-1], create=True)
+            fd = os.open(tmp, flags, 0o666, dir_fd=dfd)
+            _fill_and_rename(fd, data, lambda: os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd),
+                             lambda: os.unlink(tmp, dir_fd=dfd))
+        else:
             folder = self._check_components(parts[:-1], create=True)
-            self._write_via_paths(folder / tmp, folder / name, data)
-            return
-        dfd = self.fd if len(parts) == 1 else self._open_dir(parts[:-1], create=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY, 0o666, dir_fd=dfd)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                if callable(data):
-                    data(fh)
-                else:
-                    fh.write(data)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
-            raise
-
-    @staticmethod
-    def _write_via_paths(tmp: Path, dst: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                if callable(data):
-                    data(fh)
-                else:
-                    fh.write(data)
-            os.replace(tmp, dst)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            fd = os.open(folder / tmp, flags, 0o666)
+            _fill_and_rename(fd, data, lambda: os.replace(folder / tmp, folder / name),
+                             lambda: os.unlink(folder / tmp))
 
     def open_read(self, rel: str) -> BinaryIO | None:
         """The regular file ``rel`` opened for reading, or None when it is missing, a link or not a
@@ -280,6 +254,25 @@ class Tree:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fill_and_rename(fd: int, data: bytes | Callable[[BinaryIO], None], rename: Callable[[], None],
+                     unlink: Callable[[], None]) -> None:
+    """Write ``data`` to the new temporary ``fd`` and rename it into place; on any failure
+    (an interrupt included) remove the temporary and re-raise."""
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
+        rename()
+    except BaseException:
+        try:
+            unlink()
+        except OSError:
+            pass
+        raise
 
 
 class RunLock:

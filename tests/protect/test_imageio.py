@@ -19,7 +19,7 @@ from PIL import Image, ImageCms
 
 import perturbations
 from protect import InputError, ProtectOptions, protect_folder
-from protect.imageio import TMP_MARK, ImageError, decode, output_name, remove_stale_temporaries, write_atomic
+from protect.imageio import ImageError, decode, output_name
 from tests import corpus
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -472,38 +472,6 @@ def test_output_name():
     assert output_name("a/b c.jpg", "JPEG", "keep") == "a/b c.jpg"
     assert output_name("a/b c.JPG", "JPEG", "png") == "a/b c.png"
     assert output_name("a/x.png", "PNG", "png") == "a/x.png"
-
-
-def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
-    target = tmp_path / "sub" / "x.png"
-    write_atomic(target, b"one")
-    write_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert [p.name for p in target.parent.iterdir()] == ["x.png"]
-
-
-def test_write_atomic_failure_keeps_the_old_file(tmp_path, monkeypatch):
-    target = tmp_path / "x.png"
-    target.write_bytes(b"old")
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("protect.imageio.os.replace", broken_replace)
-    with pytest.raises(OSError):
-        write_atomic(target, b"new")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
-
-
-def test_remove_stale_temporaries(tmp_path):
-    (tmp_path / "a").mkdir()
-    stale = tmp_path / "a" / f".x.png{TMP_MARK}123-456"
-    stale.write_bytes(b"partial")
-    keep = tmp_path / "a" / "x.png"
-    keep.write_bytes(b"ok")
-    assert remove_stale_temporaries(tmp_path) == 1
-    assert not stale.exists() and keep.exists()
 
 
 @pytest.mark.parametrize("mode, options, bands", [("P", {}, 3), ("P", {"transparency": 0}, 4), ("L", {}, 1),

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from protect import ProtectOptions, inspect_run, protect_folder
-from protect.imageio import TMP_MARK
+from protect.safefs import TMP_MARK
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples"
