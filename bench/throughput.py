@@ -8,10 +8,13 @@ the median ratio and its range. Input is read from the data folder; outputs go t
 (default ``/dev/shm``, a RAM disk, so disk noise does not hide the CPU cost) and are deleted after
 each run.
 
-Memory: the whole process tree is sampled every 20 ms; the table reports the peak of the summed
-PSS (proportional set size: pages shared between the parent and its forked workers are counted
-once, split between them, so the sum is the memory the command really uses) and, for reference,
-the peak summed RSS (which counts the shared torch libraries once per process).
+Memory is measured in one extra run of each side after the timed pairs (reading
+``/proc/PID/smaps_rollup`` walks a process's page tables: sampling it during a timed run would
+slow the side with the larger memory). The whole process tree is sampled every 50 ms; the table
+reports the peak of the summed PSS (proportional set size: pages shared between the parent and its
+forked workers are counted once, split between them, so the sum is the memory the command really
+uses) and, for reference, the peak summed RSS (which counts the shared torch libraries once per
+process).
 
     .venv/bin/python bench/throughput.py                              # cifar50k, kodak, photos24mp
     .venv/bin/python bench/throughput.py --sets cifar10k --repeats 5
@@ -102,17 +105,20 @@ class TreeSampler(threading.Thread):
             time.sleep(self.every)
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float, float, float]:
-    """(stdout, wall seconds, CPU seconds of the tree, peak PSS MiB, peak RSS MiB) of a command."""
+def timed(cmd: list[str], env: dict[str, str], sample: bool = False) -> tuple[str, float, float, float, float]:
+    """(stdout, wall seconds, CPU seconds of the tree, peak PSS MiB, peak RSS MiB) of a command;
+    memory only with ``sample`` (else 0)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    sampler = TreeSampler(proc.pid)
-    sampler.start()
+    sampler = TreeSampler(proc.pid, every=0.05)
+    if sample:
+        sampler.start()
     out, err = proc.communicate()
     wall = time.perf_counter() - t
-    sampler.stop.set()
-    sampler.join()
+    if sample:
+        sampler.stop.set()
+        sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}: {err[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the whole tree: workers are reaped by their parent
@@ -189,44 +195,50 @@ def main() -> None:
     for name in args.sets.split(","):
         src, labels = stage(name, args.work, args.photos)
         pairs = []
-        for rep in range(args.repeats):
+        for rep in range(args.repeats + 1):  # the last run of each side samples memory, untimed
+            sample = rep == args.repeats
             outs = Path(tempfile.mkdtemp(prefix="protect-bench-", dir=args.out))
             try:
                 bare_out, bare_wall, bare_cpu, bare_pss, bare_rss = timed(
-                    [sys.executable, "-c", BARE, str(src), str(outs / "bare"), str(args.workers)], env)
+                    [sys.executable, "-c", BARE, str(src), str(outs / "bare"), str(args.workers)], env, sample)
                 shutil.rmtree(outs / "bare")
                 cmd = [protect_bin, "images", "--quiet", "--json", "--workers", str(args.workers), "--device",
                        args.device, *args.extra.split(), str(src), str(outs / "protected")]
                 if labels:
                     cmd[2:2] = ["--labels", str(labels)]
-                out, wall, cpu, pss, rss = timed(cmd, env)
+                out, wall, cpu, pss, rss = timed(cmd, env, sample)
             finally:
                 shutil.rmtree(outs, ignore_errors=True)
             n = int(bare_out.split()[0])
             summary = json.loads(out)
             assert summary["done"] == n, (summary["done"], n)
+            if sample:
+                memory = {"bare_pss_mib": round(bare_pss), "protect_pss_mib": round(pss), "protect_rss_mib": round(rss)}
+                print(json.dumps({"set": name, "memory": memory}), flush=True)
+                continue
             pair = {"set": name, "rep": rep, "images": n, "bare_s": round(bare_wall, 2), "protect_s": round(wall, 2),
                     "bare_cpu_s": round(bare_cpu, 2), "protect_cpu_s": round(cpu, 2),
                     "protect_loop_s": round(summary["seconds"], 2), "ratio": round(bare_wall / wall, 3),
-                    "bare_pss_mib": round(bare_pss), "bare_rss_mib": round(bare_rss), "protect_pss_mib": round(pss),
-                    "protect_rss_mib": round(rss), "psnr": summary["psnr_mean"], "ssim": summary["ssim_mean"],
+                    "psnr": summary["psnr_mean"], "ssim": summary["ssim_mean"],
                     "device": summary["device"], "workers": summary.get("workers")}
             print(json.dumps(pair), flush=True)
             pairs.append(pair)
+        if not pairs:  # --repeats 0: memory only
+            continue
         ratios = [p["ratio"] for p in pairs]
         rows.append({
             "set": name, "images": pairs[0]["images"], "ratio": statistics.median(ratios), "lo": min(ratios),
             "hi": max(ratios), "bare_img_s": statistics.median(p["images"] / p["bare_s"] for p in pairs),
             "protect_img_s": statistics.median(p["images"] / p["protect_s"] for p in pairs),
-            "pss": max(p["protect_pss_mib"] for p in pairs), "rss": max(p["protect_rss_mib"] for p in pairs),
-            "bare_pss": max(p["bare_pss_mib"] for p in pairs), "psnr": pairs[0]["psnr"], "ssim": pairs[0]["ssim"],
+            "pss": memory["protect_pss_mib"], "rss": memory["protect_rss_mib"], "bare_pss": memory["bare_pss_mib"],
+            "psnr": pairs[0]["psnr"], "ssim": pairs[0]["ssim"],
             "bare_cpu_ms": statistics.median(1000 * p["bare_cpu_s"] / p["images"] for p in pairs),
             "protect_cpu_ms": statistics.median(1000 * p["protect_cpu_s"] / p["images"] for p in pairs),
         })
     print()
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}; {args.workers} worker processes on both sides; outputs in {args.out}; "
-          f"{args.repeats} alternating pairs per set")
+          f"{args.repeats} alternating timed pairs per set, then one memory-sampled run of each side")
     print("| set | images | bare img/s | protect img/s | ratio median (range) | CPU ms/img bare / protect "
           "| peak PSS protect / bare (MiB) | peak RSS sum protect (MiB) | mean PSNR / SSIM |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")

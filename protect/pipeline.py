@@ -335,7 +335,13 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
             if on_start is not None:
                 run.bar = on_start(len(tasks))
 
-        engine.run(chunks(tasks, engine.workers), run.on_results, ready, ordered=options.strict)
+        try:
+            engine.run(chunks(tasks, engine.workers), run.on_results, ready, ordered=options.strict)
+        except BaseException:
+            # Stopped (Ctrl-C, --strict, a dead worker): the workers were killed, perhaps mid-write.
+            with Tree(out_path) as tree:
+                tree.remove_temporaries()
+            raise
     finally:
         if run.bar is not None:
             run.bar.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -29,6 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from .errors import RecordError
+
+log = logging.getLogger(__name__)
 
 TMP_MARK = ".protect-tmp-"
 _DIR_FD = os.open in os.supports_dir_fd and os.mkdir in os.supports_dir_fd and hasattr(os, "O_NOFOLLOW")
@@ -299,7 +302,11 @@ class RunLock:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+                    if lock_fd == out_fd:  # some network file systems cannot lock a folder
+                        log.warning("cannot lock %s (%s); relying on the record's lock", out_dir, exc.strerror)
+                        continue
+                    self.release()
+                    raise RecordError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
                 holder = _read_pid(fd)
                 self.release()
                 who = f"pid {holder}" if holder else "another process"
