@@ -113,12 +113,17 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @with_key
-@click.option("--method", default="cuda", show_default=True, help="Protection method (see `protect methods`).")
+@click.option("--method", help="Protection method (see `protect methods`; default cuda).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' for folders without class sub-folders.")
 @click.option("--filter-size", type=int, help="CUDA: odd filter size k (default: 3 below 128 px, else 9).")
 @click.option("--blur", type=float, help="CUDA: off-peak filter bound p_b (default follows the filter size).")
 @click.option("--padding", type=click.Choice(["reflect", "replicate", "zero", "faithful"]), help="CUDA: border handling (default zero = the paper's code, strongest; reflect leaves no dark border).")
 @click.option("--mix", type=float, help="CUDA: fraction of images protected, chosen by the key.")
+@click.option("--clusters", type=click.IntRange(min=1), help="UC: number of clusters K (default 10). CUDA: label-agnostic CUDA, one filter per surrogate cluster.")
+@click.option("--surrogate", metavar="SPEC", help="UC / clustered CUDA: feature extractor: clip:ARCH[/PRETRAINED] (default clip:RN50/openai), cifar-resnet20|32|44|56[:PATH] (resnet20 bundled), torchvision:NAME:PATH, random:ARCH.")
+@click.option("--surrogate-weights", type=click.Path(dir_okay=False), help="Local weights file for --surrogate (nothing is downloaded offline).")
+@click.option("--eps", metavar="BOUND", help="UC: L-inf bound of the perturbation, e.g. 16/255 (the default) or 0.03.")
+@click.option("--state", "state_from", type=click.Path(file_okay=False), help="Reuse the fitted method of a finished run (its record folder, e.g. out.protect) with the same key: new images join its clusters.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter.")
 @click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")
 @click.option("--jpeg-quality", type=int, default=95, show_default=True, help="Quality of JPEG outputs.")
@@ -134,7 +139,9 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or warnings.")
 def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, method: str, labels_csv: str | None,
-           filter_size: int | None, blur: float | None, padding: str | None, mix: float | None, extra: tuple[str, ...],
+           filter_size: int | None, blur: float | None, padding: str | None, mix: float | None, clusters: int | None,
+           surrogate: str | None, surrogate_weights: str | None, eps: str | None, state_from: str | None,
+           extra: tuple[str, ...],
            out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None, memory: str | None,
            record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None, as_json: bool,
            quiet: bool) -> None:
@@ -145,12 +152,15 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
 
     _setup_logging(quiet or as_json)
     keyring = load_keyring(key, key_file)
-    params = {"filter_size": filter_size, "blur": blur, "padding": padding, "mix": mix}
+    if surrogate_weights:
+        surrogate_weights = os.path.abspath(surrogate_weights)
+    params = {"filter_size": filter_size, "blur": blur, "padding": padding, "mix": mix, "clusters": clusters,
+              "surrogate": surrogate, "surrogate_weights": surrogate_weights, "eps": eps}
     params = {k: v for k, v in params.items() if v is not None} | _parse_params(extra)
     options = ProtectOptions(
         method=method, params=params, labels_csv=labels_csv, out_format=out_format, device=device,
         batch_size=batch_size, workers=workers, memory=parse_size(memory) if memory else None,
-        record_dir=record_dir, overwrite=overwrite, prune=prune, strict=strict,
+        record_dir=record_dir, state_from=state_from, fit_progress=_FitBars(quiet or as_json), overwrite=overwrite, prune=prune, strict=strict,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, jpeg_quality=jpeg_quality, progress=not quiet,
     )
 
@@ -160,13 +170,40 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
         return tqdm(total=total, unit="img", desc="protect", disable=quiet or as_json or None,
                     file=sys.stderr, dynamic_ncols=True)
 
-    summary = protect_folder(in_dir, out_dir, keyring, options, on_start=bar)
+    try:
+        summary = protect_folder(in_dir, out_dir, keyring, options, on_start=bar)
+    finally:
+        options.fit_progress.close()  # type: ignore[union-attr]
     if as_json:
         _echo_json(summary.to_dict())
     else:
         _print_summary(summary)
     if summary.failed:
         sys.exit(EXIT_FAILED_FILES)
+
+
+class _FitBars:
+    """One progress bar per stage of a method's fit (features, optimisation, ...), on a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar, self.stage = quiet, None, ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage or self.bar is None:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=f"fit: {stage}", unit="", file=sys.stderr, dynamic_ncols=True,
+                            disable=None)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _print_summary(s: Any) -> None:

@@ -36,15 +36,32 @@ class FitData:
         labels: one label per image (``None`` when unlabelled).
         sizes: ``(height, width)`` per image, in dataset order.
         ids: a stable id per image (its relative path), in dataset order.
-        batches: optional factory yielding ``(images, indices)`` batches for methods that must see
-            pixels while fitting (Unlearnable Clusters, SALM); ``None`` for model-free methods.
+        batches: optional factory for methods that must see pixels while fitting (Unlearnable
+            Clusters, SALM, clustered CUDA); ``None`` for model-free use. Called as
+            ``batches(size, channels=3, batch_size=64, only=None)`` it decodes the images once (in
+            dataset order, or only the positions in ``only``) and yields ``(images, indices)``:
+            ``images`` float32 ``n x channels x size[0] x size[1]`` in [0, 1] (every image resized
+            to ``size``, antialiased; grey repeated to 3 channels or colour averaged to 1; alpha
+            dropped), ``indices`` their positions in ``ids``. Images that cannot be decoded are left
+            out (the protect pass reports them). Memory: one batch plus the decoders' working set.
+        device: where the method should compute while fitting (``"cpu"``, ``"cuda"``, ...).
+        memory: bytes the method may use to keep images between passes (e.g. a sample of them).
+        progress: optional ``progress(stage, done, total)`` callback for long fits.
     """
 
     num_classes: int
     labels: Sequence[int] | None
     sizes: Sequence[tuple[int, int]]
     ids: Sequence[str] = field(default_factory=list)
-    batches: Callable[[], Iterator[tuple[torch.Tensor, Sequence[int]]]] | None = None
+    batches: Callable[..., Iterator[tuple[torch.Tensor, Sequence[int]]]] | None = None
+    device: str = "cpu"
+    memory: int = 1 << 30
+    progress: Callable[[str, int, int], None] | None = None
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        """Forward to ``progress`` when there is one."""
+        if self.progress is not None:
+            self.progress(stage, done, total)
 
 
 class Perturbation(ABC):
@@ -65,6 +82,9 @@ class Perturbation(ABC):
     #: Rough working memory of :meth:`protect_levels` in bytes per input value (float copies,
     #: buffers), used by the pipeline's memory budget.
     work_bytes_per_value: ClassVar[float] = 12.0
+    #: State keys that hold per-image data (e.g. a cluster per image id). They grow when new images
+    #: join (:meth:`extend`) and are left out of what makes an existing output current.
+    per_image_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, keyring: Keyring) -> None:
         if not isinstance(keyring, Keyring):
@@ -79,6 +99,12 @@ class Perturbation(ABC):
             raise ConfigError(f"method '{self.name}' needs class labels")
         self.fitted = True
         return self
+
+    def extend(self, data: FitData) -> bool:
+        """Fit images the loaded state has not seen into it, without refitting (Unlearnable
+        Clusters: each new image joins its nearest centre). Returns True when the state changed.
+        Default: nothing to do."""
+        return False
 
     @abstractmethod
     def apply(
@@ -137,3 +163,19 @@ def quantise_levels(y: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.T
     """``round(y * levels)`` in float32, clamped to ``[0, levels]``, as ``dtype`` (the one
     quantisation every output goes through)."""
     return y.float().mul(levels).round_().clamp_(0, levels).to(dtype)
+
+
+def parse_fraction(value: float | int | str, what: str) -> float:
+    """A number given as a float or as ``"a/b"`` (e.g. ``"16/255"``); ConfigError otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                return float(num) / float(den)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{what} must be a number or a fraction like 16/255, got {value!r}")

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 from . import register
 from .base import FitData, Perturbation, quantise_levels
-from .errors import ConfigError
+from .clustered import TABLE_KEYS, SurrogateClusters
+from .errors import ConfigError, InputError
 from .keyring import Keyring
 
 #: Shorter side (pixels) from which the ImageNet-size defaults are used.
@@ -263,6 +264,11 @@ class CUDA(Perturbation):
             ``"replicate"`` (no dark border, weaker).
         mix: fraction in (0, 1] of images protected, chosen per image id from the key (Table 5).
         universal: one shared filter for all classes (the paper's ablation; weak on purpose).
+        clusters: label-agnostic CUDA (no published method has it): ``K`` keyed filters assigned
+            per surrogate feature cluster instead of per class (keyed K-means as in Unlearnable
+            Clusters, :mod:`perturbations.clustered`), so folders without labels can be protected.
+        surrogate, surrogate_weights: the feature extractor for ``clusters`` (default
+            ``clip:RN50/openai``; ``cifar-resnet20`` is bundled) and an optional local weights file.
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] and returns the same; labels ``(N,)``.
     """
@@ -273,6 +279,7 @@ class CUDA(Perturbation):
     needs_labels = True
     exact = True
     work_bytes_per_value = 4.5  # the float32 sums of one image, plus a strip
+    per_image_state = TABLE_KEYS
 
     def __init__(
         self,
@@ -283,6 +290,9 @@ class CUDA(Perturbation):
         padding: str = "zero",
         mix: float = 1.0,
         universal: bool = False,
+        clusters: int | None = None,
+        surrogate: str | None = None,
+        surrogate_weights: str | None = None,
     ) -> None:
         super().__init__(keyring)
         if padding == "faithful":
@@ -306,6 +316,15 @@ class CUDA(Perturbation):
         self.padding = padding
         self.mix = float(mix)
         self.universal = bool(universal)
+        if clusters is None and (surrogate is not None or surrogate_weights is not None):
+            raise ConfigError("cuda: --surrogate is only used with --clusters K (label-agnostic CUDA)")
+        self.clusters = None if clusters is None else SurrogateClusters(
+            keyring, clusters, surrogate or "clip:RN50/openai", surrogate_weights, "cuda")
+        if self.clusters is not None:
+            if num_classes is not None and int(num_classes) != self.clusters.k:
+                raise ConfigError("cuda: with --clusters the filters follow the clusters; do not give num_classes")
+            self.num_classes = self.clusters.k
+        self.needs_labels = self.clusters is None  # type: ignore[misc]
         self.filters: torch.Tensor | None = None
         self.bits: int | None = None
         self._on_device: dict[torch.device, torch.Tensor] = {}
@@ -330,7 +349,11 @@ class CUDA(Perturbation):
 
     def fit(self, data: FitData) -> "CUDA":
         super().fit(data)
-        if self.num_classes is None:
+        if self.clusters is not None:
+            feats, where, _, _ = self.clusters.features(data)
+            self.clusters.cluster(feats, where, list(data.ids))
+            self.clusters.release()
+        elif self.num_classes is None:
             self.num_classes = data.num_classes
         elif data.num_classes > self.num_classes:
             raise ConfigError(f"cuda: data has {data.num_classes} classes, method built for {self.num_classes}")
@@ -339,9 +362,27 @@ class CUDA(Perturbation):
         self._draw()
         return self
 
+    def extend(self, data: FitData) -> bool:
+        return self.clusters.extend(data) if self.clusters is not None else False
+
     # -- protecting ------------------------------------------------------------------------
-    def _ready(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked labels on ``x``'s device and the integer filters there (``x`` may be integer)."""
+    def _cluster_labels(self, ids: Sequence[str] | None, n: int) -> torch.Tensor:
+        assert self.clusters is not None
+        if self.filters is None:
+            raise ConfigError("cuda: call fit() first (or load a fitted state)")
+        if ids is None or len(ids) != n:
+            raise ConfigError("cuda: with clusters, apply needs one id (relative path) per image")
+        try:
+            return self.clusters.table.clusters_of(ids, "cuda")
+        except ConfigError as exc:
+            raise InputError(f"{exc}; rerun the command to assign it") from None
+
+    def _ready(self, x: torch.Tensor, labels: torch.Tensor | None,
+               ids: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked labels on ``x``'s device and the integer filters there (``x`` may be integer);
+        with clusters the labels are the images' clusters."""
+        if self.clusters is not None:
+            labels = self._cluster_labels(ids, x.shape[0])
         self._check_batch(x if x.is_floating_point() else torch.empty(x.shape, device="meta"), labels)
         assert labels is not None
         if self.filters is None:
@@ -379,7 +420,7 @@ class CUDA(Perturbation):
     def apply(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
     ) -> torch.Tensor:
-        labels, weights = self._ready(x, labels)
+        labels, weights = self._ready(x, labels, ids)
         v, levels = _image_levels(x)
         return self._run(v, labels, weights, ids, levels, x, quantise=False, dtype=None)
 
@@ -390,7 +431,7 @@ class CUDA(Perturbation):
         """Exact integer path (see module doc); equals ``round(apply(v / levels) * levels)``."""
         if v.is_floating_point():
             raise ConfigError("cuda: protect_levels takes integer pixels")
-        labels, weights = self._ready(v, labels)
+        labels, weights = self._ready(v, labels, ids)
         return self._run(v, labels, weights, ids, levels, v, quantise=True, dtype=v.dtype)
 
     def is_protected(self, ids: Sequence[str]) -> list[bool]:
@@ -399,7 +440,8 @@ class CUDA(Perturbation):
 
     # -- state -----------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
-        return {
+        extra = self.clusters.params() if self.clusters is not None else {}
+        return {**extra,
             "num_classes": self.num_classes,
             "filter_size": self.filter_size,
             "blur": self.blur,
@@ -414,7 +456,8 @@ class CUDA(Perturbation):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.filters is None:
             return {}
-        return {"filters": self.filters.clone(), "blur": torch.tensor(float(self.blur or 0.0), dtype=torch.float64),
+        extra = self.clusters.state_dict() if self.clusters is not None else {}
+        return {**extra, "filters": self.filters.clone(), "blur": torch.tensor(float(self.blur or 0.0), dtype=torch.float64),
                 "bits": torch.tensor(int(self.bits or 0))}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -430,6 +473,10 @@ class CUDA(Perturbation):
         if not (0.0 < b <= 1.0) or nbits != weight_bits(k, b) or not torch.equal(ints, ints.round()) \
                 or bool((ints.flatten(1).sum(1) * 255 >= _EXACT).any()):
             raise ConfigError("cuda: saved state holds filters that are not on their exact grid")
+        if self.clusters is not None:
+            if filters.shape[0] != self.clusters.k:
+                raise ConfigError(f"cuda: saved state has {filters.shape[0]} filters for {self.clusters.k} clusters")
+            self.clusters.load_state_dict(state)
         self.filters, self.bits, self.blur = filters, nbits, b
         self.num_classes, self.filter_size = filters.shape[0], k
         self._on_device.clear()

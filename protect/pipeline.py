@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +27,27 @@ from .device import resolve_device
 from .discover import Dataset, discover
 from .engine import LocalEngine, chunks, default_memory, default_workers
 from .errors import ConfigError, InputError, RecordError
+from .fitpass import fit_data
 from .imageio import DEFAULT_MAX_PIXELS, JPEG_QUALITY, OUT_FORMATS, output_name
-from .record import FORMAT_VERSION, JOURNAL, RunRecord, default_record_dir, deps_digest
+from .record import FORMAT_VERSION, JOURNAL, RunRecord, default_record_dir, deps_digest, state_digest
 from .safefs import RunLock, Tree
 from .work import Prev, Result, Spec, Task
 
 log = logging.getLogger(__name__)
-
-SIZE_SAMPLE = 256
-
 
 @dataclass
 class ProtectOptions:
     """Everything about a run except the folders and the key.
 
     ``workers``: worker processes (default: the CPU cores); ``memory``: bytes of image working
-    memory shared by all workers (default :func:`protect.engine.default_memory`); ``prune``: delete
-    the outputs of inputs that were removed or now fail (see :mod:`protect.record`).
+    memory shared by all workers (default :func:`protect.engine.default_memory`), also what a
+    fitting method may keep between its passes; ``prune``: delete the outputs of inputs that were
+    removed or now fail (see :mod:`protect.record`); ``state_from``: the record folder of a finished
+    run whose fitted method (and parameters) to reuse with the same key, instead of fitting;
+    ``fit_progress(stage, done, total)``: called while a method fits.
     """
 
-    method: str = "cuda"
+    method: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     labels_csv: Path | None = None
     out_format: str = "keep"
@@ -55,6 +56,8 @@ class ProtectOptions:
     workers: int | None = None
     memory: int | None = None
     record_dir: Path | None = None
+    state_from: Path | None = None
+    fit_progress: Callable[[str, int, int], Any] | None = None
     overwrite: bool = False
     prune: bool = False
     strict: bool = False
@@ -120,25 +123,6 @@ def check_folders(in_dir: Path, out_dir: Path, record_dir: Path) -> None:
         raise InputError("the output folder must not be, contain, or lie inside the input folder")
     if _within(rec_r, in_r) or _within(rec_r, out_r) or _within(out_r, rec_r) or _within(in_r, rec_r):
         raise InputError("the run record must lie outside both the input and the output folder")
-
-
-def _fit_data(dataset: Dataset, max_pixels: int) -> FitData:
-    """Labels for all images and sizes for an evenly spaced sample of them (headers only)."""
-    from PIL import Image
-
-    entries = dataset.entries
-    step = max(1, len(entries) // SIZE_SAMPLE)
-    sizes = []
-    for entry in entries[::step][:SIZE_SAMPLE]:
-        try:
-            with Image.open(entry.path, formats=[entry.format]) as im:
-                w, h = im.size
-            if w * h <= max_pixels:
-                sizes.append((h, w))
-        except Exception:  # noqa: BLE001 - unreadable files are reported when processed
-            continue
-    labels = [e.label for e in entries] if dataset.labelled else None
-    return FitData(len(dataset.classes), labels, sizes, [e.rel for e in entries])  # type: ignore[arg-type]
 
 
 def _requested_params(method_cls: type[Perturbation], dataset: Dataset, given: dict[str, Any]) -> dict[str, Any]:
@@ -223,13 +207,13 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
     in_path, out_path = Path(in_dir), Path(out_dir)
     record_dir = Path(options.record_dir) if options.record_dir else default_record_dir(out_path)
     check_folders(in_path, out_path, record_dir)
-    method_cls = perturbations.get(options.method)
     dataset = discover(in_path, options.labels_csv)
-    if method_cls.needs_labels and not dataset.labelled:
-        raise InputError(
-            f"method '{method_cls.name}' needs classes: put the images in class sub-folders or pass "
-            "--labels FILE.csv (label-free protection comes with Unlearnable Clusters)"
-        )
+    source = _state_source(options, keyring, dataset) if options.state_from else None
+    if source is not None:
+        method_name, given, dataset = source.method, source.params, source.dataset
+    else:
+        method_name, given = options.method or "cuda", options.params
+    method_cls = perturbations.get(method_name)
     formats = [e.format for e in dataset.entries]
     out_rels = [output_name(e.rel, f, options.out_format) for e, f in zip(dataset.entries, formats)]
     if options.out_format != "keep" and len(set(out_rels)) < len(out_rels):
@@ -239,7 +223,7 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
                 raise InputError(f"'{seen[name]}' and '{e.rel}' would both be written as '{name}'")
             seen[name] = e.rel
     device = resolve_device(options.device)
-    params = _requested_params(method_cls, dataset, options.params)
+    params = _requested_params(method_cls, dataset, given)
     header = {
         "format_version": FORMAT_VERSION,
         "tool": "protect",
@@ -253,7 +237,14 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
         "jpeg_quality": options.jpeg_quality,
         "in_dir": str(in_path.resolve()),
     }
+    if source is not None:
+        header["state_from"] = {"record": str(Path(options.state_from).resolve()), "state_sha256": source.sha}  # type: ignore[arg-type]
     method = method_cls(keyring, **params)  # checks the parameters before anything is created
+    if method.needs_labels and not dataset.labelled:
+        hint = (" (or use --method uc, or --clusters K with a --surrogate, which need no labels)"
+                if method_cls.name == "cuda" else "")
+        raise InputError(f"method '{method_cls.name}' needs classes: put the images in class sub-folders or pass "
+                         f"--labels FILE.csv{hint}")
     if (not options.overwrite and not (record_dir / JOURNAL).is_file() and out_path.is_dir()
             and any(not p.name.startswith(".") for p in out_path.iterdir())):
         raise RecordError(f"{out_dir} is not empty and holds no run record at {record_dir}; "
@@ -268,9 +259,53 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
     lock = RunLock(record_dir, out_path)
     try:
         return _locked_run(dataset, formats, out_rels, in_path, out_path, record_dir, keyring, options, method,
-                           params, header, device, on_start)
+                           params, header, device, on_start, source.state if source is not None else None)
     finally:
         lock.release()
+
+
+@dataclass
+class _Source:
+    """What ``--state RECORD`` reuses: the finished run's method, parameters and fitted state."""
+
+    method: str
+    params: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    sha: str
+    dataset: Dataset
+
+
+def _state_source(options: ProtectOptions, keyring: Keyring, dataset: Dataset) -> _Source:
+    """Read the record given as ``--state``: same key required; labels are mapped by class name."""
+    root = Path(options.state_from)  # type: ignore[arg-type]
+    src = RunRecord.read(root)
+    if src.header.get("key_fingerprint") != keyring.fingerprint():
+        raise RecordError(f"--state {root}: that run used a different key; use its key to protect more images")
+    if options.method not in (None, src.header.get("method")):
+        raise ConfigError(f"--state {root}: that run used method '{src.header.get('method')}', not '{options.method}'")
+    if options.params:
+        raise ConfigError("--state reuses the method and parameters of that run; drop the method options")
+    state = _load_state(src)
+    if not state:
+        raise RecordError(f"--state {root}: the run has no fitted state (it stopped before fitting, or its "
+                          "method has none)")
+    classes = src.header.get("class_map") or {}
+    if dataset.labelled and classes:
+        unknown = sorted(set(dataset.classes) - set(classes))
+        if unknown:
+            raise InputError(f"--state {root}: class(es) {', '.join(unknown[:5])} were not in that run "
+                             f"(it had {', '.join(list(classes)[:10])})")
+        names = sorted(classes, key=lambda n: classes[n])
+        entries = [replace(e, label=classes[dataset.classes[e.label]]) if e.label is not None else e
+                   for e in dataset.entries]
+        dataset = replace(dataset, entries=entries, classes=names)
+    return _Source(str(src.header.get("method")), dict(src.header.get("params") or {}), state,
+                   src.state_sha256() or "", dataset)
+
+
+def _stable_params(method: Perturbation) -> dict[str, Any]:
+    """Resolved parameters without the ones that only describe a loaded file (a weights path)."""
+    return {k: v for k, v in method.params().items() if k != "surrogate_weights"}
 
 
 def _load_state(previous: RunRecord) -> dict[str, torch.Tensor] | None:
@@ -288,22 +323,33 @@ def _load_state(previous: RunRecord) -> dict[str, torch.Tensor] | None:
 def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_path: Path, out_path: Path,
                 record_dir: Path, keyring: Keyring,
                 options: ProtectOptions, method: Perturbation, params: dict[str, Any],
-                header: dict[str, Any], device: torch.device, on_start: Callable[[int], Any] | None) -> Summary:
+                header: dict[str, Any], device: torch.device, on_start: Callable[[int], Any] | None,
+                source_state: dict[str, torch.Tensor] | None) -> Summary:
     method_cls = type(method)
     previous = None if options.overwrite else RunRecord.find(record_dir)  # read under the lock
     if previous is not None:
         previous.check_matches(header)  # a record of another run: say what differs
     state = _load_state(previous) if previous is not None else None
-    if state:
+    workers = options.workers or default_workers()
+    memory = options.memory or default_memory()
+    data = fit_data(dataset, options.max_pixels, threads=workers, device=str(device), memory=memory,
+                    progress=options.fit_progress)
+    changed = False
+    if state:  # resuming: never refit; only images the state has not seen join it
         method.load_state_dict(state)
+        changed = method.extend(data)
+    elif source_state:  # --state: a finished run's fitted method; every image here joins it afresh
+        method.load_state_dict({k: v for k, v in source_state.items() if k not in method.per_image_state})
+        method.extend(data)
+        changed = True
     else:
-        method.fit(_fit_data(dataset, options.max_pixels))
+        method.fit(data)
+        changed = True
     header["resolved_params"] = method.params()
     for root in (out_path, record_dir):
         with Tree(root) as tree:
             tree.remove_temporaries()
     record = RunRecord.open(record_dir, header, previous)
-    workers = options.workers or default_workers()
     summary = Summary(str(in_path), str(out_path), str(record_dir), method_cls.name, method.params(),
                       keyring.fingerprint(), dataset.class_map, total=len(dataset.entries), device=str(device),
                       workers=workers)
@@ -312,12 +358,12 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
     run = _Run(record, summary, options.strict)
     start = time.perf_counter()
     try:
-        state_dict = method.state_dict()
-        if state:
-            state_sha = record.state_sha256() or ""
-        else:
-            state_sha = record.save_state(lambda fh: torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, fh))
-        deps = deps_digest({"method": method_cls.name, "params": method.params(), "state": state_sha,
+        state_dict = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+        if changed or record.state_sha256() is None:
+            record.save_state(lambda fh: torch.save(state_dict, fh))
+        # what the outputs depend on: the shared state, not the per-image table (it only grows)
+        core = state_digest({k: v for k, v in state_dict.items() if k not in method.per_image_state})
+        deps = deps_digest({"method": method_cls.name, "params": _stable_params(method), "state": core,
                             "out_format": options.out_format, "jpeg_quality": options.jpeg_quality,
                             "compute": "exact" if method.exact else device.type})
         classes = dataset.classes
@@ -328,7 +374,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
             tasks.append(Task(e.rel, fmt, out_rel, e.label, classes[e.label] if e.label is not None else None, prev))
         spec = Spec(method_cls.name, params, state_dict, keyring, str(dataset.root), str(out_path.resolve()),
                     options.out_format, options.jpeg_quality, options.max_pixels, options.batch_size,
-                    options.overwrite, str(device), deps, options.memory or default_memory())
+                    options.overwrite, str(device), deps, memory)
         engine = LocalEngine(spec, min(workers, max(1, len(tasks))))
 
         def ready() -> None:

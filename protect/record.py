@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+import torch
+
 from .errors import RecordError
 from .safefs import Tree
 
@@ -52,6 +54,17 @@ def default_record_dir(out_dir: Path) -> Path:
 def deps_digest(fields: dict[str, Any]) -> str:
     """A short digest of everything, besides the input bytes and the label, an output depends on."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a method state's tensors (names, dtypes, shapes and bytes), independent of how
+    ``torch.save`` lays the file out."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class Entry(NamedTuple):

@@ -153,6 +153,27 @@ class Budget:
             self.cond.notify_all()
 
 
+def open_input(path: Path, max_pixels: int) -> tuple[Any, int, str]:
+    """Open an input for reading: ``(file, size, "")`` or ``(None, 0, reason)``. Only a regular file
+    is opened (a FIFO swapped in after discovery would block forever), without blocking, and none
+    larger than any image within ``max_pixels`` could be."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
+    except OSError as exc:
+        return None, 0, f"cannot read file: {exc.strerror or exc}"
+    fh = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        fh.close()
+        return None, 0, "not a regular file (it changed since the folder was listed)"
+    cap = max_pixels * 8 + (256 << 20)
+    if st.st_size > cap:
+        fh.close()
+        return None, 0, (f"file is {st.st_size} bytes, more than an image within the pixel limit "
+                         f"({max_pixels}) can take; raise --max-pixels if you trust it")
+    return fh, st.st_size, ""
+
+
 @dataclass
 class _Item:
     task: Task
@@ -223,26 +244,19 @@ class Context:
         """The input's bytes (admitted by the budget first), their budget share, or a failure reason.
         Only a regular file is read (a FIFO swapped in after discovery would block forever), and no
         file larger than any image within ``max_pixels`` could be."""
-        try:
-            fd = os.open(self.in_dir / task.rel, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
-        except OSError as exc:
-            return None, 0, f"cannot read file: {exc.strerror or exc}"
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None, 0, "not a regular file (it changed since the folder was listed)"
-            cap = self.spec.max_pixels * 8 + (256 << 20)
-            if st.st_size > cap:
-                return None, 0, (f"file is {st.st_size} bytes, more than an image within the pixel limit "
-                                 f"({self.spec.max_pixels}) can take; raise --max-pixels if you trust it")
-            admit(st.st_size, 0)
+        fh, size, reason = open_input(self.in_dir / task.rel, self.spec.max_pixels)
+        if fh is None:
+            return None, 0, reason
+        with fh:
+            st_size = size
+            admit(st_size, 0)
             try:
-                return fh.read(), st.st_size, ""
+                return fh.read(), st_size, ""
             except MemoryError:
-                self.budget.release(st.st_size)
+                self.budget.release(st_size)
                 return None, 0, "not enough memory to read the file"
             except OSError as exc:
-                self.budget.release(st.st_size)
+                self.budget.release(st_size)
                 return None, 0, f"cannot read file: {exc.strerror or exc}"
 
     def _load(self, task: Task, admit: Any) -> tuple[_Item | None, Result | None]:
@@ -299,7 +313,10 @@ class Context:
             if items[0].task.label is not None:
                 labels = torch.tensor([it.task.label for it in items], dtype=torch.long)
             with torch.inference_mode():
-                q = self.method.protect_levels(v, labels, [it.task.rel for it in items], levels)
+                try:
+                    q = self.method.protect_levels(v, labels, [it.task.rel for it in items], levels)
+                except perturbations.InputError as exc:  # e.g. an image the fitted state does not know
+                    return [Result("fail", it.task.rel, reason=str(exc)) for it in items]
                 q = q.contiguous(memory_format=torch.channels_last)  # the layout of v and of the files
                 ps, ss = measure(v, q, levels)
             out = q.permute(0, 2, 3, 1).cpu().numpy()  # N x H x W x C, each image contiguous

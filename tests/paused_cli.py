@@ -1,6 +1,6 @@
 """The ``protect`` CLI with its journal paused after N protected files, for interruption tests.
 
-``PROTECT_TEST_PAUSE_AFTER=N`` and ``PROTECT_TEST_PAUSE_MARK=FILE``: once N files are journalled the
+``PROTECT_TEST_PAUSE_AFTER=N`` (or ``PROTECT_TEST_PAUSE_FIT=STAGE:N``, see below) and ``PROTECT_TEST_PAUSE_MARK=FILE``: once N files are journalled the
 run writes FILE and sleeps until it is killed or interrupted, so a test can interrupt it at a known
 point instead of racing a timer. Test-only: it patches the pipeline from outside.
 """
@@ -30,6 +30,32 @@ def _paused(self, results):  # type: ignore[no-untyped-def]
 
 
 pipeline._Run.on_results = _paused
+
+# PROTECT_TEST_PAUSE_FIT=STAGE:N pauses the same way once a method's fit reports N done in STAGE
+# (e.g. "optimise:3"), to interrupt a run while it fits.
+_FIT = os.environ.get("PROTECT_TEST_PAUSE_FIT", "")
+_fit_data = pipeline.fit_data
+
+
+def _paused_fit_data(*args, **kwargs):  # type: ignore[no-untyped-def]
+    data = _fit_data(*args, **kwargs)
+    stage, _, count = _FIT.partition(":")
+    report = data.progress
+
+    def progress(name: str, done: int, total: int) -> None:
+        if report is not None:
+            report(name, done, total)
+        if name == stage and done >= int(count or 1) and not _MARK.exists():
+            _MARK.write_text(f"{name}:{done}", encoding="utf-8")
+            while True:
+                time.sleep(0.5)
+
+    data.progress = progress
+    return data
+
+
+if _FIT:
+    pipeline.fit_data = _paused_fit_data
 
 if __name__ == "__main__":
     main(sys.argv[1:])

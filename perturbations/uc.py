@@ -1,0 +1,370 @@
+"""Unlearnable Clusters (UC): label-agnostic protection from surrogate features.
+
+Zhang, Ma, Yi, Sang, Xu, Jiang, Chen, "Unlearnable Clusters: Towards Label-agnostic Unlearnable
+Examples", CVPR 2023. Implemented from the paper's description (the official code has no licence).
+
+Fit (needs no labels):
+1. Features of every image from a frozen surrogate (:mod:`perturbations.surrogates`; default
+   ``clip:RN50/openai``; ``cifar-resnet20`` is bundled and works offline), K-means with K clusters
+   seeded from the key (:mod:`perturbations.clustering`).
+2. One additive perturbation ``delta_k`` per cluster, ``|delta_k|_inf <= eps``, shared by all its
+   members, that drags their embeddings towards another cluster's centre: it minimises
+   ``KL(softmax(mu_t) || softmax(f(clip(x + delta_k, 0, 1))))`` over the members ``x`` of cluster
+   ``k``, the softmax over embedding dimensions, ``mu_t`` the mean raw feature of the target
+   cluster ``t(k)``. Targets: a keyed derangement (a random K-cycle, so no cluster targets itself)
+   instead of the paper's ``(k + 1) mod K``, which is the same kind of map with a key-dependent order.
+3. ``mode="direct"`` (default): signed-gradient descent on ``delta_k`` itself (``steps`` steps, step
+   size decaying linearly from ``eps / 4``), every step on a keyed mini-batch of ``batch`` members of
+   every cluster, through random flips and padded crops (``augment``) so the perturbation survives
+   the attacker's augmentation. ``mode="generator"`` is the paper's: one small residual generator per
+   cluster from a fixed keyed noise input, ``eps * tanh`` output, Adam (lr 1e-4) for ``epochs``
+   epochs. Deliberate differences from the reference code: each generator is trained on its own
+   cluster's members (the reference trains every generator on the whole dataset) and the
+   surrogate stays in eval mode (the reference reads it with BatchNorm in train mode, so a batch's
+   statistics leak into the perturbation).
+4. Optimisation sees a keyed sample of the images (``samples``; default all that fit in the fit
+   memory, at most 20,000) at the surrogate's input size ``S x S``; ``delta_k`` is defined there.
+
+Apply: ``x' = clip(x + delta_k, 0, 1)`` at the image's own size: ``delta_k`` is resized bilinearly
+(antialiased when shrinking; both are convex combinations, so the bound holds) to the image,
+averaged over channels for grey images, and quantised to whole levels within ``floor(eps *
+levels)``, so ``|x' - x| <= eps`` holds exactly in the written 8-bit or 16-bit file. The cluster of
+an image comes from the fitted table (its relative path); new images join their nearest centre
+(``extend``, used by ``protect images --state``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register
+from .base import FitData, Perturbation, parse_fraction
+from .clustered import TABLE_KEYS, SurrogateClusters
+from .clustering import derangement
+from .errors import ConfigError, InputError
+from .keyring import Keyring
+
+log = logging.getLogger(__name__)
+
+MODES = ("direct", "generator")
+#: Largest number of images kept for the optimisation by default.
+MAX_SAMPLES = 20000
+#: Values of resized perturbations kept per process (cache across batches of one size).
+CACHE_VALUES = 1 << 26
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and padded random crops (pad S/8, reflect), drawn from ``gen``."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    p = max(1, min(h, w) // 8)
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    return torch.stack([padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
+
+
+def kl_to_target(features: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Per-row ``KL(softmax(target) || softmax(features))``, softmax over the embedding dimension."""
+    logp = F.log_softmax(target_logits.float(), dim=1)
+    logq = F.log_softmax(features.float(), dim=1)
+    return (logp.exp() * (logp - logq)).sum(1)
+
+
+class _Generator(nn.Module):
+    """A small residual generator: fixed noise (C0 x S/4 x S/4) -> 3 x S x S in (-1, 1)."""
+
+    def __init__(self, size: tuple[int, int], width: int = 32, z_channels: int = 16) -> None:
+        super().__init__()
+        self.size = size
+        self.head = nn.Sequential(nn.Conv2d(z_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.tail = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.head(z)
+        h = F.relu(h + self.body(h))
+        h = F.interpolate(h, size=self.size, mode="bilinear", align_corners=False)
+        return torch.tanh(self.tail(h))
+
+
+def _keyed_init(module: nn.Module, gen: torch.Generator) -> None:
+    """Kaiming-uniform weights drawn from ``gen`` (no global RNG)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            bound = 1.0 / math.sqrt(m.weight[0].numel())
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 2 * bound - bound)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) * 2 * bound - bound)
+
+
+@register
+class UnlearnableClusters(Perturbation):
+    """Unlearnable Clusters (Zhang et al., CVPR 2023): one bounded perturbation per surrogate cluster.
+
+    Args:
+        keyring: key material (streams ``uc/kmeans``, ``uc/sample``, ``uc/targets``, ``uc/init``,
+            ``uc/steps``).
+        clusters: K (default 10, the paper's).
+        eps: L-inf bound in [0, 1] (default 16/255, the paper's); ``"16/255"`` strings accepted.
+        surrogate: surrogate spec (default ``clip:RN50/openai``, the paper's CLIP surrogate).
+        surrogate_weights: local weights file for the surrogate (nothing is downloaded offline).
+        mode: ``"direct"`` (default) or ``"generator"`` (the paper's; see module doc).
+        steps: direct mode: signed-gradient steps (default 100).
+        batch: images per cluster per step (direct) or generator batch size / K (default 16).
+        samples: images kept for the optimisation (default: all that fit the fit memory, <= 20,000).
+        augment: optimise through random flips and crops (default True).
+        epochs, lr: generator mode: epochs over each cluster's members (default 50) and Adam's rate
+            (default 1e-4, the paper's).
+
+    Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] with ``ids`` (relative paths) and
+    returns the same; the perturbations are ``K x 3 x S x S`` at the surrogate's input size.
+    """
+
+    name = "uc"
+    summary = "Unlearnable Clusters: one perturbation per surrogate feature cluster; needs no labels"
+    paper = "Zhang et al., Unlearnable Clusters: Towards Label-agnostic Unlearnable Examples, CVPR 2023"
+    needs_labels = False
+    exact = False
+    work_bytes_per_value = 10.0
+    per_image_state = TABLE_KEYS
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        clusters: int = 10,
+        eps: float | str = 16 / 255,
+        surrogate: str = "clip:RN50/openai",
+        surrogate_weights: str | None = None,
+        mode: str = "direct",
+        steps: int = 100,
+        batch: int = 16,
+        samples: int | None = None,
+        augment: bool = True,
+        epochs: int = 50,
+        lr: float = 1e-4,
+    ) -> None:
+        super().__init__(keyring)
+        self.eps = parse_fraction(eps, "uc: eps")
+        if not 0.0 < self.eps <= 1.0:
+            raise ConfigError(f"uc: eps must be in (0, 1], got {eps}")
+        if mode not in MODES:
+            raise ConfigError(f"uc: mode must be one of {', '.join(MODES)}, got '{mode}'")
+        for name, value in (("steps", steps), ("batch", batch), ("epochs", epochs)):
+            if int(value) != value or value < 1:
+                raise ConfigError(f"uc: {name} must be an integer >= 1, got {value}")
+        if samples is not None and (int(samples) != samples or samples < 1):
+            raise ConfigError(f"uc: samples must be an integer >= 1, got {samples}")
+        if not 0.0 < float(lr) < 1.0:
+            raise ConfigError(f"uc: lr must be in (0, 1), got {lr}")
+        self.clusters = SurrogateClusters(keyring, clusters, surrogate, surrogate_weights, "uc")
+        self.mode, self.steps, self.batch = mode, int(steps), int(batch)
+        self.samples = None if samples is None else int(samples)
+        self.augment, self.epochs, self.lr = bool(augment), int(epochs), float(lr)
+        self.deltas: torch.Tensor | None = None  # K x 3 x S x S, float32 in [-eps, eps]
+        self.targets: torch.Tensor | None = None  # K
+        self.final_loss: float | None = None
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    # -- fitting ---------------------------------------------------------------------------
+    def fit(self, data: FitData) -> "UnlearnableClusters":
+        super().fit(data)
+        s = self.clusters.surrogate(data.device)
+        h, w = s.input_size
+        keep = self.samples or max(1, min(MAX_SAMPLES, data.memory // (3 * h * w)))
+        feats, where, images, kept_at = self.clusters.features(data, keep=keep)
+        assign = self.clusters.cluster(feats, where, list(data.ids))
+        of = dict(zip(where, assign.tolist()))
+        assert images is not None
+        member = torch.tensor([of[p] for p in kept_at], dtype=torch.long)
+        k = self.clusters.k
+        self.targets = derangement(k, self.keyring.generator("uc/targets"))
+        assert self.clusters.means is not None
+        target_logits = self.clusters.means[self.targets].to(s.device)
+        if self.mode == "direct":
+            self.deltas = self._direct(s, images, member, target_logits, data)
+        else:
+            self.deltas = self._generators(s, images, member, target_logits, data)
+        self._cache.clear()
+        self.clusters.release()
+        self.fitted = True
+        return self
+
+    def _batch(self, members: list[torch.Tensor], gen: torch.Generator, size: int) -> torch.Tensor:
+        """Positions of ``size`` keyed members of every non-empty cluster (with replacement when few)."""
+        picks = []
+        for m in members:
+            if m.numel():
+                picks.append(m[torch.randint(m.numel(), (size,), generator=gen)])
+        return torch.cat(picks)
+
+    def _loss(self, s: Any, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.augment:
+            x = _augment(x, gen)
+        return kl_to_target(s.features(x), target).sum()
+
+    def _direct(self, s: Any, images: torch.Tensor, member: torch.Tensor, target_logits: torch.Tensor,
+                data: FitData) -> torch.Tensor:
+        k, eps, dev = self.clusters.k, self.eps, s.device
+        gen = self.keyring.generator("uc/steps")
+        init = self.keyring.generator("uc/init")
+        delta = (torch.rand(k, 3, *images.shape[-2:], generator=init) * 2 - 1).mul_(eps).to(dev)
+        members = [(member == c).nonzero().flatten() for c in range(k)]
+        loss_sum = 0.0
+        for step in range(self.steps):
+            pos = self._batch(members, gen, self.batch)
+            x = images[pos].to(dev).float().div_(255)
+            c = member[pos].to(dev)
+            delta.requires_grad_(True)
+            loss = self._loss(s, (x + delta[c]).clamp(0, 1), target_logits[c], gen)
+            (grad,) = torch.autograd.grad(loss, delta)
+            alpha = eps * 0.25 * (1.0 - step / self.steps) + eps / 100
+            with torch.no_grad():
+                delta = (delta - alpha * grad.sign()).clamp_(-eps, eps)
+            loss_sum = float(loss.detach()) / pos.numel()
+            data.report("optimise", step + 1, self.steps)
+        self.final_loss = loss_sum
+        log.info("uc: direct optimisation, %d steps, final mean KL %.4f", self.steps, loss_sum)
+        return delta.detach().cpu()
+
+    def _generators(self, s: Any, images: torch.Tensor, member: torch.Tensor, target_logits: torch.Tensor,
+                    data: FitData) -> torch.Tensor:
+        k, eps, dev = self.clusters.k, self.eps, s.device
+        size = tuple(images.shape[-2:])
+        gen = self.keyring.generator("uc/steps")
+        init = self.keyring.generator("uc/init")
+        out = torch.zeros(k, 3, *size)
+        members = [(member == c).nonzero().flatten() for c in range(k)]
+        total = k * self.epochs
+        for c in range(k):
+            g = _Generator(size)  # type: ignore[arg-type]
+            _keyed_init(g, init)
+            g.to(dev)
+            z = torch.randn(1, 16, max(1, size[0] // 4), max(1, size[1] // 4), generator=init).to(dev)
+            opt = torch.optim.Adam(g.parameters(), lr=self.lr)
+            m = members[c]
+            loss = torch.tensor(0.0)
+            for epoch in range(self.epochs):
+                if m.numel():
+                    order = m[torch.randperm(m.numel(), generator=gen)]
+                    for i in range(0, order.numel(), self.batch * k):
+                        pos = order[i:i + self.batch * k]
+                        x = images[pos].to(dev).float().div_(255)
+                        delta = eps * g(z)
+                        loss = self._loss(s, (x + delta).clamp(0, 1), target_logits[c].expand(pos.numel(), -1), gen)
+                        opt.zero_grad()
+                        (loss / pos.numel()).backward()
+                        opt.step()
+                data.report("optimise", c * self.epochs + epoch + 1, total)
+            g.eval()  # the generator's own BatchNorm: running statistics for the final read-out
+            with torch.no_grad():
+                out[c] = (eps * g(z)).clamp(-eps, eps)[0].cpu()
+            self.final_loss = float(loss.detach()) / max(1, self.batch * k)
+        return out
+
+    def extend(self, data: FitData) -> bool:
+        return self.clusters.extend(data)
+
+    # -- protecting ------------------------------------------------------------------------
+    def _delta_levels(self, cluster: int, c: int, h: int, w: int, levels: int, device: torch.device) -> torch.Tensor:
+        """``delta_cluster`` resized to ``c x h x w`` on the integer grid of ``levels``, within
+        ``floor(eps * levels)``; cached per size."""
+        key = (cluster, c, h, w, levels, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        assert self.deltas is not None
+        d = self.deltas[cluster:cluster + 1].double()
+        if c == 1:
+            d = d.mean(1, keepdim=True)
+        if tuple(d.shape[-2:]) != (h, w):
+            shrink = h < d.shape[-2] or w < d.shape[-1]
+            d = F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+        bound = math.floor(self.eps * levels + 1e-9)
+        q = d[0].mul(levels).round_().clamp_(-bound, bound)
+        q = q.to(torch.int16 if levels <= 255 else torch.int32).to(device)
+        self._cache[key] = q
+        while sum(v.numel() for v in self._cache.values()) > CACHE_VALUES and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+        return q
+
+    def _clusters_of(self, ids: Sequence[str] | None, n: int) -> list[int]:
+        if self.deltas is None:
+            raise ConfigError("uc: call fit() first (or load a fitted state)")
+        if ids is None or len(ids) != n:
+            raise ConfigError("uc: apply needs one id (relative path) per image")
+        try:
+            return self.clusters.table.clusters_of(ids, "uc").tolist()
+        except ConfigError as exc:
+            raise InputError(f"{exc}; rerun the command to assign it") from None
+
+    def protect_levels(
+        self, v: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None,
+        levels: int = 255,
+    ) -> torch.Tensor:
+        """Integer path: ``clamp(v + delta_q, 0, levels)``, ``delta_q`` the quantised resized
+        perturbation (see module doc); equals ``round(apply(v / levels) * levels)``."""
+        if v.is_floating_point():
+            raise ConfigError("uc: protect_levels takes integer pixels")
+        self._check_batch(torch.empty(v.shape, device="meta"), labels)
+        n, c, h, w = v.shape
+        clusters = self._clusters_of(ids, n)
+        out = torch.empty_like(v)
+        for i, k in enumerate(clusters):
+            d = self._delta_levels(k, c, h, w, levels, v.device)
+            out[i] = (v[i].to(d.dtype if levels > 255 else torch.int16) + d).clamp_(0, levels).to(v.dtype)
+        return out
+
+    def apply(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Float path: ``clip(x + delta_q / 255, 0, 1)`` (the perturbation on the 8-bit grid)."""
+        self._check_batch(x, labels)
+        n, c, h, w = x.shape
+        clusters = self._clusters_of(ids, n)
+        out = torch.empty_like(x)
+        for i, k in enumerate(clusters):
+            d = self._delta_levels(k, c, h, w, 255, x.device)
+            out[i] = (x[i] + d.to(x.dtype) / 255).clamp_(0, 1)
+        return out
+
+    def cluster_of(self, ids: Sequence[str]) -> list[int]:
+        """The fitted cluster of each image id."""
+        return self.clusters.table.clusters_of(ids, "uc").tolist()
+
+    # -- state -----------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return {**self.clusters.params(), "eps": self.eps, "mode": self.mode, "steps": self.steps,
+                "batch": self.batch, "samples": self.samples, "augment": self.augment,
+                "epochs": self.epochs, "lr": self.lr}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.deltas is None or self.targets is None:
+            return {}
+        return {**self.clusters.state_dict(), "deltas": self.deltas.clone(), "targets": self.targets.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.clusters.load_state_dict(state)
+        deltas, targets = state.get("deltas"), state.get("targets")
+        k = self.clusters.k
+        if deltas is None or deltas.ndim != 4 or deltas.shape[:2] != (k, 3):
+            raise ConfigError("uc: saved state has no valid 'deltas' (K x 3 x S x S)")
+        if float(deltas.abs().max()) > self.eps + 1e-6:
+            raise ConfigError("uc: saved perturbations exceed the method's eps")
+        if targets is None or targets.shape != (k,):
+            raise ConfigError("uc: saved state has no valid cluster targets")
+        self.deltas, self.targets = deltas.float().clone(), targets.long().clone()
+        self._cache.clear()
+        self.fitted = True
