@@ -10,8 +10,18 @@ import click
 
 @click.command()
 @click.argument("protected_dir", type=click.Path(file_okay=False))
-@click.option("--test", "test_dir", required=True, type=click.Path(file_okay=False), help="Clean test images (same class folders).")
+@click.option("--test", "test_dir", required=True, type=click.Path(file_okay=False), help="Clean test images (same classes: class sub-folders or --test-labels).")
 @click.option("--clean", "clean_dir", type=click.Path(file_okay=False), help="Clean training images: trains the baselines and gives the score.")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), metavar="CSV",
+              help="CSV 'path,label' for protected and clean folders without class sub-folders (the file given "
+                   "to `protect images --labels`; it labels both, paths relative to each folder).")
+@click.option("--test-labels", "test_labels_csv", type=click.Path(dir_okay=False), metavar="CSV",
+              help="CSV 'path,label' for a test folder without class sub-folders.")
+@click.option("--relabel", metavar="MAP",
+              help="Train and score the attacker on other labels, in all three sets: a JSON file "
+                   "{\"class\": \"attacker class\"} mapping every class (e.g. samples/cifar10/coarse.json), or "
+                   "random:N[:SEED], the classes dealt at random into N non-empty groups "
+                   "(2 <= N < number of classes; SEED 0 by default).")
 @click.option("--tier", type=click.Choice(["quick", "standard", "paper"]), default="quick", show_default=True,
               help="quick: fastcnn ~10 epochs, fast AT; standard: ResNet-18 40 epochs; paper: the CUDA paper's recipe.")
 @click.option("--training", "trainings", help="Regimes, e.g. erm,linf,l2 (linf4 = 4/255; l2@EPS).  [default: erm,linf]")
@@ -22,14 +32,15 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Report folder (default PROTECTED_DIR.verify); finished cells are saved in its cells/ folder.")
 @click.option("--baseline-per-defense", is_flag=True, help="Train the clean baseline under every defense too.")
-@click.option("--max-per-class", type=int, help="Use only the first N images per class (quick subsets).")
+@click.option("--max-per-class", type=int, help="Use only the first N images per class of the data, before --relabel (quick subsets).")
 @click.option("--no-cache", is_flag=True, help="Retrain clean baselines even when cached.")
 @click.option("--fresh", is_flag=True,
               help="Retrain every cell: ignore the finished cells an earlier run left in the report folder "
                    "(and the clean-baseline cache).")
 @click.option("--json", "as_json", is_flag=True, help="Print the certificate as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, trainings: str | None,
+def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv: str | None,
+           test_labels_csv: str | None, relabel: str | None, tier: str, trainings: str | None,
            defenses: str | None, seeds: int, model: str | None, epochs: int | None, device: str,
            report_dir: str | None, baseline_per_defense: bool, max_per_class: int | None, no_cache: bool,
            fresh: bool, as_json: bool, quiet: bool) -> None:
@@ -40,6 +51,10 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, 
     Finished cells are saved in the report folder as they finish: after an interruption, the same
     command trains only the missing ones (--fresh retrains everything). Progress: a bar per cell on
     a terminal, one line per finished cell otherwise (logs, CI).
+
+    Labels come from class sub-folders, or from --labels / --test-labels CSV files. With --relabel
+    the attacker trains and is scored on remapped labels (chance, baselines and scores too): a test
+    of label-agnostic protections such as Unlearnable Clusters; the certificate records the map.
     """
     from verify import distributed
     from verify.run import verify_folder
@@ -48,7 +63,8 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, tier: str, 
         protected_dir, test_dir, clean_dir, tier=tier, trainings=trainings, defenses=defenses, seeds=seeds,
         model=model, epochs=epochs, device=device, report_dir=report_dir,
         cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
-        max_per_class=max_per_class, progress=not (quiet or as_json), fresh=fresh,
+        max_per_class=max_per_class, progress=not (quiet or as_json), fresh=fresh, relabel=relabel,
+        labels_csv=labels_csv, test_labels_csv=test_labels_csv,
     )
     if not distributed.is_main():  # under torchrun only rank 0 reports
         return
@@ -65,6 +81,12 @@ def _pct(v: float | None) -> str:
 def _print_certificate(cert: dict) -> None:
     click.echo(f"tier {cert['tier']}: {cert['model']}, {cert['epochs']} epochs, seeds {cert['seeds']}"
                + (" (adversarial training uses fast FGSM-RS AT)" if cert.get("fast_at") else ""))
+    labelling = cert.get("labelling") or {}
+    if labelling.get("attacker") == "remapped":
+        src = labelling.get("source") or {}
+        origin = src.get("path") if src.get("kind") == "file" else f"{src.get('spec')} (seed {src.get('seed')})"
+        click.echo(f"labels: remapped by {origin} to {len(labelling['classes'])} attacker classes "
+                   f"({', '.join(labelling['classes'])}); chance, baselines and scores use them")
     click.echo(f"{'training':<10} {'defense':<10} {'protected peak':>14} {'final':>6} {'clean peak':>10} {'score':>6}")
     for cell in cert["cells"]:
         clean = cell.get("clean") or {}

@@ -11,6 +11,11 @@ are added beside it)::
      "verdict": {"best_attacker": {"training": "linf", "defense": "grayscale", "peak_acc": 0.41},
                  "score": 0.52}}
 
+``labelling`` says which labels the attacker trained and was scored on: ``{"attacker": "original"}``
+(the data's classes) or ``{"attacker": "remapped", "map": {...}, "source": {...}, "sha256": ...}``
+(``protect verify --relabel``, :mod:`verify.relabel`); ``classes``, ``num_classes``, ``chance`` and
+every accuracy are then in terms of the attacker's classes.
+
 Accuracies are fractions of the clean test set in [0, 1]. With several seeds every accuracy is the
 mean over seeds, with ``*_std`` (sample standard deviation, 0 for one seed) and the per-seed values
 under ``per_seed``; curves are averaged epoch by epoch. ``clean`` is absent when no clean baseline was
@@ -54,6 +59,7 @@ from typing import Any
 
 from perturbations.errors import RecordError
 
+from .relabel import original_labelling
 from .train import CellResult
 
 __all__ = [
@@ -210,8 +216,10 @@ def verdict_sentence(v: dict) -> str:
     b = v["best_attacker"]
     who = f"{b['training']} training with defense {b['defense']}"
     if v.get("score") is None:
+        why = ("no clean baseline was trained" if b.get("baseline_peak_acc") is None else
+               f"its clean baseline ({100 * b['baseline_peak_acc']:.1f}%) is not above chance")
         return (f"The best attacker ({who}) reached {100 * b['peak_acc']:.1f}% peak clean-test accuracy "
-                f"(chance {100 * v['chance']:.1f}%); no clean baseline was trained, so no protection score.")
+                f"(chance {100 * v['chance']:.1f}%); {why}, so no protection score.")
     base = b.get("baseline_peak_acc")
     return (f"Protection score {v['score']:.2f}: the best attacker ({who}) reached "
             f"{100 * b['peak_acc']:.1f}% peak clean-test accuracy against {100 * base:.1f}% from clean data "
@@ -246,6 +254,7 @@ def build_certificate(
     chance: float | None = None,
     chance_class: str | None = None,
     extra: dict | None = None,
+    labelling: dict | None = None,
 ) -> dict:
     """Assemble the certificate dict (see module doc) from :func:`cell_entry` cells and settings.
 
@@ -253,7 +262,10 @@ def build_certificate(
     objects; ``defenses``: Defense objects or names; ``data``: ``{"train": {...}, "test": {...},
     "clean": {...}}`` summaries (:meth:`verify.data.TensorSet.describe`). ``chance`` (and the
     ``chance_class`` it answers): default the majority-class rate of ``data["test"]["per_class"]``,
-    else 1/num_classes; pass the same value the cells were scored with.
+    else 1/num_classes; pass the same value the cells were scored with. ``classes``: the classes the
+    attacker trained on. ``labelling``: the attacker's labelling
+    (:meth:`verify.relabel.Labelling.describe` or :func:`verify.relabel.original_labelling`; default:
+    the data's own labels).
     """
     if chance is None:
         per_class = (data.get("test") or {}).get("per_class")
@@ -274,6 +286,7 @@ def build_certificate(
         "chance": _r(chance),
         "chance_class": chance_class,
         "chance_definition": CHANCE_DEFINITION,
+        "labelling": labelling if labelling is not None else original_labelling(classes),
         "fast_at": bool(recipe.fast_at and any(t.adversarial for t in trainings)),
         "trainings": [
             {"name": t.name, "norm": t.norm, "eps": t.eps, "description": t.describe(), "attack": recipe.attack(t)}

@@ -23,14 +23,14 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from perturbations.errors import InputError
-from protect.discover import ImageEntry, discover
+from protect.discover import Dataset, ImageEntry, class_names, discover, read_label_csv
 
 __all__ = ["TensorSet", "check_same_classes", "load_folder"]
 
@@ -190,6 +190,37 @@ def check_same_classes(classes: Sequence[str], expected: Sequence[str], name: st
         )
 
 
+def _discover(root: Path, labels_csv: str | os.PathLike | None) -> Dataset:
+    """:func:`protect.discover.discover`, except that a CSV row ``a/x.jpg`` also labels ``a/x.png``
+    when only the latter exists: the output of ``protect images --format png --labels CSV``, so
+    the protected folder and the clean folder share one label file."""
+    if labels_csv is None:
+        return discover(root)
+    table = read_label_csv(Path(labels_csv))
+    renamed: dict[str, str] = {}
+    for rel in table:
+        if not rel.lower().endswith(".png"):
+            png = str(PurePosixPath(rel).with_suffix(".png"))
+            if png not in table and not (root / rel).exists() and (root / png).exists():
+                renamed[rel] = png
+    if not renamed:
+        return discover(root, labels_csv)
+    log.info("%d row(s) of the label file %s name a converted image (.png) under %s", len(renamed), labels_csv, root)
+    table = {renamed.get(rel, rel): label for rel, label in table.items()}
+    ds = discover(root)
+    found = {e.rel for e in ds.entries}
+    missing = sorted(r for r in table if r not in found)
+    if missing:
+        raise InputError(f"label file lists {len(missing)} image(s) not found under {root}, e.g. '{missing[0]}'")
+    labelled = [e.rel for e in ds.entries if e.rel in table]
+    if len(labelled) < len(ds.entries):
+        log.warning("%d image(s) are not in the label file and are skipped", len(ds.entries) - len(labelled))
+    classes = class_names(table[r] for r in labelled)
+    index = {name: i for i, name in enumerate(classes)}
+    entries = [ImageEntry(r, ds.root, index[table[r]]) for r in labelled]
+    return Dataset(ds.root, entries, classes, ds.skipped, "csv")
+
+
 def load_folder(
     root: str | os.PathLike,
     labels_csv: str | os.PathLike | None = None,
@@ -202,7 +233,8 @@ def load_folder(
 ) -> TensorSet:
     """Decode every labelled image under ``root`` into a :class:`TensorSet`.
 
-    Labels come from class sub-folders or ``labels_csv`` (see :func:`protect.discover.discover`).
+    Labels come from class sub-folders or ``labels_csv`` (see :func:`protect.discover.discover`; a
+    row ``x.jpg`` also labels ``x.png`` when only that exists, as ``protect images --format png`` writes).
     ``classes``: when given, the folder's class names must equal it (else InputError
     ``class folders differ: <expected_name> has [...], <name> has [...]``). ``max_per_class``: keep
     the first N images of each class in sorted path order (quick subsets; the hash covers only
@@ -214,11 +246,11 @@ def load_folder(
     """
     root = Path(root)
     name = name or root.name or str(root)
-    ds = discover(root, labels_csv)
+    ds = _discover(root, labels_csv)
     if not ds.labelled:
         raise InputError(
             f"{name} folder {root} has no labels: put the images in one sub-folder per class "
-            "(or pass a path,label CSV)"
+            f"(or pass a path,label CSV: {'--test-labels' if name == 'test' else '--labels'} CSV)"
         )
     if classes is not None:
         check_same_classes(ds.classes, classes, name, expected_name)

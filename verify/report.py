@@ -1,6 +1,7 @@
 """Human-readable views of a certificate: ``report.md``, ``curves.png`` and ``samples.png``.
 
-* ``report.md``: the tier/model/epochs line, the verdict in one sentence, the weakest cell named, the
+* ``report.md``: the tier/model/epochs line, the attacker's labels when remapped (``--relabel``),
+  the verdict in one sentence, the weakest cell named, the
   regime x defense table (protected peak accuracy with the clean baseline beside it, and the score),
   then per-cell details and the settings that produced the numbers.
 * ``curves.png``: one panel per cell, clean-test accuracy per epoch, clean baseline vs protected.
@@ -78,11 +79,33 @@ def _chance_sentence(cert: dict) -> str:
     return text + "."
 
 
+def _labels_sentence(cert: dict) -> str | None:
+    """The attacker's labelling in one paragraph, when it is not the data's own (``--relabel``)."""
+    lab = cert.get("labelling") or {}
+    if lab.get("attacker") != "remapped":
+        return None
+    src = lab.get("source") or {}
+    if src.get("kind") == "file":
+        origin = f"the map file {src.get('path')} (sha256 {str(src.get('sha256'))[:16]}…)"
+    elif src.get("kind") == "random":
+        origin = f"a random grouping, {src.get('spec')} with seed {src.get('seed')}"
+    else:
+        origin = "a map given in code"
+    groups = "; ".join(f"{a} ← {', '.join(members)}" for a, members in (lab.get("groups") or {}).items())
+    classes = lab.get("classes") or []
+    return (f"**Attacker labels.** The attacker trained and was scored on {len(classes)} remapped classes "
+            f"({', '.join(classes)}), not the data's {len(lab.get('data_classes') or [])}, from {origin}: "
+            f"{groups}. Baselines, chance and scores use these labels.")
+
+
 def report_markdown(cert: dict) -> str:
     """The Markdown report for ``cert`` (see module doc)."""
     trainings, defenses, cells = _cell_lookup(cert)
     v = cert["verdict"]
     lines = ["# Unlearnability verification", "", _tier_line(cert), ""]
+    labels = _labels_sentence(cert)
+    if labels:
+        lines += [labels, ""]
     lines += ["**Verdict.** " + v.get("summary", ""), ""]
     for warning in cert.get("warnings", []):
         lines += [f"**Warning:** {warning}.", ""]

@@ -21,6 +21,12 @@ runs on the same clean data reuse them instead of retraining.
 **Chance** is the majority-class rate of the test set (the accuracy of always answering its most
 frequent class; 1/K on a balanced test set), the floor a model reaches without learning anything.
 
+**Relabelling** (``relabel``, ``--relabel``, :mod:`verify.relabel`): the attacker trains and is
+scored on remapped labels (a JSON map or ``random:N``), applied to the protected, clean and test
+sets after their class folders are checked against each other; chance, baselines and scores then
+use the attacker's classes, and the certificate's ``labelling`` records the map and its source.
+The remapped sets' hashes cover the map, so no saved cell or cached baseline crosses labellings.
+
 **Progress** (``progress=True``): a tqdm bar per cell when stderr is a terminal; otherwise (a log
 file, CI, a pipe) one line per finished cell and no bars.
 
@@ -51,6 +57,7 @@ from . import distributed
 from .certificate import build_certificate, cell_entry, chance_level, save_certificate
 from .data import TensorSet, check_same_classes, load_folder
 from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
+from .relabel import Labelling, RelabelSpec, parse_relabel
 from .report import write_report
 from .store import CACHE_VERSION, BaselineCache, CellStore, cell_key, default_cache_dir
 from .train import CellResult, resolve_device, train_cell
@@ -103,6 +110,16 @@ def _check_shapes(a: TensorSet, b: TensorSet, name_a: str, name_b: str) -> None:
         )
 
 
+def _labelling(relabel: str | os.PathLike | RelabelSpec | Labelling | None, classes: list[str]) -> Labelling | None:
+    """The attacker's labelling for data with ``classes`` (None: the data's own labels)."""
+    if relabel is None or isinstance(relabel, Labelling):
+        if relabel is not None:
+            relabel.check(classes)
+        return relabel
+    spec = relabel if isinstance(relabel, RelabelSpec) else parse_relabel(relabel)
+    return spec.resolve(classes)
+
+
 def _default_report_dir(protected_dir: Path) -> Path:
     return protected_dir.parent / f"{protected_dir.name}.verify"
 
@@ -134,9 +151,11 @@ def verify_sets(
     baseline_per_defense: bool = False,
     progress: bool | Any = True,
     fresh: bool = False,
+    relabel: str | os.PathLike | RelabelSpec | Labelling | None = None,
 ) -> dict:
     """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files and
-    keeps no finished cells; ``cache_dir=False`` disables the baseline cache)."""
+    keeps no finished cells; ``cache_dir=False`` disables the baseline cache). ``relabel``: a
+    ``--relabel`` value, a parsed :class:`RelabelSpec` or a :class:`Labelling` (None: the data's labels)."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
     dev = resolve_device(distributed.setup(device))  # joins the torchrun group first: rank 0 alone prints
@@ -164,6 +183,15 @@ def verify_sets(
     if clean is not None:
         check_same_classes(clean.classes, protected.classes, "clean", "protected")
         _check_shapes(protected, clean, "protected", "clean")
+    labelling = _labelling(relabel, protected.classes)
+    originals = (protected, clean)  # samples.png shows the data's own class names
+    if labelling is not None:
+        protected, test = labelling.apply(protected), labelling.apply(test)
+        clean = labelling.apply(clean) if clean is not None else None
+        note = (f"relabelled: {len(labelling.classes)} attacker classes {labelling.classes} "
+                f"from {labelling.describe_source()}")
+        log.info("verify: %s", note)
+        say(f"note: {note}")
     cache = BaselineCache(None if cache_dir is False else (cache_dir if cache_dir is not None else default_cache_dir()))
     store = CellStore(Path(report_dir) / CELLS_DIR if report_dir is not None else None)
     chance, chance_class = chance_level(test.counts(), test.classes)
@@ -178,6 +206,7 @@ def verify_sets(
     total = len(plan) * len(seed_list)
     log.info("verify: %s tier, %d cells x %d seed(s) on %s", recipe.tier, len(plan), len(seed_list), dev)
 
+    labels_id = labelling.fingerprint if labelling is not None else "original"  # for the files' readers
     protected_runs: dict[tuple[str, str], list[CellResult]] = {}
     clean_runs: dict[tuple[str, str], list[CellResult]] = {}
     clean_cached: dict[tuple[str, str], list[bool]] = {}
@@ -219,7 +248,7 @@ def verify_sets(
             if role == "clean" and main:
                 cache.put(cell_key(data, test, recipe, t, d.name, seed), result, {
                     "clean_root": str(data.root), "tier": recipe.tier, "training": t.name, "defense": d.name,
-                    "seed": seed})
+                    "seed": seed, "labels": labels_id})
             log.info("%s: peak %.3f final %.3f (%.0f s)", label, result.peak_acc, result.final_acc, result.wall_s)
             if lines:
                 say(f"{label}: peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)}, "
@@ -227,7 +256,8 @@ def verify_sets(
         if main:
             store.put(key, result, {"role": role, "tier": recipe.tier, "training": t.name, "defense": d.name,
                                     "seed": seed, "cached": cached, "baseline_cache": lookup,
-                                    "train_root": str(data.root), "test_root": str(test.root)})
+                                    "train_root": str(data.root), "test_root": str(test.root),
+                                    "labels": labels_id})
         return result, cached
 
     try:
@@ -281,11 +311,12 @@ def verify_sets(
         recipe=recipe, trainings=regimes, defenses=dfns, seeds=seed_list, classes=protected.classes,
         cells=cells, data=data, device=device_name, wall_s=time.perf_counter() - started,
         baseline_per_defense=baseline_per_defense, chance=chance, chance_class=chance_class, extra=extra,
+        labelling=labelling.describe(originals[0].classes) if labelling is not None else None,
     )
     if report_dir is not None and main:
         out = Path(report_dir)
         save_certificate(cert, out / "certificate.json")
-        write_report(cert, out, clean=clean, protected=protected)
+        write_report(cert, out, clean=originals[1], protected=originals[0])
         log.info("verify: report written to %s", out)
     return cert
 
@@ -307,12 +338,15 @@ def verify_folder(
     max_per_class: int | None = None,
     progress: bool | Any = True,
     fresh: bool = False,
+    relabel: str | os.PathLike | RelabelSpec | Labelling | None = None,
+    labels_csv: str | os.PathLike | None = None,
+    test_labels_csv: str | os.PathLike | None = None,
 ) -> dict:
     """Certify how much a protected folder takes away from models trained on it.
 
     Args:
-        protected_dir: protected training images, one sub-folder per class.
-        test_dir: clean test images with the same class folders.
+        protected_dir: protected training images, one sub-folder per class (or ``labels_csv``).
+        test_dir: clean test images with the same class folders (or ``test_labels_csv``).
         clean_dir: the clean training images (for the baselines and the score); optional.
         tier: ``quick`` (default), ``standard`` or ``paper`` (:mod:`verify.recipes`), or a
             :class:`verify.recipes.Recipe` (e.g. ``get_recipe("quick", batch_size=64)``).
@@ -332,6 +366,12 @@ def verify_folder(
             stderr is not a terminal), False for silence, or a callback (:class:`verify.train.EpochInfo`).
         fresh: retrain every cell: ignore the finished cells in the report folder and the clean
             baseline cache (both are overwritten with the new results).
+        relabel: the attacker's labels (:mod:`verify.relabel`): a JSON map file ``{class: attacker
+            class}`` or ``random:N[:SEED]``, applied to all three sets; None keeps the data's labels.
+        labels_csv: a ``path,label`` CSV (as for ``protect images --labels``) that labels the protected
+            folder and the clean folder alike (the protected folder holds the same relative paths);
+            None: their class sub-folders.
+        test_labels_csv: the same for the test folder (None: its class sub-folders).
 
     Returns the certificate dict (schema ``protect.certificate/1``). Raises ConfigError for unknown
     tiers, regimes, defenses, models or devices, InputError for unusable folders (missing, empty,
@@ -346,14 +386,16 @@ def verify_folder(
     from .models import create_model
 
     create_model(recipe.model, 2)  # unknown model names fail here, before any data is loaded
+    spec = parse_relabel(relabel) if isinstance(relabel, (str, os.PathLike)) else relabel  # a bad map fails early
 
     protected_dir = Path(protected_dir)
-    protected = load_folder(protected_dir, max_per_class=max_per_class, name="protected")
-    test = load_folder(test_dir, classes=protected.classes, max_per_class=max_per_class,
+    protected = load_folder(protected_dir, labels_csv, max_per_class=max_per_class, name="protected")
+    labelling = spec.resolve(protected.classes) if isinstance(spec, RelabelSpec) else spec  # before the other sets
+    test = load_folder(test_dir, test_labels_csv, classes=protected.classes, max_per_class=max_per_class,
                        name="test", expected_name="protected")
     clean = None
     if clean_dir is not None:
-        clean = load_folder(clean_dir, classes=protected.classes, max_per_class=max_per_class,
+        clean = load_folder(clean_dir, labels_csv, classes=protected.classes, max_per_class=max_per_class,
                             name="clean", expected_name="protected")
         if len(clean) != len(protected):
             log.warning("clean folder has %d images, protected folder %d: the baseline trains on a "
@@ -367,7 +409,7 @@ def verify_folder(
     cert = verify_sets(
         protected, test, clean, tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds,
         device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
-        progress=progress, fresh=fresh,
+        progress=progress, fresh=fresh, relabel=labelling,
     )
     if out is not None:
         cert["report_dir"] = str(out)

@@ -2,7 +2,9 @@
 
 Both hold one small JSON file per trained cell (a :class:`verify.train.CellResult`), named by the
 sha256 of everything that determines the cell (:func:`cell_key`): the hash of the training data
-and of the test data (the numbers are test accuracies), every recipe field but the free-text
+and of the test data (the numbers are test accuracies; a set relabelled for the attacker,
+``--relabel``, has a hash that also covers the map, :mod:`verify.relabel`, so cells and baselines
+trained on other labels are never reused), every recipe field but the free-text
 description, the training regime with its eps and its attack (method, steps, step size, model
 mode), the defense with its parameters, the seed, and a format version. A changed input or option
 therefore never reuses a stale result. Files are written atomically (a temporary file, fsync,

@@ -18,6 +18,7 @@ from verify.certificate import (
     save_certificate,
     score,
     summarize_runs,
+    verdict,
 )
 from verify.recipes import get_recipe, parse_trainings
 from verify.report import report_markdown, write_report
@@ -87,6 +88,13 @@ def test_no_clean_baseline_means_no_score() -> None:
     v = cert["verdict"]
     assert v["score"] is None and v["best_attacker"]["peak_acc"] == 0.41
     assert "no clean baseline" in v["summary"] and "41.0%" in v["summary"]
+
+
+def test_a_baseline_at_chance_is_named_as_the_reason_for_no_score() -> None:
+    cells = [cell_entry("erm", "none", [run("erm", "none", [0.3, 0.4])], [run("erm", "none", [0.5, 0.55])], 0.6)]
+    v = verdict(cells, 0.6)
+    assert v["score"] is None and "no clean baseline" not in v["summary"]
+    assert "its clean baseline (55.0%) is not above chance, so no protection score" in v["summary"]
 
 
 def test_seeds_are_averaged_with_spread() -> None:
