@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perturbations.errors import ConfigError
+from perturbations.steps import l2_step, per_sample_norm, signed_step
 
 __all__ = ["fgsm_rs", "fgsm_rs_l2", "pgd", "soft_cross_entropy"]
 
@@ -50,11 +51,6 @@ def _check(eps: float, norm: str, steps: int = 1, step_size: float | None = None
         raise ConfigError(f"{name} must be a positive number, got {step_size!r}")
 
 
-def _per_sample_norm(t: Tensor) -> Tensor:
-    """L2 norm of each sample, shaped ``N x 1 x ... x 1`` for broadcasting."""
-    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
-
-
 def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
     """Linf: uniform in [-eps, eps]^d. L2: uniform direction times a radius uniform in [0, eps]."""
     device = generator.device if generator is not None else torch.device("cpu")
@@ -63,13 +59,7 @@ def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator |
         return ((2 * u - 1) * eps).to(x.device)
     g = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
     r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=device, dtype=torch.float32)
-    return (g / _per_sample_norm(g) * r * eps).to(x.device)
-
-
-def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    return delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
+    return (g / per_sample_norm(g) * r * eps).to(x.device)
 
 
 def _attack(
@@ -88,9 +78,8 @@ def _attack(
             loss = loss_fn(model(x_adv), y).float()
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
-                grad = grad.float()
-                direction = grad.sign() if norm == "linf" else grad / _per_sample_norm(grad)
-                delta = _project(x_adv + step_size * direction - x, eps, norm)
+                step = signed_step if norm == "linf" else l2_step  # ascent, then projection to the eps-ball
+                delta = step(x_adv - x, grad.float(), step_size, eps, ascent=True)
                 x_adv = (x + delta).clamp(0.0, 1.0)
     return x_adv.detach()
 

@@ -1,0 +1,42 @@
+"""Projected gradient steps on a perturbation ``delta`` (shared by the methods and verify's attacks).
+
+``delta`` and ``grad`` have the same shape, ``N x ...`` (usually ``N x C x H x W``); the result is a
+new tensor (no in-place change). By default a step *descends* (``delta - step * direction``), as the
+error-minimising methods need; ``ascent=True`` climbs the loss, as an attack does. The step itself
+does not clamp ``x + delta`` to [0, 1]; the caller does, since it holds ``x``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["l2_step", "per_sample_norm", "project_l2", "project_linf", "signed_step"]
+
+
+def per_sample_norm(t: Tensor) -> Tensor:
+    """L2 norm of each sample (at least 1e-12), shaped ``N x 1 x ... x 1`` for broadcasting."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project_linf(delta: Tensor, eps: float) -> Tensor:
+    """Clamp every element to [-eps, eps]."""
+    return delta.clamp(-eps, eps)
+
+
+def project_l2(delta: Tensor, eps: float) -> Tensor:
+    """Scale each sample whose L2 norm exceeds ``eps`` back onto the eps-sphere."""
+    return delta * (eps / per_sample_norm(delta)).clamp(max=1.0)
+
+
+def signed_step(delta: Tensor, grad: Tensor, step: float, eps: float, *, ascent: bool = False) -> Tensor:
+    """L-inf step (the PGD step of Madry et al., ICLR 2018): ``delta -+ step * sign(grad)``
+    (``-`` by default, ``+`` with ``ascent``), then clamped to [-eps, eps]."""
+    direction = grad.sign()
+    return project_linf(delta + step * direction if ascent else delta - step * direction, eps)
+
+
+def l2_step(delta: Tensor, grad: Tensor, step: float, eps: float, *, ascent: bool = False) -> Tensor:
+    """L2 step: ``delta -+ step * grad / ||grad||`` per sample (``+`` with ``ascent``), then
+    projected onto the L2 ball of radius ``eps``."""
+    direction = grad / per_sample_norm(grad)
+    return project_l2(delta + step * direction if ascent else delta - step * direction, eps)
