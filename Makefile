@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	PROTECT_KEY=$(DEMO_KEY) $(VENV)/bin/protect images --overwrite samples/cifar10/train $(DEMO_OUT)/cifar10-train
 	PROTECT_KEY=$(DEMO_KEY) $(VENV)/bin/protect images --overwrite samples/kodak/ --labels samples/kodak/labels.csv $(DEMO_OUT)/kodak
+	PROTECT_KEY=$(DEMO_KEY) $(VENV)/bin/protect images --overwrite --method uc --surrogate cifar-resnet20 samples/cifar10/train $(DEMO_OUT)/cifar10-uc
 	$(VENV)/bin/protect inspect $(DEMO_OUT)/cifar10-train
 
 test: setup
@@ -29,6 +30,7 @@ test-all: setup
 
 bench: setup
 	$(PY) bench/throughput.py
+	$(PY) bench/clusters.py --phases erm
 
 clean:
 	rm -rf $(DEMO_OUT) $(DEMO_OUT).protect .pytest_cache build *.egg-info

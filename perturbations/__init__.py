@@ -2,7 +2,7 @@
 
 >>> import perturbations
 >>> perturbations.available()
-['cuda', 'uc']
+['cuda', 'salm', 'uc']
 >>> method = perturbations.get("cuda")(keyring, num_classes=10)
 """
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 _LAZY = {"FitData": "base", "Perturbation": "base", "Keyring": "keyring"}
 
 _METHODS: Registry[type[Perturbation]] = Registry("method")
-_BUILTINS = ("cuda", "uc")
+_BUILTINS = ("cuda", "salm", "uc")
 
 
 def __getattr__(name: str) -> Any:

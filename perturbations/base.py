@@ -44,6 +44,7 @@ class FitData:
             to ``size``, antialiased; grey repeated to 3 channels or colour averaged to 1; alpha
             dropped), ``indices`` their positions in ``ids``. Images that cannot be decoded are left
             out (the protect pass reports them). Memory: one batch plus the decoders' working set.
+        channels: 1 when every sampled image is grey (so a method can stay single-channel), else 3.
         device: where the method should compute while fitting (``"cpu"``, ``"cuda"``, ...).
         memory: bytes the method may use to keep images between passes (e.g. a sample of them).
         progress: optional ``progress(stage, done, total)`` callback for long fits.
@@ -56,6 +57,7 @@ class FitData:
     batches: Callable[..., Iterator[tuple[torch.Tensor, Sequence[int]]]] | None = None
     device: str = "cpu"
     memory: int = 1 << 30
+    channels: int = 3
     progress: Callable[[str, int, int], None] | None = None
 
     def report(self, stage: str, done: int, total: int) -> None:

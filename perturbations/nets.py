@@ -42,7 +42,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AKAMASTER_MEAN = IMAGENET_MEAN
 AKAMASTER_STD = IMAGENET_STD
 #: CIFAR ResNet depth -> blocks per stage ``n`` (depth = 6n + 2).
-CIFAR_RESNET_BLOCKS = {20: 3, 32: 5, 44: 7, 56: 9}
+CIFAR_RESNET_BLOCKS = {8: 1, 20: 3, 32: 5, 44: 7, 56: 9}
 
 
 class Normalize(nn.Module):
@@ -169,7 +169,7 @@ class CifarResNetA(Classifier):
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> CifarResNetA:
-    """CIFAR ResNet-``depth`` (20, 32, 44 or 56) with option A shortcuts (:class:`CifarResNetA`)."""
+    """CIFAR ResNet-``depth`` (8, 20, 32, 44 or 56; 8 has one block per stage, no pretrained weights) with option A shortcuts (:class:`CifarResNetA`)."""
     if depth not in CIFAR_RESNET_BLOCKS:
         raise ConfigError(f"no CIFAR ResNet of depth {depth!r}; use one of {', '.join(map(str, CIFAR_RESNET_BLOCKS))}")
     return CifarResNetA(CIFAR_RESNET_BLOCKS[depth], num_classes, in_channels)

@@ -51,6 +51,7 @@ from .clustered import TABLE_KEYS, SurrogateClusters
 from .clustering import derangement
 from .errors import ConfigError, InputError
 from .keyring import Keyring
+from .steps import signed_step
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,7 @@ class UnlearnableClusters(Perturbation):
             loss = self._loss(s, (x + delta[c]).clamp(0, 1), target_logits[c], gen)
             (grad,) = torch.autograd.grad(loss, delta)
             alpha = eps * 0.25 * (1.0 - step / self.steps) + eps / 100
-            with torch.no_grad():
-                delta = (delta - alpha * grad.sign()).clamp_(-eps, eps)
+            delta = signed_step(delta.detach(), grad, alpha, eps)
             loss_sum = float(loss.detach()) / pos.numel()
             data.report("optimise", step + 1, self.steps)
         self.final_loss = loss_sum

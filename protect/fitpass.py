@@ -6,7 +6,8 @@ dataset order, in a few threads (Pillow and torch release the GIL), and resizes 
 size the method asks for (its surrogate's input size): mixed sizes and shapes are therefore handled
 by resizing for the fit only (aspect ratio not kept, as the surrogates' own preprocessing would do
 for a centre-free view; the protected outputs keep their own size). Grey images are repeated to
-three channels (or colour averaged to one), alpha is dropped, 16-bit images are scaled to [0, 1].
+three channels (or colour averaged to one), alpha is dropped, every image is scaled to [0, 1] by its
+own ``levels`` (255, 65535, or ``2**BitsStored - 1`` for DICOM).
 Memory: at most ``2 x threads`` decoded images in flight plus one batch of resized ones.
 Files that cannot be read are left out here; the protect pass reports them.
 """
@@ -27,6 +28,8 @@ from PIL import Image
 from perturbations import FitData
 
 from .discover import Dataset
+from .dicom import FORMAT as DICOM
+from .dicom import header as dicom_header
 from .imageio import ImageError, decode
 from .work import open_input
 
@@ -35,20 +38,32 @@ log = logging.getLogger(__name__)
 SIZE_SAMPLE = 256
 
 
-def _sizes(dataset: Dataset, max_pixels: int) -> list[tuple[int, int]]:
-    """``(height, width)`` of an evenly spaced sample of the images (headers only)."""
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def _sizes(dataset: Dataset, max_pixels: int) -> tuple[list[tuple[int, int]], int]:
+    """``(height, width)`` of an evenly spaced sample of the images (headers only), and 1 when
+    every sampled image is grey, else 3."""
     entries = dataset.entries
     step = max(1, len(entries) // SIZE_SAMPLE)
     sizes = []
+    channels = 1
     for entry in entries[::step][:SIZE_SAMPLE]:
         try:
-            with Image.open(entry.path, formats=[entry.format]) as im:
-                w, h = im.size
+            if entry.format == DICOM:
+                w, h, bands = dicom_header(entry.path)
+                if bands != 1:
+                    channels = 3
+            else:
+                with Image.open(entry.path, formats=[entry.format]) as im:
+                    w, h = im.size
+                    if im.mode not in GREY_MODES:
+                        channels = 3
             if w * h <= max_pixels:
                 sizes.append((h, w))
         except Exception:  # noqa: BLE001 - unreadable files are reported when processed
             continue
-    return sizes
+    return sizes, (channels if sizes else 3)
 
 
 def load_resized(path: Path, fmt: str, max_pixels: int, size: tuple[int, int], channels: int) -> torch.Tensor | None:
@@ -73,10 +88,10 @@ def load_resized(path: Path, fmt: str, max_pixels: int, size: tuple[int, int], c
         if im.size != (w, h):
             im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
         arr = np.asarray(im)
-        t = torch.from_numpy(arr.copy()).float().div_(255)
+        t = torch.from_numpy(arr.copy()).float().div_(decoded.levels)
         t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
     else:
-        t = torch.from_numpy(px.astype(np.float32) / 65535.0).permute(2, 0, 1)
+        t = torch.from_numpy(px.astype(np.float32) / float(decoded.levels)).permute(2, 0, 1)
         if tuple(t.shape[-2:]) != (h, w):
             shrink = t.shape[-2] > h or t.shape[-1] > w
             t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)[0]
@@ -130,6 +145,7 @@ def fit_data(dataset: Dataset, max_pixels: int, threads: int = 2, device: str = 
              progress: Callable[[str, int, int], None] | None = None) -> FitData:
     """Labels, a size sample and the streaming batch factory of ``dataset``."""
     labels = [e.label for e in dataset.entries] if dataset.labelled else None
-    return FitData(len(dataset.classes), labels, _sizes(dataset, max_pixels),  # type: ignore[arg-type]
+    sizes, channels = _sizes(dataset, max_pixels)
+    return FitData(len(dataset.classes), labels, sizes,  # type: ignore[arg-type]
                    [e.rel for e in dataset.entries], batch_factory(dataset, max_pixels, threads),
-                   device=device, memory=memory, progress=progress)
+                   device=device, memory=memory, progress=progress, channels=channels)

@@ -1,0 +1,382 @@
+"""SALM: sparsity-aware local masking, error-minimising noise on the most significant pixels.
+
+Sun, Chen, Li, Zhou, Fu, "Medical Unlearnable Examples: Securing Medical Data from Unauthorized
+Training via Sparsity-Aware Local Masking", 2024. No code was published; this is a reconstruction
+from the paper's description, every choice it leaves open a parameter.
+
+Error-minimising noise (Huang et al., "Unlearnable Examples", ICLR 2021) restricted to a sparse
+mask. A surrogate classifier ``f`` (a small CIFAR-style ResNet-8 by default, keyed initialisation,
+trained here) and one perturbation ``delta_i`` per image, ``|delta_i|_inf <= eps``, solve the
+bi-level min-min problem ``min_f min_delta CE(f(clip(x + delta)), y)``; rounds alternate until the
+surrogate's training error on the perturbed data falls below ``stop_error`` or ``rounds`` are spent:
+
+1. train ``f`` for ``train_steps`` SGD steps (lr 0.1, momentum 0.9, weight decay 5e-4, the EM
+   paper's) on keyed mini-batches of ``(x + delta, y)``;
+2. the mask: per image, the ``ceil(mask_ratio * H * W)`` pixel positions with the largest loss
+   gradient magnitude ``sum_c |d CE / d x|`` (the same positions in every channel), recomputed every
+   round; ``delta`` is zeroed outside it;
+3. for every batch, ``steps`` signed-gradient steps of size ``step_size`` that *minimise* the loss
+   with respect to ``delta``, moving only the masked pixels (the model in eval mode).
+
+``mask_ratio = 1`` is plain sample-wise error-minimising noise.
+
+Sizes: the noise is computed at one working size (the median image size, scaled down so its longer
+side is at most ``max_side``; MedMNIST and CIFAR stay at their size) with the dataset's channels
+(grey stays grey). An image at the working size gets its noise as computed (exact sparsity);
+another size gets it resized with nearest neighbour (the bound holds; the changed share stays
+close to ``mask_ratio``). Applied on the image's own integer grid (8-bit, 16-bit or a DICOM's stored
+depth): ``round(delta * levels)`` within ``floor(eps * levels)``, so the bound holds exactly in the
+written file and untouched pixels keep their exact value.
+
+State: the surrogate's weights, each image's noise (keyed by the hash of its relative path), the
+working size. New images (``extend``, ``protect images --state``) get noise optimised against the
+stored surrogate, which is not retrained.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register
+from .base import FitData, Perturbation, parse_fraction
+from .clustering import ClusterTable
+from .errors import ConfigError, InputError
+from .keyring import Keyring
+from .nets import TinyConvNet, cifar_resnet, keyed_init
+from .steps import signed_step
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("cifar-resnet8", "cifar-resnet20", "cifar-resnet32", "cifar-resnet44", "cifar-resnet56", "tiny")
+TABLE_KEYS = ("table_hashes", "table_clusters", "noise")
+
+
+def build_classifier(arch: str, num_classes: int, channels: int) -> nn.Module:
+    """The SALM surrogate ``arch`` (see :data:`ARCHS`) for ``channels``-channel inputs."""
+    if arch == "tiny":
+        return TinyConvNet(num_classes, channels)
+    if arch.startswith("cifar-resnet") and arch[len("cifar-resnet"):].isdigit():
+        return cifar_resnet(int(arch[len("cifar-resnet"):]), num_classes, channels)
+    raise ConfigError(f"salm: surrogate must be one of {', '.join(ARCHS)}, got '{arch}'")
+
+
+def saliency_mask(grad: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``N x 1 x H x W`` 0/1 mask of the ``ceil(ratio * H * W)`` positions of largest
+    ``sum_c |grad|`` per image (ties: the lower flat index, via a stable sort)."""
+    n, _, h, w = grad.shape
+    k = min(h * w, max(1, math.ceil(ratio * h * w - 1e-9)))
+    score = grad.abs().sum(1).flatten(1)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    mask = torch.zeros(n, h * w, device=grad.device)
+    mask.scatter_(1, order, 1.0)
+    return mask.view(n, 1, h, w)
+
+
+@register
+class SALM(Perturbation):
+    """Sparse error-minimising noise (SALM, Sun et al. 2024; a reconstruction, see module doc).
+
+    Args:
+        keyring: key material (streams ``salm/init``, ``salm/noise``, ``salm/batches``).
+        num_classes: classes (from the data when ``None``).
+        eps: L-inf bound (default 8/255; ``"8/255"`` strings accepted), relative to the full range.
+        mask_ratio: share ``rho`` of pixel positions perturbed per image (default 0.1; 1 = dense).
+        steps, step_size: signed-gradient steps per batch and round (default 20, 0.8/255).
+        train_steps: surrogate SGD steps per round (default 10, the EM paper's).
+        rounds: at most this many rounds (default 10); ``stop_error``: stop when the surrogate's
+            training error on the perturbed data is below it (default 0.01).
+        surrogate: ``cifar-resnet8`` (default: a CIFAR-style ResNet with one block per stage, about a
+            third of ResNet-20's cost), ``cifar-resnet20/32/44/56`` or ``tiny``; keyed init, trained here.
+        batch: images per batch (default 128); ``max_side``: longest side of the working size (128).
+
+    Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] with labels and ids (relative paths).
+    """
+
+    name = "salm"
+    summary = "sparse error-minimising noise on the most loss-relevant pixels (medical images; needs labels)"
+    paper = ("Sun et al., Medical Unlearnable Examples: Securing Medical Data from Unauthorized Training "
+             "via Sparsity-Aware Local Masking, 2024")
+    needs_labels = True
+    exact = False
+    work_bytes_per_value = 10.0
+    per_image_state = TABLE_KEYS
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        num_classes: int | None = None,
+        eps: float | str = 8 / 255,
+        mask_ratio: float = 0.1,
+        steps: int = 20,
+        step_size: float | str = 0.8 / 255,
+        train_steps: int = 10,
+        rounds: int = 10,
+        stop_error: float = 0.01,
+        surrogate: str = "cifar-resnet8",
+        batch: int = 128,
+        max_side: int = 128,
+        lr: float = 0.1,
+    ) -> None:
+        super().__init__(keyring)
+        self.eps = parse_fraction(eps, "salm: eps")
+        self.step_size = parse_fraction(step_size, "salm: step_size")
+        if not 0.0 < self.eps <= 1.0:
+            raise ConfigError(f"salm: eps must be in (0, 1], got {eps}")
+        if not 0.0 < self.step_size <= 1.0:
+            raise ConfigError(f"salm: step_size must be in (0, 1], got {step_size}")
+        if not 0.0 < float(mask_ratio) <= 1.0:
+            raise ConfigError(f"salm: mask_ratio must be in (0, 1], got {mask_ratio}")
+        for name, value, low in (("steps", steps, 1), ("train_steps", train_steps, 0), ("rounds", rounds, 1),
+                                 ("batch", batch, 1), ("max_side", max_side, 4)):
+            if int(value) != value or value < low:
+                raise ConfigError(f"salm: {name} must be an integer >= {low}, got {value}")
+        if not 0.0 <= float(stop_error) < 1.0:
+            raise ConfigError(f"salm: stop_error must be in [0, 1), got {stop_error}")
+        if num_classes is not None and int(num_classes) < 2:
+            raise ConfigError(f"salm: needs at least 2 classes, got {num_classes}")
+        build_classifier(surrogate, 2, 1)  # checks the name
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.mask_ratio, self.steps, self.train_steps = float(mask_ratio), int(steps), int(train_steps)
+        self.rounds, self.stop_error, self.surrogate = int(rounds), float(stop_error), surrogate
+        self.batch, self.max_side, self.lr = int(batch), int(max_side), float(lr)
+        self.size: tuple[int, int] | None = None
+        self.channels: int | None = None
+        self.model: nn.Module | None = None
+        self.noise: torch.Tensor | None = None  # N x C x S x S float32
+        self.table = ClusterTable()  # image id -> row of ``noise``
+        self.history: list[dict[str, float]] = []
+
+    # -- fitting ---------------------------------------------------------------------------
+    def _working_size(self, data: FitData) -> tuple[int, int]:
+        if not data.sizes:
+            return (32, 32)
+        h = int(statistics.median(s[0] for s in data.sizes))
+        w = int(statistics.median(s[1] for s in data.sizes))
+        scale = min(1.0, self.max_side / max(h, w))
+        return (max(4, round(h * scale)), max(4, round(w * scale)))
+
+    def _collect(self, data: FitData, only: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        assert data.batches is not None and self.size is not None and self.channels is not None
+        per_image = self.channels * self.size[0] * self.size[1] * 4
+        count = len(data.ids) if only is None else len(only)
+        if count * per_image * 3 > data.memory:  # images, noise, and a gradient-sized working copy
+            raise ConfigError(f"salm: {count} images at {self.size[0]}x{self.size[1]} need about "
+                              f"{count * per_image * 3 >> 20} MiB to fit; raise --memory or lower max_side")
+        xs, where = [], []
+        for images, idx in data.batches(self.size, channels=self.channels, batch_size=256, only=only):
+            xs.append(images)
+            where.extend(idx)
+        if not xs:
+            raise ConfigError("salm: none of the images could be read for fitting")
+        return torch.cat(xs), where
+
+    def _grad_x(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+        return g
+
+    def _noise_round(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                     gen: torch.Generator, dev: torch.device) -> torch.Tensor:
+        """Recompute the masks, then ``steps`` loss-minimising steps on every batch (model frozen)."""
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        order = torch.randperm(x.shape[0], generator=gen)
+        for i in range(0, x.shape[0], self.batch):
+            b = order[i:i + self.batch]
+            xb, yb = x[b].to(dev), y[b].to(dev)
+            d = delta[b].to(dev)
+            mask = saliency_mask(self._grad_x(model, (xb + d).clamp(0, 1), yb), self.mask_ratio)
+            d = d * mask
+            for _ in range(self.steps):
+                g = self._grad_x(model, (xb + d).clamp(0, 1), yb)  # d loss / d delta = d loss / d x here
+                d = signed_step(d, g, self.step_size, self.eps) * mask
+                d = (xb + d).clamp(0, 1) - xb  # keep x + delta in range (as the EM paper does)
+            delta[b] = d.cpu()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return delta
+
+    @torch.no_grad()
+    def _error(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+               dev: torch.device) -> float:
+        model.eval()
+        wrong = 0
+        for i in range(0, x.shape[0], 512):
+            logits = model((x[i:i + 512] + delta[i:i + 512]).clamp(0, 1).to(dev))
+            wrong += int((logits.argmax(1).cpu() != y[i:i + 512]).sum())
+        return wrong / max(1, x.shape[0])
+
+    def fit(self, data: FitData) -> "SALM":
+        super().fit(data)
+        if self.num_classes is None:
+            self.num_classes = data.num_classes
+        if self.num_classes is None or self.num_classes < 2:
+            raise ConfigError("salm: needs at least 2 classes")
+        assert data.labels is not None
+        self.size = self._working_size(data)
+        self.channels = data.channels
+        dev = torch.device(data.device)
+        x, where = self._collect(data)
+        y = torch.tensor([data.labels[i] for i in where], dtype=torch.long)
+        if int(y.max()) >= self.num_classes:
+            raise ConfigError(f"salm: labels must be below num_classes={self.num_classes}")
+        model = keyed_init(build_classifier(self.surrogate, self.num_classes, self.channels),
+                           self.keyring.generator("salm/init")).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        noise_gen = self.keyring.generator("salm/noise")
+        delta = (torch.rand(x.shape, generator=noise_gen) * 2 - 1).mul_(self.eps)
+        delta = (x + delta).clamp(0, 1) - x
+        gen = self.keyring.generator("salm/batches")
+        self.history = []
+        for r in range(self.rounds):
+            model.train()
+            for _ in range(self.train_steps):
+                b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
+                loss = F.cross_entropy(model((x[b] + delta[b]).clamp(0, 1).to(dev)), y[b].to(dev))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            delta = self._noise_round(model, x, y, delta, gen, dev)
+            err = self._error(model, x, y, delta, dev)
+            self.history.append({"round": r + 1, "train_error": err})
+            log.info("salm: round %d, surrogate training error on protected data %.4f", r + 1, err)
+            data.report("rounds", r + 1, self.rounds)
+            if err < self.stop_error:
+                break
+        self.model = model.cpu().eval()
+        self.noise = delta
+        self.table = ClusterTable.build([data.ids[i] for i in where], range(len(where)))
+        self.fitted = True
+        return self
+
+    def extend(self, data: FitData) -> bool:
+        """New images get noise against the stored surrogate (two mask-and-steps rounds)."""
+        if self.model is None or self.noise is None:
+            raise ConfigError("salm: no fitted state to extend")
+        missing = self.table.missing(list(data.ids))
+        if not missing:
+            return False
+        if data.labels is None:
+            raise ConfigError("salm: new images need labels")
+        x, where = self._collect(data, only=missing)
+        y = torch.tensor([data.labels[i] for i in where], dtype=torch.long)
+        dev = torch.device(data.device)
+        model = self.model.to(dev)
+        gen = self.keyring.generator("salm/extend")
+        delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(self.eps)
+        delta = (x + delta).clamp(0, 1) - x
+        for _ in range(2):
+            delta = self._noise_round(model, x, y, delta, gen, dev)
+        self.model = model.cpu().eval()
+        start = self.noise.shape[0]
+        self.noise = torch.cat([self.noise, delta])
+        self.table = self.table.merged(ClusterTable.build([data.ids[i] for i in where],
+                                                          range(start, start + len(where))))
+        return True
+
+    # -- protecting ------------------------------------------------------------------------
+    def _rows(self, ids: Sequence[str] | None, n: int) -> list[int]:
+        if self.noise is None:
+            raise ConfigError("salm: call fit() first (or load a fitted state)")
+        if ids is None or len(ids) != n:
+            raise ConfigError("salm: apply needs one id (relative path) per image")
+        try:
+            return self.table.clusters_of(ids, "salm").tolist()
+        except ConfigError as exc:
+            raise InputError(str(exc).replace("clustered", "given noise") + "; rerun the command to protect it") from None
+
+    def _delta_levels(self, row: int, c: int, h: int, w: int, levels: int, device: torch.device) -> torch.Tensor:
+        assert self.noise is not None
+        d = self.noise[row:row + 1].double()
+        if d.shape[1] != c:
+            d = d.mean(1, keepdim=True) if c == 1 else d.expand(-1, c, -1, -1)
+        if tuple(d.shape[-2:]) != (h, w):
+            d = F.interpolate(d, size=(h, w), mode="nearest")
+        bound = math.floor(self.eps * levels + 1e-9)
+        q = d[0].mul(levels).round_().clamp_(-bound, bound)
+        return q.to(torch.int32).to(device)
+
+    def protect_levels(
+        self, v: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None,
+        levels: int = 255,
+    ) -> torch.Tensor:
+        """Integer path: ``clamp(v + round(delta * levels), 0, levels)`` with the bound exact."""
+        if v.is_floating_point():
+            raise ConfigError("salm: protect_levels takes integer pixels")
+        n, c, h, w = v.shape
+        rows = self._rows(ids, n)
+        out = torch.empty_like(v)
+        for i, r in enumerate(rows):
+            out[i] = (v[i].to(torch.int32) + self._delta_levels(r, c, h, w, levels, v.device)).clamp_(0, levels).to(v.dtype)
+        return out
+
+    def apply(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Float path: ``clip(x + round(delta * 255) / 255, 0, 1)``. Labels are only needed to fit:
+        each image's noise is found by its id."""
+        self._check_batch(x, labels if labels is not None else torch.zeros(x.shape[0], dtype=torch.long))
+        n, c, h, w = x.shape
+        rows = self._rows(ids, n)
+        out = torch.empty_like(x)
+        for i, r in enumerate(rows):
+            out[i] = (x[i] + self._delta_levels(r, c, h, w, 255, x.device).to(x.dtype) / 255).clamp_(0, 1)
+        return out
+
+    def noise_of(self, ids: Sequence[str]) -> torch.Tensor:
+        """The fitted noise (working size, float) of each image id."""
+        assert self.noise is not None
+        return self.noise[self.table.clusters_of(ids, "salm")]
+
+    # -- state -----------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "eps": self.eps, "mask_ratio": self.mask_ratio, "steps": self.steps,
+                "step_size": self.step_size, "train_steps": self.train_steps, "rounds": self.rounds,
+                "stop_error": self.stop_error, "surrogate": self.surrogate, "batch": self.batch,
+                "max_side": self.max_side, "lr": self.lr,
+                "working_size": list(self.size) if self.size else None}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.model is None or self.noise is None or self.size is None:
+            return {}
+        state = {f"surrogate.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        state.update({"noise": self.noise.clone(), "table_hashes": self.table.hashes.clone(),
+                      "table_clusters": self.table.clusters.clone(),
+                      "size": torch.tensor(list(self.size)), "channels": torch.tensor(int(self.channels or 1))})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        size, channels = state.get("size"), state.get("channels")
+        if size is None or channels is None or size.numel() != 2:
+            raise ConfigError("salm: saved state has no working size")
+        self.size, self.channels = (int(size[0]), int(size[1])), int(channels)
+        weights = {k[len("surrogate."):]: v for k, v in state.items() if k.startswith("surrogate.")}
+        head = weights.get("linear.weight")
+        if head is None:
+            raise ConfigError("salm: saved state has no surrogate weights")
+        if self.num_classes is None:
+            self.num_classes = int(head.shape[0])
+        model = build_classifier(self.surrogate, self.num_classes, self.channels)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError:
+            raise ConfigError(f"salm: saved surrogate weights do not fit '{self.surrogate}' with "
+                              f"{self.num_classes} classes") from None
+        self.model = model.eval()
+        noise = state.get("noise")
+        self.noise = None if noise is None else noise.float().clone()
+        self.table = ClusterTable(state.get("table_hashes"), state.get("table_clusters"))
+        if self.noise is None:
+            self.noise = torch.zeros(0, self.channels, *self.size)
+        if float(self.noise.abs().max()) > self.eps + 1e-6 if self.noise.numel() else False:
+            raise ConfigError("salm: saved noise exceeds the method's eps")
+        self.fitted = True
