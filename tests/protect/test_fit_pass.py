@@ -189,3 +189,16 @@ def test_kill_9_during_the_fit_then_rerun_is_byte_identical(uc_run, tmp_path):
     result = CliRunner().invoke(cli, [*args, "-q"], env={"PROTECT_KEY": None})
     assert result.exit_code == 0, result.output
     assert tree(out) == tree(root / "out")
+
+
+def test_salm_protects_a_grey_medical_folder_sparsely(tmp_path, keyring, make_folder):
+    inp = make_folder("breast", classes=2, per_class=8, source="breastmnist/train")
+    summary = run(inp, tmp_path / "out", keyring, method="salm",
+                  params={"mask_ratio": 0.05, "rounds": 2, "steps": 3, "train_steps": 3, "surrogate": "tiny"})
+    assert summary.done == 16 and summary.failed == 0
+    k = int(np.ceil(0.05 * 28 * 28))
+    for f in sorted(inp.rglob("*.png")):
+        out = Image.open(tmp_path / "out" / f.relative_to(inp))
+        assert out.mode == "L"  # grey stays grey
+        d = np.abs(np.asarray(out).astype(int) - pixels(f))
+        assert d.max() <= 8 and (d > 0).sum() <= k
