@@ -87,22 +87,31 @@ def _print_certificate(cert: dict) -> None:
         origin = src.get("path") if src.get("kind") == "file" else f"{src.get('spec')} (seed {src.get('seed')})"
         click.echo(f"labels: remapped by {origin} to {len(labelling['classes'])} attacker classes "
                    f"({', '.join(labelling['classes'])}); chance, baselines and scores use them")
-    click.echo(f"{'training':<10} {'defense':<10} {'protected peak':>14} {'final':>6} {'clean peak':>10} {'score':>6}")
+    click.echo(f"{'training':<10} {'defense':<10} {'protected peak':>14} {'final':>6} {'balanced':>8} {'AUC':>5} "
+               f"{'clean peak':>10} {'balanced':>8} {'score':>6}")
     for cell in cert["cells"]:
         clean = cell.get("clean") or {}
+        prot = cell["protected"]
         score = cell.get("score")
-        click.echo(f"{cell['training']:<10} {cell['defense']:<10} {_pct(cell['protected']['peak_acc']):>14} "
-                   f"{_pct(cell['protected']['final_acc']):>6} {_pct(clean.get('peak_acc')):>10} "
-                   f"{'  -' if score is None else f'{score:6.2f}'}")
+        auc = prot.get("peak_auc")
+        click.echo(f"{cell['training']:<10} {cell['defense']:<10} {_pct(prot['peak_acc']):>14} "
+                   f"{_pct(prot['final_acc']):>6} {_pct(prot.get('peak_balanced_acc')):>8} "
+                   f"{'  -  ' if auc is None else f'{auc:.3f}':>5} {_pct(clean.get('peak_acc')):>10} "
+                   f"{_pct(clean.get('peak_balanced_acc')):>8} {'  -' if score is None else f'{score:6.2f}'}")
     chance = f"chance {_pct(cert.get('chance')).strip()} %: the majority-class rate of the test set"
     if cert.get("chance_class"):
         chance += f" (always answering '{cert['chance_class']}')"
     click.echo(chance)
+    if cert.get("score_metric") == "balanced_accuracy":
+        click.echo(f"score metric: balanced accuracy (the test set is imbalanced), chance "
+                   f"{_pct(cert.get('score_chance')).strip()} % = 1/K")
     verdict = cert.get("verdict") or {}
     best = verdict.get("best_attacker") or {}
     if best:
         line = (f"verdict: the best attacker ({best.get('training')} + {best.get('defense')}) reached "
                 f"{_pct(best.get('peak_acc')).strip()} % clean test accuracy")
+        if verdict.get("score_metric") == "balanced_accuracy":
+            line += f", {_pct(best.get('peak_balanced_acc')).strip()} % balanced accuracy"
         if verdict.get("score") is not None:
             line += f"; protection score {verdict['score']:.2f} (1 = chance level, 0 = no protection)"
         click.echo(line)

@@ -2,9 +2,13 @@
 
 * ``report.md``: the tier/model/epochs line, the attacker's labels when remapped (``--relabel``),
   the verdict in one sentence, the weakest cell named, the
-  regime x defense table (protected peak accuracy with the clean baseline beside it, and the score),
-  then per-cell details and the settings that produced the numbers.
-* ``curves.png``: one panel per cell, clean-test accuracy per epoch, clean baseline vs protected.
+  regime x defense table (protected peak of the score metric with the clean baseline beside it, and
+  the score), then per-cell details (accuracy, balanced accuracy and macro AUC) and the settings
+  that produced the numbers.
+* ``curves.png``: one panel per cell, the score metric (clean-test accuracy, or balanced accuracy
+  on an imbalanced test set) per epoch, clean baseline vs protected.
+
+Certificates written before balanced accuracy and AUC existed render with "n/a" in those columns.
 * ``samples.png``: a few images as clean / protected / amplified difference (matplotlib, Agg).
 
 Matplotlib is used through :class:`matplotlib.figure.Figure` with the Agg canvas, so no global
@@ -14,6 +18,7 @@ pyplot state or display is touched.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -37,6 +42,15 @@ def _pct(x: float | None, std: float | None = None) -> str:
 
 def _score(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
+
+
+def _auc(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _balanced(cert: dict) -> bool:
+    """Whether the score uses balanced accuracy (absent in older certificates: accuracy)."""
+    return cert.get("score_metric") == "balanced_accuracy"
 
 
 def _cell_lookup(cert: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
@@ -76,7 +90,11 @@ def _chance_sentence(cert: dict) -> str:
     text = f"Chance is {_pct(cert.get('chance'))}: the majority-class rate of the test set"
     if cert.get("chance_class"):
         text += f" (always answering '{cert['chance_class']}')"
-    return text + "."
+    text += "."
+    if _balanced(cert):
+        text += (f" The test set is imbalanced, so the score uses **balanced accuracy** (mean per-class recall), "
+                 f"whose chance is {_pct(cert.get('score_chance'))} (1/K: any constant answer).")
+    return text
 
 
 def _labels_sentence(cert: dict) -> str | None:
@@ -110,16 +128,19 @@ def report_markdown(cert: dict) -> str:
     for warning in cert.get("warnings", []):
         lines += [f"**Warning:** {warning}.", ""]
     w = v.get("weakest_cell")
+    balanced = _balanced(cert)
+    peak = "peak_balanced_acc" if balanced else "peak_acc"
+    what = "balanced accuracy" if balanced else "accuracy"
     if w:
         if w.get("score") is not None:
-            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w['peak_acc'])}, "
+            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w.get(peak))}, "
                          f"score {_score(w['score'])} (the lowest in the grid: the protection is weakest there).")
         else:
-            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w['peak_acc'])} "
-                         "(the highest accuracy any attacker reached).")
+            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w.get(peak))} "
+                         f"(the highest {what} any attacker reached).")
         lines.append("")
     lines += [
-        ("Each entry: peak clean-test accuracy of a model trained on the **protected** data, the clean "
+        (f"Each entry: peak clean-test {what} of a model trained on the **protected** data, the clean "
          "baseline under the same regime in brackets, and the protection score "
          "(baseline - protected) / (baseline - chance) (1 = chance, 0 = no protection). "
          f"{_chance_sentence(cert)}"),
@@ -135,27 +156,36 @@ def report_markdown(cert: dict) -> str:
                 row.append("")
                 continue
             p = c["protected"]
-            text = _pct(p["peak_acc"], p.get("peak_acc_std"))
+            text = _pct(p.get(peak), p.get(peak + "_std"))
             if "clean" in c:
-                text += f" (clean {_pct(c['clean']['peak_acc'], c['clean'].get('peak_acc_std'))}) · {_score(c.get('score'))}"
+                text += f" (clean {_pct(c['clean'].get(peak), c['clean'].get(peak + '_std'))}) · {_score(c.get('score'))}"
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Cells", "",
               ("| training | defense | protected peak | protected final | peak epoch | train acc (protected) "
-               "| clean peak | clean final | score | wall s |"),
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "| protected balanced peak | protected balanced final | protected AUC peak | protected AUC final "
+               "| clean peak | clean final | clean balanced peak | clean AUC peak | score | wall s |"),
+              "| " + " | ".join(["---"] * 16) + " |"]
     for c in cert["cells"]:
-        p, k = c["protected"], c.get("clean")
+        p, k = c["protected"], c.get("clean") or {}
         wall = p.get("wall_s") or 0.0
         lines.append("| " + " | ".join([
             c["training"], c["defense"], _pct(p["peak_acc"], p.get("peak_acc_std")),
             _pct(p["final_acc"], p.get("final_acc_std")), str(p.get("peak_epoch", "")),
-            _pct(p.get("train_acc")), _pct(k["peak_acc"]) if k else "n/a", _pct(k["final_acc"]) if k else "n/a",
-            _score(c.get("score")), f"{wall:.0f}",
+            _pct(p.get("train_acc")), _pct(p.get("peak_balanced_acc"), p.get("peak_balanced_acc_std")),
+            _pct(p.get("final_balanced_acc")), _auc(p.get("peak_auc")), _auc(p.get("final_auc")),
+            _pct(k.get("peak_acc")), _pct(k.get("final_acc")), _pct(k.get("peak_balanced_acc")),
+            _auc(k.get("peak_auc")), _score(c.get("score")), f"{wall:.0f}",
         ]) + " |")
+    lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
+                   "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "
+                   "over the classes with positives and negatives in the test set.")]
     lines += ["", "## Settings", ""]
     if cert.get("score_definition"):
         lines.append(f"- Score: {cert['score_definition']}.")
+    if cert.get("imbalance_rule"):
+        lines.append(f"- Score metric: {cert.get('score_metric', 'accuracy').replace('_', ' ')}; "
+                     f"{cert['imbalance_rule']}.")
     if v.get("rule"):
         lines.append(f"- Verdict rule: {v['rule']}.")
     recipe = cert.get("recipe")
@@ -195,7 +225,8 @@ def report_markdown(cert: dict) -> str:
 
 
 def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
-    """``curves.png``: one panel per cell, test accuracy per epoch, clean (blue) vs protected (red)."""
+    """``curves.png``: one panel per cell, the score metric per epoch (accuracy, or balanced accuracy
+    when the certificate scores with it), clean (blue) vs protected (red), chance dotted."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -205,7 +236,9 @@ def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
     fig = Figure(figsize=(3.2 * cols + 0.5, 2.6 * rows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
-    chance = cert.get("chance")
+    balanced = _balanced(cert)
+    curve_key = "curve_balanced_acc" if balanced else "curve"
+    chance = cert.get("score_chance") if balanced else cert.get("chance")
     for i, t in enumerate(trainings):
         for j, d in enumerate(defenses):
             ax = axes[i][j]
@@ -214,10 +247,10 @@ def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
                 ax.set_axis_off()
                 continue
             for key, colour, name in (("clean", "tab:blue", "clean"), ("protected", "tab:red", "protected")):
-                if key in c:
-                    curve = c[key]["curve"]
-                    ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=colour, marker="o",
-                            markersize=2.5, linewidth=1.3, label=name)
+                curve = (c.get(key) or {}).get(curve_key)
+                if curve:
+                    ax.plot(range(1, len(curve) + 1), [math.nan if a is None else 100 * a for a in curve],
+                            color=colour, marker="o", markersize=2.5, linewidth=1.3, label=name)
             if chance:
                 ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label="chance")
             title = f"{t} / {d}"
@@ -230,7 +263,7 @@ def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
             if i == rows - 1:
                 ax.set_xlabel("epoch")
             if j == 0:
-                ax.set_ylabel("clean test acc (%)")
+                ax.set_ylabel("clean test balanced acc (%)" if balanced else "clean test acc (%)")
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{cert['tier']} tier, {cert['model']}, {cert['epochs']} epochs", fontsize=10)
     path = Path(path)

@@ -21,6 +21,13 @@ runs on the same clean data reuse them instead of retraining.
 **Chance** is the majority-class rate of the test set (the accuracy of always answering its most
 frequent class; 1/K on a balanced test set), the floor a model reaches without learning anything.
 
+**Imbalanced test sets** (:func:`verify.metrics.score_basis`): every evaluation also measures
+balanced accuracy and macro AUC. When some class count of the test set is more than 10 % from the
+mean count, the score and the verdict use balanced accuracy with chance 1/K (``score_metric`` and
+``score_chance`` in the certificate); otherwise accuracy with the majority-class rate, as before.
+Saved cells and cached baselines of older versions (without these metrics) are keyed by an older
+format version (:data:`verify.store.CACHE_VERSION`), so they are never reused: those cells train again.
+
 **Relabelling** (``relabel``, ``--relabel``, :mod:`verify.relabel`): the attacker trains and is
 scored on remapped labels (a JSON map or ``random:N``), applied to the protected, clean and test
 sets after their class folders are checked against each other; chance, baselines and scores then
@@ -56,6 +63,7 @@ from . import defenses as defense_registry
 from . import distributed
 from .certificate import build_certificate, cell_entry, chance_level, save_certificate
 from .data import TensorSet, check_same_classes, load_folder
+from .metrics import score_basis
 from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
 from .relabel import Labelling, RelabelSpec, parse_relabel
 from .report import write_report
@@ -195,6 +203,12 @@ def verify_sets(
     cache = BaselineCache(None if cache_dir is False else (cache_dir if cache_dir is not None else default_cache_dir()))
     store = CellStore(Path(report_dir) / CELLS_DIR if report_dir is not None else None)
     chance, chance_class = chance_level(test.counts(), test.classes)
+    metric, score_chance = score_basis(test.counts())
+    if metric != "accuracy":
+        note = (f"the test set is imbalanced ({test.counts()} images per class): the score uses balanced "
+                f"accuracy, chance {_pct(score_chance)} (plain accuracy's chance is {_pct(chance)})")
+        log.info("verify: %s", note)
+        say(f"note: {note}")
 
     plan: list[tuple[str, Training, defense_registry.Defense]] = []  # (role, training, defense)
     for t in regimes:
@@ -251,8 +265,12 @@ def verify_sets(
                     "seed": seed, "labels": labels_id})
             log.info("%s: peak %.3f final %.3f (%.0f s)", label, result.peak_acc, result.final_acc, result.wall_s)
             if lines:
+                medical = ""
+                if metric == "balanced_accuracy" and result.peak_balanced_acc is not None:
+                    auc = "n/a" if result.peak_auc is None else f"{result.peak_auc:.3f}"
+                    medical = f", balanced peak {_pct(result.peak_balanced_acc)}, AUC peak {auc}"
                 say(f"{label}: peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)}, "
-                    f"train {_pct(result.train_acc)} ({result.wall_s:.0f} s)")
+                    f"train {_pct(result.train_acc)}{medical} ({result.wall_s:.0f} s)")
         if main:
             store.put(key, result, {"role": role, "tier": recipe.tier, "training": t.name, "defense": d.name,
                                     "seed": seed, "cached": cached, "baseline_cache": lookup,
@@ -283,9 +301,9 @@ def verify_sets(
             base_d = d.name if baseline_per_defense else "none"
             base = clean_runs.get((t.name, base_d))
             cells.append(cell_entry(
-                t.name, d.name, protected_runs[(t.name, d.name)], base, chance, baseline_defense=base_d,
+                t.name, d.name, protected_runs[(t.name, d.name)], base, score_chance, baseline_defense=base_d,
                 clean_cached=clean_cached.get((t.name, base_d)),
-                extra={"eps": t.eps if t.adversarial else None},
+                extra={"eps": t.eps if t.adversarial else None}, metric=metric,
             ))
     data = {"train": protected.describe(), "test": test.describe()}
     if clean is not None:
@@ -311,6 +329,7 @@ def verify_sets(
         recipe=recipe, trainings=regimes, defenses=dfns, seeds=seed_list, classes=protected.classes,
         cells=cells, data=data, device=device_name, wall_s=time.perf_counter() - started,
         baseline_per_defense=baseline_per_defense, chance=chance, chance_class=chance_class, extra=extra,
+        score_metric=metric, score_chance=score_chance,
         labelling=labelling.describe(originals[0].classes) if labelling is not None else None,
     )
     if report_dir is not None and main:

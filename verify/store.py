@@ -6,7 +6,9 @@ and of the test data (the numbers are test accuracies; a set relabelled for the 
 ``--relabel``, has a hash that also covers the map, :mod:`verify.relabel`, so cells and baselines
 trained on other labels are never reused), every recipe field but the free-text
 description, the training regime with its eps and its attack (method, steps, step size, model
-mode), the defense with its parameters, the seed, and a format version. A changed input or option
+mode), the defense with its parameters, the seed, and a format version (:data:`CACHE_VERSION`,
+raised when results gain fields: version 2 added balanced accuracy and AUC, so files of older
+versions are never reused and those cells are trained again). A changed input or option
 therefore never reuses a stale result. Files are written atomically (a temporary file, fsync,
 rename), so a run killed at any moment leaves only whole files; an unreadable file is ignored with
 a warning and the cell is trained again.
@@ -42,7 +44,9 @@ __all__ = ["CACHE_VERSION", "CELL_SCHEMA", "BaselineCache", "CellStore", "cell_k
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+#: Format version in every key. 2: results carry balanced accuracy and AUC; version-1 files (without
+#: them) are never looked up again, so cells and baselines saved by older versions train again.
+CACHE_VERSION = 2
 CELL_SCHEMA = "protect.verify-cell/1"
 
 

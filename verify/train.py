@@ -3,8 +3,9 @@
 One *cell* = one model trained from scratch with one training regime (ERM, L-inf AT, L2 AT, see
 :mod:`verify.recipes`) and one defense (:mod:`verify.defenses`), evaluated on the clean test set after
 every epoch. It reports the test-accuracy curve, its final and peak value (some protections leak early
-and recover later, so the peak matters), and the running accuracy on the training batches of the last
-epoch as the model saw them (augmented, defended, and adversarial under AT).
+and recover later, so the peak matters), the same for balanced accuracy and macro AUC
+(:mod:`verify.metrics`, for imbalanced test sets), and the running accuracy on the training batches of
+the last epoch as the model saw them (augmented, defended, and adversarial under AT).
 
 Speed (the quick tier must train 10 epochs on 10k 32x32 images in about a minute on 2 CPU cores):
 
@@ -43,10 +44,12 @@ from protect.device import resolve_device
 from . import attacks, distributed
 from . import defenses as defense_registry
 from .data import TensorSet, check_same_classes
+from .evaluation import EvalResult, evaluate, evaluate_metrics
+from .metrics import score_basis
 from .models import create_model
 from .recipes import Recipe, Training, parse_training
 
-__all__ = ["CellResult", "EpochInfo", "evaluate", "resolve_device", "train_cell"]
+__all__ = ["CellResult", "EpochInfo", "EvalResult", "evaluate", "evaluate_metrics", "resolve_device", "train_cell"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,10 @@ class CellResult:
 
     ``curve[i]`` is the test accuracy after epoch i+1, measured on ``curve_n[i]`` test images (the
     whole set, or the recipe's ``eval_subset``); ``final_acc`` and ``peak_acc`` are always
-    whole-test-set numbers (``peak_epoch`` is 1-based).
+    whole-test-set numbers (``peak_epoch`` is 1-based). ``curve_balanced`` and ``curve_auc`` are the
+    balanced accuracy and macro AUC of the same evaluations, with their own final and peak values
+    (each metric peaks at its own epoch; AUC is None where no class had positives and negatives).
+    Results saved before these metrics existed load with them None.
     """
 
     training: str
@@ -76,6 +82,18 @@ class CellResult:
     n_train: int = 0
     n_test: int = 0
     device: str = "cpu"
+    curve_balanced: list[float] = field(default_factory=list)
+    curve_auc: list[float | None] = field(default_factory=list)
+    final_balanced_acc: float | None = None
+    peak_balanced_acc: float | None = None
+    peak_balanced_epoch: int | None = None
+    final_auc: float | None = None
+    peak_auc: float | None = None
+
+    @property
+    def has_medical_metrics(self) -> bool:
+        """Whether balanced accuracy and AUC were measured (results saved by older versions lack them)."""
+        return self.peak_balanced_acc is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,6 +116,8 @@ class EpochInfo:
     test_acc: float
     elapsed_s: float
     eta_s: float
+    test_balanced_acc: float | None = None
+    test_auc: float | None = None
 
 
 ProgressFn = Callable[[EpochInfo], None]
@@ -187,31 +207,6 @@ def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
             target = target * (1 - smoothing) + smoothing / target.shape[1]
         return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
     return F.cross_entropy(logits, target, label_smoothing=smoothing)
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000, autocast=None) -> float:
-    """Top-1 accuracy of ``model`` (eval mode, restored afterwards) on uint8 images ``x`` (on the
-    model's device) with labels ``y``.
-
-    Under ``torchrun`` every process scores its shard ``x[rank::world]`` and the counts are summed,
-    so all processes return the accuracy on the whole of ``x`` (call it on every process)."""
-    was_training = model.training
-    model.eval()
-    r, w = distributed.rank(), distributed.world()
-    if w > 1:
-        x, y = x[r::w], y[r::w]
-    counts = torch.zeros(2, dtype=torch.int64, device=y.device)  # correct, seen
-    ctx = autocast or contextlib.nullcontext
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size].float().div_(255)
-        with ctx():
-            out = model(xb)
-        counts[0] += (out.argmax(1) == y[i:i + batch_size]).sum()
-    counts[1] = x.shape[0]
-    model.train(was_training)
-    correct, seen = distributed.all_reduce_sum(counts).tolist()
-    return correct / max(1, seen)
 
 
 def _check_pair(train: TensorSet, test: TensorSet) -> None:
@@ -334,12 +329,14 @@ def train_cell(
     else:
         x_eval, y_eval = x_test, y_test
     subset_eval = x_eval.shape[0] < n_test
+    # The best subset epoch is picked by the metric the score will use on this test set.
+    metric, _ = score_basis(test.counts())
     best_sub, best_state, best_epoch = -1.0, None, -1
 
     main = rank == 0
     bar = _tqdm_progress(label, recipe.epochs) if progress is True and main else None
     callback = progress if callable(progress) and main else None
-    curve: list[float] = []
+    evals: list[EvalResult] = []
     curve_n: list[int] = []
     epoch_s: list[float] = []
     train_acc = train_loss = 0.0
@@ -392,15 +389,16 @@ def train_cell(
                 )
             last = epoch == recipe.epochs - 1
             if last or not subset_eval:
-                acc = evaluate(net, x_test, y_test, recipe.eval_batch_size, autocast)
+                ev = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
                 curve_n.append(n_test)
             else:
-                acc = evaluate(net, x_eval, y_eval, recipe.eval_batch_size, autocast)
+                ev = evaluate_metrics(net, x_eval, y_eval, recipe.eval_batch_size, autocast)
                 curve_n.append(x_eval.shape[0])
-                if acc > best_sub:
-                    best_sub, best_epoch = acc, epoch
+                if ev.get(metric) > best_sub:
+                    best_sub, best_epoch = ev.get(metric), epoch
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            curve.append(acc)
+            evals.append(ev)
+            acc = ev.accuracy
             epoch_s.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
             eta = (recipe.epochs - epoch - 1) * (sum(epoch_s) / len(epoch_s))
@@ -408,23 +406,32 @@ def train_cell(
                 bar.set_postfix(loss=f"{train_loss:.3f}", train=f"{train_acc:.3f}", test=f"{acc:.3f}")
                 bar.update(1)
             if callback is not None:
-                callback(EpochInfo(label, epoch + 1, recipe.epochs, train_loss, train_acc, acc, elapsed, eta))
+                callback(EpochInfo(label, epoch + 1, recipe.epochs, train_loss, train_acc, acc, elapsed, eta,
+                                   ev.balanced_accuracy, ev.auc))
             log.debug("%s epoch %d/%d loss %.4f train %.4f test %.4f (%.1fs)", label, epoch + 1,
                       recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
-        if best_state is not None and best_sub > curve[-1] - 0.01:
+        if best_state is not None and best_sub > evals[-1].get(metric) - 0.01:
             # The best subset epoch may beat the final one: re-score it on the whole test set.
             net.load_state_dict(best_state)
-            curve[best_epoch] = evaluate(net, x_test, y_test, recipe.eval_batch_size, autocast)
+            evals[best_epoch] = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
             curve_n[best_epoch] = n_test
     finally:
         if bar is not None:
             bar.close()
 
+    # Peaks only over whole-test-set evaluations; each metric at its own epoch.
     full = [i for i, k in enumerate(curve_n) if k == n_test]
+    curve = [e.accuracy for e in evals]
+    curve_bal = [e.balanced_accuracy for e in evals]
+    curve_auc = [e.auc for e in evals]
     peak_epoch = max(full, key=lambda i: curve[i])
+    peak_bal_epoch = max(full, key=lambda i: curve_bal[i])
+    aucs = [curve_auc[i] for i in full if curve_auc[i] is not None]
     return CellResult(
         training=training.name, defense=dfn.name, seed=seed, curve=curve, final_acc=curve[-1],
         peak_acc=curve[peak_epoch], peak_epoch=peak_epoch + 1, train_acc=train_acc, train_loss=train_loss,
         wall_s=time.perf_counter() - started, epochs=recipe.epochs, epoch_s=epoch_s, curve_n=curve_n,
-        n_train=n, n_test=len(test), device=str(dev),
+        n_train=n, n_test=len(test), device=str(dev), curve_balanced=curve_bal, curve_auc=curve_auc,
+        final_balanced_acc=curve_bal[-1], peak_balanced_acc=curve_bal[peak_bal_epoch],
+        peak_balanced_epoch=peak_bal_epoch + 1, final_auc=curve_auc[-1], peak_auc=max(aucs) if aucs else None,
     )

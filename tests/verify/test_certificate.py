@@ -79,6 +79,9 @@ def test_cells_and_verdict_use_peaks_and_the_conservative_baseline() -> None:
     assert v["accuracy_drop"] == pytest.approx(0.06)
     assert (v["weakest_cell"]["training"], v["weakest_cell"]["defense"]) == ("linf", "grayscale")
     assert cert["fast_at"] is True and cert["chance"] == 0.1
+    # a balanced test set (here: none given) scores with plain accuracy, as before
+    assert cert["score_metric"] == "accuracy" and cert["score_chance"] == 0.1 and v["score_metric"] == "accuracy"
+    assert cell["score_metric"] == "accuracy" and cell["protected"]["peak_balanced_acc"] is None  # not measured
     assert {"torch", "kornia", "protect"} <= set(cert["versions"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from verify import distributed
+from verify.data import load_folder
+from verify.evaluation import evaluate_metrics
 
 SAMPLES = Path(__file__).parents[2] / "samples" / "cifar10"
 
@@ -29,7 +32,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     import verify.run as vrun
-    from verify.data import load_folder
     from verify.recipes import get_recipe
 
     try:
@@ -37,6 +39,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         classes = ["airplane", "frog"]
         train = load_folder(SAMPLES / "train", max_per_class=40).select_classes(classes)
         test = load_folder(SAMPLES / "test").select_classes(classes)
+        # one evaluation of a fixed model, sharded over the two processes (compared with one process below)
+        sharded = dataclasses.asdict(evaluate_metrics(_fixed_model(), test.x[:37], test.y[:37], batch_size=1))
         recipe = get_recipe("quick", epochs=3, batch_size=16)  # 5 steps per epoch, 15 per cell
         kw = {"tier": recipe, "trainings": "erm,linf", "defenses": "none,cutmix", "device": device,
               "report_dir": Path(out) / f"report{rank}", "cache_dir": Path(out) / "cache", "progress": False}
@@ -54,10 +58,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         again = vrun.verify_sets(train, test, train, **kw)
         Path(out, f"rank{rank}.json").write_text(json.dumps(
             {"world": distributed.world(), "rank": distributed.rank(), "cells": cert["cells"], "device": cert["device"],
-             "batchnorm": cert["batchnorm"], "again": again["cells"], "resume": again["resume"], "trained": trained}))
+             "batchnorm": cert["batchnorm"], "again": again["cells"], "resume": again["resume"], "trained": trained,
+             "sharded": sharded}))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _fixed_model() -> torch.nn.Module:
+    from verify.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_model("fastcnn", 2)
 
 
 def _untimed(obj):
@@ -91,6 +104,16 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     assert _untimed(r0["cells"]) == _untimed(r1["cells"])
     for cell in r0["cells"]:
         assert len(cell["protected"]["curve"]) == 3 and 0 <= cell["protected"]["peak_acc"] <= 1
+        assert len(cell["protected"]["curve_auc"]) == 3 and 0 <= cell["protected"]["peak_auc"] <= 1
+    # accuracy, balanced accuracy and AUC of a sharded evaluation (37 images: shards of 19 and 18) are
+    # those of one process scoring everything (one image per forward pass on both sides: the same kernels)
+    torch.set_num_threads(1)
+    test = load_folder(SAMPLES / "test").select_classes(["airplane", "frog"])
+    whole = evaluate_metrics(_fixed_model(), test.x[:37], test.y[:37], batch_size=1)
+    for r in (r0, r1):
+        assert r["sharded"]["accuracy"] == whole.accuracy
+        assert r["sharded"]["balanced_accuracy"] == pytest.approx(whole.balanced_accuracy, abs=1e-12)
+        assert r["sharded"]["auc"] == pytest.approx(whole.auc, abs=1e-12)
     mean_peak = sum(c["protected"]["peak_acc"] for c in r0["cells"]) / len(r0["cells"])
     assert mean_peak >= 0.65, [c["protected"]["curve"] for c in r0["cells"]]  # it really trained
     # Only rank 0 writes the report, the finished cells and the baseline cache.

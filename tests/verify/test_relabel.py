@@ -52,7 +52,8 @@ def call_main(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, s
 
 class FakeTrainer:
     """Stands in for verify.run.train_cell: records what each cell was given and returns fixed
-    accuracies (clean 0.9, protected 0.7) without training anything."""
+    accuracies (clean 0.9, protected 0.7; balanced accuracy 0.85 and 0.65, AUC 0.95 and 0.75) without
+    training anything."""
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
@@ -61,8 +62,11 @@ class FakeTrainer:
         self.calls.append({"label": label, "classes": list(train.classes), "test_classes": list(test.classes),
                            "counts": train.counts(), "test_counts": test.counts()})
         acc = 0.9 if "] clean " in label else 0.7
+        bal, auc = acc - 0.05, acc + 0.05
         return CellResult(training.name, defense.name, seed, [acc], acc, acc, 1, 1.0, 0.1, 0.0, 1, [0.0],
-                          [len(test)], len(train), len(test), "cpu")
+                          [len(test)], len(train), len(test), "cpu", curve_balanced=[bal], curve_auc=[auc],
+                          final_balanced_acc=bal, peak_balanced_acc=bal, peak_balanced_epoch=1, final_auc=auc,
+                          peak_auc=auc)
 
 
 @pytest.fixture
@@ -228,7 +232,9 @@ def test_certificate_and_report_record_the_map(tmp_path: Path, fake: FakeTrainer
     assert saved["chance"] == 0.6 and saved["chance_class"] == "animal"
     assert saved["data"]["test"]["per_class"] == [12, 8]
     cell = saved["cells"][0]
-    assert cell["score"] == pytest.approx((0.9 - 0.7) / (0.9 - 0.6), abs=1e-4) and cert["verdict"]["chance"] == 0.6
+    # 12/8 animal/vehicle is imbalanced (60%): the score uses balanced accuracy, chance 1/2
+    assert saved["score_metric"] == "balanced_accuracy" and saved["score_chance"] == 0.5
+    assert cell["score"] == pytest.approx((0.85 - 0.65) / (0.85 - 0.5), abs=1e-4) and cert["verdict"]["chance"] == 0.6
     md = (tmp_path / "report" / "report.md").read_text()
     assert "**Attacker labels.** The attacker trained and was scored on 2 remapped classes (animal, vehicle)" in md
     assert f"map file {COARSE}" in md and "vehicle ← airplane, automobile, ship, truck" in md

@@ -295,8 +295,9 @@ def test_progress_lines_without_a_terminal_and_bars_with_one(tmp_path: Path, mon
 
 
 def test_chance_is_the_majority_rate_of_an_imbalanced_test_set(tmp_path: Path) -> None:
-    """A 15/5 test set: chance is 75% (always answering 'airplane'), not 1/K = 50%, in the
-    certificate, the verdict, report.md and the score."""
+    """A 15/5 test set: accuracy's chance is 75% (always answering 'airplane'), not 1/K = 50%, in the
+    certificate, the verdict and report.md; the set is imbalanced, so the score uses balanced
+    accuracy, whose chance is 1/K = 50%."""
     clean = _copy("train", tmp_path / "clean", 8)
     test = _copy("test", tmp_path / "test", 15)
     for f in sorted((test / "frog").glob("*.png"))[5:]:
@@ -306,8 +307,9 @@ def test_chance_is_the_majority_rate_of_an_imbalanced_test_set(tmp_path: Path) -
                               report_dir=tmp_path / "report", cache_dir=False, progress=False)
     assert cert["data"]["test"]["per_class"] == [15, 5]
     assert cert["chance"] == 0.75 and cert["chance_class"] == "airplane" and cert["verdict"]["chance"] == 0.75
+    assert cert["score_metric"] == "balanced_accuracy" and cert["score_chance"] == 0.5
     cell = cert["cells"][0]
-    expected = vcert.score(cell["clean"]["peak_acc"], cell["protected"]["peak_acc"], 0.75)
+    expected = vcert.score(cell["clean"]["peak_balanced_acc"], cell["protected"]["peak_balanced_acc"], 0.5)
     assert cell["score"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Chance is 75.0%: the majority-class rate of the test set (always answering 'airplane')" in md

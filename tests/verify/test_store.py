@@ -89,3 +89,26 @@ def test_baseline_cache_counts_and_keeps_its_key_layout(tmp_path: Path) -> None:
     assert cache.get(key) == _result() and (cache.hits, cache.misses) == (1, 1)
     off = BaselineCache(None)
     assert off.get(key) is None and (off.hits, off.misses) == (0, 0)
+
+
+def test_results_of_older_versions_are_never_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 2 results carry balanced accuracy and AUC; a cell or baseline saved under version 1
+    (without them) has another key, so it is trained again instead of reused."""
+    import verify.store as vstore
+
+    train, test, recipe = _set("a"), _set("b"), get_recipe("quick", epochs=2)
+    erm = parse_training("erm", recipe)
+    assert vstore.CACHE_VERSION >= 2
+    new_keys = (cell_key(train, test, recipe, erm, "none", 0),
+                cell_key(train, test, recipe, erm, defenses.get("none"), 0, role="clean"))
+    monkeypatch.setattr(vstore, "CACHE_VERSION", 1)
+    old_keys = (cell_key(train, test, recipe, erm, "none", 0),
+                cell_key(train, test, recipe, erm, defenses.get("none"), 0, role="clean"))
+    old = CellResult.from_dict({k: v for k, v in _result().to_dict().items() if "balanced" not in k and "auc" not in k})
+    BaselineCache(tmp_path / "cache").put(old_keys[0], old)
+    CellStore(tmp_path / "cells").put(old_keys[1], old, {})
+    monkeypatch.undo()
+    assert set(new_keys).isdisjoint(old_keys)
+    assert BaselineCache(tmp_path / "cache").get(new_keys[0]) is None
+    assert CellStore(tmp_path / "cells").get(new_keys[1]) is None
+    assert old.peak_balanced_acc is None and not old.has_medical_metrics  # old files still parse

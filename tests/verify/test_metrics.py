@@ -1,0 +1,319 @@
+"""verify.metrics (balanced accuracy, rank-based AUC, the imbalance rule), verify.evaluation, and
+the certificate/report on imbalanced test sets; two tiny end-to-end runs on BreastMNIST samples
+(an imbalanced test copy scores with balanced accuracy, a balanced one with accuracy; ~10 s)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import verify.run as vrun
+from verify.certificate import build_certificate, cell_entry, load_certificate, save_certificate, score
+from verify.evaluation import evaluate_metrics
+from verify.metrics import (
+    average_ranks,
+    balanced_accuracy,
+    binary_auc,
+    is_imbalanced,
+    macro_auc,
+    score_basis,
+    softmax_log_odds,
+)
+from verify.recipes import get_recipe, parse_trainings
+from verify.report import plot_curves, report_markdown, write_report
+from verify.train import CellResult
+
+BREAST = Path(__file__).resolve().parents[2] / "samples" / "breastmnist"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- brute-force references ------------------------------------------------------------------------
+def brute_auc(scores: list[float], positive: list[bool]) -> float:
+    """Every (positive, negative) pair: 1 when the positive scores higher, 1/2 on a tie."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def brute_ranks(values: list[float]) -> list[float]:
+    return [sum(v < x for v in values) + (sum(v == x for v in values) + 1) / 2 for x in values]
+
+
+# -- balanced accuracy -----------------------------------------------------------------------------
+@pytest.mark.parametrize("counts", [[90, 10], [62, 38], [25, 25], [50, 30, 20], [5, 0, 7, 100]])
+def test_a_constant_answer_has_balanced_accuracy_one_over_k(counts: list[int]) -> None:
+    y = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
+    present = sum(n > 0 for n in counts)
+    majority = max(range(len(counts)), key=lambda k: counts[k])
+    for answer in (majority, next(k for k, n in enumerate(counts) if n > 0 and k != majority)):
+        pred = torch.full_like(y, answer)
+        assert balanced_accuracy(pred, y, len(counts)) == pytest.approx(1 / present)
+    assert balanced_accuracy(y, y, len(counts)) == 1.0
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_the_present_classes() -> None:
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 3, 3, 3])  # class 2 absent: not averaged
+    pred = torch.tensor([0, 0, 0, 1, 1, 0, 3, 2, 2])
+    assert balanced_accuracy(pred, y, 4) == pytest.approx((3 / 4 + 1 / 2 + 1 / 3) / 3)
+
+
+# -- AUC -------------------------------------------------------------------------------------------
+def test_auc_of_perfect_inverted_constant_and_random_scores() -> None:
+    g = torch.Generator().manual_seed(0)
+    positive = torch.rand(500, generator=g) < 0.3
+    s = positive.float() + 0.1 * torch.rand(500, generator=g)
+    assert binary_auc(s, positive) == 1.0
+    assert binary_auc(-s, positive) == 0.0
+    assert binary_auc(torch.zeros(500), positive) == 0.5  # all tied
+    noise = torch.rand(20000, generator=g)
+    labels = torch.rand(20000, generator=g) < 0.2
+    assert abs(binary_auc(noise, labels) - 0.5) < 0.03  # measured 0.4997 (std about 0.0025)
+    assert math.isnan(binary_auc(s, torch.ones(500, dtype=torch.bool)))  # no negatives
+    assert math.isnan(binary_auc(torch.tensor([0.1, float("nan")]), torch.tensor([True, False])))
+
+
+def test_auc_with_ties_matches_the_brute_force_pair_count() -> None:
+    g = torch.Generator().manual_seed(1)
+    checked = 0
+    for trial in range(300):
+        n = int(torch.randint(2, 30, (1,), generator=g))
+        levels = int(torch.randint(1, 6, (1,), generator=g))  # few levels: many ties
+        scores = torch.randint(0, levels, (n,), generator=g).float() / 3
+        positive = torch.rand(n, generator=g) < 0.4
+        if positive.all() or not positive.any():
+            continue
+        ranks = average_ranks(scores)
+        assert ranks.tolist() == pytest.approx(brute_ranks(scores.tolist()))
+        assert binary_auc(scores, positive) == pytest.approx(brute_auc(scores.tolist(), positive.tolist()), abs=1e-12)
+        checked += 1
+    assert checked > 200
+
+
+def test_macro_auc_averages_the_classes_with_positives_and_negatives() -> None:
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 4, (40, 4), generator=g).float()  # ties across rows
+    y = torch.randint(0, 3, (40,), generator=g)  # class 3 has no positives: skipped
+    expected = [brute_auc(scores[:, k].tolist(), (y == k).tolist()) for k in range(3)]
+    assert macro_auc(scores, y) == pytest.approx(sum(expected) / 3)
+    two = torch.randn(30, 2, generator=g)
+    y2 = torch.randint(0, 2, (30,), generator=g)
+    assert macro_auc(two, y2) == pytest.approx(brute_auc(two[:, 1].tolist(), (y2 == 1).tolist()))  # the positive class
+    assert math.isnan(macro_auc(two, torch.zeros(30, dtype=torch.long)))  # one class only
+    with pytest.raises(ValueError, match="N x K"):
+        macro_auc(two[:, 0], y2)
+
+
+def test_softmax_log_odds_rank_like_the_probabilities_without_saturating() -> None:
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(200, 5, generator=g, dtype=torch.float64) * 4
+    p = logits.softmax(1)
+    want = (p / (1 - p)).log()  # float64 reference, far from saturation at this scale
+    got = softmax_log_odds(logits.float())
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-4)
+    for k in range(5):  # the same order as the probabilities, column by column
+        assert torch.equal(got[:, k].argsort(), p[:, k].argsort())
+    big = torch.tensor([[0.0, 30.0], [0.0, 40.0], [0.0, -30.0], [5.0, 5.0]])
+    odds = softmax_log_odds(big)  # float32 softmax is exactly 1 or 0 in the first three rows
+    assert odds[:, 1].tolist() == pytest.approx([30.0, 40.0, -30.0, 0.0]) and torch.equal(odds[:, 0], -odds[:, 1])
+    assert softmax_log_odds(torch.ones(3, 1)).tolist() == [[0.0]] * 3
+
+
+# -- the rule --------------------------------------------------------------------------------------
+def test_imbalance_rule_and_score_basis() -> None:
+    assert not is_imbalanced([25, 25]) and not is_imbalanced([1000] * 10)
+    assert not is_imbalanced([55, 45])  # exactly 10% from the mean: still balanced
+    assert is_imbalanced([56, 44]) and is_imbalanced([25, 9])
+    assert is_imbalanced([1000] * 9 + [800])  # one rare class is enough
+    assert not is_imbalanced([0, 25, 25]) and not is_imbalanced([7])  # absent classes do not count
+    assert score_basis([25, 25]) == ("accuracy", 0.5)
+    assert score_basis([0, 25, 25]) == ("accuracy", 0.5)
+    assert score_basis([234, 390]) == ("balanced_accuracy", 0.5)  # PneumoniaMNIST test: 62.5% pneumonia
+    assert score_basis([42, 114]) == ("balanced_accuracy", 0.5)  # BreastMNIST test: 73% normal/benign
+    assert score_basis([10, 20, 0, 30]) == ("balanced_accuracy", pytest.approx(1 / 3))
+
+
+# -- one evaluation pass ---------------------------------------------------------------------------
+class Fixed(nn.Module):
+    """Returns logits stored per image (the image's first pixel indexes them)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[(x[:, 0, 0, 0] * 255).round().long()]
+
+
+def test_evaluate_metrics_matches_the_definitions() -> None:
+    g = torch.Generator().manual_seed(3)
+    n = 50
+    logits = torch.randn(n, 3, generator=g) * 3
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    model = Fixed(logits).train()
+    ev = evaluate_metrics(model, x, y, batch_size=7)
+    assert model.training  # mode restored
+    pred = logits.argmax(1)
+    assert ev.accuracy == pytest.approx((pred == y).float().mean().item())
+    assert ev.balanced_accuracy == pytest.approx(balanced_accuracy(pred, y, 3))
+    probs = logits.softmax(1)
+    assert ev.auc == pytest.approx(sum(brute_auc(probs[:, k].tolist(), (y == k).tolist()) for k in range(3)) / 3)
+    # a model that always answers the majority class: balanced accuracy 1/2, AUC 1/2 (constant scores)
+    y2 = torch.tensor([0] * 40 + [1] * 10)
+    const = Fixed(torch.tensor([[2.0, -1.0]]).expand(n, 2).contiguous())
+    ev2 = evaluate_metrics(const, x, y2)
+    assert (ev2.accuracy, ev2.balanced_accuracy, ev2.auc) == (0.8, 0.5, 0.5)
+    # confident logits that saturate float32 softmax at exactly 1.0 still rank by their margins
+    margin = torch.arange(n, dtype=torch.float32) + 40
+    sat = Fixed(torch.stack([torch.zeros(n), margin], 1))
+    y3 = (torch.arange(n) >= 25).long()
+    assert torch.softmax(torch.stack([torch.zeros(n), margin], 1), 1)[:, 1].unique().numel() == 1
+    assert evaluate_metrics(sat, x, y3).auc == 1.0
+
+
+# -- certificate and report ------------------------------------------------------------------------
+def _run(defense: str, acc: list[float], bal: list[float], auc: list[float], seed: int = 0) -> CellResult:
+    peak = max(range(len(acc)), key=lambda i: acc[i])
+    peak_b = max(range(len(bal)), key=lambda i: bal[i])
+    return CellResult("erm", defense, seed, acc, acc[-1], acc[peak], peak + 1, 0.99, 0.1, 1.0, len(acc),
+                      [0.5] * len(acc), [33] * len(acc), 100, 33, "cpu", curve_balanced=bal, curve_auc=auc,
+                      final_balanced_acc=bal[-1], peak_balanced_acc=bal[peak_b], peak_balanced_epoch=peak_b + 1,
+                      final_auc=auc[-1], peak_auc=max(auc))
+
+
+def _imbalanced_cert() -> dict:
+    """A 25/8 test set: a protected model stuck near the majority class (high accuracy, balanced
+    accuracy about 1/2) and one with a lower accuracy but more balanced accuracy."""
+    clean = _run("none", [0.80, 0.85], [0.70, 0.80], [0.80, 0.90])
+    stuck = _run("none", [0.76, 0.76], [0.50, 0.52], [0.55, 0.60])
+    learns = _run("grayscale", [0.70, 0.72], [0.65, 0.70], [0.70, 0.75])
+    metric, chance = score_basis([8, 25])
+    cells = [cell_entry("erm", d, [r], [clean], chance, baseline_defense="none", metric=metric)
+             for d, r in (("none", stuck), ("grayscale", learns))]
+    recipe = get_recipe("quick", epochs=2)
+    return build_certificate(
+        recipe=recipe, trainings=parse_trainings("erm", recipe), defenses=["none", "grayscale"], seeds=[0],
+        classes=["malignant", "normal"], cells=cells, device="cpu", wall_s=1.0, score_metric=metric,
+        score_chance=chance, data={"test": {"per_class": [8, 25], "count": 33}},
+    )
+
+
+def test_certificate_scores_balanced_accuracy_on_an_imbalanced_test_set(tmp_path: Path) -> None:
+    cert = _imbalanced_cert()
+    assert cert["score_metric"] == "balanced_accuracy" and cert["score_chance"] == 0.5
+    assert cert["chance"] == pytest.approx(25 / 33, abs=1e-4) and cert["chance_class"] == "normal"
+    stuck, learns = cert["cells"]
+    for entry in (stuck["protected"], stuck["clean"]):
+        assert {"peak_balanced_acc", "final_balanced_acc", "peak_auc", "final_auc", "curve_balanced_acc",
+                "curve_auc"} <= set(entry)
+    assert stuck["protected"]["peak_balanced_acc"] == 0.52 and stuck["protected"]["final_auc"] == 0.6
+    assert stuck["clean"]["curve_balanced_acc"] == [0.7, 0.8] and stuck["clean"]["peak_auc"] == 0.9
+    assert stuck["score"] == pytest.approx((0.8 - 0.52) / (0.8 - 0.5), abs=1e-4)
+    assert stuck["score_metric"] == "balanced_accuracy" and stuck["balanced_accuracy_drop"] == pytest.approx(0.28)
+    v = cert["verdict"]  # the best attacker by balanced accuracy, not by accuracy (which favours 'stuck')
+    assert v["best_attacker"]["defense"] == "grayscale" and v["score"] == learns["score"]
+    assert v["score_metric"] == "balanced_accuracy" and v["score_chance"] == 0.5
+    assert "peak clean-test balanced accuracy" in v["summary"] and "chance 50.0% = 1/K" in v["summary"]
+    back = load_certificate(save_certificate(cert, tmp_path / "c.json"))
+    assert back == json.loads(json.dumps(cert))
+    md = report_markdown(cert)
+    assert "the score uses **balanced accuracy**" in md and "protected balanced peak" in md
+    assert "| erm | 52.0% (clean 80.0%) · 0.93 | 70.0% (clean 80.0%) · 0.33 |" in md
+    assert "| 0.600 | 0.600 |" in md  # stuck's AUC peak and final
+
+
+def _strip_new(obj):
+    """A certificate as an older version wrote it: none of the fields this version added."""
+    new = {"peak_balanced_acc", "final_balanced_acc", "peak_auc", "final_auc", "curve_balanced_acc", "curve_auc",
+           "peak_balanced_acc_std", "final_balanced_acc_std", "peak_auc_std", "final_auc_std", "peak_balanced_epoch",
+           "score_metric", "score_chance", "score_chance_definition", "imbalance_rule", "balanced_accuracy_drop",
+           "baseline_peak_balanced_acc", "baseline_peak_auc"}
+    if isinstance(obj, dict):
+        return {k: _strip_new(v) for k, v in obj.items() if k not in new}
+    if isinstance(obj, list):
+        return [_strip_new(v) for v in obj]
+    return obj
+
+
+def test_old_certificates_still_load_and_render(tmp_path: Path) -> None:
+    old = _strip_new(json.loads(json.dumps(_imbalanced_cert())))
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    cert = load_certificate(path)
+    md = report_markdown(cert)
+    assert "n/a" in md and "balanced accuracy**" not in md
+    assert plot_curves(cert, tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert write_report(cert, tmp_path / "rep")["report"].is_file()
+    # results saved before the new metrics load with them None; a certificate then names them missing
+    legacy = CellResult.from_dict({k: v for k, v in _run("none", [0.5], [0.5], [0.5]).to_dict().items()
+                                   if "balanced" not in k and "auc" not in k})
+    assert not legacy.has_medical_metrics and legacy.peak_auc is None
+    cell = cell_entry("erm", "none", [legacy], [legacy], 0.5, metric="balanced_accuracy")
+    assert cell["score"] is None and cell["protected"]["curve_auc"] is None
+    recipe = get_recipe("quick", epochs=1)
+    bare = build_certificate(recipe=recipe, trainings=parse_trainings("erm", recipe), defenses=["none"], seeds=[0],
+                             classes=["a", "b"], cells=[cell], data={}, device="cpu", wall_s=1.0)
+    assert bare["score_metric"] == "balanced_accuracy" and "older version" in bare["warnings"][0]
+
+
+# -- end to end ------------------------------------------------------------------------------------
+def _copy(dst: Path, counts: dict[str, dict[str, int]]) -> Path:
+    for split, per_class in counts.items():
+        for c, n in per_class.items():
+            (dst / split / c).mkdir(parents=True)
+            for f in sorted((BREAST / split / c).glob("*.png"))[:n]:
+                shutil.copy(f, dst / split / c / f.name)
+    return dst
+
+
+def _verify(root: Path) -> dict:
+    return vrun.verify_folder(root / "train", root / "test", root / "train", tier=get_recipe("quick", epochs=2),
+                              trainings="erm", defenses="none", device="cpu", report_dir=root / "report",
+                              cache_dir=False, progress=False)
+
+
+def test_end_to_end_imbalanced_breastmnist_scores_balanced_accuracy(tmp_path: Path) -> None:
+    """BreastMNIST samples made imbalanced like the real set (train 24/72, test 8/25 malignant/normal;
+    the real test set is 27% malignant), the clean data as its own 'protected' copy, 2 epochs."""
+    root = _copy(tmp_path, {"train": {"malignant": 24, "normal": 72}, "test": {"malignant": 8, "normal": 25}})
+    cert = _verify(root)
+    assert cert["data"]["test"]["per_class"] == [8, 25]
+    assert cert["score_metric"] == "balanced_accuracy" and cert["score_chance"] == 0.5
+    assert cert["chance"] == pytest.approx(25 / 33, abs=1e-4)
+    (cell,) = cert["cells"]
+    for entry in (cell["protected"], cell["clean"]):
+        for key in ("peak_balanced_acc", "final_balanced_acc", "peak_auc", "final_auc"):
+            assert 0.0 <= entry[key] <= 1.0, (key, entry)
+        assert len(entry["curve_balanced_acc"]) == len(entry["curve_auc"]) == len(entry["curve"]) == cert["epochs"]
+        assert entry["peak_balanced_acc"] == max(entry["curve_balanced_acc"])
+        assert entry["final_auc"] == entry["curve_auc"][-1]
+    expected = score(
+        cell["clean"]["peak_balanced_acc"], cell["protected"]["peak_balanced_acc"], 0.5)
+    assert cell["score"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
+    saved = load_certificate(root / "report" / "certificate.json")
+    assert saved["score_metric"] == "balanced_accuracy" and saved["verdict"]["score_metric"] == "balanced_accuracy"
+    md = (root / "report" / "report.md").read_text()
+    assert "the score uses **balanced accuracy**" in md and "protected AUC peak" in md
+    assert (root / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_end_to_end_balanced_breastmnist_scores_accuracy(tmp_path: Path) -> None:
+    root = _copy(tmp_path, {"train": {"malignant": 48, "normal": 48}, "test": {"malignant": 16, "normal": 16}})
+    cert = _verify(root)
+    assert cert["score_metric"] == "accuracy" and cert["score_chance"] == cert["chance"] == 0.5
+    (cell,) = cert["cells"]
+    assert cell["protected"]["peak_auc"] is not None
+    for entry in (cell["protected"], cell["clean"]):  # equal class sizes: balanced accuracy = accuracy
+        assert entry["curve_balanced_acc"] == pytest.approx(entry["curve"], abs=1e-4)
+    expected = score(cell["clean"]["peak_acc"], cell["protected"]["peak_acc"], 0.5)
+    assert cell["score"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
+    assert "balanced accuracy**" not in (root / "report" / "report.md").read_text()
