@@ -264,8 +264,10 @@ def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, 
 
 
 from .verify_cmd import verify  # noqa: E402
+from .import_cmd import import_npz  # noqa: E402
 
 cli.add_command(verify)
+cli.add_command(import_npz)
 
 
 def main(argv: list[str] | None = None) -> None:

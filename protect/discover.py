@@ -30,7 +30,7 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-#: Extension (lower case) -> Pillow format name.
+#: Extension (lower case) -> format name (Pillow's, and "DICOM").
 IMAGE_EXTENSIONS = {
     ".png": "PNG",
     ".jpg": "JPEG",
@@ -39,6 +39,7 @@ IMAGE_EXTENSIONS = {
     ".bmp": "BMP",
     ".tif": "TIFF",
     ".tiff": "TIFF",
+    ".dcm": "DICOM",  # read and written with pydicom (protect.dicom), not Pillow
 }
 
 
@@ -57,7 +58,7 @@ class ImageEntry:
 
     @property
     def format(self) -> str:
-        """Pillow format name implied by the extension."""
+        """Format name implied by the extension (Pillow's, or "DICOM")."""
         return IMAGE_EXTENSIONS[os.path.splitext(self.rel)[1].lower()]
 
 
@@ -237,7 +238,7 @@ def discover(root: str | os.PathLike, labels_csv: str | os.PathLike | None = Non
         raise InputError(f"input is not a folder: {root}")
     rels, skipped = walk_images(root)
     if not rels:
-        raise InputError(f"no images (png, jpg, jpeg, webp, bmp, tif, tiff) found under {root}"
+        raise InputError(f"no images (png, jpg, jpeg, webp, bmp, tif, tiff, dcm) found under {root}"
                          + (f" ({len(skipped)} skipped, e.g. '{skipped[0][0]}': {skipped[0][1]})" if skipped else ""))
     abs_root = Path(os.path.realpath(root))
 

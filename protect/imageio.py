@@ -14,6 +14,13 @@ Encoding: lossless formats stay as they are (PNG, lossless WebP, BMP, TIFF with 
 compression); JPEG is written at high quality without chroma subsampling (a JPEG re-encode
 weakens the protection: the pipeline warns); ``out_format="png"`` converts everything to PNG.
 The ICC profile, DPI and EXIF (orientation reset) are kept where the format allows.
+
+DICOM (``.dcm``) goes through :mod:`protect.dicom` instead: stored values at their own depth, written
+back into the same file with nothing else changed; it cannot be converted to PNG.
+
+Every decoded image carries its ``levels``, the largest value of its integer grid: 255 for 8-bit
+files, 65535 for 16-bit PNG/TIFF, ``2**BitsStored - 1`` for DICOM. The pipeline batches and
+protects on that grid.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .dicom import FORMAT as DICOM  # pydicom itself is imported only when a DICOM file is read
 
 #: Largest image accepted by default: Pillow's own hard limit (2 x its default MAX_IMAGE_PIXELS).
 #: ``decode(max_pixels=...)`` replaces it, above or below, without touching Pillow's global.
@@ -47,23 +56,39 @@ class ImageError(Exception):
 
 @dataclass
 class Decoded:
-    """Pixels split from metadata: ``pixels`` H x W x C (C 1 or 3), uint8 or uint16."""
+    """Pixels split from metadata: ``pixels`` H x W x C (C 1 or 3), uint8 or uint16, with values in
+    ``[0, levels]``; ``levels`` defaults to 255 for uint8 and 65535 for uint16 (DICOM sets
+    ``2**BitsStored - 1``: 4095 for 12-bit data)."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
     format: str
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    levels: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            self.levels = 65535 if self.pixels.dtype == np.uint16 else 255
+        if self.levels & (self.levels + 1) or self.levels > (65535 if self.pixels.dtype == np.uint16 else 255):
+            raise ValueError(f"levels {self.levels} is not 2**bits - 1 within the {self.pixels.dtype} pixels")
 
     @property
     def bits(self) -> int:
+        """Bits per value in memory (8 or 16), not the file's depth (see :attr:`depth`)."""
         return 16 if self.pixels.dtype == np.uint16 else 8
 
     @property
+    def depth(self) -> int:
+        """Bits of the integer grid: ``levels == 2**depth - 1`` (8, 16, or 12 for 12-bit DICOM)."""
+        return self.levels.bit_length()
+
+    @property
     def key(self) -> tuple[int, int, int, int]:
-        """Batching key: channels, height, width, bits."""
+        """Batching key: channels, height, width, depth (which fixes ``levels`` and the in-memory
+        dtype): images of another depth never share a batch."""
         h, w, c = self.pixels.shape
-        return c, h, w, self.bits
+        return c, h, w, self.depth
 
 
 def _png_bit_depth(data: bytes) -> tuple[int, int]:
@@ -144,6 +169,8 @@ def _open(data: bytes, expected_format: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"image too large for Pillow's decompression-bomb guard: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the file's
         raise ImageError(f"cannot read image: {_reason(exc)}") from None
+    if data[128:132] == b"DICM":
+        raise ImageError(f"content is DICOM but the extension says {expected_format}; rename the file to .dcm")
     try:
         with Image.open(io.BytesIO(data), formats=[f for f in _KNOWN if f != expected_format]) as other:
             actual = "JPEG" if other.format == "MPO" else other.format
@@ -166,6 +193,8 @@ def decode(data: bytes, expected_format: str, max_pixels: int = DEFAULT_MAX_PIXE
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
+    if expected_format == DICOM:
+        return _decode_dicom(data, max_pixels, on_header)
     with _pixel_limit(max_pixels):
         im = _open(data, expected_format, max_pixels)
         try:
@@ -276,6 +305,20 @@ def _exif(im: Image.Image, fmt: str) -> Image.Exif:
     return im.getexif()
 
 
+def _decode_dicom(data: bytes, max_pixels: int, on_header: Callable[[int, int, int, int], None] | None) -> Decoded:
+    from . import dicom
+
+    try:
+        pixels, levels, _, meta = dicom.decode(data, max_pixels, on_header)
+    except dicom.DicomError as exc:
+        raise ImageError(str(exc)) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure of the parser is the file's
+        raise ImageError(f"corrupt DICOM file: {_reason(exc)}") from None
+    return Decoded(pixels, None, DICOM, [], meta, levels)
+
+
 def output_name(rel: str, fmt: str, out_format: str) -> str:
     """Relative output path: the same name, with ``.png`` when converting."""
     if out_format == "png" and fmt != "PNG":
@@ -294,6 +337,22 @@ def to_image(pixels: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
     mode = "L" if pixels.shape[2] == 1 else "RGB"
     h, w = pixels.shape[:2]
     return Image.frombuffer(mode, (w, h), np.ascontiguousarray(pixels), "raw", mode, 0, 1)  # no copy
+
+
+def encode_pixels(pixels: np.ndarray, decoded: Decoded, fmt: str, jpeg_quality: int = JPEG_QUALITY) -> bytes:
+    """The output file of ``decoded`` with new ``pixels`` (same shape, dtype and levels) in ``fmt``.
+    A DICOM input is written as DICOM only (its header cannot go into a PNG)."""
+    if decoded.format == DICOM:
+        if fmt != DICOM:
+            raise ImageError("a DICOM file is written as DICOM only; --format png would drop its header "
+                             "(use --format keep)")
+        from . import dicom
+
+        try:
+            return dicom.encode(pixels, decoded.meta["dicom"], decoded.notes)
+        except dicom.DicomError as exc:
+            raise ImageError(str(exc)) from None
+    return encode(to_image(pixels, decoded.alpha), fmt, decoded.meta, jpeg_quality)
 
 
 def encode(im: Image.Image, fmt: str, meta: dict[str, Any], jpeg_quality: int = JPEG_QUALITY) -> bytes:

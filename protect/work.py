@@ -31,7 +31,7 @@ import perturbations
 from perturbations import Keyring, Perturbation
 
 from .fidelity import measure
-from .imageio import Decoded, ImageError, decode, encode, to_image
+from .imageio import Decoded, ImageError, decode, encode_pixels
 from .record import Entry
 from .safefs import Tree, UnsafePath
 
@@ -304,10 +304,11 @@ class Context:
             stack = items[0].decoded.pixels[None] if len(items) == 1 else np.stack([it.decoded.pixels for it in items])
             for it in items:
                 it.decoded.pixels = None  # type: ignore[assignment]  # the stack holds them now
-            levels = 65535 if stack.dtype == np.uint16 else 255
+            levels = items[0].decoded.levels  # the batch shares it: it is part of the batching key
+            wide = stack.dtype == np.uint16  # uint16 values go to the methods as int32
             with warnings.catch_warnings():  # decoded pixels may be read-only: they are only read here
                 warnings.simplefilter("ignore", UserWarning)
-                v = torch.from_numpy(stack.astype(np.int32) if levels > 255 else stack).permute(0, 3, 1, 2)
+                v = torch.from_numpy(stack.astype(np.int32) if wide else stack).permute(0, 3, 1, 2)
             v = v.to(self.device, non_blocking=True)
             labels = None
             if items[0].task.label is not None:
@@ -321,7 +322,7 @@ class Context:
                 ps, ss = measure(v, q, levels)
             out = q.permute(0, 2, 3, 1).cpu().numpy()  # N x H x W x C, each image contiguous
             del v, q
-            if levels > 255:
+            if wide:
                 out = out.astype(np.uint16)
             results = [self._write(it, out[i], ps[i], ss[i]) for i, it in enumerate(items)]
         finally:
@@ -332,7 +333,7 @@ class Context:
         task, dec = item.task, item.decoded
         fmt = "PNG" if self.spec.out_format == "png" else dec.format
         try:
-            data = encode(to_image(pixels, dec.alpha), fmt, dec.meta, self.spec.jpeg_quality)
+            data = encode_pixels(pixels, dec, fmt, self.spec.jpeg_quality)
             self.tree.write(task.out_rel, data)
         except UnsafePath as exc:
             return Result("fail", task.rel, reason=f"cannot write output: {exc.strerror}")
