@@ -1,0 +1,155 @@
+"""SALM on medical images (and CUDA and dense error-minimising noise beside it), quick tier.
+
+Data: BreastMNIST and the PneumoniaMNIST variant from ../shared/data/medmnist, converted with
+``protect import-npz`` (train / test class folders), optionally the 10k CIFAR-10 subset of
+bench/clusters.py. For every set and method:
+
+1. ``protect images`` (timed whole command; PSNR/SSIM from its summary; share of pixels changed
+   measured here from the files);
+2. ``protect verify --tier quick`` with the phase's trainings and defenses; balanced accuracy, AUC
+   and accuracy per cell from the certificate.
+
+Methods: ``salm-0.02 .. salm-0.3`` (mask ratio), ``dense`` (SALM with mask ratio 1: sample-wise
+error-minimising noise), ``cuda``. Clean baselines come with every verify run.
+
+    .venv/bin/python bench/medical.py [--sets breast,pneumonia] [--methods salm-0.1,dense,cuda]
+        [--phases erm,linf,breakers] [--table-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+KEY = "benchmark-key-not-secret"
+NPZ = {"breast": (SHARED / "medmnist" / "breastmnist.npz", "malignant,normal"),
+       "pneumonia": (SHARED / "medmnist" / "pneumoniamnist_kaggle_variant.npz", "normal,pneumonia")}
+METHODS = {f"salm-{r}": ["--method", "salm", "--mask-ratio", str(r)] for r in (0.02, 0.05, 0.1, 0.3)}
+METHODS["dense"] = ["--method", "salm", "--mask-ratio", "1"]
+METHODS["cuda"] = ["--method", "cuda"]
+PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", "grayscale,jpeg10")}
+
+
+def stage(work: Path, name: str, protect_bin: str, env: dict[str, str]) -> tuple[Path, Path]:
+    if name == "cifar":
+        sys.path.insert(0, str(ROOT / "bench"))
+        from clusters import stage_subset  # noqa: PLC0415
+
+        return stage_subset(ROOT / "bench" / "out" / "clusters" / "clean-train"), SHARED / "cifar10" / "test"
+    root = work / f"{name}-data"
+    if not root.exists():
+        npz, classes = NPZ[name]
+        subprocess.run([protect_bin, "import-npz", str(npz), str(root), "--class-names", classes], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    return root / "train", root / "test"
+
+
+def changed_share(clean: Path, prot: Path) -> float:
+    changed = total = 0
+    for f in sorted(clean.rglob("*.png")):
+        a = np.asarray(Image.open(f)).astype(np.int32)
+        b = np.asarray(Image.open(prot / f.relative_to(clean))).astype(np.int32)
+        d = a != b
+        if d.ndim == 3:
+            d = d.any(axis=2)  # a pixel position is changed when any channel is
+        changed += int(d.sum())
+        total += d.size
+    return changed / max(1, total)
+
+
+def protect(work: Path, set_name: str, method: str, train: Path, env: dict[str, str], protect_bin: str) -> dict:
+    out = work / f"{set_name}-{method}"
+    info_file = work / f"{set_name}-{method}.protect.json"
+    if info_file.exists() and out.exists():
+        return json.loads(info_file.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".protect"), ignore_errors=True)
+    cmd = [protect_bin, "images", "--quiet", "--json", *METHODS[method], str(train), str(out)]
+    print("$", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    summary = json.loads(proc.stdout)
+    info = {"set": set_name, "method": method, "wall_s": round(wall, 1), "images": summary["done"],
+            "psnr": summary["psnr_mean"], "ssim": summary["ssim_mean"], "changed": round(changed_share(train, out), 4),
+            "params": summary["params"]}
+    info_file.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "medical")
+    ap.add_argument("--sets", default="breast,pneumonia")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--phases", default="erm")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PROTECT_KEY": KEY, "PROTECT_CACHE": str(work / "baseline-cache")}
+    protect_bin = str(Path(sys.executable).with_name("protect"))
+    sets, methods = args.sets.split(","), args.methods.split(",")
+    if not args.table_only:
+        for set_name in sets:
+            train, test = stage(work, set_name, protect_bin, env)
+            for method in methods:
+                protect(work, set_name, method, train, env, protect_bin)
+            for phase in args.phases.split(","):
+                training, defenses = PHASES[phase]
+                for method in methods:
+                    report = work / f"report-{set_name}-{method}"
+                    cmd = [protect_bin, "verify", "--quiet", str(work / f"{set_name}-{method}"), "--test", str(test),
+                           "--clean", str(train), "--tier", "quick", "--report", str(report), "--training", training,
+                           "--defenses", defenses]
+                    print("$", " ".join(cmd), flush=True)
+                    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                    cert = json.loads((report / "certificate.json").read_text())
+                    cells_file = work / f"cells-{set_name}-{method}.json"
+                    kept = json.loads(cells_file.read_text()) if cells_file.exists() else {}
+                    for cell in cert["cells"]:
+                        p, c = cell["protected"], cell.get("clean") or {}
+                        kept[f"{cell['training']}/{cell['defense']}"] = {
+                            k: v for k, v in {
+                                "bal": p.get("peak_balanced_acc"), "auc": p.get("peak_auc"), "acc": p.get("peak_acc"),
+                                "clean_bal": c.get("peak_balanced_acc"), "clean_auc": c.get("peak_auc"),
+                                "clean_acc": c.get("peak_acc"), "score": cell.get("score"),
+                                "score_metric": cert.get("score_metric")}.items()}
+                    cells_file.write_text(json.dumps(kept, indent=2))
+    print_table(work, sets, methods)
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.1f}"
+
+
+def print_table(work: Path, sets: list[str], methods: list[str]) -> None:
+    print("| set | method | protect time | PSNR / SSIM | pixels changed | cell | balanced acc (clean) | AUC (clean) | acc (clean) | score |")
+    print("|---|---|---:|---|---:|---|---:|---:|---:|---:|")
+    for set_name in sets:
+        for method in methods:
+            info_file = work / f"{set_name}-{method}.protect.json"
+            cells_file = work / f"cells-{set_name}-{method}.json"
+            if not info_file.exists() or not cells_file.exists():
+                continue
+            info = json.loads(info_file.read_text())
+            for key, c in sorted(json.loads(cells_file.read_text()).items()):
+                score = "n/a" if c.get("score") is None else f"{c['score']:.2f}"
+                print(f"| {set_name} ({info['images']}) | {method} | {info['wall_s']} s | {info['psnr']} / {info['ssim']} | "
+                      f"{100 * info['changed']:.1f} % | {key} | {_pct(c.get('bal'))} ({_pct(c.get('clean_bal'))}) | "
+                      f"{_pct(c.get('auc'))} ({_pct(c.get('clean_auc'))}) | {_pct(c.get('acc'))} ({_pct(c.get('clean_acc'))}) | {score} |")
+
+
+if __name__ == "__main__":
+    main()
