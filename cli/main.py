@@ -212,6 +212,8 @@ class _FitBars:
 def _print_summary(s: Any) -> None:
     click.echo(f"protected {s.out_dir} with {s.method} (key fingerprint {s.key_fingerprint}) "
                f"in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s on {s.device}, {s.workers} worker(s))")
+    if s.fit_seconds >= 0.5:
+        click.echo(f"  fitted the method in {s.fit_seconds:.1f} s before protecting")
     click.echo(f"  done {s.done}, skipped {s.skipped} (already protected), failed {s.failed}, of {s.total}"
                + (f"; pruned {s.pruned} orphaned output(s)" if s.pruned else ""))
     if s.psnr_mean is not None:

@@ -35,6 +35,10 @@ from .work import Prev, Result, Spec, Task
 
 log = logging.getLogger(__name__)
 
+#: Where the per-file work runs (``--engine``).
+ENGINES = ("local", "ray")
+
+
 @dataclass
 class ProtectOptions:
     """Everything about a run except the folders and the key.
@@ -44,7 +48,9 @@ class ProtectOptions:
     fitting method may keep between its passes; ``prune``: delete the outputs of inputs that were
     removed or now fail (see :mod:`protect.record`); ``state_from``: the record folder of a finished
     run whose fitted method (and parameters) to reuse with the same key, instead of fitting;
-    ``fit_progress(stage, done, total)``: called while a method fits.
+    ``fit_progress(stage, done, total)``: called while a method fits; ``engine``: where the per-file
+    work runs, ``"local"`` (worker processes, :mod:`protect.engine`) or ``"ray"`` (Ray actors,
+    :mod:`protect.ray_engine`; ``workers`` then defaults to the cluster's CPUs).
     """
 
     method: str | None = None
@@ -58,6 +64,7 @@ class ProtectOptions:
     record_dir: Path | None = None
     state_from: Path | None = None
     fit_progress: Callable[[str, int, int], Any] | None = None
+    engine: str = "local"
     overwrite: bool = False
     prune: bool = False
     strict: bool = False
@@ -89,6 +96,7 @@ class Summary:
     psnr_mean: float | None = None
     ssim_mean: float | None = None
     seconds: float = 0.0
+    fit_seconds: float = 0.0
     device: str = "cpu"
     workers: int = 1
 
@@ -147,6 +155,12 @@ def _check_options(options: ProtectOptions) -> None:
         raise ConfigError("JPEG quality must be in 1..100")
     if options.max_pixels < 1:
         raise ConfigError("--max-pixels must be >= 1")
+    if options.engine not in ENGINES:
+        raise ConfigError(f"unknown engine '{options.engine}'; use {' or '.join(ENGINES)}")
+    if options.engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()  # before anything is fitted: one line with the install command
 
 
 class _Run:
@@ -335,6 +349,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
     data = fit_data(dataset, options.max_pixels, threads=workers, device=str(device), memory=memory,
                     progress=options.fit_progress)
     changed = False
+    fit_start = time.perf_counter()
     if state:  # resuming: never refit; only images the state has not seen join it
         method.load_state_dict(state)
         changed = method.extend(data)
@@ -345,6 +360,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
     else:
         method.fit(data)
         changed = True
+    fit_seconds = time.perf_counter() - fit_start
     header["resolved_params"] = method.params()
     for root in (out_path, record_dir):
         with Tree(root) as tree:
@@ -352,7 +368,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
     record = RunRecord.open(record_dir, header, previous)
     summary = Summary(str(in_path), str(out_path), str(record_dir), method_cls.name, method.params(),
                       keyring.fingerprint(), dataset.class_map, total=len(dataset.entries), device=str(device),
-                      workers=workers)
+                      workers=workers, fit_seconds=round(fit_seconds, 2))
     summary.skipped_entries = [{"path": rel, "reason": why} for rel, why in dataset.skipped]
     summary.warnings.extend(f"skipped {rel}: {why}" for rel, why in dataset.skipped)
     run = _Run(record, summary, options.strict)
@@ -375,7 +391,8 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
         spec = Spec(method_cls.name, params, state_dict, keyring, str(dataset.root), str(out_path.resolve()),
                     options.out_format, options.jpeg_quality, options.max_pixels, options.batch_size,
                     options.overwrite, str(device), deps, memory)
-        engine = LocalEngine(spec, min(workers, max(1, len(tasks))))
+        engine = _engine(options, spec, workers, len(tasks))
+        summary.workers = engine.workers
 
         def ready() -> None:
             if on_start is not None:
@@ -394,6 +411,15 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
         summary.seconds = time.perf_counter() - start
         _finish(summary, record, run, dataset, out_path, options)
     return summary
+
+
+def _engine(options: ProtectOptions, spec: Spec, workers: int, files: int) -> LocalEngine | Any:
+    """The engine ``options.engine`` names, with no more workers than files."""
+    if options.engine == "ray":
+        from .ray_engine import RayEngine
+
+        return RayEngine(spec, options.workers, max(1, files))
+    return LocalEngine(spec, min(workers, max(1, files)))
 
 
 def _finish(summary: Summary, record: RunRecord, run: _Run, dataset: Dataset, out_path: Path,

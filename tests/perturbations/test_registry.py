@@ -6,13 +6,18 @@ import pytest
 import torch
 
 import perturbations
-from perturbations import ConfigError, FitData, Keyring
+from perturbations import ConfigError, Keyring
+
+
+from tests.methods import fit_data, params
+
+IMAGES = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def build(name: str, seed: int = 0) -> perturbations.Perturbation:
     cls = perturbations.get(name)
-    method = cls(Keyring.from_seed(seed))
-    return method.fit(FitData(4, [0, 1, 2, 3] * 4, [(16, 16)] * 16, [f"{i}.png" for i in range(16)]))
+    method = cls(Keyring.from_seed(seed), **params(name))
+    return method.fit(fit_data(IMAGES, [0, 1, 2, 3] * 4, [f"{i}.png" for i in range(16)], 4))
 
 
 @pytest.mark.parametrize("name", perturbations.available())
@@ -23,7 +28,7 @@ def test_method_smoke(name: str) -> None:
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
     assert not torch.equal(out, x)
     assert torch.equal(out, build(name).apply(x, torch.arange(4), [f"{i}.png" for i in range(4)]))
-    clone = perturbations.get(name)(Keyring.from_seed(0))
+    clone = perturbations.get(name)(Keyring.from_seed(0), **params(name))
     clone.load_state_dict(method.state_dict())
     assert torch.equal(clone.apply(x, torch.arange(4), [f"{i}.png" for i in range(4)]), out)
     assert isinstance(method.params(), dict) and method.summary and method.paper

@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 
 import perturbations
+from tests.methods import params
 from cli.main import cli
 from protect import InputError, ProtectOptions, RecordError, inspect_run, protect_folder
 from protect.engine import parse_size
@@ -138,8 +139,8 @@ def test_a_changed_label_redoes_that_image(tmp_path, keyring, make_folder):
 @pytest.mark.parametrize("name", perturbations.available())
 def test_resumed_run_restores_the_fitted_parameters(tmp_path, keyring, make_folder, name):
     inp, out = make_folder(classes=2, per_class=3), tmp_path / "out"
-    first = run(inp, out, keyring, method=name)
-    again = run(inp, out, keyring, method=name)
+    first = run(inp, out, keyring, method=name, params=params(name))
+    again = run(inp, out, keyring, method=name, params=params(name))
     assert again.skipped == 6 and again.params == first.params
     assert inspect_run(out)["params"] == first.params
 
