@@ -25,6 +25,29 @@ each convolved exactly, and recombined in float64). The only rounding left is on
 by the image's maximum and the final ``round(y * levels)``, both single IEEE operations. So the same
 key and the same input give the same bytes on any CPU or GPU, in any batch.
 
+Rescaling (``rescale``): the paper divides each image by its own maximum (``"peak"``), which
+stretches the image to the top of its grid. For 8-bit photos that is the method; for deep medical
+images it is destructive: pydicom's CT_small.dcm (signed 16-bit, stored values 128..2191, Hounsfield
+units after the rescale) comes out with its maximum at stored 32767, PSNR 7 dB. ``"input"`` divides by
+the convolved image's maximum and multiplies by the *input* image's maximum ``m``, so the output
+keeps the input's peak value (exactly: the pixel holding the convolved maximum gets ``m``) and stays
+within its range: CT_small then keeps its maximum, PSNR 45 dB with ``"reflect"`` padding (27 dB
+with ``"zero"``: for signed data the shifted zero is the most negative value, a deep dark frame).
+``"auto"`` (default) is ``"peak"`` for images whose values lie on the 8-bit grid (every 8-bit image:
+byte-identical to before) and ``"input"`` for deeper ones (12/16-bit DICOM, 16-bit PNG).
+The rule looks at the values, not at the container, so ``apply(v / levels)`` picks the same mode as
+``protect_levels(v, levels)``, per image, whatever the batch. ``"input"`` stays exact: per image
+``y = float32(float64(a / peak) * m)`` with ``a`` and ``peak`` the exact integer sums and
+``m = float32(inmax / levels)`` (the input's maximum exactly as ``apply`` sees it), then the usual
+``round(y * levels)``. That is a fixed sequence of single IEEE operations, each correctly rounded
+(a float32 division, a float64 division, a float64 product, a conversion to float32), with no sum,
+so no FMA contraction, reordering or thread count can change it; CPUs and CUDA GPUs both implement
+these operations exactly so (PyTorch builds no fast-math kernels). ``a / peak`` is the same rational
+on any integer grid the values lie on, so the result does not depend on the grid either. For an
+image that reaches the top of its grid ``m = 1`` and ``"input"`` equals ``"peak"`` bit for bit
+(rounding a float64 quotient to float32 gives the correctly rounded float32 quotient, as
+53 >= 2 x 24 + 2).
+
 Padding: the reference code pads with zeros (``padding="zero"``, alias ``"faithful"``), which
 darkens a ``k // 2`` pixel border in a class-dependent way. That border is part of the shortcut and
 makes the protection stronger, but a detector can spot it (COIN, AAAI'25). ``"reflect"`` mirrors the
@@ -57,6 +80,10 @@ LARGE_IMAGE_SIDE = 128
 SMALL_DEFAULTS = (3, 0.3)  # CIFAR-10 setting of the paper
 LARGE_DEFAULTS = (9, 0.06)  # ImageNet setting of the paper
 PADDINGS = ("reflect", "replicate", "zero")
+RESCALES = ("auto", "peak", "input")
+#: Integer grids ``2**b - 1`` (b = 8..16) that :func:`_image_levels` tries, most common first; every
+#: grid of b <= 16 bits lies on one of them (b divides one of 8..16).
+_GRIDS = (255, 65535, 4095, 1023, 16383, 511, 2047, 8191, 32767)
 #: float32 holds every integer below 2**24 exactly.
 _EXACT = 1 << 24
 #: Images with more values than this (per image) are convolved in row strips.
@@ -175,10 +202,32 @@ def _strips(h: int, w: int, c: int) -> list[tuple[int, int]]:
     return [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
 
 
-def _normalised(a: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+def _normalised(a: torch.Tensor, peak: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
     """``a / peak`` as one IEEE division per value (float32 for 8-bit sums, float64 for 16-bit ones),
-    returned in float32; ``a`` and ``peak`` are exact."""
-    return a.div(peak) if a.dtype == torch.float32 else a.div(peak).float()
+    returned in float32; ``a`` and ``peak`` are exact. With ``top`` (float64, per image: 1 for
+    ``"peak"``, the input's maximum in [0, 1] for ``"input"``): ``float32(float64(a / peak) * top)``,
+    computed in place when ``a`` is already float64 (callers pass sums they no longer need)."""
+    if top is None:
+        return a.div(peak) if a.dtype == torch.float32 else a.div(peak).float()
+    return a.double().div_(peak.double()).mul_(top).float()
+
+
+def _rescale_tops(v: torch.Tensor, levels: int, rescale: str) -> torch.Tensor | None:
+    """Per image (``N x 1 x 1 x 1`` float64) the value the convolved maximum maps to: 1 for
+    ``"peak"``, ``float32(max(v) / levels)`` for ``"input"``; ``None`` when every image is ``"peak"``.
+    ``"auto"``: ``"peak"`` for images whose values lie on the 8-bit grid, ``"input"`` for the others."""
+    if rescale == "peak" or (rescale == "auto" and levels == 255):
+        return None
+    n = v.shape[0]
+    inmax = v.reshape(n, -1).amax(1)
+    top = inmax.float().div(levels).double()  # float32 division: the maximum apply() sees
+    if rescale == "auto":
+        ints = v.reshape(n, -1).to(torch.int32) * 255  # a copy; below 2**24, exact in int32
+        deep = ints.remainder_(levels).ne_(0).any(1)
+        if not bool(deep.any()):
+            return None
+        top = torch.where(deep, top, torch.ones_like(top))
+    return top.view(n, 1, 1, 1)
 
 
 def _padding_for(mode: str, h: int, w: int, r: int) -> str:
@@ -188,11 +237,13 @@ def _padding_for(mode: str, h: int, w: int, r: int) -> str:
 
 
 def _image_levels(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Integer values of float images in [0, 1]: the 8-bit grid when every value lies on it (as the
-    pipeline's inputs do), else the 16-bit grid."""
-    v8 = x.mul(255).round_()
-    if torch.equal(v8.div(255), x):
-        return v8, 255
+    """Integer values of float images in [0, 1]: on the first grid ``2**b - 1`` of :data:`_GRIDS`
+    (8-bit first, then 16-bit, 12-bit, ...) every value lies on, as ``v / levels`` for any ``levels``
+    up to 16 bits does; else (a batch mixing depths, or arbitrary floats) the 16-bit grid."""
+    for levels in _GRIDS:
+        v = x.mul(levels).round_()
+        if torch.equal(v.div(levels), x):
+            return v, levels
     return x.clamp(0, 1).mul(65535).round_(), 65535
 
 
@@ -208,26 +259,37 @@ def integer_filters(filters: torch.Tensor) -> torch.Tensor:
     raise ConfigError("cuda: filter sums are too large for exact arithmetic")
 
 
-def convolve_normalise(x: torch.Tensor, filters: torch.Tensor, padding: str = "zero") -> torch.Tensor:
+def check_rescale(rescale: str) -> str:
+    """``rescale`` if it is one of :data:`RESCALES`, else ConfigError."""
+    if rescale not in RESCALES:
+        raise ConfigError(f"cuda: rescale must be one of {', '.join(RESCALES)}, got {rescale!r}")
+    return rescale
+
+
+def convolve_normalise(x: torch.Tensor, filters: torch.Tensor, padding: str = "zero",
+                       rescale: str = "peak") -> torch.Tensor:
     """Depthwise-convolve image ``i`` with ``filters[i]`` and divide by its global maximum.
 
     Args:
-        x: ``N x C x H x W`` float images in [0, 1] (taken at 8-bit precision when on that grid,
-            else at 16-bit precision).
+        x: ``N x C x H x W`` float images in [0, 1] (taken on the coarsest ``2**b - 1`` grid, b <= 16,
+            their values lie on, else at 16-bit precision).
         filters: ``N x k x k`` non-negative filters, ``k`` odd; exact on a ``2**-bits`` grid
             (:func:`draw_filters`), others are rounded to the finest exact grid.
         padding: ``"reflect"``, ``"replicate"`` or ``"zero"``.
+        rescale: ``"peak"`` (the paper's), ``"input"`` or ``"auto"`` (see module doc).
     Returns:
-        ``N x C x H x W`` float32 in [0, 1]; each image's maximum is 1 unless it was all zero.
+        ``N x C x H x W`` float32 in [0, 1]; with ``"peak"`` each image's maximum is 1 unless it was
+        all zero, with ``"input"`` it is the input image's maximum.
     """
     v, levels = _image_levels(x)
-    return _protect(v, integer_filters(filters), padding, levels, quantise=False)
+    return _protect(v, integer_filters(filters), padding, levels, quantise=False, rescale=check_rescale(rescale))
 
 
 def _protect(v: torch.Tensor, filters: torch.Tensor, padding: str, levels: int, quantise: bool,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Image ``i`` of ``v`` convolved with the integer ``filters[i]`` and divided by its maximum;
-    quantised to ``levels`` in ``dtype`` when ``quantise``, else float32 in [0, 1]."""
+             dtype: torch.dtype | None = None, rescale: str = "peak") -> torch.Tensor:
+    """Image ``i`` of ``v`` convolved with the integer ``filters[i]``, divided by its maximum and
+    (``rescale``, module doc) multiplied by the input's maximum; quantised to ``levels`` in
+    ``dtype`` when ``quantise``, else float32 in [0, 1]."""
     n, c, h, w = v.shape
     mode = _padding_for(padding, h, w, filters.shape[-1] // 2)
 
@@ -235,8 +297,9 @@ def _protect(v: torch.Tensor, filters: torch.Tensor, padding: str, levels: int, 
         return quantise_levels(y, levels, dtype or v.dtype) if quantise else y
 
     if c * h * w <= STRIP_VALUES:
+        tops = _rescale_tops(v, levels, rescale)
         a = _sums(v, filters, 0, h, mode, levels)
-        return finish(_normalised(a, a.amax(dim=(1, 2, 3), keepdim=True).clamp_min_(1.0)))
+        return finish(_normalised(a, a.amax(dim=(1, 2, 3), keepdim=True).clamp_min_(1.0), tops))
     # Large images: one at a time, strip by strip; the exact sums are the only full-size float copy.
     out = torch.empty(v.shape, dtype=dtype if quantise else torch.float32, device=v.device)
     for i in range(n):
@@ -244,8 +307,9 @@ def _protect(v: torch.Tensor, filters: torch.Tensor, padding: str, levels: int, 
         for r0, r1 in _strips(h, w, c):
             a[:, :, r0:r1] = _sums(v[i:i + 1], filters[i:i + 1], r0, r1, mode, levels)
         peak = a.amax().clamp_min(1.0)  # all-zero images stay zero
+        top = _rescale_tops(v[i:i + 1], levels, rescale)
         for r0, r1 in _strips(h, w, c):
-            out[i:i + 1, :, r0:r1] = finish(_normalised(a[:, :, r0:r1], peak))
+            out[i:i + 1, :, r0:r1] = finish(_normalised(a[:, :, r0:r1], peak, top))
         del a
     return out
 
@@ -269,6 +333,9 @@ class CUDA(Perturbation):
             Clusters, :mod:`perturbations.clustered`), so folders without labels can be protected.
         surrogate, surrogate_weights: the feature extractor for ``clusters`` (default
             ``clip:RN50/openai``; ``cifar-resnet20`` is bundled) and an optional local weights file.
+        rescale: ``"auto"`` (default: the paper's ``"peak"`` for 8-bit images, ``"input"`` for deeper
+            ones), ``"peak"`` (divide by the image's maximum: its maximum becomes the top of the grid)
+            or ``"input"`` (the output keeps the input image's maximum and range); see module doc.
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] and returns the same; labels ``(N,)``.
     """
@@ -293,8 +360,10 @@ class CUDA(Perturbation):
         clusters: int | None = None,
         surrogate: str | None = None,
         surrogate_weights: str | None = None,
+        rescale: str = "auto",
     ) -> None:
         super().__init__(keyring)
+        self.rescale = check_rescale(rescale)
         if padding == "faithful":
             padding = "zero"
         if padding not in PADDINGS:
@@ -410,11 +479,11 @@ class CUDA(Perturbation):
              levels: int, passthrough: torch.Tensor, quantise: bool, dtype: torch.dtype | None) -> torch.Tensor:
         chosen = self._chosen(ids, v.shape[0])
         if chosen is None:
-            return _protect(v, weights[labels], self.padding, levels, quantise, dtype)
+            return _protect(v, weights[labels], self.padding, levels, quantise, dtype, self.rescale)
         out = passthrough.clone()
         pick = torch.tensor(chosen, device=v.device)
         if pick.any():
-            out[pick] = _protect(v[pick], weights[labels[pick]], self.padding, levels, quantise, dtype)
+            out[pick] = _protect(v[pick], weights[labels[pick]], self.padding, levels, quantise, dtype, self.rescale)
         return out
 
     def apply(
@@ -448,6 +517,9 @@ class CUDA(Perturbation):
             "padding": self.padding,
             "mix": self.mix,
             "universal": self.universal,
+            "rescale": self.rescale,
+            "rescale_rule": "8-bit images: peak; deeper ones: input (keep their maximum)"
+            if self.rescale == "auto" else "given",
             "size_rule": f"auto (shorter side < {LARGE_IMAGE_SIDE}px: k=3, blur=0.3; else k=9, blur=0.06)"
             if self.auto
             else "given",

@@ -6,6 +6,13 @@ otherwise; alpha is dropped, palette/CMYK become RGB, 16-bit becomes 8-bit by ro
 into ``y``: int64 ``(N,)``. All images must share one size and one channel count (verification does
 not resize: resizing would change what the protection put in the pixels).
 
+DICOM files (``.dcm``) are decoded by :func:`protect.imageio.decode` (pydicom), exactly as ``protect``
+reads them: the stored values on their own grid ``0..levels`` (``2**BitsStored - 1``; signed data
+shifted to unsigned, the modality rescale not applied). Like 16-bit PNG they become 8 bits by
+``round(v * 255 / levels)``, so verification sees what the protection did at 8-bit precision: a
+perturbation finer than ``levels / 255`` stored values, or a narrow stored range (a signed CT slice
+spans ~2000 of 65535 values: 9 grey levels), is lost to that rounding.
+
 ``sha256`` fingerprints the loaded data (sorted relative paths, class names and file bytes); the
 baseline cache and the saved cells in :mod:`verify.run` key on it.
 
@@ -31,6 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from perturbations.errors import InputError
 from protect.discover import Dataset, ImageEntry, class_names, discover, read_label_csv
+from protect.imageio import DICOM, ImageError, decode
 
 __all__ = ["TensorSet", "check_same_classes", "load_folder"]
 
@@ -119,14 +127,20 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(h, w, len(img.getbands()))
 
 
+def _to_8bit(a: np.ndarray, levels: int) -> np.ndarray:
+    """Values on the grid ``0..levels`` as uint8: ``round(a * 255 / levels)`` (one correctly rounded
+    float64 division, so 16-bit PNG gives exactly ``round(a / 257)``)."""
+    if a.dtype == np.uint8 and levels == 255:
+        return a
+    return np.clip(np.rint(a.astype(np.float64) * 255.0 / levels), 0, 255).astype(np.uint8)
+
+
 def _to_array(img: Image.Image) -> np.ndarray:
     """H x W x C uint8 array: C = 1 for grayscale modes, else 3 (alpha dropped)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img, dtype=np.float64)
         # 16-bit data (PNG 16-bit opens as I or I;16): scale 0..65535 to 0..255 with rounding.
-        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-        return a[:, :, None]
+        return _to_8bit(np.asarray(img), 65535)[:, :, None]
     if mode in _GRAY_MODES:
         return _pixels(img if mode == "L" else img.convert("L"))
     if mode != "RGB":
@@ -141,6 +155,10 @@ def _read(entry: ImageEntry) -> tuple[str, np.ndarray]:
     except OSError as exc:
         raise InputError(f"cannot read image {entry.rel}: {exc.strerror or exc}") from None
     digest = hashlib.sha256(data).hexdigest()
+    if entry.format == DICOM:
+        return digest, _read_dicom(entry.rel, data)
+    if data[128:132] == b"DICM":  # the DICOM magic, under another extension
+        raise InputError(f"cannot decode image {entry.rel}: the content is DICOM; rename the file to .dcm")
     try:
         try:  # naming the format skips probing every plugin (a third of the time for small PNGs)
             img = Image.open(io.BytesIO(data), formats=[entry.format])
@@ -161,6 +179,17 @@ def _read(entry: ImageEntry) -> tuple[str, np.ndarray]:
         # DecompressionBombError, ...): all are the file's fault, never an internal error.
         raise InputError(f"cannot decode image {entry.rel}: {_reason(exc)}") from None
     return digest, arr
+
+
+def _read_dicom(rel: str, data: bytes) -> np.ndarray:
+    """H x W x C uint8 array of a DICOM file (C = 1 or 3): its stored values scaled by its levels."""
+    try:
+        decoded = decode(data, DICOM)
+    except ImageError as exc:  # pydicom's failures, already one user-facing reason
+        raise InputError(f"cannot decode image {rel}: {' '.join(str(exc).split())}") from None
+    except MemoryError:
+        raise InputError(f"cannot decode image {rel}: it needs more memory than is available") from None
+    return _to_8bit(decoded.pixels, decoded.levels)
 
 
 def _reason(exc: BaseException) -> str:

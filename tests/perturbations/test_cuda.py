@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -25,10 +27,13 @@ def batch(n: int = 8, c: int = 3, h: int = 32, w: int = 32, seed: int = 0) -> to
     return torch.randint(0, 256, (n, c, h, w), generator=g).float() / 255
 
 
-def exact_reference(v: np.ndarray, filt: np.ndarray, padding: str) -> np.ndarray:
+def exact_reference(v: np.ndarray, filt: np.ndarray, padding: str, rescale: str = "peak",
+                    levels: int = 255) -> np.ndarray:
     """An independent, obviously exact CUDA: int64 sums of shifted integer images (one image
-    C x H x W of integers, integer filter k x k), divided by the maximum in float64 and cast to
-    float32 like the method (float32 division for 8-bit values is the same correctly rounded result)."""
+    C x H x W of integers on the grid 0..levels, integer filter k x k), divided by the maximum in
+    float64 and cast to float32 like the method (float32 division for 8-bit values is the same
+    correctly rounded result). ``rescale``: ``"input"`` multiplies the float64 quotient by the input's
+    maximum as a float32 ``max / levels``; ``"auto"`` does so unless every value is on the 8-bit grid."""
     k = filt.shape[0]
     r = k // 2
     mode = {"zero": "constant", "reflect": "reflect", "replicate": "edge"}[padding]
@@ -38,14 +43,39 @@ def exact_reference(v: np.ndarray, filt: np.ndarray, padding: str) -> np.ndarray
     for i in range(k):
         for j in range(k):
             acc += int(filt[i, j]) * p[:, i:i + h, j:j + w]
-    return (acc / max(1, acc.max())).astype(np.float32)
+    r = acc / max(1, int(acc.max()))
+    eight_bit = not np.any(v.astype(np.int64) * 255 % levels)
+    if rescale == "input" or (rescale == "auto" and not eight_bit):
+        r = r * np.float64(np.float32(v.max()) / np.float32(levels))
+    return r.astype(np.float32)
+
+
+def quantised(y: np.ndarray, levels: int) -> np.ndarray:
+    """``round(y * levels)`` in float32, as the method quantises."""
+    return np.rint(y * np.float32(levels)).astype(np.int64)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, levels: int) -> float:
+    mse = float(((a.double() - b.double()) / levels).pow(2).mean())
+    return 10 * float(np.log10(1 / mse))
+
+
+def twelve_bit(n: int = 2, side: int = 48, seed: int = 0) -> torch.Tensor:
+    """Smooth 12-bit grey images (values 128..2191, like pydicom's CT_small), int32 N x 1 x H x W."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    base = 0.5 + 0.5 * torch.sin(6 * xx + 3 * yy)[None, None] * torch.cos(4 * yy)[None, None]
+    noise = torch.rand(n, 1, side, side, generator=g) * 0.1
+    img = (base + noise - (base + noise).amin()) / (base + noise - (base + noise).amin()).amax()
+    return (128 + img * (2191 - 128)).round().to(torch.int32)
 
 
 def test_registered_with_paper_defaults() -> None:
     assert "cuda" in perturbations.available()
     assert perturbations.get("cuda") is CUDA
     assert CUDA.defaults() == {"num_classes": None, "filter_size": None, "blur": None, "padding": "zero",
-                               "mix": 1.0, "universal": False}
+                               "mix": 1.0, "universal": False, "clusters": None, "surrogate": None,
+                               "surrogate_weights": None, "rescale": "auto"}
 
 
 @pytest.mark.parametrize("side,expected", [(28, (3, 0.3)), (32, (3, 0.3)), (127, (3, 0.3)), (128, (9, 0.06)), (224, (9, 0.06))])
@@ -129,14 +159,106 @@ def test_protect_levels_equals_quantised_apply_for_8_and_16_bits() -> None:
     assert q8.dtype == torch.uint8 and q8.shape == v8.shape
     assert torch.equal(q8, (m.apply(v8.float() / 255, y) * 255).round().to(torch.uint8))
     g = torch.Generator().manual_seed(4)
-    v16 = torch.randint(0, 65536, (3, 1, 20, 24), generator=g, dtype=torch.int32)
-    q16 = m.protect_levels(v16, y, levels=65535)
-    assert q16.dtype == torch.int32 and int(q16.max()) == 65535 and int(q16.min()) >= 0
-    assert torch.equal(q16, (m.apply(v16.float() / 65535, y) * 65535).round().to(torch.int32))
-    # 16-bit values are convolved exactly too (split into two 8-bit halves)
+    v16 = torch.randint(0, 60000, (3, 1, 20, 24), generator=g, dtype=torch.int32)
+    for rescale, top in (("peak", torch.full((3,), 65535)), ("auto", v16.amax(dim=(1, 2, 3)))):
+        m = fitted(filter_size=5, blur=0.2, rescale=rescale)
+        q16 = m.protect_levels(v16, y, levels=65535)
+        assert q16.dtype == torch.int32 and int(q16.min()) >= 0
+        assert torch.equal(q16.amax(dim=(1, 2, 3)), top)
+        assert torch.equal(q16, (m.apply(v16.float() / 65535, y) * 65535).round().to(torch.int32))
+        # 16-bit values are convolved exactly too (split into two 8-bit halves)
+        ints = integer_filters(m.filters)
+        ref = exact_reference(v16[0].numpy(), ints[1].numpy(), "zero", rescale, 65535)
+        assert np.array_equal(m.apply(v16[:1].float() / 65535, y[:1])[0].numpy(), ref)
+
+
+@pytest.mark.parametrize("rescale", ["peak", "input", "auto"])
+@pytest.mark.parametrize("levels", [255, 4095, 65535])
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+def test_rescale_modes_are_exact(rescale: str, levels: int, padding: str) -> None:
+    """Every mode, on every depth, equals the int64 reference bit for bit, in apply (float) and in
+    protect_levels (integers): protect_levels(v) == round(apply(v / levels) * levels)."""
+    m = fitted(filter_size=5, blur=0.2, padding=padding, rescale=rescale)
+    g = torch.Generator().manual_seed(levels)
+    dtype = torch.uint8 if levels == 255 else torch.int32
+    v = torch.randint(0, levels // 2, (4, 3, 17, 21), generator=g).to(dtype)
+    step = levels // math.gcd(levels, 255)  # image 1: 8-bit content (multiples of 257 at 16 bits)
+    v[1] = (torch.randint(0, levels // step + 1, v[1].shape, generator=g) * step).to(dtype)
+    v[2, 0, 0, 0] = levels  # image 2 reaches the top of the grid
+    y = torch.tensor([0, 3, 7, 9])
+    out = m.apply(v.float() / levels, y)
+    q = m.protect_levels(v, y, levels=levels)
+    assert q.dtype == dtype
+    assert torch.equal(q, (out * levels).round().to(dtype))
+    if rescale != "input":
+        assert float(out[1].amax()) == 1.0  # 8-bit content: the paper's peak rescaling
     ints = integer_filters(m.filters)
-    ref = exact_reference(v16[0].numpy(), ints[1].numpy(), "zero")
-    assert np.array_equal(m.apply(v16[:1].float() / 65535, y[:1])[0].numpy(), ref)
+    for i in range(4):
+        ref = exact_reference(v[i].numpy(), ints[y[i]].numpy(), padding, rescale, levels)
+        assert np.array_equal(out[i].numpy(), ref), i
+        assert np.array_equal(q[i].numpy().astype(np.int64), quantised(ref, levels)), i
+
+
+def test_auto_leaves_8_bit_images_byte_identical() -> None:
+    """8-bit images: auto is the paper's peak rescaling, byte for byte (apply and protect_levels)."""
+    x, y = batch(6, seed=11), torch.tensor([0, 1, 2, 3, 4, 5])
+    v = (x * 255).round().to(torch.uint8)
+    auto, peak = fitted(), fitted(rescale="peak")
+    assert torch.equal(auto.apply(x, y), peak.apply(x, y))
+    assert torch.equal(auto.protect_levels(v, y), peak.protect_levels(v, y))
+    assert (auto.protect_levels(v, y).flatten(1).amax(1) == 255).all()
+    # an 8-bit image stored at 16 bits (every value a multiple of 257) is 8-bit content: peak too
+    v16 = v.to(torch.int32) * 257
+    assert torch.equal(auto.protect_levels(v16, y, levels=65535), peak.protect_levels(v16, y, levels=65535))
+
+
+def test_input_equals_peak_when_the_image_reaches_the_top() -> None:
+    x, y = batch(6, seed=12), torch.arange(6)
+    v = (x * 255).round().to(torch.uint8)
+    v[:, 0, 0, 0] = 255
+    assert torch.equal(fitted(rescale="input").protect_levels(v, y), fitted(rescale="peak").protect_levels(v, y))
+    x = v.float() / 255
+    assert torch.equal(fitted(rescale="input").apply(x, y), fitted(rescale="peak").apply(x, y))
+    v12 = twelve_bit(2)
+    v12[:, 0, 5, 5] = 4095
+    y2 = torch.tensor([3, 8])
+    assert torch.equal(fitted().protect_levels(v12, y2, levels=4095),
+                       fitted(rescale="peak").protect_levels(v12, y2, levels=4095))
+
+
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+def test_twelve_bit_image_keeps_its_range(padding: str) -> None:
+    """A 12-bit image (values 128..2191 of 4095): auto keeps each image's maximum exactly and stays
+    far closer to the input than the paper's peak rescaling, which stretches it to 4095."""
+    v, y = twelve_bit(3), torch.tensor([1, 4, 4])
+    auto = fitted(padding=padding).protect_levels(v, y, levels=4095)
+    peak = fitted(padding=padding, rescale="peak").protect_levels(v, y, levels=4095)
+    assert torch.equal(auto.amax(dim=(1, 2, 3)), v.amax(dim=(1, 2, 3)))
+    assert (peak.amax(dim=(1, 2, 3)) == 4095).all()
+    close, stretched = psnr(auto, v, 4095), psnr(peak, v, 4095)
+    assert close > stretched + 15 and close > 25, (close, stretched)
+    assert not torch.equal(auto, v)  # still protected
+
+
+def test_auto_decides_per_image_whatever_the_batch() -> None:
+    """8-bit content and deep images in one batch each get the result they get alone."""
+    m = fitted(filter_size=5, blur=0.2)
+    g = torch.Generator().manual_seed(5)
+    deep = torch.randint(0, 40000, (2, 3, 16, 16), generator=g, dtype=torch.int32)
+    eight = (batch(2, h=16, w=16, seed=6) * 255).round().to(torch.int32) * 257
+    v, y = torch.cat([deep[:1], eight[:1], deep[1:], eight[1:]]), torch.tensor([0, 1, 2, 3])
+    together = m.protect_levels(v, y, levels=65535)
+    alone = torch.cat([m.protect_levels(v[i:i + 1], y[i:i + 1], levels=65535) for i in range(4)])
+    assert torch.equal(together, alone)
+    assert (together[1].amax() == 65535) and (together[3].amax() == 65535)  # peak: 8-bit content
+    assert torch.equal(together[[0, 2]].amax(dim=(1, 2, 3)), deep.amax(dim=(1, 2, 3)))  # input
+    assert torch.equal((m.apply(v.float() / 65535, y) * 65535).round().to(torch.int32), together)
+
+
+def test_params_record_the_rescale_mode() -> None:
+    assert fitted().params()["rescale"] == "auto"
+    assert "8-bit" in fitted().params()["rescale_rule"]
+    assert fitted(rescale="input").params()["rescale"] == "input"
 
 
 def test_large_images_in_strips_equal_one_piece(monkeypatch) -> None:
@@ -147,9 +269,12 @@ def test_large_images_in_strips_equal_one_piece(monkeypatch) -> None:
     v = (batch(2, h=61, w=50, seed=5) * 255).round().to(torch.uint8)
     y = torch.tensor([4, 8])
     whole = m.protect_levels(v, y)
+    v12 = twelve_bit(2, side=61)[..., :50].expand(-1, 3, -1, -1).contiguous()
+    whole12 = m.protect_levels(v12, y, levels=4095)
     monkeypatch.setattr(cuda_mod, "STRIP_VALUES", 50 * 3 * 7)  # 7-row strips
     assert torch.equal(m.protect_levels(v, y), whole)
     assert torch.equal(torch.cat([m.protect_levels(v[i:i + 1], y[i:i + 1]) for i in range(2)]), whole)
+    assert torch.equal(m.protect_levels(v12, y, levels=4095), whole12)  # rescale to the input's maximum
 
 
 def test_grayscale_stays_single_channel() -> None:
@@ -198,7 +323,7 @@ def test_universal_ablation_shares_one_filter() -> None:
 @pytest.mark.parametrize("padding", ["reflect", "replicate", "zero", "faithful"])
 def test_padding_modes(padding: str) -> None:
     m = fitted(padding=padding)
-    x = torch.full((2, 3, 16, 16), 0.5)
+    x = torch.full((2, 3, 16, 16), 128 / 255)  # 8-bit: the paper's max-normalisation
     out = m.apply(x, torch.tensor([0, 1]))
     border = out[:, :, 0, :].mean()
     centre = out[:, :, 8, 8].mean()
@@ -247,7 +372,9 @@ def test_state_round_trip() -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"filter_size": 4}, "odd"), ({"filter_size": 0}, "odd"), ({"blur": 0.0}, "blur"), ({"blur": 1.5}, "blur"),
-     ({"mix": 0.0}, "mix"), ({"mix": 1.2}, "mix"), ({"padding": "wrap"}, "padding"), ({"num_classes": 0}, "num_classes")],
+     ({"mix": 0.0}, "mix"), ({"mix": 1.2}, "mix"), ({"padding": "wrap"}, "padding"),
+     ({"num_classes": 0}, "num_classes"),
+     ({"rescale": "max"}, "rescale must be one of auto, peak, input"), ({"rescale": None}, "rescale")],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -197,3 +197,89 @@ def test_any_pillow_error_names_the_file(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(InputError, match=r"cannot decode image (cat|dog)/0000\.png: \S") as info:
         load_folder(root, workers=1)
     assert "\n" not in str(info.value)
+
+
+# -- DICOM: read through protect.imageio.decode, like the protect pipeline -------------------
+def _dicom(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)  # never a pattern: get_testdata_files hangs offline
+    if path is None:
+        pytest.skip(f"pydicom test file {name} is not installed")
+    return Path(path).read_bytes()
+
+
+def _twelve_bit() -> bytes:
+    """MR_small with 12 stored bits (values folded into 0..4095)."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(_dicom("MR_small.dcm")))
+    ds.PixelData = (ds.pixel_array.astype(np.int64) % 4096).astype("<u2").tobytes()
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+    for tag in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if tag in ds:
+            del ds[tag]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _dicom_folder(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_dicom_folder_loads_stored_values_scaled_by_levels(tmp_path: Path) -> None:
+    from protect.imageio import decode
+
+    mr, twelve = _dicom("MR_small.dcm"), _twelve_bit()
+    root = _dicom_folder(tmp_path / "d", {"a/mr.dcm": mr, "a/mr_be.dcm": _dicom("MR_small_bigendian.dcm"),
+                                          "b/mr_rle.dcm": _dicom("MR_small_RLE.dcm"), "b/mr12.dcm": twelve})
+    s = load_folder(root)
+    assert s.x.dtype == torch.uint8 and tuple(s.x.shape) == (4, 1, 64, 64)
+    assert s.rels == ["a/mr.dcm", "a/mr_be.dcm", "b/mr12.dcm", "b/mr_rle.dcm"] and s.y.tolist() == [0, 0, 1, 1]
+    for data, k in ((mr, 0), (twelve, 2)):
+        d = decode(data, "DICOM")
+        assert d.levels == (65535 if k == 0 else 4095)
+        expected = np.rint(d.pixels[:, :, 0].astype(np.float64) * 255 / d.levels).astype(np.uint8)
+        assert np.array_equal(s.x[k, 0].numpy(), expected)
+    assert torch.equal(s.x[0], s.x[1]) and torch.equal(s.x[0], s.x[3])  # one image, three encodings
+
+
+def test_sixteen_bit_png_and_dicom_scale_alike(tmp_path: Path) -> None:
+    """A 16-bit PNG holding a DICOM's stored values loads to the same 8-bit tensor."""
+    from protect.imageio import decode
+
+    mr = _dicom("MR_small.dcm")
+    px = decode(mr, "DICOM").pixels[:, :, 0]
+    root = tmp_path / "d"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(px).save(root / "a" / "mr.png")  # uint16 -> 16-bit grey PNG
+    (root / "b" / "mr.dcm").write_bytes(mr)
+    s = load_folder(root)
+    assert torch.equal(s.x[0], s.x[1])
+
+
+def test_dicom_of_another_size_is_refused_like_any_image(tmp_path: Path) -> None:
+    root = _dicom_folder(tmp_path / "d", {"a/mr.dcm": _dicom("MR_small.dcm"), "b/ct.dcm": _dicom("CT_small.dcm")})
+    with pytest.raises(InputError, match=r"b/ct\.dcm in d is 128x128 grayscale, but a/mr\.dcm is 64x64 grayscale"):
+        load_folder(root)
+
+
+def test_dicom_errors_are_one_line(tmp_path: Path) -> None:
+    root = _dicom_folder(tmp_path / "d", {"a/mr.dcm": _dicom("MR_small.dcm"), "b/j2k.dcm": _dicom("JPEG2000.dcm")})
+    with pytest.raises(InputError, match=r"cannot decode image b/j2k\.dcm: .*JPEG 2000") as info:
+        load_folder(root)
+    assert "\n" not in str(info.value)
+    (root / "b" / "j2k.dcm").write_bytes(b"not a dicom file at all" * 10)
+    with pytest.raises(InputError, match=r"cannot decode image b/j2k\.dcm: .*not a DICOM file"):
+        load_folder(root)
+    (root / "b" / "j2k.dcm").unlink()
+    (root / "b" / "mr.png").write_bytes(_dicom("MR_small.dcm"))
+    with pytest.raises(InputError, match=r"b/mr\.png: the content is DICOM; rename the file to \.dcm"):
+        load_folder(root)

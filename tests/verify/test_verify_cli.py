@@ -73,3 +73,39 @@ def test_kill_9_then_the_same_command_trains_only_the_missing_cells(tmp_path: Pa
     cert = json.loads((tmp_path / "report" / "certificate.json").read_text())
     assert cert["resume"]["reused"] == saved and cert["resume"]["trained"] == 4 - saved
     assert len(list(cells.glob("*.json"))) == 4
+
+
+def _dicom(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)  # never a pattern: get_testdata_files hangs offline
+    if path is None:
+        pytest.skip(f"pydicom test file {name} is not installed")
+    return Path(path).read_bytes()
+
+
+def test_verify_a_folder_of_dicom_files(tmp_path: Path) -> None:
+    """`protect verify` reads .dcm files as protect writes them (stored values scaled by their levels):
+    class folders a/ and b/ of pydicom's 64 x 64 MR samples give a certificate; a 128 x 128 CT slice
+    among them is refused in one line, as any image of another size is. About 10 s."""
+    names = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm"]
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for name in names:
+                (tmp_path / split / c / name).write_bytes(_dicom(name))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PROTECT_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "cli.main", "verify", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+               "--training", "erm", "--defenses", "none", "--epochs", "2", "--device", "cpu", "--no-cache",
+               "--report", str(tmp_path / "report")]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cert = json.loads((tmp_path / "report" / "certificate.json").read_text())
+    assert cert["data"]["train"]["shape"] == [1, 64, 64] and cert["data"]["train"]["count"] == 6
+    assert len(cert["cells"]) == 1 and len(cert["cells"][0]["protected"]["curve"]) == 2  # erm/none, 2 epochs
+
+    (tmp_path / "train" / "b" / "CT_small.dcm").write_bytes(_dicom("CT_small.dcm"))
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "b/CT_small.dcm" in refused.stderr and "128x128 grayscale" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
