@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: This checkout's CLI (run with PYTHONPATH=ROOT): a benchmark measures the code it lives beside.
+CLI = [sys.executable, "-m", "cli.main"]
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 KEY = "benchmark-key-not-secret"
 METHODS = {
@@ -61,14 +63,14 @@ def stage_subset(dst: Path, per_class: int = 1000) -> Path:
     return dst
 
 
-def protect(work: Path, name: str, clean: Path, env: dict[str, str], protect_bin: str) -> dict:
+def protect(work: Path, name: str, clean: Path, env: dict[str, str]) -> dict:
     out = work / name
     info_file = work / f"{name}.protect.json"
     if info_file.exists() and out.exists():
         return json.loads(info_file.read_text())
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".protect"), ignore_errors=True)
-    cmd = [protect_bin, "images", "--quiet", "--json", *METHODS[name], str(clean), str(out)]
+    cmd = [*CLI, "images", "--quiet", "--json", *METHODS[name], str(clean), str(out)]
     print("$", " ".join(cmd), flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
@@ -91,20 +93,20 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PROTECT_KEY": KEY, "PROTECT_CACHE": str(work / "baseline-cache"), "HF_HUB_OFFLINE": "1"}
-    protect_bin = str(Path(sys.executable).with_name("protect"))
+    env["PYTHONPATH"] = str(ROOT)
     clean = stage_subset(work / "clean-train")
     test = DATA / "test"
     methods = args.methods.split(",")
     labellings = args.labellings.split(",")
     if not args.table_only:
         for name in methods:
-            protect(work, name, clean, env, protect_bin)
+            protect(work, name, clean, env)
         for phase in args.phases.split(","):
             training, defenses = PHASES[phase]
             for name in methods:
                 for lab in labellings:
                     report = work / f"report-{name}-{lab}"
-                    cmd = [protect_bin, "verify", "--quiet", str(work / name), "--test", str(test), "--clean",
+                    cmd = [*CLI, "verify", "--quiet", str(work / name), "--test", str(test), "--clean",
                            str(clean), "--tier", "quick", "--report", str(report), "--training", training,
                            "--defenses", defenses, *LABELLINGS[lab]]
                     run(cmd, env)

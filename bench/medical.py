@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+#: This checkout's CLI (run with PYTHONPATH=ROOT): a benchmark measures the code it lives beside.
+CLI = [sys.executable, "-m", "cli.main"]
 SHARED = ROOT.parent / "shared" / "data"
 KEY = "benchmark-key-not-secret"
 NPZ = {"breast": (SHARED / "medmnist" / "breastmnist.npz", "malignant,normal"),
@@ -41,7 +43,7 @@ METHODS["cuda"] = ["--method", "cuda"]
 PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", "grayscale,jpeg10")}
 
 
-def stage(work: Path, name: str, protect_bin: str, env: dict[str, str]) -> tuple[Path, Path]:
+def stage(work: Path, name: str, env: dict[str, str]) -> tuple[Path, Path]:
     if name == "cifar":
         sys.path.insert(0, str(ROOT / "bench"))
         from clusters import stage_subset  # noqa: PLC0415
@@ -50,7 +52,7 @@ def stage(work: Path, name: str, protect_bin: str, env: dict[str, str]) -> tuple
     root = work / f"{name}-data"
     if not root.exists():
         npz, classes = NPZ[name]
-        subprocess.run([protect_bin, "import-npz", str(npz), str(root), "--class-names", classes], env=env, check=True,
+        subprocess.run([*CLI, "import-npz", str(npz), str(root), "--class-names", classes], env=env, check=True,
                        stdout=subprocess.DEVNULL)
     return root / "train", root / "test"
 
@@ -68,14 +70,14 @@ def changed_share(clean: Path, prot: Path) -> float:
     return changed / max(1, total)
 
 
-def protect(work: Path, set_name: str, method: str, train: Path, env: dict[str, str], protect_bin: str) -> dict:
+def protect(work: Path, set_name: str, method: str, train: Path, env: dict[str, str]) -> dict:
     out = work / f"{set_name}-{method}"
     info_file = work / f"{set_name}-{method}.protect.json"
     if info_file.exists() and out.exists():
         return json.loads(info_file.read_text())
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".protect"), ignore_errors=True)
-    cmd = [protect_bin, "images", "--quiet", "--json", *METHODS[method], str(train), str(out)]
+    cmd = [*CLI, "images", "--quiet", "--json", *METHODS[method], str(train), str(out)]
     print("$", " ".join(cmd), flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
@@ -99,18 +101,18 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PROTECT_KEY": KEY, "PROTECT_CACHE": str(work / "baseline-cache")}
-    protect_bin = str(Path(sys.executable).with_name("protect"))
+    env["PYTHONPATH"] = str(ROOT)
     sets, methods = args.sets.split(","), args.methods.split(",")
     if not args.table_only:
         for set_name in sets:
-            train, test = stage(work, set_name, protect_bin, env)
+            train, test = stage(work, set_name, env)
             for method in methods:
-                protect(work, set_name, method, train, env, protect_bin)
+                protect(work, set_name, method, train, env)
             for phase in args.phases.split(","):
                 training, defenses = PHASES[phase]
                 for method in methods:
                     report = work / f"report-{set_name}-{method}"
-                    cmd = [protect_bin, "verify", "--quiet", str(work / f"{set_name}-{method}"), "--test", str(test),
+                    cmd = [*CLI, "verify", "--quiet", str(work / f"{set_name}-{method}"), "--test", str(test),
                            "--clean", str(train), "--tier", "quick", "--report", str(report), "--training", training,
                            "--defenses", defenses]
                     print("$", " ".join(cmd), flush=True)
