@@ -21,18 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-#: This checkout's CLI (run with PYTHONPATH=ROOT): a benchmark measures the code it lives beside.
-CLI = [sys.executable, "-m", "cli.main"]
-DATA = ROOT.parent / "shared" / "data" / "cifar10"
-KEY = "benchmark-key-not-secret"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CIFAR, CLI, ROOT, env_for, protect_once, run, stage_subset  # noqa: E402
+
 METHODS = {
     "cuda": ["--method", "cuda"],
     "uc-r56": ["--method", "uc", "--surrogate", "cifar-resnet56"],
@@ -44,40 +38,14 @@ LABELLINGS = {"original": [], "coarse": ["--relabel", str(ROOT / "samples" / "ci
 PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", "grayscale,jpeg10")}
 
 
-def run(cmd: list[str], env: dict[str, str]) -> float:
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
-
-
-def stage_subset(dst: Path, per_class: int = 1000) -> Path:
-    if not dst.exists():
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for cls in sorted((DATA / "train").iterdir()):
-            (tmp / cls.name).mkdir(parents=True)
-            for f in sorted(cls.glob("*.png"))[:per_class]:
-                shutil.copyfile(f, tmp / cls.name / f.name)
-        tmp.rename(dst)
-    return dst
-
-
 def protect(work: Path, name: str, clean: Path, env: dict[str, str]) -> dict:
     out = work / name
     info_file = work / f"{name}.protect.json"
     if info_file.exists() and out.exists():
         return json.loads(info_file.read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".protect"), ignore_errors=True)
-    cmd = [*CLI, "images", "--quiet", "--json", *METHODS[name], str(clean), str(out)]
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    summary = json.loads(proc.stdout)
-    info = {"method": name, "wall_s": round(wall, 1), "psnr": summary["psnr_mean"], "ssim": summary["ssim_mean"],
-            "params": summary["params"]}
+    summary, wall = protect_once(clean, out, METHODS[name], env)
+    info = {"method": name, "wall_s": wall, "fit_s": summary.get("fit_seconds"), "psnr": summary["psnr_mean"],
+            "ssim": summary["ssim_mean"], "params": summary["params"]}
     info_file.write_text(json.dumps(info, indent=2))
     return info
 
@@ -92,10 +60,9 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PROTECT_KEY": KEY, "PROTECT_CACHE": str(work / "baseline-cache"), "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = env_for(work)
     clean = stage_subset(work / "clean-train")
-    test = DATA / "test"
+    test = CIFAR / "test"
     methods = args.methods.split(",")
     labellings = args.labellings.split(",")
     if not args.table_only:

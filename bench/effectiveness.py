@@ -22,35 +22,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10"
-KEY = "benchmark-key-not-secret"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CIFAR as DATA, KEY, ROOT, run, stage_subset  # noqa: E402
 PAPER = {("erm", "none"): 18.48, ("linf", "none"): 32.85, ("l2", "none"): 51.19, ("erm", "grayscale"): 20.12,
          ("clean", "none"): 94.66}
-
-
-def run(cmd: list[str], env: dict[str, str]) -> float:
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
-
-
-def stage_subset(dst: Path, per_class: int = 1000) -> Path:
-    if not dst.exists():
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for cls in sorted((DATA / "train").iterdir()):
-            (tmp / cls.name).mkdir(parents=True)
-            for f in sorted(cls.glob("*.png"))[:per_class]:
-                shutil.copyfile(f, tmp / cls.name / f.name)
-        tmp.rename(dst)
-    return dst
 
 
 def main() -> None:

@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-#: This checkout's CLI (run with PYTHONPATH=ROOT): a benchmark measures the code it lives beside.
-CLI = [sys.executable, "-m", "cli.main"]
-SHARED = ROOT.parent / "shared" / "data"
-KEY = "benchmark-key-not-secret"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CIFAR, CLI, ROOT, SHARED, env_for, protect_once, run, stage_subset  # noqa: E402
+
 NPZ = {"breast": (SHARED / "medmnist" / "breastmnist.npz", "malignant,normal"),
        "pneumonia": (SHARED / "medmnist" / "pneumoniamnist_kaggle_variant.npz", "normal,pneumonia")}
 METHODS = {f"salm-{r}": ["--method", "salm", "--mask-ratio", str(r)] for r in (0.02, 0.05, 0.1, 0.3)}
@@ -45,15 +39,11 @@ PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", 
 
 def stage(work: Path, name: str, env: dict[str, str]) -> tuple[Path, Path]:
     if name == "cifar":
-        sys.path.insert(0, str(ROOT / "bench"))
-        from clusters import stage_subset  # noqa: PLC0415
-
-        return stage_subset(ROOT / "bench" / "out" / "clusters" / "clean-train"), SHARED / "cifar10" / "test"
+        return stage_subset(ROOT / "bench" / "out" / "clusters" / "clean-train"), CIFAR / "test"
     root = work / f"{name}-data"
     if not root.exists():
         npz, classes = NPZ[name]
-        subprocess.run([*CLI, "import-npz", str(npz), str(root), "--class-names", classes], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        run([*CLI, "import-npz", str(npz), str(root), "--class-names", classes], env)
     return root / "train", root / "test"
 
 
@@ -75,15 +65,8 @@ def protect(work: Path, set_name: str, method: str, train: Path, env: dict[str, 
     info_file = work / f"{set_name}-{method}.protect.json"
     if info_file.exists() and out.exists():
         return json.loads(info_file.read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".protect"), ignore_errors=True)
-    cmd = [*CLI, "images", "--quiet", "--json", *METHODS[method], str(train), str(out)]
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    summary = json.loads(proc.stdout)
-    info = {"set": set_name, "method": method, "wall_s": round(wall, 1), "images": summary["done"],
+    summary, wall = protect_once(train, out, METHODS[method], env)
+    info = {"set": set_name, "method": method, "wall_s": wall, "fit_s": summary.get("fit_seconds"), "images": summary["done"],
             "psnr": summary["psnr_mean"], "ssim": summary["ssim_mean"], "changed": round(changed_share(train, out), 4),
             "params": summary["params"]}
     info_file.write_text(json.dumps(info, indent=2))
@@ -100,8 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PROTECT_KEY": KEY, "PROTECT_CACHE": str(work / "baseline-cache")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = env_for(work)
     sets, methods = args.sets.split(","), args.methods.split(",")
     if not args.table_only:
         for set_name in sets:
@@ -115,8 +97,7 @@ def main() -> None:
                     cmd = [*CLI, "verify", "--quiet", str(work / f"{set_name}-{method}"), "--test", str(test),
                            "--clean", str(train), "--tier", "quick", "--report", str(report), "--training", training,
                            "--defenses", defenses]
-                    print("$", " ".join(cmd), flush=True)
-                    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                    run(cmd, env)
                     cert = json.loads((report / "certificate.json").read_text())
                     cells_file = work / f"cells-{set_name}-{method}.json"
                     kept = json.loads(cells_file.read_text()) if cells_file.exists() else {}

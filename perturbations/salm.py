@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register
-from .base import FitData, Perturbation, parse_fraction
+from .additive import AdditivePerturbation
+from .base import FitData, parse_fraction
 from .clustering import ClusterTable
 from .errors import ConfigError, InputError
 from .keyring import Keyring
@@ -81,7 +82,7 @@ def saliency_mask(grad: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 @register
-class SALM(Perturbation):
+class SALM(AdditivePerturbation):
     """Sparse error-minimising noise (SALM, Sun et al. 2024; a reconstruction, see module doc).
 
     Args:
@@ -108,6 +109,7 @@ class SALM(Perturbation):
     exact = False
     work_bytes_per_value = 10.0
     per_image_state = TABLE_KEYS
+    resize_mode = "nearest"  # a sparse support stays sparse
 
     def __init__(
         self,
@@ -283,8 +285,8 @@ class SALM(Perturbation):
                                                           range(start, start + len(where))))
         return True
 
-    # -- protecting ------------------------------------------------------------------------
-    def _rows(self, ids: Sequence[str] | None, n: int) -> list[int]:
+    # -- protecting (the shared additive path, perturbations.additive) -----------------------
+    def _indices(self, ids: Sequence[str] | None, n: int) -> list[int]:
         if self.noise is None:
             raise ConfigError("salm: call fit() first (or load a fitted state)")
         if ids is None or len(ids) != n:
@@ -294,43 +296,9 @@ class SALM(Perturbation):
         except ConfigError as exc:
             raise InputError(str(exc).replace("clustered", "given noise") + "; rerun the command to protect it") from None
 
-    def _delta_levels(self, row: int, c: int, h: int, w: int, levels: int, device: torch.device) -> torch.Tensor:
+    def _source(self, index: int) -> torch.Tensor:
         assert self.noise is not None
-        d = self.noise[row:row + 1].double()
-        if d.shape[1] != c:
-            d = d.mean(1, keepdim=True) if c == 1 else d.expand(-1, c, -1, -1)
-        if tuple(d.shape[-2:]) != (h, w):
-            d = F.interpolate(d, size=(h, w), mode="nearest")
-        bound = math.floor(self.eps * levels + 1e-9)
-        q = d[0].mul(levels).round_().clamp_(-bound, bound)
-        return q.to(torch.int32).to(device)
-
-    def protect_levels(
-        self, v: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None,
-        levels: int = 255,
-    ) -> torch.Tensor:
-        """Integer path: ``clamp(v + round(delta * levels), 0, levels)`` with the bound exact."""
-        if v.is_floating_point():
-            raise ConfigError("salm: protect_levels takes integer pixels")
-        n, c, h, w = v.shape
-        rows = self._rows(ids, n)
-        out = torch.empty_like(v)
-        for i, r in enumerate(rows):
-            out[i] = (v[i].to(torch.int32) + self._delta_levels(r, c, h, w, levels, v.device)).clamp_(0, levels).to(v.dtype)
-        return out
-
-    def apply(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
-    ) -> torch.Tensor:
-        """Float path: ``clip(x + round(delta * 255) / 255, 0, 1)``. Labels are only needed to fit:
-        each image's noise is found by its id."""
-        self._check_batch(x, labels if labels is not None else torch.zeros(x.shape[0], dtype=torch.long))
-        n, c, h, w = x.shape
-        rows = self._rows(ids, n)
-        out = torch.empty_like(x)
-        for i, r in enumerate(rows):
-            out[i] = (x[i] + self._delta_levels(r, c, h, w, 255, x.device).to(x.dtype) / 255).clamp_(0, 1)
-        return out
+        return self.noise[index:index + 1]
 
     def noise_of(self, ids: Sequence[str]) -> torch.Tensor:
         """The fitted noise (working size, float) of each image id."""

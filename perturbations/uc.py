@@ -36,8 +36,6 @@ an image comes from the fitted table (its relative path); new images join their 
 from __future__ import annotations
 
 import logging
-import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,11 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register
-from .base import FitData, Perturbation, parse_fraction
+from .additive import AdditivePerturbation
+from .base import FitData, parse_fraction
 from .clustered import TABLE_KEYS, SurrogateClusters
 from .clustering import derangement
 from .errors import ConfigError, InputError
 from .keyring import Keyring
+from .nets import keyed_init
 from .steps import signed_step
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 MODES = ("direct", "generator")
 #: Largest number of images kept for the optimisation by default.
 MAX_SAMPLES = 20000
-#: Values of resized perturbations kept per process (cache across batches of one size).
-CACHE_VALUES = 1 << 26
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -99,19 +97,8 @@ class _Generator(nn.Module):
         return torch.tanh(self.tail(h))
 
 
-def _keyed_init(module: nn.Module, gen: torch.Generator) -> None:
-    """Kaiming-uniform weights drawn from ``gen`` (no global RNG)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            bound = 1.0 / math.sqrt(m.weight[0].numel())
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 2 * bound - bound)
-                if m.bias is not None:
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) * 2 * bound - bound)
-
-
 @register
-class UnlearnableClusters(Perturbation):
+class UnlearnableClusters(AdditivePerturbation):
     """Unlearnable Clusters (Zhang et al., CVPR 2023): one bounded perturbation per surrogate cluster.
 
     Args:
@@ -140,6 +127,7 @@ class UnlearnableClusters(Perturbation):
     exact = False
     work_bytes_per_value = 10.0
     per_image_state = TABLE_KEYS
+    cache_resized = True  # every member of a cluster shares its perturbation
 
     def __init__(
         self,
@@ -176,7 +164,6 @@ class UnlearnableClusters(Perturbation):
         self.deltas: torch.Tensor | None = None  # K x 3 x S x S, float32 in [-eps, eps]
         self.targets: torch.Tensor | None = None  # K
         self.final_loss: float | None = None
-        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, data: FitData) -> "UnlearnableClusters":
@@ -197,7 +184,7 @@ class UnlearnableClusters(Perturbation):
             self.deltas = self._direct(s, images, member, target_logits, data)
         else:
             self.deltas = self._generators(s, images, member, target_logits, data)
-        self._cache.clear()
+        self.clear_cache()
         self.clusters.release()
         self.fitted = True
         return self
@@ -249,7 +236,7 @@ class UnlearnableClusters(Perturbation):
         total = k * self.epochs
         for c in range(k):
             g = _Generator(size)  # type: ignore[arg-type]
-            _keyed_init(g, init)
+            keyed_init(g, init)
             g.to(dev)
             z = torch.randn(1, 16, max(1, size[0] // 4), max(1, size[1] // 4), generator=init).to(dev)
             opt = torch.optim.Adam(g.parameters(), lr=self.lr)
@@ -276,31 +263,8 @@ class UnlearnableClusters(Perturbation):
     def extend(self, data: FitData) -> bool:
         return self.clusters.extend(data)
 
-    # -- protecting ------------------------------------------------------------------------
-    def _delta_levels(self, cluster: int, c: int, h: int, w: int, levels: int, device: torch.device) -> torch.Tensor:
-        """``delta_cluster`` resized to ``c x h x w`` on the integer grid of ``levels``, within
-        ``floor(eps * levels)``; cached per size."""
-        key = (cluster, c, h, w, levels, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        assert self.deltas is not None
-        d = self.deltas[cluster:cluster + 1].double()
-        if c == 1:
-            d = d.mean(1, keepdim=True)
-        if tuple(d.shape[-2:]) != (h, w):
-            shrink = h < d.shape[-2] or w < d.shape[-1]
-            d = F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
-        bound = math.floor(self.eps * levels + 1e-9)
-        q = d[0].mul(levels).round_().clamp_(-bound, bound)
-        q = q.to(torch.int16 if levels <= 255 else torch.int32).to(device)
-        self._cache[key] = q
-        while sum(v.numel() for v in self._cache.values()) > CACHE_VALUES and len(self._cache) > 1:
-            self._cache.popitem(last=False)
-        return q
-
-    def _clusters_of(self, ids: Sequence[str] | None, n: int) -> list[int]:
+    # -- protecting (the shared additive path, perturbations.additive) -----------------------
+    def _indices(self, ids: Sequence[str] | None, n: int) -> list[int]:
         if self.deltas is None:
             raise ConfigError("uc: call fit() first (or load a fitted state)")
         if ids is None or len(ids) != n:
@@ -310,35 +274,9 @@ class UnlearnableClusters(Perturbation):
         except ConfigError as exc:
             raise InputError(f"{exc}; rerun the command to assign it") from None
 
-    def protect_levels(
-        self, v: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None,
-        levels: int = 255,
-    ) -> torch.Tensor:
-        """Integer path: ``clamp(v + delta_q, 0, levels)``, ``delta_q`` the quantised resized
-        perturbation (see module doc); equals ``round(apply(v / levels) * levels)``."""
-        if v.is_floating_point():
-            raise ConfigError("uc: protect_levels takes integer pixels")
-        self._check_batch(torch.empty(v.shape, device="meta"), labels)
-        n, c, h, w = v.shape
-        clusters = self._clusters_of(ids, n)
-        out = torch.empty_like(v)
-        for i, k in enumerate(clusters):
-            d = self._delta_levels(k, c, h, w, levels, v.device)
-            out[i] = (v[i].to(d.dtype if levels > 255 else torch.int16) + d).clamp_(0, levels).to(v.dtype)
-        return out
-
-    def apply(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, ids: Sequence[str] | None = None
-    ) -> torch.Tensor:
-        """Float path: ``clip(x + delta_q / 255, 0, 1)`` (the perturbation on the 8-bit grid)."""
-        self._check_batch(x, labels)
-        n, c, h, w = x.shape
-        clusters = self._clusters_of(ids, n)
-        out = torch.empty_like(x)
-        for i, k in enumerate(clusters):
-            d = self._delta_levels(k, c, h, w, 255, x.device)
-            out[i] = (x[i] + d.to(x.dtype) / 255).clamp_(0, 1)
-        return out
+    def _source(self, index: int) -> torch.Tensor:
+        assert self.deltas is not None
+        return self.deltas[index:index + 1]
 
     def cluster_of(self, ids: Sequence[str]) -> list[int]:
         """The fitted cluster of each image id."""
@@ -366,5 +304,5 @@ class UnlearnableClusters(Perturbation):
         if targets is None or targets.shape != (k,):
             raise ConfigError("uc: saved state has no valid cluster targets")
         self.deltas, self.targets = deltas.float().clone(), targets.long().clone()
-        self._cache.clear()
+        self.clear_cache()
         self.fitted = True

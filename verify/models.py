@@ -32,6 +32,8 @@ from torch import nn
 
 from perturbations.errors import ConfigError, WeightsError
 from perturbations.nets import (
+    BasicBlock,
+    FastCNN,
     AKAMASTER_MEAN,
     AKAMASTER_STD,
     CifarResNetA,
@@ -71,60 +73,7 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# fastcnn: the quick-tier surrogate
-
-
-class FastCNN(Classifier):
-    """Small VGG-style CNN: blocks of ``convs`` x (3x3 conv, no bias, + BN + ReLU), 2x2 max-pool
-    between blocks (and after the last when ``pool_last``), global average pool, linear.
-
-    Defaults (the quick tier's ``fastcnn``): four one-conv blocks 16/32/64/128, about 4 M
-    multiply-adds per 32x32 image. On the 10k CIFAR-10 subset with the quick recipe (2 CPU cores)
-    it reaches 67 % clean test accuracy in about 70 s of training; ``fastcnn_wide`` (32/64/128/256)
-    reaches 71.5 % in about 165 s, and :func:`vgg3` (the issue's calibration net, ``widths=(32, 64,
-    128), convs=2, pool_last=True``) about 75 % at 2.5x the cost of ``fastcnn_wide``. Inputs >= 8 px,
-    any channel count."""
-
-    def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 128),
-                 convs: int = 1, pool_last: bool = False) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c = in_channels
-        for i, w in enumerate(widths):
-            for j in range(convs):
-                layers += [conv3x3(c if j == 0 else w, w), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            if pool_last or i < len(widths) - 1:
-                layers.append(nn.MaxPool2d(2))
-            c = w
-        self.features = nn.Sequential(*layers)
-        self.num_features = c
-        self.linear = nn.Linear(c, num_classes)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
-
-
-# --------------------------------------------------------------------------------------------
-# ResNet-18 for small images (the CIFAR ResNet-20/32/44/56 live in perturbations.nets)
-
-
-class _BasicBlockB(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(c_in, c_out, stride)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = conv3x3(c_out, c_out)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+# ResNet-18 for small images (fastcnn and the CIFAR ResNet-20/32/44/56 live in perturbations.nets)
 
 
 class CifarResNet18(Classifier):
@@ -137,7 +86,7 @@ class CifarResNet18(Classifier):
         self.bn1 = nn.BatchNorm2d(64)
         c = 64
         for i, (w, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
-            setattr(self, f"layer{i}", nn.Sequential(_BasicBlockB(c, w, stride), _BasicBlockB(w, w)))
+            setattr(self, f"layer{i}", nn.Sequential(BasicBlock(c, w, stride, "B"), BasicBlock(w, w, 1, "B")))
             c = w
         self.num_features = c
         self.linear = nn.Linear(c, num_classes)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli, main
+from cli.main import cli
+from tests.clitools import call_main
 
 KEY_ENV = "PROTECT_KEY"
 
@@ -44,15 +45,6 @@ def invoke(*args: str, env: dict | None = None):
     return CliRunner().invoke(cli, [str(a) for a in args], env={KEY_ENV: None, **(env or {})})
 
 
-def call_main(capsys, *args) -> tuple[int, str, str]:
-    """Run the console entry point in-process; (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(err: str, fragment: str) -> None:

@@ -17,6 +17,7 @@ import perturbations.salm as salm_mod
 from perturbations import FitData, Keyring
 from perturbations.errors import ConfigError, InputError
 from perturbations.salm import build_classifier, saliency_mask
+from tests.methods import fit_data
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "breastmnist" / "train"
 FAST = dict(rounds=2, steps=3, train_steps=3, batch=32, surrogate="tiny")
@@ -33,18 +34,7 @@ def _images(per_class: int = 16) -> tuple[torch.Tensor, list[str], list[int]]:
 
 
 def _fit_data(x8: torch.Tensor, ids: list[str], labels: list[int]) -> FitData:
-    def batches(size, channels=3, batch_size=64, only=None):
-        pos = list(range(len(ids))) if only is None else list(only)
-        for i in range(0, len(pos), batch_size):
-            p = pos[i:i + batch_size]
-            x = x8[p].float() / 255
-            if x.shape[1] != channels:
-                x = x.expand(-1, channels, -1, -1)
-            if tuple(x.shape[-2:]) != tuple(size):
-                x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
-            yield x, p
-
-    return FitData(2, labels, [tuple(x8.shape[-2:])] * len(ids), ids, batches, memory=1 << 28, channels=x8.shape[1])
+    return fit_data(x8.float() / 255, labels, ids, 2)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import perturbations
 from perturbations import FitData, Keyring
 from perturbations.errors import ConfigError, InputError
 from perturbations.uc import kl_to_target
+from tests.methods import fit_data
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "cifar10" / "train"
 SURROGATE = "cifar-resnet20"  # bundled weights: offline
@@ -30,16 +31,7 @@ def _images(per_class: int = 6) -> tuple[torch.Tensor, list[str], list[int]]:
 
 
 def _fit_data(x8: torch.Tensor, ids: list[str]) -> FitData:
-    def batches(size, channels=3, batch_size=64, only=None):
-        pos = list(range(len(ids))) if only is None else list(only)
-        for i in range(0, len(pos), batch_size):
-            p = pos[i:i + batch_size]
-            x = x8[p].float() / 255
-            if tuple(x.shape[-2:]) != tuple(size):
-                x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
-            yield x, p
-
-    return FitData(0, None, [tuple(x8.shape[-2:])] * len(ids), ids, batches, memory=1 << 28)
+    return fit_data(x8.float() / 255, [0] * len(ids), ids, 0)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import verify.run as vrun
-from cli.main import main
+
 from perturbations.errors import ConfigError, InputError
 from verify import defenses
 from verify.certificate import chance_level, load_certificate
@@ -23,6 +23,7 @@ from verify.recipes import get_recipe, parse_training
 from verify.relabel import RELABEL_SEED, Labelling, natural_key, parse_relabel
 from verify.store import cell_key
 from verify.train import CellResult
+from tests.clitools import call_main
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "cifar10"
@@ -39,15 +40,6 @@ def _map(tmp_path: Path, blob: object | str, name: str = "map.json") -> Path:
     return path
 
 
-def call_main(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    """The console entry point in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 class FakeTrainer:
