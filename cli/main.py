@@ -130,8 +130,11 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--jpeg-quality", type=int, default=95, show_default=True, help="Quality of JPEG outputs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: the CPU cores).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: the CPU cores; with --engine ray: the cluster's).")
 @click.option("--memory", metavar="SIZE", help="Image working memory of all workers together, e.g. 2GB (default: a quarter of RAM, at most 1.5GB).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the images are protected: worker processes here, or Ray actors (RAY_ADDRESS, else a "
+                   "local Ray cluster; pip install 'protect[ray]').")
 @click.option("--record", "record_dir", type=click.Path(file_okay=False), help="Private run record folder (default OUT_DIR.protect).")
 @click.option("--overwrite", is_flag=True, help="Redo every image instead of resuming.")
 @click.option("--prune", is_flag=True, help="Delete outputs whose input was removed or now fails (only if unchanged).")
@@ -145,7 +148,8 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
            state_from: str | None,
            extra: tuple[str, ...],
            out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None, memory: str | None,
-           record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None, as_json: bool,
+           engine: str, record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None,
+           as_json: bool,
            quiet: bool) -> None:
     """Protect every image under IN_DIR into OUT_DIR (same names, same formats)."""
     from protect import ProtectOptions, load_keyring, protect_folder
@@ -162,7 +166,7 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
     params = {k: v for k, v in params.items() if v is not None} | _parse_params(extra)
     options = ProtectOptions(
         method=method, params=params, labels_csv=labels_csv, out_format=out_format, device=device,
-        batch_size=batch_size, workers=workers, memory=parse_size(memory) if memory else None,
+        batch_size=batch_size, workers=workers, memory=parse_size(memory) if memory else None, engine=engine,
         record_dir=record_dir, state_from=state_from, fit_progress=_FitBars(quiet or as_json), overwrite=overwrite, prune=prune, strict=strict,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, jpeg_quality=jpeg_quality, progress=not quiet,
     )

@@ -30,6 +30,9 @@ import click
 @click.option("--model", help="Override the tier's surrogate model (e.g. resnet18, resnet20, fastcnn).")
 @click.option("--epochs", type=int, help="Override the tier's epochs (and turn off the quick tier's small-set adaptation).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Train the cells here one after another, or each as a Ray task (one CPU, or one GPU with "
+                   "--device cuda; RAY_ADDRESS, else a local Ray cluster; pip install 'protect[ray]').")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Report folder (default PROTECTED_DIR.verify); finished cells are saved in its cells/ folder.")
 @click.option("--baseline-per-defense", is_flag=True, help="Train the clean baseline under every defense too.")
 @click.option("--max-per-class", type=int, help="Use only the first N images per class of the data, before --relabel (quick subsets).")
@@ -41,7 +44,7 @@ import click
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv: str | None,
            test_labels_csv: str | None, relabel: str | None, tier: str, trainings: str | None,
-           defenses: str | None, seeds: int, model: str | None, epochs: int | None, device: str,
+           defenses: str | None, seeds: int, model: str | None, epochs: int | None, device: str, engine: str,
            report_dir: str | None, baseline_per_defense: bool, max_per_class: int | None, no_cache: bool,
            fresh: bool, as_json: bool, quiet: bool) -> None:
     """Certify PROTECTED_DIR: train surrogates on it and measure clean test accuracy.
@@ -64,7 +67,7 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv:
         model=model, epochs=epochs, device=device, report_dir=report_dir,
         cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
         max_per_class=max_per_class, progress=not (quiet or as_json), fresh=fresh, relabel=relabel,
-        labels_csv=labels_csv, test_labels_csv=test_labels_csv,
+        labels_csv=labels_csv, test_labels_csv=test_labels_csv, engine=engine,
     )
     if not distributed.is_main():  # under torchrun only rank 0 reports
         return

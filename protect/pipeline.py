@@ -10,6 +10,7 @@ and ends byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -272,8 +273,9 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
             raise InputError(f"cannot create {folder}: not a folder")
     lock = RunLock(record_dir, out_path)
     try:
-        return _locked_run(dataset, formats, out_rels, in_path, out_path, record_dir, keyring, options, method,
-                           params, header, device, on_start, source.state if source is not None else None)
+        with _cluster(options):  # Ray: reached (or started) before the fit, so a wrong address fails early
+            return _locked_run(dataset, formats, out_rels, in_path, out_path, record_dir, keyring, options, method,
+                               params, header, device, on_start, source.state if source is not None else None)
     finally:
         lock.release()
 
@@ -411,6 +413,15 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
         summary.seconds = time.perf_counter() - start
         _finish(summary, record, run, dataset, out_path, options)
     return summary
+
+
+def _cluster(options: ProtectOptions) -> contextlib.AbstractContextManager:
+    """The Ray cluster for the whole run with ``--engine ray`` (nothing otherwise)."""
+    if options.engine != "ray":
+        return contextlib.nullcontext()
+    from .ray_engine import cluster
+
+    return cluster(options.workers or default_workers())
 
 
 def _engine(options: ProtectOptions, spec: Spec, workers: int, files: int) -> LocalEngine | Any:

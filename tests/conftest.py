@@ -75,3 +75,24 @@ def make_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One small local Ray cluster for the whole test session (2 CPUs, no dashboard, a 100 MB object
+    store, quiet), shut down at the end; skips the test when Ray is not installed."""
+    import logging
+    import os
+
+    try:
+        import ray
+    except ImportError:
+        pytest.skip("ray is not installed (pip install 'protect[ray]')")
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+                 log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    if started:
+        ray.shutdown()

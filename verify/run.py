@@ -37,6 +37,11 @@ The remapped sets' hashes cover the map, so no saved cell or cached baseline cro
 **Progress** (``progress=True``): a tqdm bar per cell when stderr is a terminal; otherwise (a log
 file, CI, a pipe) one line per finished cell and no bars.
 
+**On Ray** (``engine="ray"``, ``--engine ray``, :mod:`verify.ray_cells`): the reused and cached
+cells are decided here as above, then every cell that must train is one Ray task (one CPU, or one
+GPU), saved in the report's cells as it finishes; this process writes the one certificate, with the
+same cells and numbers as a local run with the same seeds on the same kind of device and thread count.
+
 Multi-GPU: under ``torchrun`` every process runs the same call; each cell is then trained
 data-parallel with DDP across the processes (:mod:`verify.distributed`), and only rank 0 prints,
 writes the cache, the finished cells and the report; rank 0 decides which saved cells are reused
@@ -51,7 +56,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +91,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TRAININGS = "erm,linf"
 DEFAULT_DEFENSES = "none,grayscale,jpeg10"
 CELLS_DIR = "cells"
+#: Where the cells train (``--engine``).
+ENGINES = ("local", "ray")
 
 
 def _seed_list(seeds: int | Sequence[int]) -> list[int]:
@@ -128,6 +135,19 @@ def _labelling(relabel: str | os.PathLike | RelabelSpec | Labelling | None, clas
     return spec.resolve(classes)
 
 
+def _check_engine(engine: str) -> None:
+    """A known engine; Ray installed for ``ray``, and not under torchrun (one driver, many tasks)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine '{engine}'; use {' or '.join(ENGINES)}")
+    if engine == "ray":
+        from protect.ray_engine import require_ray
+
+        require_ray()
+        if distributed.env_world_size() > 1:
+            raise ConfigError("--engine ray runs every cell as a Ray task from one process: do not start it "
+                              "under torchrun")
+
+
 def _default_report_dir(protected_dir: Path) -> Path:
     return protected_dir.parent / f"{protected_dir.name}.verify"
 
@@ -160,12 +180,14 @@ def verify_sets(
     progress: bool | Any = True,
     fresh: bool = False,
     relabel: str | os.PathLike | RelabelSpec | Labelling | None = None,
+    engine: str = "local",
 ) -> dict:
     """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files and
     keeps no finished cells; ``cache_dir=False`` disables the baseline cache). ``relabel``: a
     ``--relabel`` value, a parsed :class:`RelabelSpec` or a :class:`Labelling` (None: the data's labels)."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
+    _check_engine(engine)
     dev = resolve_device(distributed.setup(device))  # joins the torchrun group first: rank 0 alone prints
     main = distributed.is_main()
     # progress=True: bars on a terminal, else one line per finished cell (logs and CI stay readable)
@@ -224,76 +246,108 @@ def verify_sets(
     protected_runs: dict[tuple[str, str], list[CellResult]] = {}
     clean_runs: dict[tuple[str, str], list[CellResult]] = {}
     clean_cached: dict[tuple[str, str], list[bool]] = {}
-    done = 0
 
-    def run_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str) -> tuple[CellResult, bool]:
-        """One cell: reused from the report's cells, else from the baseline cache (clean), else
-        trained; saved in the report's cells as soon as it is there. Returns (result, from cache)."""
+    def saved_cell(role: str, t: Training, d: defense_registry.Defense, seed: int,
+                   label: str) -> tuple[CellResult, bool] | None:
+        """The cell as a finished earlier run saved it in the report's cells: (result, from cache)."""
         data = clean if role == "clean" else protected
         assert data is not None
         key = cell_key(data, test, recipe, t, d, seed, role=role)
         # Rank 0 decides (files shared by all processes must not be read half-written) and tells the others.
         saved = distributed.broadcast_object(store.get(key) if main and not fresh else None)
-        if saved is not None:
-            result, meta = saved
-            store.reused += 1
-            if role == "clean" and cache.root is not None:
-                # count the lookup the original run made, so the certificate matches an uninterrupted run
-                cache.hits += meta.get("baseline_cache") == "hit"
-                cache.misses += meta.get("baseline_cache") == "miss"
-            log.info("%s: reused from %s (peak %.3f)", label, store.root, result.peak_acc)
-            say(f"{label}: finished before, reused (peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)})")
-            return result, bool(meta.get("cached", False))
-        cached = False
-        lookup = None  # the baseline-cache lookup: "hit", "miss", or None (no cache, or fresh)
-        if role == "clean" and not fresh:
-            bkey = cell_key(data, test, recipe, t, d.name, seed)
-            hit = distributed.broadcast_object(cache.get(bkey) if main else None)
-            if cache.root is not None:
-                lookup = "hit" if hit is not None else "miss"
-            if hit is not None:
-                result, cached = hit, True
-                log.info("%s: clean baseline from cache (peak %.3f)", label, result.peak_acc)
-                say(f"{label}: cached clean baseline, peak {_pct(result.peak_acc)}")
-        if not cached:
+        if saved is None:
+            return None
+        result, meta = saved
+        store.reused += 1
+        if role == "clean" and cache.root is not None:
+            # count the lookup the original run made, so the certificate matches an uninterrupted run
+            cache.hits += meta.get("baseline_cache") == "hit"
+            cache.misses += meta.get("baseline_cache") == "miss"
+        log.info("%s: reused from %s (peak %.3f)", label, store.root, result.peak_acc)
+        say(f"{label}: finished before, reused (peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)})")
+        return result, bool(meta.get("cached", False))
+
+    def cached_baseline(role: str, t: Training, d: defense_registry.Defense, seed: int,
+                        label: str) -> tuple[CellResult | None, str | None]:
+        """A clean baseline from the cache: (result or None, the lookup: "hit", "miss" or None)."""
+        if role != "clean" or fresh:
+            return None, None
+        assert clean is not None
+        hit = distributed.broadcast_object(cache.get(cell_key(clean, test, recipe, t, d.name, seed)) if main else None)
+        lookup = None if cache.root is None else ("hit" if hit is not None else "miss")
+        if hit is not None:
+            log.info("%s: clean baseline from cache (peak %.3f)", label, hit.peak_acc)
+            say(f"{label}: cached clean baseline, peak {_pct(hit.peak_acc)}")
+        return hit, lookup
+
+    def trained_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str,
+                     result: CellResult) -> None:
+        """Count, cache (a clean baseline) and report a cell that has just been trained."""
+        store.trained += 1
+        data = clean if role == "clean" else protected
+        assert data is not None
+        if role == "clean" and main:
+            cache.put(cell_key(data, test, recipe, t, d.name, seed), result, {
+                "clean_root": str(data.root), "tier": recipe.tier, "training": t.name, "defense": d.name,
+                "seed": seed, "labels": labels_id})
+        log.info("%s: peak %.3f final %.3f (%.0f s)", label, result.peak_acc, result.final_acc, result.wall_s)
+        if lines or (bars and engine == "ray"):  # no bars for cells trained elsewhere: one line each
+            medical = ""
+            if metric == "balanced_accuracy" and result.peak_balanced_acc is not None:
+                auc = "n/a" if result.peak_auc is None else f"{result.peak_auc:.3f}"
+                medical = f", balanced peak {_pct(result.peak_balanced_acc)}, AUC peak {auc}"
+            say(f"{label}: peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)}, "
+                f"train {_pct(result.train_acc)}{medical} ({result.wall_s:.0f} s)")
+
+    def save_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, result: CellResult,
+                  cached: bool, lookup: str | None) -> None:
+        """Save a cell in the report's cells as soon as it is there."""
+        if main:
+            data = clean if role == "clean" else protected
+            assert data is not None
+            store.put(cell_key(data, test, recipe, t, d, seed, role=role), result, {
+                "role": role, "tier": recipe.tier, "training": t.name, "defense": d.name, "seed": seed,
+                "cached": cached, "baseline_cache": lookup, "train_root": str(data.root),
+                "test_root": str(test.root), "labels": labels_id})
+
+    def run_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str) -> tuple[CellResult, bool]:
+        """One cell here: reused from the report's cells, else from the baseline cache (clean), else
+        trained; saved in the report's cells as soon as it is there. Returns (result, from cache)."""
+        reused = saved_cell(role, t, d, seed, label)
+        if reused is not None:
+            return reused
+        result, lookup = cached_baseline(role, t, d, seed, label)
+        cached = result is not None
+        if result is None:
+            data = clean if role == "clean" else protected
+            assert data is not None
             result = train_cell(data, test, recipe, t, d, seed, dev, progress=True if bars else (
                 progress if callable(progress) else False), label=label)
-            store.trained += 1
-            if role == "clean" and main:
-                cache.put(cell_key(data, test, recipe, t, d.name, seed), result, {
-                    "clean_root": str(data.root), "tier": recipe.tier, "training": t.name, "defense": d.name,
-                    "seed": seed, "labels": labels_id})
-            log.info("%s: peak %.3f final %.3f (%.0f s)", label, result.peak_acc, result.final_acc, result.wall_s)
-            if lines:
-                medical = ""
-                if metric == "balanced_accuracy" and result.peak_balanced_acc is not None:
-                    auc = "n/a" if result.peak_auc is None else f"{result.peak_auc:.3f}"
-                    medical = f", balanced peak {_pct(result.peak_balanced_acc)}, AUC peak {auc}"
-                say(f"{label}: peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)}, "
-                    f"train {_pct(result.train_acc)}{medical} ({result.wall_s:.0f} s)")
-        if main:
-            store.put(key, result, {"role": role, "tier": recipe.tier, "training": t.name, "defense": d.name,
-                                    "seed": seed, "cached": cached, "baseline_cache": lookup,
-                                    "train_root": str(data.root), "test_root": str(test.root),
-                                    "labels": labels_id})
+            trained_cell(role, t, d, seed, label, result)
+        save_cell(role, t, d, seed, result, cached, lookup)
         return result, cached
 
+    grid = [(role, t, d, seed) for role, t, d in plan for seed in seed_list]
+    outcomes: dict[int, tuple[CellResult, bool]] = {}  # plan position -> (result, from cache)
     try:
-        for role, t, d in plan:
-            for seed in seed_list:
-                done += 1
-                label = f"[{done}/{total}] {role} {t.name}/{d.name} seed {seed}"
-                result, cached = run_cell(role, t, d, seed, label)
-                if role == "clean":
-                    clean_runs.setdefault((t.name, d.name), []).append(result)
-                    clean_cached.setdefault((t.name, d.name), []).append(cached)
-                else:
-                    protected_runs.setdefault((t.name, d.name), []).append(result)
+        if engine == "ray":
+            _cells_on_ray(grid, outcomes, saved_cell, cached_baseline, trained_cell, save_cell,
+                          {"protected": protected, "clean": clean}, test, recipe, dev)
+        else:
+            for i, (role, t, d, seed) in enumerate(grid):
+                outcomes[i] = run_cell(role, t, d, seed, f"[{i + 1}/{total}] {role} {t.name}/{d.name} seed {seed}")
     except KeyboardInterrupt:
-        if store.root is not None and main:  # every cell before the interrupted one is saved
-            log.warning("verify interrupted: %d of %d cells are saved in %s", done - 1, total, store.root)
-            say(f"verify: {done - 1} of {total} cells are saved in {store.root}; the same command resumes")
+        if store.root is not None and main:  # every cell that finished is saved
+            log.warning("verify interrupted: %d of %d cells are saved in %s", len(outcomes), total, store.root)
+            say(f"verify: {len(outcomes)} of {total} cells are saved in {store.root}; the same command resumes")
         raise
+    for i, (role, t, d, seed) in enumerate(grid):
+        result, cached = outcomes[i]
+        if role == "clean":
+            clean_runs.setdefault((t.name, d.name), []).append(result)
+            clean_cached.setdefault((t.name, d.name), []).append(cached)
+        else:
+            protected_runs.setdefault((t.name, d.name), []).append(result)
 
     cells = []
     for t in regimes:
@@ -316,6 +370,7 @@ def verify_sets(
     extra: dict[str, Any] = {
         "baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits, "misses": cache.misses},
         "batchnorm": distributed.batchnorm_mode(dev),
+        "engine": engine,
         "resume": {"cells_dir": str(store.root) if store.root else None, "reused": store.reused,
                    "trained": store.trained, "fresh": bool(fresh)},
     }
@@ -340,6 +395,39 @@ def verify_sets(
     return cert
 
 
+def _cells_on_ray(grid: list[tuple[str, Training, defense_registry.Defense, int]],
+                  outcomes: dict[int, tuple[CellResult, bool]], saved_cell: Callable[..., Any],
+                  cached_baseline: Callable[..., Any], trained_cell: Callable[..., None],
+                  save_cell: Callable[..., None], sets: dict[str, TensorSet | None], test: TensorSet,
+                  recipe: Recipe, dev: torch.device) -> None:
+    """Fill ``outcomes`` (plan position -> (result, from cache)): reused and cached cells here, in
+    plan order, then every other cell as one Ray task (:mod:`verify.ray_cells`), each saved as
+    soon as it finishes."""
+    from .ray_cells import CellJob, run_cells
+
+    total = len(grid)
+    jobs = []
+    for i, (role, t, d, seed) in enumerate(grid):
+        label = f"[{i + 1}/{total}] {role} {t.name}/{d.name} seed {seed}"
+        reused = saved_cell(role, t, d, seed, label)
+        if reused is not None:
+            outcomes[i] = reused
+            continue
+        hit, lookup = cached_baseline(role, t, d, seed, label)
+        if hit is not None:
+            save_cell(role, t, d, seed, hit, True, lookup)
+            outcomes[i] = (hit, True)
+            continue
+        jobs.append(CellJob(i, role, t, d, seed, label, lookup))
+
+    def done(job: CellJob, result: CellResult) -> None:
+        trained_cell(job.role, job.training, job.defense, job.seed, job.label, result)
+        save_cell(job.role, job.training, job.defense, job.seed, result, False, job.lookup)
+        outcomes[job.index] = (result, False)
+
+    run_cells(jobs, {k: v for k, v in sets.items() if v is not None}, test, recipe, dev, done)
+
+
 def verify_folder(
     protected_dir: str | os.PathLike,
     test_dir: str | os.PathLike,
@@ -360,6 +448,7 @@ def verify_folder(
     relabel: str | os.PathLike | RelabelSpec | Labelling | None = None,
     labels_csv: str | os.PathLike | None = None,
     test_labels_csv: str | os.PathLike | None = None,
+    engine: str = "local",
 ) -> dict:
     """Certify how much a protected folder takes away from models trained on it.
 
@@ -391,6 +480,8 @@ def verify_folder(
             folder and the clean folder alike (the protected folder holds the same relative paths);
             None: their class sub-folders.
         test_labels_csv: the same for the test folder (None: its class sub-folders).
+        engine: ``local`` (every cell in this process, one after another) or ``ray`` (every cell
+            to train is one Ray task, :mod:`verify.ray_cells`; the same cells and numbers).
 
     Returns the certificate dict (schema ``protect.certificate/1``). Raises ConfigError for unknown
     tiers, regimes, defenses, models or devices, InputError for unusable folders (missing, empty,
@@ -402,6 +493,7 @@ def verify_folder(
     _defense_list(defenses)
     _seed_list(seeds)
     resolve_device(device)
+    _check_engine(engine)
     from .models import create_model
 
     create_model(recipe.model, 2)  # unknown model names fail here, before any data is loaded
@@ -428,7 +520,7 @@ def verify_folder(
     cert = verify_sets(
         protected, test, clean, tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds,
         device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
-        progress=progress, fresh=fresh, relabel=labelling,
+        progress=progress, fresh=fresh, relabel=labelling, engine=engine,
     )
     if out is not None:
         cert["report_dir"] = str(out)

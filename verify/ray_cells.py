@@ -1,0 +1,101 @@
+"""Verification cells on a Ray cluster (``protect verify --engine ray``).
+
+Every cell that must train (training regime x defense x seed, and the clean baselines) is one Ray
+task running the same :func:`verify.train.train_cell` as a local run, with the same seed, so each
+cell gives the same numbers as a local run on the same kind of device with the same thread count
+(a cell on Ray uses one CPU thread, or one GPU). The data sets are put in the object store once;
+each task asks for one CPU, or one GPU when the device is CUDA. The driver (this process) decides
+which cells are reused from the report folder or the baseline cache, saves every cell in the
+report's cell store as soon as its task finishes, and writes the one certificate
+(:mod:`verify.run`); an interrupted run therefore resumes as a local one does.
+
+The cluster is reached as for ``protect images --engine ray`` (:func:`protect.ray_engine.connect`):
+``RAY_ADDRESS``, or a private local cluster with one CPU per core, stopped at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from protect.engine import default_workers
+from protect.ray_engine import LOCAL_OBJECT_STORE, cluster_slots, connect, disconnect, require_ray, unwrap
+
+from . import defenses as defense_registry
+from .data import TensorSet
+from .recipes import Recipe, Training
+from .train import CellResult, train_cell
+
+__all__ = ["CellJob", "run_cells"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellJob:
+    """One cell to train: where it sits in the plan, what it trains on, and its label."""
+
+    index: int
+    role: str
+    training: Training
+    defense: defense_registry.Defense
+    seed: int
+    label: str
+    lookup: str | None = None
+
+
+def _train(data: TensorSet, test: TensorSet, recipe: Recipe, training: Training,
+           defense: defense_registry.Defense, seed: int, device: str, label: str) -> CellResult:
+    """The Ray task: one cell, silent, on this worker's CPU thread or its GPU."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and cancels the tasks
+    if device == "cpu":
+        torch.set_num_threads(1)
+    return train_cell(data, test, recipe, training, defense, seed, device, progress=False, label=label)
+
+
+def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorSet, recipe: Recipe,
+              device: torch.device, on_done: Callable[[CellJob, CellResult], None]) -> None:
+    """Train ``jobs`` as Ray tasks; ``on_done(job, result)`` runs in this process as each finishes.
+    ``sets`` maps a job's role to its training set. On any error or Ctrl-C the tasks still running
+    are cancelled (the cells already passed to ``on_done`` are kept by the caller)."""
+    if not jobs:
+        return
+    ray = require_ray()
+    gpu = device.type == "cuda"
+    size = sum(s.x.numel() * s.x.element_size() + s.y.numel() * 8 for s in (*sets.values(), test))
+    owner = connect(default_workers(), max(LOCAL_OBJECT_STORE, 2 * size + (64 << 20)))
+    pending: dict[Any, CellJob] = {}
+    try:
+        slots = cluster_slots(gpu)
+        log.info("verify: %d cell(s) on Ray, %d at a time", len(jobs), min(slots, len(jobs)))
+        refs = {role: ray.put(s) for role, s in sets.items()}
+        test_ref = ray.put(test)
+        task = ray.remote(_train).options(num_gpus=1, num_cpus=1, max_retries=0) if gpu else \
+            ray.remote(_train).options(num_cpus=1, max_retries=0)
+        where = "cuda" if gpu else "cpu"  # a task sees its own GPU only, as device 0
+        for job in jobs:
+            ref = task.remote(refs[job.role], test_ref, recipe, job.training, job.defense, job.seed, where, job.label)
+            pending[ref] = job
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                job = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    raise unwrap(exc) from None
+                on_done(job, result)
+    finally:
+        for ref in pending:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception as exc:  # noqa: BLE001 - a finished or lost task: nothing to cancel
+                log.debug("ray: cannot cancel a cell: %s", exc)
+        if owner:
+            disconnect()
