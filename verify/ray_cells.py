@@ -30,7 +30,7 @@ from .data import TensorSet
 from .recipes import Recipe, Training
 from .train import CellResult, train_cell
 
-__all__ = ["CellJob", "run_cells"]
+__all__ = ["CellJob", "run_cells", "run_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +99,33 @@ def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorS
                 log.debug("ray: cannot cancel a cell: %s", exc)
         if owner:
             disconnect()
+
+
+def run_grid(grid: Sequence[tuple[str, Training, defense_registry.Defense, int, str]],
+             outcomes: dict[int, tuple[CellResult, bool]], saved_cell: Callable[..., Any],
+             cached_baseline: Callable[..., Any], trained_cell: Callable[..., None],
+             save_cell: Callable[..., None], sets: dict[str, TensorSet | None], test: TensorSet,
+             recipe: Recipe, dev: torch.device) -> None:
+    """Fill ``outcomes`` (plan position -> (result, from cache)) for the ``grid`` of
+    :func:`verify.run.verify_sets` (role, training, defense, seed, label): reused and cached cells
+    here, in plan order, with its callbacks, then every other cell as one Ray task, each reported
+    and saved as it finishes."""
+    jobs = []
+    for i, (role, t, d, seed, label) in enumerate(grid):
+        reused = saved_cell(role, t, d, seed, label)
+        if reused is not None:
+            outcomes[i] = reused
+            continue
+        hit, lookup = cached_baseline(role, t, d, seed, label)
+        if hit is not None:
+            save_cell(role, t, d, seed, hit, True, lookup)
+            outcomes[i] = (hit, True)
+            continue
+        jobs.append(CellJob(i, role, t, d, seed, label, lookup))
+
+    def done(job: CellJob, result: CellResult) -> None:
+        trained_cell(job.role, job.training, job.defense, job.seed, job.label, result)
+        save_cell(job.role, job.training, job.defense, job.seed, result, False, job.lookup)
+        outcomes[job.index] = (result, False)
+
+    run_cells(jobs, {k: v for k, v in sets.items() if v is not None}, test, recipe, dev, done)

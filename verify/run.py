@@ -56,7 +56,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,21 +327,26 @@ def verify_sets(
         save_cell(role, t, d, seed, result, cached, lookup)
         return result, cached
 
-    grid = [(role, t, d, seed) for role, t, d in plan for seed in seed_list]
+    grid: list[tuple[str, Training, defense_registry.Defense, int, str]] = []  # ... seed, label; plan order
+    for role, t, d in plan:
+        for seed in seed_list:
+            grid.append((role, t, d, seed, f"[{len(grid) + 1}/{total}] {role} {t.name}/{d.name} seed {seed}"))
     outcomes: dict[int, tuple[CellResult, bool]] = {}  # plan position -> (result, from cache)
     try:
         if engine == "ray":
-            _cells_on_ray(grid, outcomes, saved_cell, cached_baseline, trained_cell, save_cell,
-                          {"protected": protected, "clean": clean}, test, recipe, dev)
+            from .ray_cells import run_grid
+
+            run_grid(grid, outcomes, saved_cell, cached_baseline, trained_cell, save_cell,
+                     {"protected": protected, "clean": clean}, test, recipe, dev)
         else:
-            for i, (role, t, d, seed) in enumerate(grid):
-                outcomes[i] = run_cell(role, t, d, seed, f"[{i + 1}/{total}] {role} {t.name}/{d.name} seed {seed}")
+            for i, (role, t, d, seed, label) in enumerate(grid):
+                outcomes[i] = run_cell(role, t, d, seed, label)
     except KeyboardInterrupt:
         if store.root is not None and main:  # every cell that finished is saved
             log.warning("verify interrupted: %d of %d cells are saved in %s", len(outcomes), total, store.root)
             say(f"verify: {len(outcomes)} of {total} cells are saved in {store.root}; the same command resumes")
         raise
-    for i, (role, t, d, seed) in enumerate(grid):
+    for i, (role, t, d, _, _) in enumerate(grid):
         result, cached = outcomes[i]
         if role == "clean":
             clean_runs.setdefault((t.name, d.name), []).append(result)
@@ -393,39 +398,6 @@ def verify_sets(
         write_report(cert, out, clean=originals[1], protected=originals[0])
         log.info("verify: report written to %s", out)
     return cert
-
-
-def _cells_on_ray(grid: list[tuple[str, Training, defense_registry.Defense, int]],
-                  outcomes: dict[int, tuple[CellResult, bool]], saved_cell: Callable[..., Any],
-                  cached_baseline: Callable[..., Any], trained_cell: Callable[..., None],
-                  save_cell: Callable[..., None], sets: dict[str, TensorSet | None], test: TensorSet,
-                  recipe: Recipe, dev: torch.device) -> None:
-    """Fill ``outcomes`` (plan position -> (result, from cache)): reused and cached cells here, in
-    plan order, then every other cell as one Ray task (:mod:`verify.ray_cells`), each saved as
-    soon as it finishes."""
-    from .ray_cells import CellJob, run_cells
-
-    total = len(grid)
-    jobs = []
-    for i, (role, t, d, seed) in enumerate(grid):
-        label = f"[{i + 1}/{total}] {role} {t.name}/{d.name} seed {seed}"
-        reused = saved_cell(role, t, d, seed, label)
-        if reused is not None:
-            outcomes[i] = reused
-            continue
-        hit, lookup = cached_baseline(role, t, d, seed, label)
-        if hit is not None:
-            save_cell(role, t, d, seed, hit, True, lookup)
-            outcomes[i] = (hit, True)
-            continue
-        jobs.append(CellJob(i, role, t, d, seed, label, lookup))
-
-    def done(job: CellJob, result: CellResult) -> None:
-        trained_cell(job.role, job.training, job.defense, job.seed, job.label, result)
-        save_cell(job.role, job.training, job.defense, job.seed, result, False, job.lookup)
-        outcomes[job.index] = (result, False)
-
-    run_cells(jobs, {k: v for k, v in sets.items() if v is not None}, test, recipe, dev, done)
 
 
 def verify_folder(
