@@ -126,6 +126,10 @@ class Perturbation(ABC):
         return quantise_levels(y, levels, v.dtype)
 
     # -- state -----------------------------------------------------------------------------
+    def fit_report(self) -> dict[str, Any]:
+        """What the last :meth:`fit` did (rounds, losses), for the run summary; not a parameter."""
+        return {}
+
     def params(self) -> dict[str, Any]:
         """The resolved parameters, JSON-serialisable (written to the run record)."""
         return {}

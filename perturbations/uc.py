@@ -263,6 +263,9 @@ class UnlearnableClusters(AdditivePerturbation):
     def extend(self, data: FitData) -> bool:
         return self.clusters.extend(data)
 
+    def fit_report(self) -> dict[str, Any]:
+        return {} if self.final_loss is None else {"final_mean_kl": round(self.final_loss, 6)}
+
     # -- protecting (the shared additive path, perturbations.additive) -----------------------
     def _indices(self, ids: Sequence[str] | None, n: int) -> list[int]:
         if self.deltas is None:

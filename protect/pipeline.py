@@ -98,6 +98,7 @@ class Summary:
     ssim_mean: float | None = None
     seconds: float = 0.0
     fit_seconds: float = 0.0
+    fit_report: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     workers: int = 1
 
@@ -370,7 +371,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
     record = RunRecord.open(record_dir, header, previous)
     summary = Summary(str(in_path), str(out_path), str(record_dir), method_cls.name, method.params(),
                       keyring.fingerprint(), dataset.class_map, total=len(dataset.entries), device=str(device),
-                      workers=workers, fit_seconds=round(fit_seconds, 2))
+                      workers=workers, fit_seconds=round(fit_seconds, 2), fit_report=method.fit_report())
     summary.skipped_entries = [{"path": rel, "reason": why} for rel, why in dataset.skipped]
     summary.warnings.extend(f"skipped {rel}: {why}" for rel, why in dataset.skipped)
     run = _Run(record, summary, options.strict)
