@@ -77,22 +77,32 @@ def main() -> None:
                            str(clean), "--tier", "quick", "--report", str(report), "--training", training,
                            "--defenses", defenses, *LABELLINGS[lab]]
                     run(cmd, env)
-                    cert = json.loads((report / "certificate.json").read_text())
-                    cells_file = work / f"cells-{name}-{lab}.json"
-                    kept = json.loads(cells_file.read_text()) if cells_file.exists() else {}
-                    for cell in cert["cells"]:
-                        kept[f"{cell['training']}/{cell['defense']}"] = {
-                            "protected_peak": cell["protected"]["peak_acc"],
-                            "protected_final": cell["protected"]["final_acc"],
-                            "clean_peak": (cell.get("clean") or {}).get("peak_acc"),
-                            "score": cell["score"], "chance": cert["chance"]}
-                    cells_file.write_text(json.dumps(kept, indent=2))
+                    collect(report, work / f"cells-{name}-{lab}.json")
+    for name in methods:  # certificates on disk (also those of an older run of this script)
+        for lab in labellings:
+            if (work / f"report-{name}-{lab}" / "certificate.json").exists():
+                collect(work / f"report-{name}-{lab}", work / f"cells-{name}-{lab}.json")
     print_table(work, methods, labellings)
 
 
+def collect(report: Path, cells_file: Path) -> None:
+    """Merge the cells of ``report``'s certificate into ``cells_file`` (one entry per regime/defense)."""
+    cert = json.loads((report / "certificate.json").read_text())
+    kept = json.loads(cells_file.read_text()) if cells_file.exists() else {}
+    for cell in cert["cells"]:
+        p, c = cell["protected"], cell.get("clean") or {}
+        kept[f"{cell['training']}/{cell['defense']}"] = {
+            "protected_peak": p["peak_acc"], "protected_final": p["final_acc"],
+            "protected_bal": p.get("peak_balanced_acc"), "clean_peak": c.get("peak_acc"),
+            "clean_bal": c.get("peak_balanced_acc"), "score": cell["score"], "chance": cert["chance"],
+            "score_metric": cert.get("score_metric", "accuracy"), "score_chance": cert.get("score_chance")}
+    cells_file.write_text(json.dumps(kept, indent=2))
+
+
 def print_table(work: Path, methods: list[str], labellings: list[str]) -> None:
-    print("| method | protect time (10k) | PSNR / SSIM | attacker labels | cell | clean peak | protected peak | score |")
-    print("|---|---:|---|---|---|---:|---:|---:|")
+    print("| method | protect time (10k) | PSNR / SSIM | attacker labels | cell | clean peak | protected peak | "
+          "balanced: clean / protected | score (metric) |")
+    print("|---|---:|---|---|---|---:|---:|---|---:|")
     for name in methods:
         info_file = work / f"{name}.protect.json"
         info = json.loads(info_file.read_text()) if info_file.exists() else {}
@@ -102,10 +112,13 @@ def print_table(work: Path, methods: list[str], labellings: list[str]) -> None:
                 continue
             for key, c in sorted(json.loads(cells_file.read_text()).items()):
                 score = "n/a" if c["score"] is None else f"{c['score']:.2f}"
-                clean_peak = "" if c["clean_peak"] is None else f"{100 * c['clean_peak']:.1f}"
+                pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
+                bal = (f"{pct(c.get('clean_bal'))} / {pct(c.get('protected_bal'))}"
+                       if c.get("score_metric") == "balanced_accuracy" else "")
+                metric = "bal." if c.get("score_metric") == "balanced_accuracy" else "acc."
                 print(f"| {name} | {info.get('wall_s', '')} s | {info.get('psnr', '')} / {info.get('ssim', '')} | "
-                      f"{lab} (chance {100 * c['chance']:.0f} %) | {key} | {clean_peak} | "
-                      f"{100 * c['protected_peak']:.1f} | {score} |")
+                      f"{lab} (chance {100 * c['chance']:.0f} %) | {key} | {pct(c['clean_peak'])} | "
+                      f"{pct(c['protected_peak'])} | {bal} | {score} ({metric}) |")
 
 
 if __name__ == "__main__":
