@@ -30,6 +30,7 @@ from common import CIFAR, CLI, ROOT, env_for, protect_once, run, stage_subset  #
 METHODS = {
     "cuda": ["--method", "cuda"],
     "uc-r56": ["--method", "uc", "--surrogate", "cifar-resnet56"],
+    "uc-r56-s300": ["--method", "uc", "--surrogate", "cifar-resnet56", "--param", "steps=300"],
     "uc-random": ["--method", "uc", "--surrogate", "random:cifar-resnet20"],
     "cuda-clusters": ["--method", "cuda", "--clusters", "10", "--surrogate", "cifar-resnet56"],
 }
