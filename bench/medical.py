@@ -32,6 +32,7 @@ from common import CIFAR, CLI, ROOT, SHARED, env_for, protect_once, run, stage_s
 NPZ = {"breast": (SHARED / "medmnist" / "breastmnist.npz", "malignant,normal"),
        "pneumonia": (SHARED / "medmnist" / "pneumoniamnist_kaggle_variant.npz", "normal,pneumonia")}
 METHODS = {f"salm-{r}": ["--method", "salm", "--mask-ratio", str(r)] for r in (0.02, 0.05, 0.1, 0.3)}
+METHODS["salm-0.1-aug"] = ["--method", "salm", "--mask-ratio", "0.1", "--param", "augment=true"]
 METHODS["dense"] = ["--method", "salm", "--mask-ratio", "1"]
 METHODS["cuda"] = ["--method", "cuda"]
 PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", "grayscale,jpeg10")}

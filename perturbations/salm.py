@@ -52,7 +52,7 @@ from .clustering import ClusterTable
 from .errors import ConfigError, InputError
 from .keyring import Keyring
 from .nets import TinyConvNet, cifar_resnet, keyed_init
-from .steps import signed_step
+from .steps import random_flip_crop, signed_step
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class SALM(AdditivePerturbation):
         inner_stop: a batch stops its signed-gradient steps early once every image's loss is below
             this (default 0.01; 0 = always all ``steps``, as the EM paper does). The noise of such a
             batch already does its job; this is what keeps the fit within minutes on a CPU.
+        augment: train the surrogate and take the noise steps through random flips and padded
+            crops (the attacker's augmentation), so the noise survives them (default False).
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] with labels and ids (relative paths).
     """
@@ -130,6 +132,7 @@ class SALM(AdditivePerturbation):
         max_side: int = 128,
         lr: float = 0.1,
         inner_stop: float = 0.01,
+        augment: bool = False,
     ) -> None:
         super().__init__(keyring)
         self.eps = parse_fraction(eps, "salm: eps")
@@ -156,6 +159,7 @@ class SALM(AdditivePerturbation):
         if not 0.0 <= float(inner_stop) < 10.0:
             raise ConfigError(f"salm: inner_stop must be in [0, 10), got {inner_stop}")
         self.inner_stop = float(inner_stop)
+        self.augment = bool(augment)
         self._steps_spent = 0
         self.size: tuple[int, int] | None = None
         self.channels: int | None = None
@@ -188,10 +192,12 @@ class SALM(AdditivePerturbation):
             raise ConfigError("salm: none of the images could be read for fitting")
         return torch.cat(xs), where
 
-    def _grad_x(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Gradient of the summed loss with respect to the input, and the largest per-image loss."""
+    def _grad_x(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                gen: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+        """Gradient of the summed loss with respect to the input (through a random flip and crop
+        when ``gen`` is given), and the largest per-image loss."""
         x = x.detach().requires_grad_(True)
-        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses = F.cross_entropy(model(random_flip_crop(x, gen) if gen is not None else x), y, reduction="none")
         (g,) = torch.autograd.grad(losses.sum(), x)
         return g, float(losses.detach().max())
 
@@ -209,7 +215,7 @@ class SALM(AdditivePerturbation):
             mask = saliency_mask(self._grad_x(model, (xb + d).clamp(0, 1), yb)[0], self.mask_ratio)
             d = d * mask
             for _ in range(self.steps):
-                g, worst = self._grad_x(model, (xb + d).clamp(0, 1), yb)  # d loss / d delta = d loss / d x
+                g, worst = self._grad_x(model, (xb + d).clamp(0, 1), yb, gen if self.augment else None)
                 if worst < self.inner_stop:  # every image of the batch is already learnt with confidence
                     break
                 d = signed_step(d, g, self.step_size, self.eps) * mask
@@ -256,7 +262,8 @@ class SALM(AdditivePerturbation):
             model.train()
             for _ in range(self.train_steps):
                 b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
-                loss = F.cross_entropy(model((x[b] + delta[b]).clamp(0, 1).to(dev)), y[b].to(dev))
+                xb = (x[b] + delta[b]).clamp(0, 1).to(dev)
+                loss = F.cross_entropy(model(random_flip_crop(xb, gen) if self.augment else xb), y[b].to(dev))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -324,7 +331,7 @@ class SALM(AdditivePerturbation):
                 "step_size": self.step_size, "train_steps": self.train_steps, "rounds": self.rounds,
                 "stop_error": self.stop_error, "surrogate": self.surrogate, "batch": self.batch,
                 "max_side": self.max_side, "lr": self.lr,
-                "inner_stop": self.inner_stop, "working_size": list(self.size) if self.size else None}
+                "inner_stop": self.inner_stop, "augment": self.augment, "working_size": list(self.size) if self.size else None}
 
     def fit_report(self) -> dict[str, Any]:
         return {"rounds": self.history, "stopped_early": bool(self.history)

@@ -8,9 +8,11 @@ does not clamp ``x + delta`` to [0, 1]; the caller does, since it holds ``x``.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l2_step", "per_sample_norm", "project_l2", "project_linf", "signed_step"]
+__all__ = ["l2_step", "per_sample_norm", "project_l2", "project_linf", "random_flip_crop", "signed_step"]
 
 
 def per_sample_norm(t: Tensor) -> Tensor:
@@ -40,3 +42,16 @@ def l2_step(delta: Tensor, grad: Tensor, step: float, eps: float, *, ascent: boo
     projected onto the L2 ball of radius ``eps``."""
     direction = grad / per_sample_norm(grad)
     return project_l2(delta + step * direction if ascent else delta - step * direction, eps)
+
+
+def random_flip_crop(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Random horizontal flips and padded random crops (pad min(H, W)/8, reflect), drawn from ``gen``:
+    the attacker's standard augmentation, differentiable, for perturbations optimised to survive it."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    p = max(1, min(h, w) // 8)
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
+    return torch.stack([padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])

@@ -51,25 +51,13 @@ from .clustering import derangement
 from .errors import ConfigError, InputError
 from .keyring import Keyring
 from .nets import keyed_init
-from .steps import signed_step
+from .steps import random_flip_crop, signed_step
 
 log = logging.getLogger(__name__)
 
 MODES = ("direct", "generator")
 #: Largest number of images kept for the optimisation by default.
 MAX_SAMPLES = 20000
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and padded random crops (pad S/8, reflect), drawn from ``gen``."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    p = max(1, min(h, w) // 8)
-    padded = F.pad(x, (p, p, p, p), mode="reflect")
-    oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
-    ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).tolist()
-    return torch.stack([padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
 
 
 def kl_to_target(features: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -199,7 +187,7 @@ class UnlearnableClusters(AdditivePerturbation):
 
     def _loss(self, s: Any, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.augment:
-            x = _augment(x, gen)
+            x = random_flip_crop(x, gen)
         return kl_to_target(s.features(x), target).sum()
 
     def _direct(self, s: Any, images: torch.Tensor, member: torch.Tensor, target_logits: torch.Tensor,
