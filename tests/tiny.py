@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+def copy_classes(split: str, dst: Path, n: int, classes: tuple[str, ...] = ("airplane", "frog"),
+                 dataset: str = "cifar10") -> Path:
+    """The first ``n`` images of each of ``classes`` in ``samples/<dataset>/<split>`` copied into
+    ``dst/<class>/``; returns ``dst``."""
+    for c in classes:
+        (dst / c).mkdir(parents=True)
+        for f in sorted((SAMPLES / dataset / split / c).glob("*.png"))[:n]:
+            shutil.copy(f, dst / c / f.name)
+    return dst
 
 
 def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -45,8 +45,6 @@ def invoke(*args: str, env: dict | None = None):
     return CliRunner().invoke(cli, [str(a) for a in args], env={KEY_ENV: None, **(env or {})})
 
 
-
-
 def assert_one_line_error(err: str, fragment: str) -> None:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err

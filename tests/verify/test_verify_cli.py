@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,19 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.tiny import copy_classes
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "samples" / "cifar10"
 CLASSES = ["airplane", "frog"]
 CELL_LINE = re.compile(r"^\[(\d)/4\] (clean|protected) erm/(\w+) seed 0: (.*)$")
 
 
 def _copy(split: str, dst: Path, n: int) -> Path:
-    for c in CLASSES:
-        (dst / c).mkdir(parents=True)
-        for f in sorted((SAMPLES / split / c).glob("*.png"))[:n]:
-            shutil.copy(f, dst / c / f.name)
-    return dst
+    return copy_classes(split, dst, n, tuple(CLASSES))
 
 
 def _command(tmp: Path) -> list[str]:

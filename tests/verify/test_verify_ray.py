@@ -6,25 +6,20 @@ per class): the clean erm/none baseline and protected erm x {none, grayscale}.""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from verify import run as vrun
+from tests.tiny import copy_classes
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "cifar10"
 CLASSES = ["airplane", "frog"]
 #: What legitimately differs between two runs: timings, folders, resume counts, and the engine's name.
 PER_RUN = {"wall_s", "epoch_s", "created", "resume", "report_dir", "dir", "engine"}
 
 
 def _copy(split: str, dst: Path, n: int) -> Path:
-    for c in CLASSES:
-        (dst / c).mkdir(parents=True)
-        for f in sorted((SAMPLES / split / c).glob("*.png"))[:n]:
-            shutil.copy(f, dst / c / f.name)
-    return dst
+    return copy_classes(split, dst, n, tuple(CLASSES))
 
 
 def untimed(obj):
