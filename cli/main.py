@@ -94,6 +94,8 @@ def methods(as_json: bool) -> None:
         click.echo(f"  paper: {row['paper']}")
         defaults = ", ".join(f"{k}={'auto' if v is None else v}" for k, v in row["defaults"].items())
         click.echo(f"  defaults: {defaults}")
+    click.echo("compose methods with '+': --method cuda+uc runs UC on CUDA's output (parameters: --param uc.eps=8/255; "
+               "a plain name goes to every stage that takes it)")
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @with_key
-@click.option("--method", help="Protection method (see `protect methods`; default cuda).")
+@click.option("--method", help="Protection method (see `protect methods`; default cuda); compose with '+': cuda+uc applies UC to CUDA's output.")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' for folders without class sub-folders.")
 @click.option("--filter-size", type=int, help="CUDA: odd filter size k (default: 3 below 128 px, else 9).")
 @click.option("--blur", type=float, help="CUDA: off-peak filter bound p_b (default follows the filter size).")
@@ -125,7 +127,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--eps", metavar="BOUND", help="UC / SALM: L-inf bound of the perturbation, e.g. 16/255 (UC's default), 8/255 (SALM's) or 0.03.")
 @click.option("--mask-ratio", type=float, help="SALM: share of pixel positions perturbed per image (default 0.1; 1 = dense error-minimising noise).")
 @click.option("--state", "state_from", type=click.Path(file_okay=False), help="Reuse the fitted method of a finished run (its record folder, e.g. out.protect) with the same key: new images join its clusters.")
-@click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter.")
+@click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter; STAGE.NAME=VALUE for one stage of a composed method.")
 @click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")
 @click.option("--jpeg-quality", type=int, default=95, show_default=True, help="Quality of JPEG outputs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")

@@ -4,6 +4,7 @@
 >>> perturbations.available()
 ['cuda', 'salm', 'uc']
 >>> method = perturbations.get("cuda")(keyring, num_classes=10)
+>>> both = perturbations.get("cuda+uc")  # composed: UC on CUDA's output
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ def available() -> list[str]:
 
 
 def get(name: str) -> type[Perturbation]:
-    """The method class registered as ``name``."""
+    """The method class registered as ``name``, or the composition of several (``cuda+uc``: each
+    stage on the previous one's output, see :mod:`perturbations.chain`)."""
     _load_builtins()
+    if "+" in name:
+        from .chain import chain_class
+
+        return chain_class(name, _METHODS.lookup)
     return _METHODS.lookup(name)
 
 

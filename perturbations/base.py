@@ -87,6 +87,9 @@ class Perturbation(ABC):
     #: State keys that hold per-image data (e.g. a cluster per image id). They grow when new images
     #: join (:meth:`extend`) and are left out of what makes an existing output current.
     per_image_state: ClassVar[tuple[str, ...]] = ()
+    #: Parameters this method only uses together with another one (``{"surrogate": "clusters"}``):
+    #: a composed method (``perturbations.chain``) routes a plain value here only with its partner.
+    companion_params: ClassVar[dict[str, str]] = {}
 
     def __init__(self, keyring: Keyring) -> None:
         if not isinstance(keyring, Keyring):
@@ -143,6 +146,17 @@ class Perturbation(ABC):
         self.fitted = True
 
     # -- helpers ---------------------------------------------------------------------------
+    @classmethod
+    def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Every parameter: :meth:`defaults` overlaid with ``given`` (``None`` values = not given);
+        ConfigError naming the accepted ones for an unknown name."""
+        defaults = cls.defaults()
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise ConfigError(f"method '{cls.name}' has no parameter {', '.join(unknown)}; "
+                              f"it takes {', '.join(sorted(defaults))}")
+        return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """The paper defaults, read from the ``__init__`` signature (``None`` = chosen from data)."""

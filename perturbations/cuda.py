@@ -347,6 +347,7 @@ class CUDA(Perturbation):
     exact = True
     work_bytes_per_value = 4.5  # the float32 sums of one image, plus a strip
     per_image_state = TABLE_KEYS
+    companion_params = {"surrogate": "clusters", "surrogate_weights": "clusters"}
 
     def __init__(
         self,

@@ -136,13 +136,10 @@ def check_folders(in_dir: Path, out_dir: Path, record_dir: Path) -> None:
 
 
 def _requested_params(method_cls: type[Perturbation], dataset: Dataset, given: dict[str, Any]) -> dict[str, Any]:
-    params = {**method_cls.defaults(), **{k: v for k, v in given.items() if v is not None}}
-    unknown = sorted(set(given) - set(method_cls.defaults()))
-    if unknown:
-        raise ConfigError(f"method '{method_cls.name}' has no parameter {', '.join(unknown)}; "
-                          f"it takes {', '.join(sorted(method_cls.defaults()))}")
-    if "num_classes" in params and params["num_classes"] is None and dataset.labelled:
-        params["num_classes"] = len(dataset.classes)
+    params = method_cls.resolve_params(given)
+    for name in params:  # a composed method has one per stage (cuda.num_classes)
+        if (name == "num_classes" or name.endswith(".num_classes")) and params[name] is None and dataset.labelled:
+            params[name] = len(dataset.classes)
     return params
 
 
@@ -322,7 +319,7 @@ def _state_source(options: ProtectOptions, keyring: Keyring, dataset: Dataset) -
 
 def _stable_params(method: Perturbation) -> dict[str, Any]:
     """Resolved parameters without the ones that only describe a loaded file (a weights path)."""
-    return {k: v for k, v in method.params().items() if k != "surrogate_weights"}
+    return {k: v for k, v in method.params().items() if k.rpartition(".")[2] != "surrogate_weights"}
 
 
 def _load_state(previous: RunRecord) -> dict[str, torch.Tensor] | None:

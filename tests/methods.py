@@ -17,8 +17,22 @@ TEST_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Composed methods the registry-wide tests also run (perturbations.chain).
+COMPOSED = ("cuda+uc", "cuda+salm")
+
+
 def params(name: str) -> dict[str, Any]:
+    """Quick parameters of ``name``; a composed method gets each stage's, prefixed (``uc.steps``)."""
+    if "+" in name:
+        return {f"{stage}.{k}": v for stage in name.split("+") for k, v in TEST_PARAMS.get(stage, {}).items()}
     return dict(TEST_PARAMS.get(name, {}))
+
+
+def every_method() -> list[str]:
+    """The registered methods and :data:`COMPOSED`."""
+    import perturbations
+
+    return [*perturbations.available(), *COMPOSED]
 
 
 def fit_data(x: torch.Tensor, labels: list[int], ids: list[str], num_classes: int) -> FitData:

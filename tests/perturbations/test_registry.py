@@ -9,7 +9,7 @@ import perturbations
 from perturbations import ConfigError, Keyring
 
 
-from tests.methods import fit_data, params
+from tests.methods import every_method, fit_data, params
 
 IMAGES = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
@@ -20,7 +20,7 @@ def build(name: str, seed: int = 0) -> perturbations.Perturbation:
     return method.fit(fit_data(IMAGES, [0, 1, 2, 3] * 4, [f"{i}.png" for i in range(16)], 4))
 
 
-@pytest.mark.parametrize("name", perturbations.available())
+@pytest.mark.parametrize("name", every_method())
 def test_method_smoke(name: str) -> None:
     method = build(name)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 import perturbations
-from tests.methods import params
+from tests.methods import every_method, params
 from cli.main import cli
 from protect import InputError, ProtectOptions, RecordError, inspect_run, protect_folder
 from protect.engine import parse_size
@@ -136,7 +136,7 @@ def test_a_changed_label_redoes_that_image(tmp_path, keyring, make_folder):
     assert snapshot(tmp_path / "fresh") == again
 
 
-@pytest.mark.parametrize("name", perturbations.available())
+@pytest.mark.parametrize("name", every_method())
 def test_resumed_run_restores_the_fitted_parameters(tmp_path, keyring, make_folder, name):
     inp, out = make_folder(classes=2, per_class=3), tmp_path / "out"
     first = run(inp, out, keyring, method=name, params=params(name))
