@@ -126,6 +126,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--surrogate-weights", type=click.Path(dir_okay=False), help="Local weights file for --surrogate (nothing is downloaded offline).")
 @click.option("--eps", metavar="BOUND", help="UC / SALM: L-inf bound of the perturbation, e.g. 16/255 (UC's default), 8/255 (SALM's) or 0.03.")
 @click.option("--mask-ratio", type=float, help="SALM: share of pixel positions perturbed per image (default 0.1; 1 = dense error-minimising noise).")
+@click.option("--robust", metavar="RHO", help="SALM: robust error-minimising noise against adversarial training of radius RHO, e.g. 4/255 (slower fit; default off).")
 @click.option("--state", "state_from", type=click.Path(file_okay=False), help="Reuse the fitted method of a finished run (its record folder, e.g. out.protect) with the same key: new images join its clusters.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter; STAGE.NAME=VALUE for one stage of a composed method.")
 @click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")
@@ -147,7 +148,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, method: str, labels_csv: str | None,
            filter_size: int | None, blur: float | None, padding: str | None, mix: float | None, clusters: int | None,
            surrogate: str | None, surrogate_weights: str | None, eps: str | None, mask_ratio: float | None,
-           state_from: str | None,
+           robust: str | None, state_from: str | None,
            extra: tuple[str, ...],
            out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None, memory: str | None,
            engine: str, record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None,
@@ -164,7 +165,7 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
         surrogate_weights = os.path.abspath(surrogate_weights)
     params = {"filter_size": filter_size, "blur": blur, "padding": padding, "mix": mix, "clusters": clusters,
               "surrogate": surrogate, "surrogate_weights": surrogate_weights, "eps": eps,
-              "mask_ratio": mask_ratio}
+              "mask_ratio": mask_ratio, "robust": robust}
     params = {k: v for k, v in params.items() if v is not None} | _parse_params(extra)
     options = ProtectOptions(
         method=method, params=params, labels_csv=labels_csv, out_format=out_format, device=device,

@@ -52,7 +52,7 @@ from .clustering import ClusterTable
 from .errors import ConfigError, InputError
 from .keyring import Keyring
 from .nets import TinyConvNet, cifar_resnet, keyed_init
-from .steps import random_flip_crop, signed_step
+from .steps import linf_ascent, random_flip_crop, signed_step
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,12 @@ class SALM(AdditivePerturbation):
             batch already does its job; this is what keeps the fit within minutes on a CPU.
         augment: train the surrogate and take the noise steps through random flips and padded
             crops (the attacker's augmentation), so the noise survives them (default False).
+        robust: robust error-minimising noise (Fu et al., ICLR 2022) of radius ``rho_a`` (default 0:
+            off; e.g. ``"4/255"``): the surrogate is adversarially trained with radius ``rho_a`` and
+            every noise step lowers the loss at the worst point within ``rho_a`` of ``x + delta``
+            (``robust_steps`` PGD steps, default 5), so adversarial training of that radius cannot
+            simply undo it. Costs about ``1 + robust_steps`` times the fit. 0 gives exactly the
+            non-robust noise.
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] with labels and ids (relative paths).
     """
@@ -133,6 +139,8 @@ class SALM(AdditivePerturbation):
         lr: float = 0.1,
         inner_stop: float = 0.01,
         augment: bool = False,
+        robust: float | str = 0.0,
+        robust_steps: int = 5,
     ) -> None:
         super().__init__(keyring)
         self.eps = parse_fraction(eps, "salm: eps")
@@ -160,6 +168,12 @@ class SALM(AdditivePerturbation):
             raise ConfigError(f"salm: inner_stop must be in [0, 10), got {inner_stop}")
         self.inner_stop = float(inner_stop)
         self.augment = bool(augment)
+        self.robust = parse_fraction(robust, "salm: robust")
+        if not 0.0 <= self.robust < 1.0:
+            raise ConfigError(f"salm: robust must be in [0, 1), got {robust}")
+        if int(robust_steps) != robust_steps or robust_steps < 1:
+            raise ConfigError(f"salm: robust_steps must be an integer >= 1, got {robust_steps}")
+        self.robust_steps = int(robust_steps)
         self._steps_spent = 0
         self.size: tuple[int, int] | None = None
         self.channels: int | None = None
@@ -201,8 +215,13 @@ class SALM(AdditivePerturbation):
         (g,) = torch.autograd.grad(losses.sum(), x)
         return g, float(losses.detach().max())
 
+    def _adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``x`` moved within ``robust`` to raise the loss (``x`` itself when ``robust`` is 0)."""
+        return linf_ascent(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x, self.robust,
+                           self.robust_steps, gen)
+
     def _noise_round(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
-                     gen: torch.Generator, dev: torch.device) -> torch.Tensor:
+                     gen: torch.Generator, dev: torch.device, rgen: torch.Generator) -> torch.Tensor:
         """Recompute the masks, then ``steps`` loss-minimising steps on every batch (model frozen)."""
         model.eval()
         for p in model.parameters():
@@ -215,7 +234,9 @@ class SALM(AdditivePerturbation):
             mask = saliency_mask(self._grad_x(model, (xb + d).clamp(0, 1), yb)[0], self.mask_ratio)
             d = d * mask
             for _ in range(self.steps):
-                g, worst = self._grad_x(model, (xb + d).clamp(0, 1), yb, gen if self.augment else None)
+                # robust noise: the loss is lowered at the worst point within `robust` of x + delta
+                point = self._adversarial(model, (xb + d).clamp(0, 1), yb, rgen)
+                g, worst = self._grad_x(model, point, yb, gen if self.augment else None)
                 if worst < self.inner_stop:  # every image of the batch is already learnt with confidence
                     break
                 d = signed_step(d, g, self.step_size, self.eps) * mask
@@ -257,17 +278,20 @@ class SALM(AdditivePerturbation):
         delta = (torch.rand(x.shape, generator=noise_gen) * 2 - 1).mul_(self.eps)
         delta = (x + delta).clamp(0, 1) - x
         gen = self.keyring.generator("salm/batches")
+        rgen = self.keyring.generator("salm/robust")
         self.history = []
         for r in range(self.rounds):
             model.train()
             for _ in range(self.train_steps):
                 b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
                 xb = (x[b] + delta[b]).clamp(0, 1).to(dev)
-                loss = F.cross_entropy(model(random_flip_crop(xb, gen) if self.augment else xb), y[b].to(dev))
+                xb = random_flip_crop(xb, gen) if self.augment else xb
+                xb = self._adversarial(model, xb, y[b].to(dev), rgen)  # adversarial training when robust
+                loss = F.cross_entropy(model(xb), y[b].to(dev))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            delta = self._noise_round(model, x, y, delta, gen, dev)
+            delta = self._noise_round(model, x, y, delta, gen, dev, rgen)
             err = self._error(model, x, y, delta, dev)
             self.history.append({"round": r + 1, "train_error": err, "noise_steps": self._steps_spent})
             log.info("salm: round %d, surrogate training error on protected data %.4f", r + 1, err)
@@ -294,10 +318,11 @@ class SALM(AdditivePerturbation):
         dev = torch.device(data.device)
         model = self.model.to(dev)
         gen = self.keyring.generator("salm/extend")
+        rgen = self.keyring.generator("salm/extend-robust")
         delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(self.eps)
         delta = (x + delta).clamp(0, 1) - x
         for _ in range(2):
-            delta = self._noise_round(model, x, y, delta, gen, dev)
+            delta = self._noise_round(model, x, y, delta, gen, dev, rgen)
         self.model = model.cpu().eval()
         start = self.noise.shape[0]
         self.noise = torch.cat([self.noise, delta])
@@ -331,7 +356,8 @@ class SALM(AdditivePerturbation):
                 "step_size": self.step_size, "train_steps": self.train_steps, "rounds": self.rounds,
                 "stop_error": self.stop_error, "surrogate": self.surrogate, "batch": self.batch,
                 "max_side": self.max_side, "lr": self.lr,
-                "inner_stop": self.inner_stop, "augment": self.augment, "working_size": list(self.size) if self.size else None}
+                "inner_stop": self.inner_stop, "augment": self.augment,
+                "robust": self.robust, "robust_steps": self.robust_steps, "working_size": list(self.size) if self.size else None}
 
     def fit_report(self) -> dict[str, Any]:
         return {"rounds": self.history, "stopped_early": bool(self.history)

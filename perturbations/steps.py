@@ -8,11 +8,13 @@ does not clamp ``x + delta`` to [0, 1]; the caller does, since it holds ``x``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l2_step", "per_sample_norm", "project_l2", "project_linf", "random_flip_crop", "signed_step"]
+__all__ = ["l2_step", "linf_ascent", "per_sample_norm", "project_l2", "project_linf", "random_flip_crop", "signed_step"]
 
 
 def per_sample_norm(t: Tensor) -> Tensor:
@@ -42,6 +44,26 @@ def l2_step(delta: Tensor, grad: Tensor, step: float, eps: float, *, ascent: boo
     projected onto the L2 ball of radius ``eps``."""
     direction = grad / per_sample_norm(grad)
     return project_l2(delta + step * direction if ascent else delta - step * direction, eps)
+
+
+def linf_ascent(loss: Callable[[Tensor], Tensor], x: Tensor, rho: float, steps: int,
+                gen: torch.Generator) -> Tensor:
+    """The adversarial point ``x + a``, ``|a|_inf <= rho``, ``x + a`` in [0, 1], that raises
+    ``loss(x + a)`` (a scalar): a random start drawn from ``gen`` (on the CPU), then ``steps`` signed
+    ascent steps of ``2.5 * rho / steps`` (Madry et al.'s PGD). Detached. ``rho <= 0``: ``x`` itself,
+    with nothing drawn from ``gen``."""
+    x = x.detach()
+    if rho <= 0 or steps < 1:
+        return x
+    a = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(rho).to(x.device)
+    a = (x + a).clamp(0, 1) - x
+    step = 2.5 * rho / steps
+    for _ in range(steps):
+        a.requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(x + a), a)
+        a = signed_step(a.detach(), g, step, rho, ascent=True)
+        a = (x + a).clamp(0, 1) - x
+    return (x + a).detach()
 
 
 def random_flip_crop(x: Tensor, gen: torch.Generator) -> Tensor:

@@ -56,7 +56,8 @@ def test_registered_with_labels_and_defaults():
 
 
 @pytest.mark.parametrize("kwargs", [dict(mask_ratio=0), dict(mask_ratio=1.5), dict(eps="a"), dict(steps=0),
-                                    dict(surrogate="vgg"), dict(num_classes=1), dict(stop_error=1.0)])
+                                    dict(surrogate="vgg"), dict(num_classes=1), dict(stop_error=1.0),
+                                    dict(robust=-0.1), dict(robust=1.0), dict(robust_steps=0)])
 def test_bad_arguments(kwargs):
     with pytest.raises(ConfigError):
         perturbations.get("salm")(Keyring.from_seed(0), **kwargs)
@@ -102,6 +103,22 @@ def test_deterministic_under_a_key(fitted, data):
     assert torch.equal(again.noise_of(ids), fitted.noise_of(ids))
     other = perturbations.get("salm")(Keyring.from_seed(2), mask_ratio=0.05, **FAST).fit(_fit_data(x8, ids, labels))
     assert not torch.equal(other.noise_of(ids), fitted.noise_of(ids))
+
+
+def test_robust_zero_is_the_plain_noise_and_robust_noise_keeps_the_bound(fitted, data):
+    """``robust=0`` is exactly the non-robust noise (nothing is drawn for it); ``robust > 0`` gives
+    other noise with the same bound and sparsity."""
+    x8, ids, labels = data
+    zero = perturbations.get("salm")(Keyring.from_seed(1), mask_ratio=0.05, robust=0, robust_steps=3,
+                                     **FAST).fit(_fit_data(x8, ids, labels))
+    assert torch.equal(zero.noise_of(ids), fitted.noise_of(ids))
+    robust = perturbations.get("salm")(Keyring.from_seed(1), mask_ratio=0.05, robust="2/255", robust_steps=2,
+                                       **FAST).fit(_fit_data(x8, ids, labels))
+    noise = robust.noise_of(ids)
+    assert not torch.equal(noise, fitted.noise_of(ids))
+    assert float(noise.abs().max()) <= 8 / 255 + 1e-6
+    assert int((noise != 0).flatten(1).sum(1).max()) <= math.ceil(0.05 * 28 * 28)
+    assert robust.params()["robust"] == pytest.approx(2 / 255)
 
 
 def test_rho_one_is_dense_error_minimising_noise(data, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from perturbations.steps import l2_step, per_sample_norm, project_l2, signed_step
+from perturbations.steps import l2_step, linf_ascent, per_sample_norm, project_l2, signed_step
 
 
 def test_signed_step_descends_ascends_and_clamps():
@@ -28,3 +28,20 @@ def test_l2_step_moves_along_the_gradient_and_projects():
     far = l2_step(delta, grad, 5.0, 1.0)
     assert torch.allclose(per_sample_norm(far).flatten(), torch.ones(3), atol=1e-6)
     assert torch.equal(project_l2(step, 1.0), step)  # inside the ball: unchanged
+
+
+def test_linf_ascent_raises_the_loss_within_the_ball_and_the_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 6, 6, generator=g)
+    w = torch.randn(36, generator=g)
+
+    def loss(z):
+        return (z.flatten(1) @ w).pow(2).sum()
+
+    adv = linf_ascent(loss, x, 0.05, 5, torch.Generator().manual_seed(1))
+    assert float((adv - x).abs().max()) <= 0.05 + 1e-6 and 0 <= float(adv.min()) and float(adv.max()) <= 1
+    assert float(loss(adv)) > float(loss(x)) and not adv.requires_grad
+    untouched = torch.Generator().manual_seed(2)
+    assert linf_ascent(loss, x, 0.0, 5, untouched) is not None
+    assert torch.equal(linf_ascent(loss, x, 0.0, 5, untouched), x)
+    assert torch.equal(torch.rand(3, generator=untouched), torch.rand(3, generator=torch.Generator().manual_seed(2)))
