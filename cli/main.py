@@ -126,7 +126,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--surrogate-weights", type=click.Path(dir_okay=False), help="Local weights file for --surrogate (nothing is downloaded offline).")
 @click.option("--eps", metavar="BOUND", help="UC / SALM: L-inf bound of the perturbation, e.g. 16/255 (UC's default), 8/255 (SALM's) or 0.03.")
 @click.option("--mask-ratio", type=float, help="SALM: share of pixel positions perturbed per image (default 0.1; 1 = dense error-minimising noise).")
-@click.option("--robust", metavar="RHO", help="SALM: robust error-minimising noise against adversarial training of radius RHO, e.g. 4/255 (slower fit; default off).")
+@click.option("--robust", metavar="RHO", help="UC / SALM: robust perturbations against adversarial training of radius RHO, e.g. 4/255 (slower fit; default off).")
 @click.option("--state", "state_from", type=click.Path(file_okay=False), help="Reuse the fitted method of a finished run (its record folder, e.g. out.protect) with the same key: new images join its clusters.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter; STAGE.NAME=VALUE for one stage of a composed method.")
 @click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")

@@ -51,7 +51,7 @@ from .clustering import derangement
 from .errors import ConfigError, InputError
 from .keyring import Keyring
 from .nets import keyed_init
-from .steps import random_flip_crop, signed_step
+from .steps import linf_ascent, random_flip_crop, signed_step
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ class UnlearnableClusters(AdditivePerturbation):
         augment: optimise through random flips and crops (default True).
         epochs, lr: generator mode: epochs over each cluster's members (default 50) and Adam's rate
             (default 1e-4, the paper's).
+        robust: radius ``rho_a`` of robust perturbations (default 0: off): every step pulls towards
+            the target from the worst point within ``rho_a`` of ``x + delta`` (``robust_steps`` PGD
+            steps pushing the features away from the target, default 3), after robust
+            error-minimising noise (Fu et al., ICLR 2022); about ``1 + robust_steps`` times the cost.
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] with ``ids`` (relative paths) and
     returns the same; the perturbations are ``K x 3 x S x S`` at the surrogate's input size.
@@ -131,6 +135,8 @@ class UnlearnableClusters(AdditivePerturbation):
         augment: bool = True,
         epochs: int = 50,
         lr: float = 1e-4,
+        robust: float | str = 0.0,
+        robust_steps: int = 3,
     ) -> None:
         super().__init__(keyring)
         self.eps = parse_fraction(eps, "uc: eps")
@@ -149,6 +155,12 @@ class UnlearnableClusters(AdditivePerturbation):
         self.mode, self.steps, self.batch = mode, int(steps), int(batch)
         self.samples = None if samples is None else int(samples)
         self.augment, self.epochs, self.lr = bool(augment), int(epochs), float(lr)
+        self.robust = parse_fraction(robust, "uc: robust")
+        if not 0.0 <= self.robust < 1.0:
+            raise ConfigError(f"uc: robust must be in [0, 1), got {robust}")
+        if int(robust_steps) != robust_steps or robust_steps < 1:
+            raise ConfigError(f"uc: robust_steps must be an integer >= 1, got {robust_steps}")
+        self.robust_steps = int(robust_steps)
         self.deltas: torch.Tensor | None = None  # K x 3 x S x S, float32 in [-eps, eps]
         self.targets: torch.Tensor | None = None  # K
         self.final_loss: float | None = None
@@ -190,11 +202,20 @@ class UnlearnableClusters(AdditivePerturbation):
             x = random_flip_crop(x, gen)
         return kl_to_target(s.features(x), target).sum()
 
+    def _worst(self, s: Any, point: torch.Tensor, target: torch.Tensor, rgen: torch.Generator) -> torch.Tensor:
+        """``point`` (carrying its gradient) moved to the worst place within ``robust`` for the
+        perturbation (the farthest from its target); ``point`` itself when ``robust`` is 0."""
+        if self.robust <= 0:
+            return point
+        adv = linf_ascent(lambda z: self._loss(s, z, target, rgen), point, self.robust, self.robust_steps, rgen)
+        return point + (adv - point.detach())
+
     def _direct(self, s: Any, images: torch.Tensor, member: torch.Tensor, target_logits: torch.Tensor,
                 data: FitData) -> torch.Tensor:
         k, eps, dev = self.clusters.k, self.eps, s.device
         gen = self.keyring.generator("uc/steps")
         init = self.keyring.generator("uc/init")
+        rgen = self.keyring.generator("uc/robust")
         delta = (torch.rand(k, 3, *images.shape[-2:], generator=init) * 2 - 1).mul_(eps).to(dev)
         members = [(member == c).nonzero().flatten() for c in range(k)]
         loss_sum = 0.0
@@ -203,7 +224,8 @@ class UnlearnableClusters(AdditivePerturbation):
             x = images[pos].to(dev).float().div_(255)
             c = member[pos].to(dev)
             delta.requires_grad_(True)
-            loss = self._loss(s, (x + delta[c]).clamp(0, 1), target_logits[c], gen)
+            point = self._worst(s, (x + delta[c]).clamp(0, 1), target_logits[c], rgen)
+            loss = self._loss(s, point, target_logits[c], gen)
             (grad,) = torch.autograd.grad(loss, delta)
             alpha = eps * 0.25 * (1.0 - step / self.steps) + eps / 100
             delta = signed_step(delta.detach(), grad, alpha, eps)
@@ -219,6 +241,7 @@ class UnlearnableClusters(AdditivePerturbation):
         size = tuple(images.shape[-2:])
         gen = self.keyring.generator("uc/steps")
         init = self.keyring.generator("uc/init")
+        rgen = self.keyring.generator("uc/robust")
         out = torch.zeros(k, 3, *size)
         members = [(member == c).nonzero().flatten() for c in range(k)]
         total = k * self.epochs
@@ -237,7 +260,8 @@ class UnlearnableClusters(AdditivePerturbation):
                         pos = order[i:i + self.batch * k]
                         x = images[pos].to(dev).float().div_(255)
                         delta = eps * g(z)
-                        loss = self._loss(s, (x + delta).clamp(0, 1), target_logits[c].expand(pos.numel(), -1), gen)
+                        target = target_logits[c].expand(pos.numel(), -1)
+                        loss = self._loss(s, self._worst(s, (x + delta).clamp(0, 1), target, rgen), target, gen)
                         opt.zero_grad()
                         (loss / pos.numel()).backward()
                         opt.step()
@@ -277,7 +301,7 @@ class UnlearnableClusters(AdditivePerturbation):
     def params(self) -> dict[str, Any]:
         return {**self.clusters.params(), "eps": self.eps, "mode": self.mode, "steps": self.steps,
                 "batch": self.batch, "samples": self.samples, "augment": self.augment,
-                "epochs": self.epochs, "lr": self.lr}
+                "epochs": self.epochs, "lr": self.lr, "robust": self.robust, "robust_steps": self.robust_steps}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.deltas is None or self.targets is None:

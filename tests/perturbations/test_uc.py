@@ -56,7 +56,8 @@ def test_registered_and_label_free():
 
 
 @pytest.mark.parametrize("kwargs", [dict(eps=0), dict(eps="x/255"), dict(eps=2.0), dict(mode="gan"),
-                                    dict(steps=0), dict(clusters=0), dict(batch=1.5), dict(surrogate="")])
+                                    dict(steps=0), dict(clusters=0), dict(batch=1.5), dict(surrogate=""),
+                                    dict(robust=-1), dict(robust="1"), dict(robust_steps=0)])
 def test_bad_arguments(kwargs):
     with pytest.raises(ConfigError):
         perturbations.get("uc")(Keyring.from_seed(0), **kwargs)
@@ -112,6 +113,18 @@ def test_deterministic_under_a_key_and_different_between_keys(fitted, data):
     other = perturbations.get("uc")(Keyring.from_seed(2), clusters=4, surrogate=SURROGATE, steps=12, batch=4)
     other.fit(_fit_data(x8, ids))
     assert not torch.equal(other.deltas, fitted.deltas)
+
+
+def test_robust_zero_is_the_plain_perturbation_and_robust_ones_keep_the_bound(fitted, data):
+    x8, ids, _ = data
+    zero = perturbations.get("uc")(Keyring.from_seed(1), clusters=4, surrogate=SURROGATE, steps=12, batch=4,
+                                   robust=0, robust_steps=2)
+    assert torch.equal(zero.fit(_fit_data(x8, ids)).deltas, fitted.deltas)
+    robust = perturbations.get("uc")(Keyring.from_seed(1), clusters=4, surrogate=SURROGATE, steps=12, batch=4,
+                                     robust="4/255", robust_steps=2)
+    deltas = robust.fit(_fit_data(x8, ids)).deltas
+    assert not torch.equal(deltas, fitted.deltas) and float(deltas.abs().max()) <= 16 / 255 + 1e-6
+    assert robust.params()["robust"] == pytest.approx(4 / 255)
 
 
 def test_targets_are_a_derangement(fitted):
