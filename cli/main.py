@@ -18,44 +18,13 @@ import click
 
 from perturbations.errors import ProtectError
 
+from .common import _setup_logging, with_key  # noqa: F401 - shared with the other commands
+
 EXIT_FAILED_FILES, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
-
-
-class _TqdmHandler(logging.Handler):
-    """Log lines as ``warning: ...`` on stderr without breaking a progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
-
-
-def _setup_logging(quiet: bool) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, _TqdmHandler):
-            root.removeHandler(h)
-    handler = _TqdmHandler()
-    root.addHandler(handler)
-    root.setLevel(logging.ERROR if quiet else logging.WARNING)
-    logging.captureWarnings(True)  # library warnings (Pillow's, say) go through the same line format
-    logging.getLogger("py.warnings").setLevel(logging.ERROR)  # per-file decoder chatter: the summary says what failed
 
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-key_options = [
-    click.option("--key", "key", metavar="SECRET", help="The secret key (visible in shell history: prefer --key-file)."),
-    click.option("--key-file", type=click.Path(dir_okay=False), help="File whose first line is the key."),
-]
-
-
-def with_key(fn: Any) -> Any:
-    for option in reversed(key_options):
-        fn = option(fn)
-    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -277,9 +246,11 @@ def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, 
 
 from .verify_cmd import verify  # noqa: E402
 from .import_cmd import import_npz  # noqa: E402
+from .tune_cmd import tune  # noqa: E402
 
 cli.add_command(verify)
 cli.add_command(import_npz)
+cli.add_command(tune)
 
 
 def main(argv: list[str] | None = None) -> None:

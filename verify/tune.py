@@ -1,0 +1,310 @@
+"""``protect tune``: search methods and parameters on a small subset and report the frontier of
+fidelity (PSNR) against strength (the verdict score), then optionally protect the folder with the
+chosen point.
+
+For every candidate (a method, or a composition such as ``cuda+uc``, with parameters):
+
+1. protect the subset (the first ``per_class`` images of each class, copied once into the tune
+   folder) with :func:`protect.pipeline.protect_folder` and the owner's key: mean PSNR / SSIM and
+   the time per image come from its summary;
+2. when the PSNR is below the floor (``min_psnr``), stop there (it cannot be chosen);
+3. otherwise certify it with :func:`verify.run.verify_folder` on the subset (clean baselines on the
+   clean subset, the given trainings, defenses and seeds; finished cells are kept, so a rerun
+   resumes; baselines are cached across candidates).
+
+The **frontier** is the set of candidates no other candidate beats on both axes (a PSNR at least as
+high and a score at least as high, one of them higher): sorted by PSNR, its scores fall. The
+**choice** is the candidate with the highest score among those at or above the floor (ties: the
+higher PSNR). Results: ``tune.json``, ``tune.md`` (the table) and ``frontier.png`` in the tune folder.
+
+Scores on a subset are noisy (a small training set, one seed by default) and the quick tier's model
+is small: the tuner ranks candidates; the final certificate of the chosen protection is
+``protect verify`` on the whole folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perturbations.errors import ConfigError, InputError
+from perturbations.keyring import Keyring
+from protect.discover import discover
+from protect.pipeline import ProtectOptions, protect_folder
+
+from .run import verify_folder
+
+log = logging.getLogger(__name__)
+
+#: The default search: CUDA's filter strength, UC's bound, a composition, SALM's mask ratio.
+#: ``{surrogate}`` is replaced by the tuner's surrogate (UC's feature extractor).
+DEFAULT_CANDIDATES = (
+    "cuda",
+    "cuda:blur=0.15",
+    "cuda:filter_size=5",
+    "uc:eps=8/255,surrogate={surrogate}",
+    "uc:eps=16/255,surrogate={surrogate}",
+    "cuda+uc:uc.eps=8/255,uc.surrogate={surrogate}",
+    "salm:mask_ratio=0.1",
+    "salm:mask_ratio=0.3",
+)
+
+
+@dataclass
+class Candidate:
+    """One point of the search: ``method`` (``cuda``, ``cuda+uc``, ...) and its parameters."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.method}:{inner}" if inner else self.method
+
+
+def parse_candidate(text: str, surrogate: str = "cifar-resnet20") -> Candidate:
+    """``METHOD[:NAME=VALUE,NAME=VALUE]`` (values parsed as JSON when they parse, e.g. numbers and
+    booleans; ``{surrogate}`` is replaced by ``surrogate``)."""
+    method, _, rest = text.strip().partition(":")
+    if not method:
+        raise ConfigError(f"candidate '{text}': write METHOD[:NAME=VALUE,...], e.g. cuda:blur=0.15")
+    params: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        name, eq, raw = item.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"candidate '{text}': expected NAME=VALUE, got '{item}'")
+        raw = raw.replace("{surrogate}", surrogate)
+        try:
+            params[name.strip().replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[name.strip().replace("-", "_")] = raw
+    return Candidate(method.strip(), params)
+
+
+def frontier(rows: Sequence[dict]) -> list[int]:
+    """Indices of the rows no other row beats on both ``psnr`` and ``score`` (see module doc), in
+    order of rising PSNR; rows without a score are left out."""
+    scored = [(i, r) for i, r in enumerate(rows) if r.get("score") is not None and r.get("psnr") is not None]
+    keep = []
+    for i, r in scored:
+        beaten = any((o["psnr"] >= r["psnr"] and o["score"] >= r["score"]) and
+                     (o["psnr"] > r["psnr"] or o["score"] > r["score"]) for _, o in scored)
+        if not beaten:
+            keep.append(i)
+    # equal points (same PSNR and score) keep the first only, so the frontier is strictly monotone
+    seen: set[tuple[float, float]] = set()
+    unique = []
+    for i in sorted(keep, key=lambda i: (rows[i]["psnr"], -rows[i]["score"], i)):
+        point = (rows[i]["psnr"], rows[i]["score"])
+        if point not in seen:
+            seen.add(point)
+            unique.append(i)
+    return unique
+
+
+def choose(rows: Sequence[dict], min_psnr: float | None) -> int | None:
+    """The index of the strongest candidate at or above the floor (ties: higher PSNR), or None."""
+    ok = [i for i, r in enumerate(rows) if r.get("score") is not None
+          and (min_psnr is None or r["psnr"] >= min_psnr)]
+    if not ok:
+        return None
+    return max(ok, key=lambda i: (rows[i]["score"], rows[i]["psnr"], -i))
+
+
+def _stage_subset(in_dir: Path, dst: Path, per_class: int | None, labels_csv: Path | None) -> Path:
+    """The first ``per_class`` images of each class of ``in_dir`` (sorted paths), copied to ``dst``
+    once (class folders; a CSV's labels become folders). Reused when ``dst`` is complete."""
+    ds = discover(in_dir, labels_csv)
+    if not ds.labelled:
+        raise InputError(f"{in_dir} has no labels: protect tune needs class sub-folders (or --labels) to "
+                         "score the candidates")
+    picked: list[tuple[str, str]] = []
+    per: dict[int, int] = {}
+    for e in ds.entries:
+        if e.label is None:
+            continue
+        if per_class is None or per.get(e.label, 0) < per_class:
+            per[e.label] = per.get(e.label, 0) + 1
+            picked.append((e.rel, ds.classes[e.label]))
+    marker = dst / ".complete"
+    listing = json.dumps(picked)
+    if marker.is_file() and marker.read_text(encoding="utf-8") == listing:
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    for rel, cls in picked:
+        target = dst / cls / Path(rel).name if labels_csv is not None else dst / rel
+        if target.exists():  # two CSV rows with one file name in one class
+            target = target.with_name(f"{len(list(target.parent.iterdir()))}-{target.name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ds.root / rel, target)
+    marker.write_text(listing, encoding="utf-8")
+    return dst
+
+
+def tune_folder(
+    in_dir: str | Path,
+    test_dir: str | Path,
+    keyring: Keyring,
+    candidates: Sequence[str | Candidate] | None = None,
+    *,
+    min_psnr: float | None = None,
+    per_class: int | None = 100,
+    surrogate: str = "cifar-resnet20",
+    tier: str = "quick",
+    trainings: str = "erm",
+    defenses: str = "none",
+    seeds: int = 1,
+    epochs: int | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    report_dir: str | Path | None = None,
+    labels_csv: str | Path | None = None,
+    apply_to: str | Path | None = None,
+    progress: Callable[[str], Any] | None = None,
+) -> dict:
+    """Search ``candidates`` on a subset of ``in_dir`` (see module doc); returns the tune report.
+
+    ``apply_to``: protect the whole ``in_dir`` into that folder with the chosen candidate (a normal
+    ``protect images`` run, resumable, its record beside it)."""
+    in_path, test_path = Path(in_dir), Path(test_dir)
+    if min_psnr is not None and not (math.isfinite(min_psnr) and min_psnr > 0):
+        raise ConfigError(f"--min-psnr must be a positive number of dB, got {min_psnr}")
+    if per_class is not None and per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {per_class}")
+    report = Path(report_dir) if report_dir is not None else in_path.with_name(in_path.name + ".tune")
+    if report.resolve() == in_path.resolve() or report.resolve().is_relative_to(in_path.resolve()):
+        raise InputError("the tune folder must lie outside the input folder")
+    chosen_cands = [c if isinstance(c, Candidate) else parse_candidate(c, surrogate)
+                    for c in (candidates or DEFAULT_CANDIDATES)]
+    say = progress or (lambda text: None)
+    report.mkdir(parents=True, exist_ok=True)
+    clean = _stage_subset(in_path, report / "subset", per_class, Path(labels_csv) if labels_csv else None)
+    before = _previous_rows(report / "tune.json")
+    rows: list[dict] = []
+    for n, cand in enumerate(chosen_cands):
+        row: dict[str, Any] = {"candidate": cand.label, "method": cand.method, "params": cand.params}
+        out = report / f"candidate-{n:02d}"
+        started = time.perf_counter()
+        say(f"[{n + 1}/{len(chosen_cands)}] {cand.label}: protecting {clean}")
+        try:
+            summary = protect_folder(clean, out, keyring, ProtectOptions(
+                method=cand.method, params=dict(cand.params), device=device, workers=workers, progress=False))
+        except (ConfigError, InputError) as exc:
+            row.update(status="error", error=str(exc))
+            rows.append(row)
+            say(f"  skipped: {exc}")
+            continue
+        total = summary.done + summary.skipped
+        row.update(psnr=summary.psnr_mean, ssim=summary.ssim_mean, fit_s=summary.fit_seconds,
+                   protect_s_per_image=round((time.perf_counter() - started) / max(1, total), 4))
+        if summary.done == 0 and cand.label in before:  # resumed: keep the time of the run that protected it
+            row.update(fit_s=before[cand.label].get("fit_s"), protect_s_per_image=before[cand.label].get("protect_s_per_image"))
+        if summary.psnr_mean is None:
+            row.update(status="error", error="no fidelity measured")
+        elif min_psnr is not None and summary.psnr_mean < min_psnr:
+            row.update(status="below floor", score=None)
+            say(f"  PSNR {summary.psnr_mean:.1f} dB is below the floor {min_psnr} dB: not certified")
+        else:
+            cert = verify_folder(out, test_path, clean, tier=tier, trainings=trainings, defenses=defenses,
+                                 seeds=seeds, epochs=epochs, device=device, report_dir=report / f"verify-{n:02d}",
+                                 progress=False)
+            verdict = cert.get("verdict") or {}
+            row.update(status="ok", score=verdict.get("score"),
+                       best_attacker=verdict.get("best_attacker"), score_metric=cert.get("score_metric", "accuracy"))
+            say(f"  PSNR {summary.psnr_mean:.1f} dB, score {row['score']:.2f}" if row["score"] is not None
+                else f"  PSNR {summary.psnr_mean:.1f} dB, no score")
+        rows.append(row)
+    front = frontier(rows)
+    pick = choose(rows, min_psnr)
+    result = {
+        "schema": "protect.tune/1", "in_dir": str(in_path.resolve()), "test_dir": str(test_path.resolve()),
+        "subset": str(clean), "per_class": per_class, "min_psnr": min_psnr, "tier": tier, "trainings": trainings,
+        "defenses": defenses, "seeds": seeds, "epochs": epochs, "key_fingerprint": keyring.fingerprint(),
+        "candidates": rows, "frontier": front, "chosen": pick,
+    }
+    if apply_to is not None:
+        if pick is None:
+            raise InputError("no candidate reached the PSNR floor with a score; nothing to apply "
+                             "(lower --min-psnr or add gentler candidates)")
+        cand = chosen_cands[pick]
+        say(f"applying {cand.label} to {in_path} -> {apply_to}")
+        summary = protect_folder(in_path, Path(apply_to), keyring, ProtectOptions(
+            method=cand.method, params=dict(cand.params), device=device, workers=workers,
+            labels_csv=Path(labels_csv) if labels_csv else None, progress=False))
+        result["applied"] = {"out_dir": str(Path(apply_to).resolve()), "record_dir": summary.record_dir,
+                             "done": summary.done, "skipped": summary.skipped, "failed": summary.failed,
+                             "psnr": summary.psnr_mean}
+    (report / "tune.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (report / "tune.md").write_text(table(result), encoding="utf-8")
+    _plot(result, report / "frontier.png")
+    result["report_dir"] = str(report)
+    return result
+
+
+def _previous_rows(path: Path) -> dict[str, dict]:
+    """The candidate rows of an earlier tune run in the same folder, by candidate label."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        return {r["candidate"]: r for r in old.get("candidates", []) if isinstance(r, dict) and "candidate" in r}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def table(result: dict) -> str:
+    """The tune report as Markdown: one row per candidate, frontier and choice marked."""
+    lines = [f"# protect tune: {result['in_dir']}", "",
+             f"Subset: {result['per_class']} images per class; attacker: tier {result['tier']}, "
+             f"trainings {result['trainings']}, defenses {result['defenses']}, {result['seeds']} seed(s). "
+             f"PSNR floor: {result['min_psnr'] if result['min_psnr'] is not None else 'none'}.", "",
+             "| | candidate | PSNR | SSIM | score | best attacker | protect s/img | status |",
+             "|---|---|---:|---:|---:|---|---:|---|"]
+    front = set(result["frontier"])
+    for i, r in enumerate(result["candidates"]):
+        mark = ("**chosen**" if i == result["chosen"] else "") + (" frontier" if i in front else "")
+        best = r.get("best_attacker") or {}
+        attacker = f"{best.get('training', '')}/{best.get('defense', '')}" if best else ""
+        psnr = f"{r['psnr']:.1f}" if r.get("psnr") is not None else ""
+        ssim = f"{r['ssim']:.3f}" if r.get("ssim") is not None else ""
+        score = f"{r['score']:.2f}" if r.get("score") is not None else ""
+        per = f"{r['protect_s_per_image']:.3f}" if r.get("protect_s_per_image") is not None else ""
+        status = r.get("status", "") + (f": {r['error']}" if r.get("error") else "")
+        lines.append(f"| {mark.strip()} | `{r['candidate']}` | {psnr} | {ssim} | {score} | {attacker} | {per} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["candidates"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(r["psnr"], r["score"], r["candidate"]) for r in rows if r.get("score") is not None]
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:gray")
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = [rows[i] for i in result["frontier"]]
+    if front:
+        ax.plot([r["psnr"] for r in front], [r["score"] for r in front], "o-", color="tab:red", label="frontier")
+    if result["min_psnr"] is not None:
+        ax.axvline(result["min_psnr"], color="tab:blue", linestyle="--", label="PSNR floor")
+    ax.set_xlabel("mean PSNR (dB): fidelity")
+    ax.set_ylabel("verdict score: strength")
+    ax.set_title("protect tune: fidelity against strength")
+    ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["Candidate", "DEFAULT_CANDIDATES", "choose", "frontier", "parse_candidate", "table", "tune_folder"]
