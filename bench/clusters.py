@@ -33,6 +33,8 @@ METHODS = {
     "uc-r56-s300": ["--method", "uc", "--surrogate", "cifar-resnet56", "--param", "steps=300"],
     "uc-random": ["--method", "uc", "--surrogate", "random:cifar-resnet20"],
     "cuda-clusters": ["--method", "cuda", "--clusters", "10", "--surrogate", "cifar-resnet56"],
+    "cuda+uc-r56": ["--method", "cuda+uc", "--param", "uc.surrogate=cifar-resnet56"],
+    "uc-r56-robust": ["--method", "uc", "--surrogate", "cifar-resnet56", "--robust", "4/255"],
 }
 LABELLINGS = {"original": [], "coarse": ["--relabel", str(ROOT / "samples" / "cifar10" / "coarse.json")],
               "random5": ["--relabel", "random:5"]}
