@@ -22,6 +22,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -86,6 +87,36 @@ def chunks(tasks: Sequence[Task], workers: int) -> Iterator[list[Task]]:
         yield list(tasks[i:i + size])
 
 
+def drive(work: Iterable[list[Task]], pending: dict[Any, Any], *, submit: Callable[[list[Task]], Any],
+          has_room: Callable[[], bool], wait_done: Callable[[list[Any]], list[Any]],
+          take: Callable[[Any], list[Result]], on_results: Callable[[list[Result]], None],
+          on_ready: Callable[[], None] | None, ordered: bool) -> None:
+    """The submit / wait / journal loop every engine runs (worker processes here, Ray actors in
+    :mod:`protect.ray_engine`). ``submit(chunk)`` starts a chunk and returns its handle, kept in
+    ``pending`` (insertion-ordered; the caller owns it, to stop what is left on failure) while
+    ``has_room()``; ``wait_done(handles)`` blocks until at least one of them is done and returns the
+    done ones; ``take(handle)`` its results, passed to ``on_results`` in this process. ``ordered``:
+    results in submission order (``--strict`` then stops at the first failing file in input order).
+    ``on_ready`` is called once the first chunks are submitted."""
+    source = iter(work)
+
+    def fill() -> None:
+        while has_room():
+            chunk = next(source, None)
+            if chunk is None:
+                return
+            pending[submit(chunk)] = None
+
+    fill()
+    if on_ready is not None:
+        on_ready()
+    while pending:
+        for handle in wait_done([next(iter(pending))] if ordered else list(pending)):
+            del pending[handle]
+            on_results(take(handle))
+        fill()
+
+
 class LocalEngine:
     """Run chunks in this process (one worker) or in a pool of worker processes."""
 
@@ -129,31 +160,13 @@ class LocalEngine:
         pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
                                    initargs=(self.spec, self.spec.budget_bytes, value, cond, os.getpid()))
         pending: dict[Future, None] = {}  # insertion-ordered
-        source = iter(work)
         window = 2 * self.workers
-
-        def submit() -> None:
-            while len(pending) < window:
-                chunk = next(source, None)
-                if chunk is None:
-                    return
-                pending[pool.submit(run_chunk, chunk)] = None
-
         ok = False
         try:
-            submit()
-            if on_ready is not None:
-                on_ready()
-            while pending:
-                if ordered:
-                    done = [next(iter(pending))]
-                    wait(done)
-                else:
-                    done = list(wait(pending, return_when=FIRST_COMPLETED)[0])
-                for fut in done:
-                    del pending[fut]
-                    on_results(fut.result())
-                submit()
+            drive(work, pending, submit=lambda chunk: pool.submit(run_chunk, chunk),
+                  has_room=lambda: len(pending) < window,
+                  wait_done=lambda futures: list(wait(futures, return_when=FIRST_COMPLETED)[0]),
+                  take=lambda fut: fut.result(), on_results=on_results, on_ready=on_ready, ordered=ordered)
             ok = True
         except BrokenProcessPool:
             raise WorkerDied("a worker process died (killed by the system, often for lack of memory: "

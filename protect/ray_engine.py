@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .engine import WorkerDied, default_workers
+from .engine import WorkerDied, default_workers, drive
 from .errors import ConfigError, ProtectError
 from .work import Budget, Context, Result, Spec, Task
 
@@ -235,37 +235,28 @@ class RayEngine:
 
     def _drive(self, actors: list[Any], work: Iterable[list[Task]], on_results: Callable[[list[Result]], None],
                on_ready: Callable[[], None] | None, ordered: bool) -> None:
+        """The engines' shared loop (:func:`protect.engine.drive`), each chunk to the least loaded actor."""
         ray = self.ray
-        pending: dict[Any, int] = {}  # ObjectRef -> actor index, in submission order
+        pending: dict[Any, None] = {}  # ObjectRefs in submission order
+        owner: dict[Any, int] = {}  # ObjectRef -> actor index
         load = [0] * len(actors)
-        source = iter(work)
 
-        def submit() -> None:
-            while True:
-                i = min(range(len(actors)), key=load.__getitem__)
-                if load[i] >= PER_ACTOR:
-                    return
-                chunk = next(source, None)
-                if chunk is None:
-                    return
-                pending[actors[i].run.remote(chunk)] = i
-                load[i] += 1
+        def submit(chunk: list[Task]) -> Any:
+            i = min(range(len(actors)), key=load.__getitem__)
+            ref = actors[i].run.remote(chunk)
+            owner[ref] = i
+            load[i] += 1
+            return ref
+
+        def take(ref: Any) -> list[Result]:
+            load[owner.pop(ref)] -= 1
+            return self._get(ref)
 
         ok = False
         try:
-            submit()
-            if on_ready is not None:
-                on_ready()
-            while pending:
-                if ordered:
-                    done = [next(iter(pending))]
-                    ray.wait(done, num_returns=1)
-                else:
-                    done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    load[pending.pop(ref)] -= 1
-                    on_results(self._get(ref))
-                submit()
+            drive(work, pending, submit=submit, has_room=lambda: min(load) < PER_ACTOR,
+                  wait_done=lambda refs: ray.wait(refs, num_returns=1)[0], take=take,
+                  on_results=on_results, on_ready=on_ready, ordered=ordered)
             ok = True
         finally:
             self._stop(actors, pending, None if ok else on_results)
@@ -276,7 +267,7 @@ class RayEngine:
         except self.ray.exceptions.RayError as exc:
             raise unwrap(exc) from None
 
-    def _stop(self, actors: list[Any], pending: dict[Any, int],
+    def _stop(self, actors: list[Any], pending: dict[Any, None],
               on_results: Callable[[list[Result]], None] | None) -> None:
         """Kill every actor and wait until they are gone; journal the chunks that had finished."""
         ray = self.ray
