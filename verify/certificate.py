@@ -419,19 +419,28 @@ def build_certificate(
     if extra:
         cert.update(extra)
     cert["verdict"] = verdict(cert["cells"], chance, score_chance)
-    cert["warnings"] = certificate_warnings(cert["cells"], score_chance, metric)
+    cert["warnings"] = certificate_warnings(cert["cells"], score_chance, metric, model=recipe.model)
     return cert
 
 
 #: A clean baseline less than this far above chance carries too little signal for a score.
 WEAK_BASELINE_MARGIN = 0.10
+#: Models too small for a meaningful adversarial-training attacker (their clean AT accuracy is capped).
+SMALL_AT_MODELS = ("fastcnn", "fastcnn_wide", "vgg3")
 
 
-def certificate_warnings(cells: Sequence[dict], chance: float, metric: str = "accuracy") -> list[str]:
+def certificate_warnings(cells: Sequence[dict], chance: float, metric: str = "accuracy",
+                         model: str | None = None) -> list[str]:
     """Plain-language caveats about the numbers (empty when there are none): clean baselines whose
-    ``metric`` peak barely beats ``chance`` (their scores are noise), and runs that lack the score
-    metric (saved by an older version)."""
+    ``metric`` peak barely beats ``chance`` (their scores are noise), runs that lack the score
+    metric (saved by an older version), and adversarial training with a small ``model``."""
     out: list[str] = []
+    at = sorted({c["training"] for c in cells if c["training"] != "erm"})
+    if at and model in SMALL_AT_MODELS:
+        out.append(f"adversarial training ({', '.join(at)}) used the small model '{model}', whose own clean accuracy "
+                   "under adversarial training is low (about 46% on 10k CIFAR-10 with fastcnn, against 68% with "
+                   "ERM): it bounds what such an attacker can show; for an AT certificate that means something, "
+                   "use --tier standard (ResNet-18, PGD-10) or --model resnet18")
     peak = PEAK_FIELD[metric]
     what = "balanced accuracy " if metric == "balanced_accuracy" else ""
     seen: set[tuple[str, str]] = set()

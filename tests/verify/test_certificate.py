@@ -33,7 +33,7 @@ def run(training: str, defense: str, curve: list[float], seed: int = 0, train_ac
                       12.5, len(curve), [6.0, 6.5], [100] * len(curve), 1000, 100, "cpu")
 
 
-def grid(with_clean: bool = True) -> dict:
+def grid(with_clean: bool = True, model: str | None = None) -> dict:
     """2 regimes x 2 defenses, one seed; linf/grayscale has the highest protected peak (0.41)."""
     protected = {
         ("erm", "none"): [0.21, 0.33, 0.30],
@@ -46,7 +46,7 @@ def grid(with_clean: bool = True) -> dict:
     for (t, d), curve in protected.items():
         cells.append(cell_entry(t, d, [run(t, d, curve)], [run(t, "none", clean[t])] if with_clean else None,
                                 CHANCE, baseline_defense="none"))
-    recipe = get_recipe("quick", epochs=3)
+    recipe = get_recipe("quick", epochs=3, model=model)
     return build_certificate(
         recipe=recipe, trainings=parse_trainings("erm,linf", recipe), defenses=["none", "grayscale"], seeds=[0],
         classes=[f"c{i}" for i in range(10)], cells=cells,
@@ -161,8 +161,14 @@ def test_report_files_and_worst_cell(tmp_path: Path) -> None:
     assert "Worst cell" in report_markdown(grid(with_clean=False))
 
 
+def test_warns_when_adversarial_training_used_a_small_model() -> None:
+    (warning,) = grid()["warnings"]
+    assert "adversarial training (linf) used the small model 'fastcnn'" in warning and "--tier standard" in warning
+    assert grid(model="resnet18")["warnings"] == []
+
+
 def test_warns_when_a_clean_baseline_barely_beats_chance() -> None:
-    assert grid()["warnings"] == []
+    assert grid(model="resnet18")["warnings"] == []
     cells = [cell_entry(t, d, [run(t, d, [0.12, 0.15])], [run(t, "none", [0.11, 0.16])], CHANCE, baseline_defense="none")
              for t, d in (("erm", "none"), ("erm", "grayscale"))]
     recipe = get_recipe("quick", epochs=2)
