@@ -9,7 +9,6 @@ it); 130 interrupted (rerun the same command to resume).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Any

@@ -3,11 +3,6 @@ pipeline's resume and --state reuse for a chain."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +13,9 @@ import perturbations
 from cli.main import cli
 from perturbations import ConfigError, Keyring
 from protect import ProtectOptions, protect_folder
+from tests.clitools import kill_when_paused
 from tests.methods import fit_data, params
 
-ROOT = Path(__file__).resolve().parents[2]
 X = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 LABELS = [i % 3 for i in range(12)]
 IDS = [f"{i}.png" for i in range(12)]
@@ -133,18 +128,9 @@ def test_a_killed_chain_run_resumes_byte_identically_and_its_state_protects_more
     result = CliRunner().invoke(cli, ["images", str(inp), str(ref), "--key", test_key, *CLI_ARGS, "-q"],
                                 env={"PROTECT_KEY": None})
     assert result.exit_code == 0, result.output
-    out, mark = tmp_path / "out", tmp_path / "paused"
+    out = tmp_path / "out"
     args = ["images", str(inp), str(out), "--key", test_key, *CLI_ARGS]
-    env = {k: v for k, v in os.environ.items() if k not in ("PROTECT_KEY", "PROTECT_DEBUG")}
-    env.update(PYTHONPATH=str(ROOT), PROTECT_TEST_PAUSE_AFTER="4", PROTECT_TEST_PAUSE_MARK=str(mark))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.paused_cli", *args, "-q"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert mark.exists(), proc.communicate(timeout=5)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    kill_when_paused([*args, "-q"], tmp_path, PROTECT_TEST_PAUSE_AFTER="4")
     result = CliRunner().invoke(cli, [*args, "-q", "--json"], env={"PROTECT_KEY": None})
     assert result.exit_code == 0, result.output
     assert '"skipped": 0' not in result.stdout  # the journalled files were not redone

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from cli.main import cli
 from protect import ProtectOptions, protect_folder
 from protect.discover import discover
 from protect.fitpass import fit_data
+from tests.clitools import kill_when_paused
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "cifar10" / "train"
@@ -172,19 +169,10 @@ def test_kill_9_during_the_fit_then_rerun_is_byte_identical(uc_run, tmp_path):
     """The run is paused inside the optimisation, killed, and rerun: same bytes as the reference."""
     _, root, inp, _ = uc_run
     key = "fit-pass-tests-key-0123456789"
-    out, mark = tmp_path / "out", tmp_path / "paused"
+    out = tmp_path / "out"
     args = ["images", str(inp), str(out), "--key", key, "--method", "uc", "--workers", "1",
             "--surrogate", "cifar-resnet20", "--clusters", "3", "--param", "steps=4", "--param", "batch=4"]
-    env = {k: v for k, v in os.environ.items() if k not in ("PROTECT_KEY", "PROTECT_DEBUG")}
-    env.update(PYTHONPATH=str(ROOT), PROTECT_TEST_PAUSE_FIT="optimise:2", PROTECT_TEST_PAUSE_MARK=str(mark))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.paused_cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert mark.exists(), proc.communicate(timeout=5)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    kill_when_paused(args, tmp_path, PROTECT_TEST_PAUSE_FIT="optimise:2")
     assert not any(out.iterdir()) if out.exists() else True  # nothing written before the fit ends
     result = CliRunner().invoke(cli, [*args, "-q"], env={"PROTECT_KEY": None})
     assert result.exit_code == 0, result.output
