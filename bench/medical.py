@@ -35,6 +35,9 @@ METHODS = {f"salm-{r}": ["--method", "salm", "--mask-ratio", str(r)] for r in (0
 METHODS["salm-0.1-aug"] = ["--method", "salm", "--mask-ratio", "0.1", "--param", "augment=true"]
 METHODS["dense"] = ["--method", "salm", "--mask-ratio", "1"]
 METHODS["cuda"] = ["--method", "cuda"]
+METHODS["cuda+salm-aug"] = ["--method", "cuda+salm", "--param", "salm.augment=true"]
+METHODS["salm-0.1-aug-robust"] = ["--method", "salm", "--mask-ratio", "0.1", "--param", "augment=true",
+                                  "--robust", "2/255", "--param", "robust_steps=3"]
 PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", "grayscale,jpeg10")}
 
 
