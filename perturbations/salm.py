@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("cifar-resnet8", "cifar-resnet20", "cifar-resnet32", "cifar-resnet44", "cifar-resnet56", "tiny")
 TABLE_KEYS = ("table_hashes", "table_clusters", "noise")
+INITS = ("uniform", "classwise")
 
 
 def build_classifier(arch: str, num_classes: int, channels: int) -> nn.Module:
@@ -108,6 +109,8 @@ class SALM(AdditivePerturbation):
             (``robust_steps`` PGD steps, default 5), so adversarial training of that radius cannot
             simply undo it. Costs about ``1 + robust_steps`` times the fit. 0 gives exactly the
             non-robust noise.
+        init: where the noise starts: ``uniform`` (default, the EM paper's) or ``classwise`` (one
+            keyed sign pattern per class, masked per image; a stronger shortcut to start from).
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] with labels and ids (relative paths).
     """
@@ -141,6 +144,7 @@ class SALM(AdditivePerturbation):
         augment: bool = False,
         robust: float | str = 0.0,
         robust_steps: int = 5,
+        init: str = "uniform",
     ) -> None:
         super().__init__(keyring)
         self.eps = parse_fraction(eps, "salm: eps")
@@ -174,6 +178,9 @@ class SALM(AdditivePerturbation):
         if int(robust_steps) != robust_steps or robust_steps < 1:
             raise ConfigError(f"salm: robust_steps must be an integer >= 1, got {robust_steps}")
         self.robust_steps = int(robust_steps)
+        if init not in INITS:
+            raise ConfigError(f"salm: init must be one of {', '.join(INITS)}, got '{init}'")
+        self.init = init
         self._steps_spent = 0
         self.size: tuple[int, int] | None = None
         self.channels: int | None = None
@@ -248,6 +255,20 @@ class SALM(AdditivePerturbation):
         return delta
 
     @torch.no_grad()
+    def _start(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The noise the optimisation starts from, within eps and keeping ``x + delta`` in range:
+        uniform per pixel (``init="uniform"``), or one keyed +-eps sign pattern per class
+        (``"classwise"``, drawn from the ``salm/classwise`` stream: a class-consistent start that
+        the error-minimising steps then refine)."""
+        if self.init == "classwise":
+            assert self.num_classes is not None
+            patterns = torch.randint(0, 2, (self.num_classes, *x.shape[1:]),
+                                     generator=self.keyring.generator("salm/classwise")).float().mul_(2).sub_(1)
+            delta = patterns[y].mul_(self.eps)
+        else:
+            delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(self.eps)
+        return (x + delta).clamp(0, 1) - x
+
     def _error(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
                dev: torch.device) -> float:
         model.eval()
@@ -274,9 +295,7 @@ class SALM(AdditivePerturbation):
         model = keyed_init(build_classifier(self.surrogate, self.num_classes, self.channels),
                            self.keyring.generator("salm/init")).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        noise_gen = self.keyring.generator("salm/noise")
-        delta = (torch.rand(x.shape, generator=noise_gen) * 2 - 1).mul_(self.eps)
-        delta = (x + delta).clamp(0, 1) - x
+        delta = self._start(x, y, self.keyring.generator("salm/noise"))
         gen = self.keyring.generator("salm/batches")
         rgen = self.keyring.generator("salm/robust")
         self.history = []
@@ -319,8 +338,7 @@ class SALM(AdditivePerturbation):
         model = self.model.to(dev)
         gen = self.keyring.generator("salm/extend")
         rgen = self.keyring.generator("salm/extend-robust")
-        delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(self.eps)
-        delta = (x + delta).clamp(0, 1) - x
+        delta = self._start(x, y, gen)
         for _ in range(2):
             delta = self._noise_round(model, x, y, delta, gen, dev, rgen)
         self.model = model.cpu().eval()
@@ -357,7 +375,7 @@ class SALM(AdditivePerturbation):
                 "stop_error": self.stop_error, "surrogate": self.surrogate, "batch": self.batch,
                 "max_side": self.max_side, "lr": self.lr,
                 "inner_stop": self.inner_stop, "augment": self.augment,
-                "robust": self.robust, "robust_steps": self.robust_steps, "working_size": list(self.size) if self.size else None}
+                "robust": self.robust, "robust_steps": self.robust_steps, "init": self.init, "working_size": list(self.size) if self.size else None}
 
     def fit_report(self) -> dict[str, Any]:
         return {"rounds": self.history, "stopped_early": bool(self.history)

@@ -57,7 +57,7 @@ def test_registered_with_labels_and_defaults():
 
 @pytest.mark.parametrize("kwargs", [dict(mask_ratio=0), dict(mask_ratio=1.5), dict(eps="a"), dict(steps=0),
                                     dict(surrogate="vgg"), dict(num_classes=1), dict(stop_error=1.0),
-                                    dict(robust=-0.1), dict(robust=1.0), dict(robust_steps=0)])
+                                    dict(robust=-0.1), dict(robust=1.0), dict(robust_steps=0), dict(init="zeros")])
 def test_bad_arguments(kwargs):
     with pytest.raises(ConfigError):
         perturbations.get("salm")(Keyring.from_seed(0), **kwargs)
@@ -119,6 +119,16 @@ def test_robust_zero_is_the_plain_noise_and_robust_noise_keeps_the_bound(fitted,
     assert float(noise.abs().max()) <= 8 / 255 + 1e-6
     assert int((noise != 0).flatten(1).sum(1).max()) <= math.ceil(0.05 * 28 * 28)
     assert robust.params()["robust"] == pytest.approx(2 / 255)
+
+
+def test_a_classwise_start_gives_bounded_sparse_noise_that_differs_from_the_uniform_one(fitted, data):
+    x8, ids, labels = data
+    cw = perturbations.get("salm")(Keyring.from_seed(1), mask_ratio=0.05, init="classwise",
+                                   **FAST).fit(_fit_data(x8, ids, labels))
+    noise = cw.noise_of(ids)
+    assert not torch.equal(noise, fitted.noise_of(ids)) and float(noise.abs().max()) <= 8 / 255 + 1e-6
+    assert int((noise != 0).flatten(1).sum(1).max()) <= math.ceil(0.05 * 28 * 28)
+    assert cw.params()["init"] == "classwise"
 
 
 def test_rho_one_is_dense_error_minimising_noise(data, monkeypatch):
