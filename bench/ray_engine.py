@@ -8,6 +8,7 @@
    (``OMP_NUM_THREADS=1``, what a Ray cell uses) vs Ray, fresh report folders, alternating.
 
     .venv/bin/python bench/ray_engine.py [--repeats 3] [--sets cifar50k,kodak] [--verify-per-class 200]
+        [--verify-epochs N]
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def images(src: Path, engine: str, env: dict[str, str], work: Path) -> float:
     return seconds
 
 
-def verify(prot: Path, clean: Path, engine: str, per_class: int, env: dict[str, str], work: Path) -> float:
+def verify(prot: Path, clean: Path, engine: str, per_class: int, env: dict[str, str], work: Path,
+           epochs: int | None = None) -> float:
     report = work / f"report-{engine}"
     shutil.rmtree(report, ignore_errors=True)
     e = dict(env, OMP_NUM_THREADS="1") if engine == "local" else env
     return run([*CLI, "verify", "--quiet", "--engine", engine, str(prot), "--test", str(CIFAR / "test"), "--clean",
                 str(clean), "--tier", "quick", "--training", "erm,linf", "--defenses", "none,grayscale",
-                "--max-per-class", str(per_class), "--no-cache", "--report", str(report)], e)
+                "--max-per-class", str(per_class), "--no-cache", "--report", str(report),
+                *(["--epochs", str(epochs)] if epochs else [])], e)
 
 
 def summary(name: str, local: list[float], ray: list[float]) -> None:
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sets", default="cifar50k,kodak")
     ap.add_argument("--verify-per-class", type=int, default=200, help="0: skip the verify comparison")
+    ap.add_argument("--verify-epochs", type=int, help="train every cell this many epochs (no small-set adaptation)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = env_for(args.work)
@@ -78,9 +82,10 @@ def main() -> None:
             run([*CLI, "images", "--quiet", str(clean), str(prot)], env)
         local, ray = [], []
         for _ in range(max(1, args.repeats - 1)):
-            local.append(verify(prot, clean, "local", args.verify_per_class, env, args.work))
-            ray.append(verify(prot, clean, "ray", args.verify_per_class, env, args.work))
-        rows.append((f"protect verify, 4 cells + 2 baselines, {args.verify_per_class}/class", local, ray))
+            local.append(verify(prot, clean, "local", args.verify_per_class, env, args.work, args.verify_epochs))
+            ray.append(verify(prot, clean, "ray", args.verify_per_class, env, args.work, args.verify_epochs))
+        epochs = f", {args.verify_epochs} epochs" if args.verify_epochs else ""
+        rows.append((f"protect verify, 4 cells + 2 baselines, {args.verify_per_class}/class{epochs}", local, ray))
     print("| command | local s (median) | ray s (median) | ray / local time, median (range) |")
     print("|---|---:|---:|---:|")
     for row in rows:
