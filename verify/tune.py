@@ -189,6 +189,7 @@ def tune_folder(
     clean = _stage_subset(in_path, report / "subset", per_class, Path(labels_csv) if labels_csv else None)
     before = _previous_rows(report / "tune.json")
     rows: list[dict] = []
+    verified = False
     for n, cand in enumerate(chosen_cands):
         row: dict[str, Any] = {"candidate": cand.label, "method": cand.method, "params": cand.params}
         out = report / f"candidate-{n:02d}"
@@ -213,9 +214,18 @@ def tune_folder(
             row.update(status="below floor", score=None)
             say(f"  PSNR {summary.psnr_mean:.1f} dB is below the floor {min_psnr} dB: not certified")
         else:
-            cert = verify_folder(out, test_path, clean, tier=tier, trainings=trainings, defenses=defenses,
-                                 seeds=seeds, epochs=epochs, device=device, report_dir=report / f"verify-{n:02d}",
-                                 progress=False)
+            try:
+                cert = verify_folder(out, test_path, clean, tier=tier, trainings=trainings, defenses=defenses,
+                                     seeds=seeds, epochs=epochs, device=device,
+                                     report_dir=report / f"verify-{n:02d}", progress=False)
+                verified = True
+            except (ConfigError, InputError) as exc:
+                if not verified:  # the first certification: a bad test folder or attacker grid, for all
+                    raise
+                row.update(status="error", error=str(exc))
+                rows.append(row)
+                say(f"  not certified: {exc}")
+                continue
             verdict = cert.get("verdict") or {}
             row.update(status="ok", score=verdict.get("score"),
                        best_attacker=verdict.get("best_attacker"), score_metric=cert.get("score_metric", "accuracy"))
