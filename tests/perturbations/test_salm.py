@@ -121,14 +121,14 @@ def test_robust_zero_is_the_plain_noise_and_robust_noise_keeps_the_bound(fitted,
     assert robust.params()["robust"] == pytest.approx(2 / 255)
 
 
-def test_a_classwise_start_gives_bounded_sparse_noise_that_differs_from_the_uniform_one(fitted, data):
+def test_the_uniform_start_gives_other_bounded_sparse_noise(fitted, data):
     x8, ids, labels = data
-    cw = perturbations.get("salm")(Keyring.from_seed(1), mask_ratio=0.05, init="classwise",
-                                   **FAST).fit(_fit_data(x8, ids, labels))
-    noise = cw.noise_of(ids)
+    assert fitted.params()["init"] == "classwise"  # the default
+    uniform = perturbations.get("salm")(Keyring.from_seed(1), mask_ratio=0.05, init="uniform",
+                                        **FAST).fit(_fit_data(x8, ids, labels))
+    noise = uniform.noise_of(ids)
     assert not torch.equal(noise, fitted.noise_of(ids)) and float(noise.abs().max()) <= 8 / 255 + 1e-6
     assert int((noise != 0).flatten(1).sum(1).max()) <= math.ceil(0.05 * 28 * 28)
-    assert cw.params()["init"] == "classwise"
 
 
 def test_rho_one_is_dense_error_minimising_noise(data, monkeypatch):
@@ -142,15 +142,19 @@ def test_rho_one_is_dense_error_minimising_noise(data, monkeypatch):
     assert float((dense.noise_of(ids) != 0).float().mean()) > 0.9
 
 
-def test_noise_is_error_minimising(data):
+@pytest.mark.parametrize("start", [dict(init="uniform", augment=False), dict()], ids=["em-paper", "defaults"])
+def test_noise_is_error_minimising(data, start):
     """A fresh network trained on the protected images reaches a lower training loss than the same
     network (same init, same batches) trained on the clean ones. Measured: mean loss over steps
-    10-40, protected / clean = 0.34, 0.47, 0.48, 0.54, 0.44 for keys 4..8; asserted < 0.8."""
+    10-40, protected / clean, keys 4..8: the EM paper's start (uniform, no augmentation) 0.34, 0.47,
+    0.48, 0.54, 0.44; the defaults (class-wise start, augmentation) 0.47, 0.42, 0.51, 0.43, 0.46 with
+    2 threads and 0.47, 0.42, 0.51, 0.44, 0.36 with 1 thread at ATEN_CPU_CAPABILITY=default,
+    ONEDNN_MAX_CPU_ISA=SSE41; asserted < 0.8."""
     from perturbations.nets import keyed_init
 
     x8, ids, labels = data
     method = perturbations.get("salm")(Keyring.from_seed(4), mask_ratio=0.1, rounds=4, steps=10, train_steps=10,
-                                       batch=32, surrogate="tiny")
+                                       batch=32, surrogate="tiny", **start)
     method.fit(_fit_data(x8, ids, labels))
     x = x8.float() / 255
     y = torch.tensor(labels)
