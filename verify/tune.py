@@ -15,7 +15,9 @@ For every candidate (a method, or a composition such as ``cuda+uc``, with parame
 The **frontier** is the set of candidates no other candidate beats on both axes (a PSNR at least as
 high and a score at least as high, one of them higher): sorted by PSNR, its scores fall. The
 **choice** is the candidate with the highest score among those at or above the floor (ties: the
-higher PSNR). Results: ``tune.json``, ``tune.md`` (the table) and ``frontier.png`` in the tune folder.
+higher PSNR). Results: ``tune.json``, ``tune.md`` (the table) and ``frontier.png`` in the tune folder,
+beside one ``candidate-<hash>`` folder per candidate (named by its label, so a rerun with the list
+reordered or extended reuses them) with its private run record: keep the tune folder private.
 
 Scores on a subset are noisy (a small training set, one seed by default) and the quick tier's model
 is small: the tuner ranks candidates; the final certificate of the chosen protection is
@@ -24,9 +26,10 @@ is small: the tuner ranks candidates; the final certificate of the chosen protec
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +43,6 @@ from protect.discover import discover
 from protect.pipeline import ProtectOptions, protect_folder
 
 from .run import verify_folder
-
-log = logging.getLogger(__name__)
 
 #: The default search: CUDA's filter strength, UC's bound, a composition, SALM's mask ratio.
 #: ``{surrogate}`` is replaced by the tuner's surrogate (UC's feature extractor).
@@ -192,7 +193,8 @@ def tune_folder(
     verified = False
     for n, cand in enumerate(chosen_cands):
         row: dict[str, Any] = {"candidate": cand.label, "method": cand.method, "params": cand.params}
-        out = report / f"candidate-{n:02d}"
+        tag = hashlib.sha256(cand.label.encode("utf-8")).hexdigest()[:10]  # folders survive a reordered list
+        out = report / f"candidate-{tag}"
         started = time.perf_counter()
         say(f"[{n + 1}/{len(chosen_cands)}] {cand.label}: protecting {clean}")
         try:
@@ -217,7 +219,7 @@ def tune_folder(
             try:
                 cert = verify_folder(out, test_path, clean, tier=tier, trainings=trainings, defenses=defenses,
                                      seeds=seeds, epochs=epochs, device=device,
-                                     report_dir=report / f"verify-{n:02d}", progress=False)
+                                     report_dir=report / f"verify-{tag}", progress=False)
                 verified = True
             except (ConfigError, InputError) as exc:
                 if not verified:  # the first certification: a bad test folder or attacker grid, for all
@@ -252,11 +254,18 @@ def tune_folder(
         result["applied"] = {"out_dir": str(Path(apply_to).resolve()), "record_dir": summary.record_dir,
                              "done": summary.done, "skipped": summary.skipped, "failed": summary.failed,
                              "psnr": summary.psnr_mean}
-    (report / "tune.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (report / "tune.md").write_text(table(result), encoding="utf-8")
+    _write(report / "tune.json", json.dumps(result, indent=2))
+    _write(report / "tune.md", table(result))
     _plot(result, report / "frontier.png")
     result["report_dir"] = str(report)
     return result
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _previous_rows(path: Path) -> dict[str, dict]:
