@@ -185,6 +185,17 @@ def quantise_levels(y: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.T
     return y.float().mul(levels).round_().clamp_(0, levels).to(dtype)
 
 
+def parse_robust(robust: float | int | str, robust_steps: int, method: str) -> tuple[float, int]:
+    """A method's ``robust`` radius (a number or ``"a/b"``, in [0, 1)) and its ``robust_steps``
+    (an integer >= 1), checked; ConfigError naming ``method`` otherwise."""
+    radius = parse_fraction(robust, f"{method}: robust")
+    if not 0.0 <= radius < 1.0:
+        raise ConfigError(f"{method}: robust must be in [0, 1), got {robust}")
+    if int(robust_steps) != robust_steps or robust_steps < 1:
+        raise ConfigError(f"{method}: robust_steps must be an integer >= 1, got {robust_steps}")
+    return radius, int(robust_steps)
+
+
 def parse_fraction(value: float | int | str, what: str) -> float:
     """A number given as a float or as ``"a/b"`` (e.g. ``"16/255"``); ConfigError otherwise."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):

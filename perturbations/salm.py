@@ -47,7 +47,7 @@ from torch import nn
 
 from . import register
 from .additive import AdditivePerturbation
-from .base import FitData, parse_fraction
+from .base import FitData, parse_fraction, parse_robust
 from .clustering import ClusterTable
 from .errors import ConfigError, InputError
 from .keyring import Keyring
@@ -176,12 +176,7 @@ class SALM(AdditivePerturbation):
             raise ConfigError(f"salm: inner_stop must be in [0, 10), got {inner_stop}")
         self.inner_stop = float(inner_stop)
         self.augment = bool(augment)
-        self.robust = parse_fraction(robust, "salm: robust")
-        if not 0.0 <= self.robust < 1.0:
-            raise ConfigError(f"salm: robust must be in [0, 1), got {robust}")
-        if int(robust_steps) != robust_steps or robust_steps < 1:
-            raise ConfigError(f"salm: robust_steps must be an integer >= 1, got {robust_steps}")
-        self.robust_steps = int(robust_steps)
+        self.robust, self.robust_steps = parse_robust(robust, robust_steps, "salm")
         if init not in INITS:
             raise ConfigError(f"salm: init must be one of {', '.join(INITS)}, got '{init}'")
         self.init = init

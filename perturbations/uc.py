@@ -45,7 +45,7 @@ from torch import nn
 
 from . import register
 from .additive import AdditivePerturbation
-from .base import FitData, parse_fraction
+from .base import FitData, parse_fraction, parse_robust
 from .clustered import TABLE_KEYS, SurrogateClusters
 from .clustering import derangement
 from .errors import ConfigError, InputError
@@ -155,12 +155,7 @@ class UnlearnableClusters(AdditivePerturbation):
         self.mode, self.steps, self.batch = mode, int(steps), int(batch)
         self.samples = None if samples is None else int(samples)
         self.augment, self.epochs, self.lr = bool(augment), int(epochs), float(lr)
-        self.robust = parse_fraction(robust, "uc: robust")
-        if not 0.0 <= self.robust < 1.0:
-            raise ConfigError(f"uc: robust must be in [0, 1), got {robust}")
-        if int(robust_steps) != robust_steps or robust_steps < 1:
-            raise ConfigError(f"uc: robust_steps must be an integer >= 1, got {robust_steps}")
-        self.robust_steps = int(robust_steps)
+        self.robust, self.robust_steps = parse_robust(robust, robust_steps, "uc")
         self.deltas: torch.Tensor | None = None  # K x 3 x S x S, float32 in [-eps, eps]
         self.targets: torch.Tensor | None = None  # K
         self.final_loss: float | None = None
