@@ -69,7 +69,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     env = env_for(args.work)
     rows = []
-    for name in args.sets.split(","):
+    for name in filter(None, args.sets.split(",")):
         local, ray = [], []
         for _ in range(args.repeats):
             local.append(images(SETS[name], "local", env, args.work))
