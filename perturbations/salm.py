@@ -253,7 +253,6 @@ class SALM(AdditivePerturbation):
             p.requires_grad_(True)
         return delta
 
-    @torch.no_grad()
     def _start(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The noise the optimisation starts from, within eps and keeping ``x + delta`` in range:
         uniform per pixel (``init="uniform"``), or one keyed +-eps sign pattern per class
@@ -268,6 +267,7 @@ class SALM(AdditivePerturbation):
             delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(self.eps)
         return (x + delta).clamp(0, 1) - x
 
+    @torch.no_grad()
     def _error(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
                dev: torch.device) -> float:
         model.eval()
