@@ -36,11 +36,6 @@ from .keyring import Keyring
 SEP = "+"
 
 
-def is_chain(name: str) -> bool:
-    """True for a composed method name like ``cuda+uc``."""
-    return SEP in name
-
-
 class Chain(Perturbation):
     """Stages applied in order (see module doc); subclasses are made by :func:`chain_class`."""
 
@@ -48,17 +43,23 @@ class Chain(Perturbation):
 
     def __init__(self, keyring: Keyring, **params: Any) -> None:
         super().__init__(keyring)
-        own: dict[str, dict[str, Any]] = {cls.name: {} for cls in self.stage_classes}
-        for key, value in params.items():
-            stage, dot, name = key.partition(".")
-            if not dot or stage not in own:
-                raise ConfigError(f"{self.name}: parameter '{key}' names no stage; write STAGE.NAME with STAGE "
-                                  f"one of {', '.join(own)}")
-            own[stage][name] = value
+        own = self._by_stage(params)
         self.stages = [cls(keyring, **own[cls.name]) for cls in self.stage_classes]
         self.needs_labels = any(s.needs_labels for s in self.stages)  # type: ignore[misc]  # clustered CUDA needs none
 
     # -- parameters ------------------------------------------------------------------------
+    @classmethod
+    def _by_stage(cls, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """``STAGE.NAME`` parameters split per stage; ConfigError for a key that names no stage."""
+        own: dict[str, dict[str, Any]] = {s.name: {} for s in cls.stage_classes}
+        for key, value in params.items():
+            stage, dot, name = key.partition(".")
+            if not dot or stage not in own:
+                raise ConfigError(f"method '{cls.name}': parameter '{key}' names no stage; write STAGE.NAME with "
+                                  f"STAGE one of {', '.join(own)}")
+            own[stage][name] = value
+        return own
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return {f"{s.name}.{k}": v for s in cls.stage_classes for k, v in s.defaults().items()}
@@ -69,11 +70,7 @@ class Chain(Perturbation):
         given = {k: v for k, v in given.items() if v is not None}
         plain = {k: v for k, v in given.items() if "." not in k}
         prefixed = {k: v for k, v in given.items() if "." in k}
-        stages = [s.name for s in cls.stage_classes]
-        for key in prefixed:
-            if key.partition(".")[0] not in stages:
-                raise ConfigError(f"method '{cls.name}': parameter '{key}' names no stage; write STAGE.NAME with "
-                                  f"STAGE one of {', '.join(stages)}")
+        cls._by_stage(prefixed)  # every prefix names a stage
         routed: dict[str, Any] = {}
         for name, value in plain.items():
             takers = []
