@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under ``root`` (hidden ones included)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def copy_classes(split: str, dst: Path, n: int, classes: tuple[str, ...] = ("airplane", "frog"),

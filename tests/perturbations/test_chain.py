@@ -3,7 +3,6 @@ pipeline's resume and --state reuse for a chain."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from perturbations import ConfigError, Keyring
 from protect import ProtectOptions, protect_folder
 from tests.clitools import kill_when_paused
 from tests.methods import fit_data, params
+from tests.tiny import tree
 
 X = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 LABELS = [i % 3 for i in range(12)]
@@ -114,10 +114,6 @@ def test_bad_chain_names():
 
 
 # -- the pipeline ---------------------------------------------------------------------------
-def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 CLI_ARGS = ["--method", "cuda+uc", "--param", "uc.surrogate=cifar-resnet20", "--param", "uc.clusters=3",
             "--param", "uc.steps=3", "--param", "uc.batch=4", "--workers", "1", "--batch-size", "2"]
 

@@ -3,7 +3,6 @@ folders without labels, the fitted state in the record, --state reuse, resume du
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -20,15 +19,11 @@ from protect import ProtectOptions, protect_folder
 from protect.discover import discover
 from protect.fitpass import fit_data
 from tests.clitools import kill_when_paused
+from tests.tiny import tree
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "cifar10" / "train"
 UC = {"surrogate": "cifar-resnet20", "clusters": 3, "steps": 4, "batch": 4}
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def flat_folder(root: Path, per_class: int = 4, classes: int = 4, prefix: str = "") -> Path:

@@ -16,18 +16,13 @@ from perturbations import Keyring
 from protect import ConfigError, InputError, ProtectOptions, RecordError, protect_folder
 from protect.discover import IMAGE_EXTENSIONS
 from protect.keys import _stretch
+from tests.tiny import tree
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 def run(in_dir, out_dir, keyring, **options):
     return protect_folder(in_dir, out_dir, keyring, ProtectOptions(progress=False, **options))
-
-
-def tree(root: Path) -> dict[str, str]:
-    """{relative path: SHA-256} of every file under ``root`` (hidden ones included)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -5,7 +5,6 @@ here starts its actors afresh (a few seconds each: a new process imports torch).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -15,15 +14,11 @@ import pytest
 
 from cli.main import main
 from protect import InputError, ProtectOptions, protect_folder
+from tests.tiny import tree
 
 #: Quick, offline parameters (as in tests/protect/test_fit_pass.py, SALM smaller still).
 UC = {"surrogate": "cifar-resnet20", "clusters": 3, "steps": 3}
 SALM = {"mask_ratio": 0.05, "rounds": 1, "steps": 2, "train_steps": 2, "surrogate": "tiny"}
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def journal(record: Path) -> list[dict]:

@@ -3,7 +3,6 @@ uninterrupted one, with no temporary file left behind (simulated, kill -9 and Ct
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,14 +19,10 @@ from click.testing import CliRunner
 from cli.main import cli
 from protect import ProtectOptions, inspect_run, protect_folder
 from protect.safefs import TMP_MARK
+from tests.tiny import tree
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples"
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def temporaries(*roots: Path) -> list[Path]:
