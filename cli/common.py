@@ -18,7 +18,8 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
-def _setup_logging(quiet: bool) -> None:
+def setup_logging(quiet: bool) -> None:
+    """Warnings (errors only with ``quiet``) as one ``level: message`` line on stderr, bar-safe."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, _TqdmHandler):

@@ -17,7 +17,7 @@ import click
 
 from perturbations.errors import ProtectError
 
-from .common import _setup_logging, with_key  # noqa: F401 - shared with the other commands
+from .common import setup_logging, with_key
 
 EXIT_FAILED_FILES, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -127,7 +127,7 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
     from protect.engine import parse_size
     from protect.imageio import DEFAULT_MAX_PIXELS
 
-    _setup_logging(quiet or as_json)
+    setup_logging(quiet or as_json)
     keyring = load_keyring(key, key_file)
     if surrogate_weights:
         surrogate_weights = os.path.abspath(surrogate_weights)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .common import _setup_logging, with_key
+from .common import setup_logging, with_key
 
 
 @click.command("tune")
@@ -46,9 +46,9 @@ def tune(in_dir: str, test_dir: str, key: str | None, key_file: str | None, min_
     against strength (verdict score); with --apply, protect IN_DIR with the strongest candidate
     above --min-psnr."""
     from protect import load_keyring
-    from verify.tune import tune_folder
+    from verify.tune import table, tune_folder
 
-    _setup_logging(quiet or as_json)
+    setup_logging(quiet or as_json)
     keyring = load_keyring(key, key_file)
 
     def say(text: str) -> None:
@@ -62,8 +62,6 @@ def tune(in_dir: str, test_dir: str, key: str | None, key_file: str | None, min_
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        from verify.tune import table
-
         click.echo(table(result), nl=False)
         click.echo(f"report: {result['report_dir']}/tune.md, frontier.png")
         if result["chosen"] is None:
