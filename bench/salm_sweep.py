@@ -3,7 +3,8 @@ it, and train the quick tier's attacker (ERM, or fast L-inf AT) on the result; o
 configuration with the balanced accuracy, the score against the clean baseline, PSNR and fit time.
 
 This is the tuning loop behind the defaults (the full pipeline and certificate are exercised by
-bench/medical.py); it skips the files on disk, so a configuration costs one fit and one training.
+bench/medical.py): the fit reads the folder through the pipeline's own fit pass, but nothing is
+written, so a configuration costs one fit and one training.
 
     .venv/bin/python bench/salm_sweep.py --set breast --config base: --config aug:augment=true \
         [--training erm] [--seed 0] [--out bench/out/salm-sweep]
@@ -16,6 +17,7 @@ images of each class of the 10k CIFAR subset of bench/clusters.py, with the full
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -29,6 +31,10 @@ from common import CIFAR, KEY, ROOT  # noqa: E402
 
 from perturbations import FitData  # noqa: E402
 from perturbations.salm import SALM  # noqa: E402
+from protect import fidelity  # noqa: E402
+from protect.discover import discover  # noqa: E402
+from protect.fitpass import fit_data as pipeline_fit_data  # noqa: E402
+from protect.imageio import DEFAULT_MAX_PIXELS  # noqa: E402
 from protect.keys import derive_keyring  # noqa: E402
 from verify.data import TensorSet, load_folder  # noqa: E402
 from verify.metrics import is_imbalanced  # noqa: E402
@@ -55,29 +61,21 @@ def parse_config(text: str) -> tuple[str, dict]:
 
 
 def fit_data(train: TensorSet) -> FitData:
-    x = train.x.float().div(255)
-    ids = list(train.rels)
-
-    def batches(size, channels=3, batch_size=64, only=None):
-        pos = list(range(len(ids))) if only is None else list(only)
-        for i in range(0, len(pos), batch_size):
-            p = pos[i:i + batch_size]
-            yield x[p], p
-
-    return FitData(train.num_classes, train.y.tolist(), [tuple(x.shape[-2:])] * len(ids), ids, batches,
-                   memory=1 << 31, channels=int(x.shape[1]))
+    """What ``protect images`` gives SALM for ``train``'s files: the pipeline's own fit pass over
+    the folder, kept to the loaded images."""
+    ds = discover(train.root)
+    keep = set(train.rels)
+    ds = dataclasses.replace(ds, entries=[e for e in ds.entries if e.rel in keep])
+    return pipeline_fit_data(ds, DEFAULT_MAX_PIXELS, memory=1 << 31)
 
 
 def protect(train: TensorSet, params: dict) -> tuple[TensorSet, float, float, list]:
     t = time.perf_counter()
     method = SALM(KEYRING, **params).fit(fit_data(train))
     fit_s = time.perf_counter() - t
-    x = train.x.float().div(255)
-    out = torch.cat([method.apply(x[i:i + 256], train.y[i:i + 256], train.rels[i:i + 256])
-                     for i in range(0, len(train), 256)])
-    q = out.mul(255).round().clamp(0, 255).to(torch.uint8)
-    mse = (q.float() - train.x.float()).div(255).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    psnr = float((10 * torch.log10(1 / mse)).mean())
+    q = torch.cat([method.protect_levels(train.x[i:i + 256], train.y[i:i + 256], train.rels[i:i + 256])
+                   for i in range(0, len(train), 256)])  # the pipeline's integer path
+    psnr = float(fidelity.psnr(train.x.float() / 255, q.float() / 255).mean())
     prot = TensorSet(q, train.y, train.classes, train.root, "salm-sweep", list(train.rels))
     return prot, fit_s, psnr, method.history
 
