@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CIFAR, KEY, ROOT  # noqa: E402
 
 from perturbations import FitData  # noqa: E402
+from perturbations.base import parse_assignments  # noqa: E402
 from perturbations.salm import SALM  # noqa: E402
 from protect import fidelity  # noqa: E402
 from protect.discover import discover  # noqa: E402
@@ -50,14 +51,7 @@ SETS = {"breast": (MED / "breast-data" / "train", MED / "breast-data" / "test", 
 
 def parse_config(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
-    params: dict = {}
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        try:
-            params[k] = json.loads(v)
-        except json.JSONDecodeError:
-            params[k] = v
-    return name, params
+    return name, parse_assignments(filter(None, rest.split(",")))
 
 
 def fit_data(train: TensorSet) -> FitData:

@@ -67,16 +67,12 @@ def methods(as_json: bool) -> None:
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise click.BadParameter(f"expected NAME=VALUE, got '{pair}'", param_hint="--param")
-        name, raw = pair.split("=", 1)
-        try:
-            params[name.strip().replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[name.strip().replace("-", "_")] = raw
-    return params
+    from perturbations.base import parse_assignments
+
+    try:
+        return parse_assignments(pairs)
+    except ProtectError as exc:
+        raise click.BadParameter(str(exc), param_hint="--param") from None
 
 
 @cli.command()

@@ -16,8 +16,9 @@ implementation that returns the same values.
 from __future__ import annotations
 
 import inspect
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -183,6 +184,23 @@ def quantise_levels(y: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.T
     """``round(y * levels)`` in float32, clamped to ``[0, levels]``, as ``dtype`` (the one
     quantisation every output goes through)."""
     return y.float().mul(levels).round_().clamp_(0, levels).to(dtype)
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` strings as method parameters: the value parsed as JSON when it parses (numbers,
+    booleans, null), else kept as text; ``-`` in a name becomes ``_``. ConfigError for an item
+    without ``=`` or without a name."""
+    params: dict[str, Any] = {}
+    for item in items:
+        name, eq, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not eq or not name:
+            raise ConfigError(f"expected NAME=VALUE, got '{item}'")
+        try:
+            params[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[name] = raw
+    return params
 
 
 def parse_robust(robust: float | int | str, robust_steps: int, method: str) -> tuple[float, int]:

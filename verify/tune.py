@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perturbations.base import parse_assignments
 from perturbations.errors import ConfigError, InputError
 from perturbations.keyring import Keyring
 from protect.discover import discover
@@ -77,16 +78,11 @@ def parse_candidate(text: str, surrogate: str = "cifar-resnet20") -> Candidate:
     method, _, rest = text.strip().partition(":")
     if not method:
         raise ConfigError(f"candidate '{text}': write METHOD[:NAME=VALUE,...], e.g. cuda:blur=0.15")
-    params: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        name, eq, raw = item.partition("=")
-        if not eq or not name:
-            raise ConfigError(f"candidate '{text}': expected NAME=VALUE, got '{item}'")
-        raw = raw.replace("{surrogate}", surrogate)
-        try:
-            params[name.strip().replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[name.strip().replace("-", "_")] = raw
+    items = filter(None, (p.strip() for p in rest.replace("{surrogate}", surrogate).split(",")))
+    try:
+        params = parse_assignments(items)
+    except ConfigError as exc:
+        raise ConfigError(f"candidate '{text}': {exc}") from None
     return Candidate(method.strip(), params)
 
 
