@@ -57,7 +57,8 @@ def test_registered_with_labels_and_defaults():
 
 @pytest.mark.parametrize("kwargs", [dict(mask_ratio=0), dict(mask_ratio=1.5), dict(eps="a"), dict(steps=0),
                                     dict(surrogate="vgg"), dict(num_classes=1), dict(stop_error=1.0),
-                                    dict(robust=-0.1), dict(robust=1.0), dict(robust_steps=0), dict(init="zeros")])
+                                    dict(robust=-0.1), dict(robust=1.0), dict(robust_steps=0), dict(init="zeros"),
+                                    dict(mask_scope="pixel")])
 def test_bad_arguments(kwargs):
     with pytest.raises(ConfigError):
         perturbations.get("salm")(Keyring.from_seed(0), **kwargs)
@@ -129,6 +130,26 @@ def test_the_uniform_start_gives_other_bounded_sparse_noise(fitted, data):
     noise = uniform.noise_of(ids)
     assert not torch.equal(noise, fitted.noise_of(ids)) and float(noise.abs().max()) <= 8 / 255 + 1e-6
     assert int((noise != 0).flatten(1).sum(1).max()) <= math.ceil(0.05 * 28 * 28)
+
+
+def test_class_scope_masks_the_same_positions_in_every_image_of_a_class(fitted, data):
+    x8, ids, labels = data
+    assert fitted.params()["mask_scope"] == "image"  # the default, the paper's
+    by_class = perturbations.get("salm")(Keyring.from_seed(1), mask_ratio=0.05, mask_scope="class",
+                                         **FAST).fit(_fit_data(x8, ids, labels))
+    noise = by_class.noise_of(ids)
+    k = math.ceil(0.05 * 28 * 28)
+    assert float(noise.abs().max()) <= 8 / 255 + 1e-6
+    support = (noise != 0).flatten(1)
+    assert int(support.sum(1).max()) <= k
+    for c in (0, 1):
+        rows = support[torch.tensor(labels) == c]
+        union = rows.any(0)
+        assert int(union.sum()) <= k  # one class, one set of positions
+        assert int(rows.sum(1).min()) >= k // 2  # and the noise really lives there
+    # per-image masks differ between images of a class (the contrast that makes the check above mean something)
+    image_support = (fitted.noise_of(ids) != 0).flatten(1)
+    assert int(image_support[torch.tensor(labels) == 0].any(0).sum()) > k
 
 
 def test_rho_one_is_dense_error_minimising_noise(data, monkeypatch):
