@@ -35,6 +35,7 @@ METHODS = {
     "cuda-clusters": ["--method", "cuda", "--clusters", "10", "--surrogate", "cifar-resnet56"],
     "cuda+uc-r56": ["--method", "cuda+uc", "--param", "uc.surrogate=cifar-resnet56"],
     "uc-r56-robust": ["--method", "uc", "--surrogate", "cifar-resnet56", "--robust", "4/255"],
+    "uc-r56-robust8": ["--method", "uc", "--surrogate", "cifar-resnet56", "--robust", "8/255"],
 }
 LABELLINGS = {"original": [], "coarse": ["--relabel", str(ROOT / "samples" / "cifar10" / "coarse.json")],
               "random5": ["--relabel", "random:5"]}
