@@ -273,6 +273,10 @@ def _previous_rows(path: Path) -> dict[str, dict]:
         return {}
 
 
+SUBSET_CAVEAT = ("Scores come from a subset and one training per seed: rank with them, then certify the chosen "
+                 "protection on the whole folder (protect verify); close scores may swap there.")
+
+
 def table(result: dict) -> str:
     """The tune report as Markdown: one row per candidate, frontier and choice marked."""
     lines = [f"# protect tune: {result['in_dir']}", "",
@@ -292,6 +296,7 @@ def table(result: dict) -> str:
         per = f"{r['protect_s_per_image']:.3f}" if r.get("protect_s_per_image") is not None else ""
         status = r.get("status", "") + (f": {r['error']}" if r.get("error") else "")
         lines.append(f"| {mark.strip()} | `{r['candidate']}` | {psnr} | {ssim} | {score} | {attacker} | {per} | {status} |")
+    lines += ["", SUBSET_CAVEAT]
     return "\n".join(lines) + "\n"
 
 

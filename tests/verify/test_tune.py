@@ -13,7 +13,7 @@ from PIL import Image
 
 from cli.main import cli
 from perturbations.errors import ConfigError
-from verify.tune import choose, frontier, parse_candidate
+from verify.tune import SUBSET_CAVEAT, choose, frontier, parse_candidate
 
 
 def test_candidates_parse_methods_params_and_the_surrogate_placeholder():
@@ -92,6 +92,7 @@ def test_tune_reports_a_monotone_frontier_and_applies_the_choice(tmp_path, test_
     assert manifest["method"] == chosen["method"]
     for name in ("tune.json", "tune.md", "frontier.png"):
         assert (tmp_path / "tune" / name).is_file()
+    assert SUBSET_CAVEAT in (tmp_path / "tune" / "tune.md").read_text()
     assert len(list((tmp_path / "tune" / "subset").rglob("*.png"))) == 80
 
     # a rerun reuses the subset, the protected candidates and the trained cells
