@@ -76,17 +76,20 @@ def saliency(grad: torch.Tensor) -> torch.Tensor:
     return grad.abs().sum(1, keepdim=True)
 
 
-def saliency_mask(grad: torch.Tensor, ratio: float, score: torch.Tensor | None = None) -> torch.Tensor:
-    """``N x 1 x H x W`` 0/1 mask of the ``ceil(ratio * H * W)`` positions of largest
-    ``sum_c |grad|`` per image (ties: the lower flat index, via a stable sort); ``score``
-    (``N x 1 x H x W``) ranks the positions instead of the gradient when given."""
-    n, _, h, w = grad.shape
+def top_positions(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``N x 1 x H x W`` 0/1 mask of the ``ceil(ratio * H * W)`` positions of largest ``score``
+    (``N x 1 x H x W``) per image (ties: the lower flat index, via a stable sort)."""
+    n, _, h, w = score.shape
     k = min(h * w, max(1, math.ceil(ratio * h * w - 1e-9)))
-    score = (saliency(grad) if score is None else score).flatten(1)
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros(n, h * w, device=grad.device)
+    order = torch.sort(score.flatten(1), dim=1, descending=True, stable=True).indices[:, :k]
+    mask = torch.zeros(n, h * w, device=score.device)
     mask.scatter_(1, order, 1.0)
     return mask.view(n, 1, h, w)
+
+
+def saliency_mask(grad: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The mask of the ``ceil(ratio * H * W)`` positions of largest ``sum_c |grad|`` per image."""
+    return top_positions(saliency(grad), ratio)
 
 
 @register
@@ -269,7 +272,7 @@ class SALM(AdditivePerturbation):
             if per_class is None:
                 mask = saliency_mask(self._grad_x(model, (xb + d).clamp(0, 1), yb)[0], self.mask_ratio)
             else:
-                mask = saliency_mask(xb, self.mask_ratio, per_class[y[b]].to(dev))
+                mask = top_positions(per_class[y[b]].to(dev), self.mask_ratio)
             d = d * mask
             for _ in range(self.steps):
                 # robust noise: the loss is lowered at the worst point within `robust` of x + delta
