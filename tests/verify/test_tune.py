@@ -13,7 +13,7 @@ from PIL import Image
 
 from cli.main import cli
 from perturbations.errors import ConfigError
-from verify.tune import SUBSET_CAVEAT, choose, frontier, parse_candidate
+from verify.tune import DEFAULT_CANDIDATES, SUBSET_CAVEAT, choose, frontier, parse_candidate
 
 
 def test_candidates_parse_methods_params_and_the_surrogate_placeholder():
@@ -23,6 +23,16 @@ def test_candidates_parse_methods_params_and_the_surrogate_placeholder():
     for bad in (":x=1", "cuda:blur"):
         with pytest.raises(ConfigError):
             parse_candidate(bad)
+
+
+def test_every_built_in_candidate_builds_its_method():
+    import perturbations
+    from perturbations import Keyring
+
+    for text in DEFAULT_CANDIDATES:
+        c = parse_candidate(text, surrogate="cifar-resnet20")
+        cls = perturbations.get(c.method)
+        cls(Keyring.from_seed(0), **cls.resolve_params({**c.params}))  # raises ConfigError on a bad parameter
 
 
 def rows(*points):
