@@ -74,7 +74,7 @@ def protect(train: TensorSet, params: dict) -> tuple[TensorSet, float, float, li
     return prot, fit_s, psnr, method.history
 
 
-def peak(train: TensorSet, test: TensorSet, training: str, seed: int, balanced: bool) -> tuple[float, float]:
+def attacker_accuracy(train: TensorSet, test: TensorSet, training: str, seed: int, balanced: bool) -> tuple[float, float]:
     """The attacker's peak and final test accuracy (balanced when ``balanced``)."""
     recipe = fit_to_data(get_recipe("quick"), len(train))
     r = train_cell(train, test, recipe, training, "none", seed)
@@ -100,14 +100,14 @@ def main() -> None:
     if "final" in cached:
         clean, clean_final = cached["peak"], cached["final"]
     else:
-        clean, clean_final = peak(train, test, args.training, args.seed, balanced)
+        clean, clean_final = attacker_accuracy(train, test, args.training, args.seed, balanced)
         cache.write_text(json.dumps({"peak": clean, "final": clean_final}))
     print(f"# {args.set}: {len(train)} train, {len(test)} test, {args.training}, seed {args.seed}, "
           f"{'balanced ' if balanced else ''}clean peak {clean:.3f} final {clean_final:.3f}, chance {chance:.3f}", flush=True)
     for text in args.config:
         name, params = parse_config(text)
         prot, fit_s, psnr, history = protect(train, params)
-        acc, final = peak(prot, test, args.training, args.seed, balanced)
+        acc, final = attacker_accuracy(prot, test, args.training, args.seed, balanced)
         score = (clean - acc) / (clean - chance)
         row = {"set": args.set, "config": name, "params": params, "training": args.training, "seed": args.seed,
                "peak": round(acc, 4), "clean": round(clean, 4),

@@ -35,21 +35,29 @@ def _sanitize(obj: Any) -> Any:
     return obj
 
 
-def save_certificate(cert: dict, path: str | os.PathLike) -> Path:
-    """Validate and write ``cert`` as JSON to ``path`` atomically (non-finite numbers become null)."""
-    _validate(cert, "certificate")
+def write_text_atomic(path: str | os.PathLike, text: str, prefix: str = ".tmp-") -> Path:
+    """Write ``text`` to ``path`` atomically: a uniquely named temporary file in the same folder
+    (``prefix``), flushed to disk, then renamed into place; the temporary file is removed on any
+    failure. The folder is created when missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_sanitize(cert), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".certificate-", suffix=".json", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_certificate(cert: dict, path: str | os.PathLike) -> Path:
+    """Validate and write ``cert`` as JSON to ``path`` atomically (non-finite numbers become null)."""
+    _validate(cert, "certificate")
+    return write_text_atomic(path, json.dumps(_sanitize(cert), indent=2, allow_nan=False) + "\n", ".certificate-")
 
 
 def load_certificate(path: str | os.PathLike) -> dict:

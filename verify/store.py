@@ -30,12 +30,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from perturbations.errors import RecordError
 
+from .certfile import write_text_atomic
 from .data import TensorSet
 from .recipes import Recipe, Training
 from .train import CellResult
@@ -77,20 +77,6 @@ def cell_key(train: TensorSet, test: TensorSet, recipe: Recipe, training: Traini
         params = {k: v for k, v in vars(defense).items() if not k.startswith("_")} if not isinstance(defense, str) else {}
         payload.update(schema=CELL_SCHEMA, role=role, defense_params=params)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, text: str, prefix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path, key: str, what: str) -> dict | None:
@@ -141,7 +127,7 @@ class BaselineCache:
             return
         try:
             text = json.dumps({"key": key, "meta": meta or {}, "result": result.to_dict()}, indent=1)
-            _write_atomic(self._path(key), text, ".baseline-")
+            write_text_atomic(self._path(key), text, ".baseline-")
         except OSError as exc:  # a cache that cannot be written only costs time later
             log.warning("cannot write baseline cache in %s: %s", self.root, exc)
 
@@ -174,6 +160,6 @@ class CellStore:
             return
         text = json.dumps({"schema": CELL_SCHEMA, "key": key, "meta": meta, "result": result.to_dict()}, indent=1)
         try:
-            _write_atomic(self._path(key), text, ".cell-")
+            write_text_atomic(self._path(key), text, ".cell-")
         except OSError as exc:
             raise RecordError(f"cannot save a finished cell in {self.root}: {exc.strerror or exc}") from None

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from perturbations.keyring import Keyring
 from protect.discover import discover
 from protect.pipeline import ProtectOptions, protect_folder
 
+from .certfile import write_text_atomic
 from .run import verify_folder
 
 #: The default search: CUDA's filter strength, UC's bound, a composition, SALM's mask ratio, and
@@ -254,18 +254,11 @@ def tune_folder(
         result["applied"] = {"out_dir": str(Path(apply_to).resolve()), "record_dir": summary.record_dir,
                              "done": summary.done, "skipped": summary.skipped, "failed": summary.failed,
                              "psnr": summary.psnr_mean}
-    _write(report / "tune.json", json.dumps(result, indent=2))
-    _write(report / "tune.md", table(result))
+    write_text_atomic(report / "tune.json", json.dumps(result, indent=2), ".tune-")
+    write_text_atomic(report / "tune.md", table(result), ".tune-")
     _plot(result, report / "frontier.png")
     result["report_dir"] = str(report)
     return result
-
-
-def _write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _previous_rows(path: Path) -> dict[str, dict]:
