@@ -357,3 +357,67 @@ def test_unreadable_folder_by_permissions(tmp_path):
         (tmp_path / "a" / "locked").chmod(0o755)
     assert rels(ds) == ["a/x.png", "b/z.png"]
     assert [rel for rel, _ in ds.skipped] == ["a/locked"]
+
+
+# -- photographers' folders: HEIF is an image, camera RAW is listed with a hint --------------
+def test_photographer_folder_heic_listed_raw_skipped_junk_ignored(tmp_path):
+    put(tmp_path, "IMG_0001.jpg", "IMG_0002.HEIC", "IMG_0003.heif", "DSC_0004.NEF", "notes.txt",
+        ".DS_Store", "._IMG_0001.jpg", "._DSC_0004.NEF")
+    ds = discover(tmp_path)
+    assert rels(ds) == ["IMG_0001.jpg", "IMG_0002.HEIC", "IMG_0003.heif"]
+    assert [e.format for e in ds.entries] == ["JPEG", "HEIF", "HEIF"]
+    assert ds.skipped == [("DSC_0004.NEF", "camera RAW (.nef) is not read: export it to JPEG or TIFF first")]
+    assert not ds.given_files
+
+
+@pytest.mark.parametrize("ext", [".nef", ".NEF", ".cr2", ".Cr3", ".arw", ".dng", ".raf", ".orf", ".rw2", ".nrw",
+                                 ".pef", ".srw", ".rwl", ".3fr", ".erf", ".kdc", ".mrw", ".x3f", ".iiq"])
+def test_every_raw_extension_is_skipped_with_a_reason(tmp_path, ext):
+    put(tmp_path, "a/x.png", f"a/shot{ext}")
+    ds = discover(tmp_path)
+    assert rels(ds) == ["a/x.png"]
+    assert ds.skipped == [(f"a/shot{ext}", f"camera RAW ({ext.lower()}) is not read: export it to JPEG or TIFF first")]
+
+
+def test_raw_through_links_and_odd_raw_entries(tmp_path):
+    put(tmp_path, "a/x.png", "a/real.cr2", "a/raw.nef/inner.png")  # a folder named like a RAW file is a folder
+    os.symlink("real.cr2", tmp_path / "a" / "alias.CR2")
+    os.mkfifo(tmp_path / "a" / "pipe.dng")
+    ds = _run_with_timeout(lambda: discover(tmp_path))
+    assert rels(ds) == ["a/raw.nef/inner.png", "a/x.png"]
+    skipped = dict(ds.skipped)
+    assert set(skipped) == {"a/alias.CR2", "a/real.cr2", "a/pipe.dng"}
+    raw = "camera RAW (.cr2) is not read: export it to JPEG or TIFF first"
+    assert skipped["a/alias.CR2"] == skipped["a/real.cr2"] == raw
+    assert "FIFO" in skipped["a/pipe.dng"]
+
+
+def test_folder_of_only_raw_files_says_so(tmp_path):
+    put(tmp_path, "DSC_1.NEF", "DSC_2.nef", "IMG_3.CR3", ".DS_Store", "notes.txt")
+    with pytest.raises(InputError) as info:
+        discover(tmp_path)
+    message = str(info.value)
+    assert "no images" in message and "3 camera RAW file(s) (.cr3, .nef)" in message
+    assert "export them to JPEG or TIFF first" in message
+    assert "\n" not in message
+
+
+def test_no_images_message_lists_the_supported_extensions(tmp_path):
+    from protect.discover import IMAGE_EXTENSIONS
+
+    put(tmp_path, "notes.txt")
+    with pytest.raises(InputError) as info:
+        discover(tmp_path)
+    message = str(info.value)
+    for ext in IMAGE_EXTENSIONS:
+        assert ext.lstrip(".") in message
+    assert "heic" in message and "RAW" not in message
+
+
+def test_label_csv_listing_a_raw_file_is_not_an_error(tmp_path):
+    put(tmp_path, "1.png", "2.png", "3.nef")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n1.png,a\n2.png,b\n3.nef,a\n", encoding="utf-8")
+    ds = discover(tmp_path, csv)
+    assert rels(ds) == ["1.png", "2.png"]
+    assert dict(ds.skipped)["3.nef"].startswith("camera RAW (.nef)")
