@@ -5,7 +5,7 @@
 ...                          ProtectOptions(method="cuda"))
 """
 
-from .discover import Dataset, ImageEntry, discover
+from .discover import Dataset, ImageEntry, discover, discover_files, discover_inputs
 from .errors import ConfigError, InputError, KeyMaterialError, ProtectError, RecordError
 from .inspect import inspect_run
 from .keys import derive_keyring, generate_key, load_keyring, resolve_key
@@ -23,6 +23,8 @@ __all__ = [
     "Summary",
     "derive_keyring",
     "discover",
+    "discover_files",
+    "discover_inputs",
     "generate_key",
     "inspect_run",
     "load_keyring",

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,6 +48,28 @@ def generate_key() -> str:
     return secrets.token_hex(16)
 
 
+def write_key_file(path: str | os.PathLike, key: str) -> Path:
+    """Write ``key`` to a new file readable by its owner only (0600); never overwrite a file."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise KeyMaterialError(f"{path} already exists: a key file is never overwritten (choose another name, "
+                               "or delete the old one if you are sure nothing was protected with it)") from None
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot create key file {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(key + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def resolve_key(key: str | None = None, key_file: str | os.PathLike | None = None,
                 environ: dict[str, str] | None = None) -> str:
     """The key from exactly one of ``--key``, ``--key-file`` or ``$PROTECT_KEY``.
@@ -70,12 +93,23 @@ def resolve_key(key: str | None = None, key_file: str | os.PathLike | None = Non
             raise KeyMaterialError(f"key file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise KeyMaterialError(f"cannot read key file {path}: {exc.__class__.__name__}") from None
+        _warn_if_shared(path)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise KeyMaterialError(f"key file is empty: {path}")
         return lines[0]
     assert from_env is not None
     return from_env.strip()
+
+
+def _warn_if_shared(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if os.name == "posix" and stat.S_ISREG(mode) and mode & 0o077:
+        log.warning("key file %s can be read by other users (mode %o): `chmod 600 %s`", path,
+                    stat.S_IMODE(mode), path)
 
 
 def load_keyring(key: str | None = None, key_file: str | os.PathLike | None = None,

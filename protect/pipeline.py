@@ -11,10 +11,11 @@ and ends byte-identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,12 @@ import perturbations
 from perturbations import FitData, Keyring, Perturbation
 
 from .device import resolve_device
-from .discover import Dataset, discover
+from .discover import Dataset, discover, discover_inputs
 from .engine import LocalEngine, chunks, default_memory, default_workers
 from .errors import ConfigError, InputError, RecordError
 from .fitpass import fit_data
 from .imageio import DEFAULT_MAX_PIXELS, JPEG_QUALITY, OUT_FORMATS, output_name
-from .record import FORMAT_VERSION, JOURNAL, RunRecord, default_record_dir, deps_digest, state_digest
+from .record import FORMAT_VERSION, JOURNAL, STATE, RunRecord, default_record_dir, deps_digest, state_digest
 from .safefs import RunLock, Tree
 from .work import Prev, Result, Spec, Task
 
@@ -52,6 +53,10 @@ class ProtectOptions:
     ``fit_progress(stage, done, total)``: called while a method fits; ``engine``: where the per-file
     work runs, ``"local"`` (worker processes, :mod:`protect.engine`) or ``"ray"`` (Ray actors,
     :mod:`protect.ray_engine`; ``workers`` then defaults to the cluster's CPUs).
+    ``method``: None picks the method of the run this resumes (its record), else ``cuda`` for
+    labelled images and the label-free ``uc`` for unlabelled ones. ``allow_reprotect``: protect
+    images that are themselves the output of a protect run (refused otherwise).
+    ``on_phase(line)``: called with one line as each phase of the run starts or ends.
     """
 
     method: str | None = None
@@ -72,6 +77,8 @@ class ProtectOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int = JPEG_QUALITY
     progress: bool = True
+    allow_reprotect: bool = False
+    on_phase: Callable[[str], Any] | None = None
 
 
 @dataclass
@@ -101,6 +108,12 @@ class Summary:
     fit_report: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     workers: int = 1
+    method_note: str = ""
+
+    @property
+    def unread(self) -> int:
+        """Files with an image name that were not read (RAW photos, broken links, ...)."""
+        return len(self.skipped_entries)
 
     @property
     def images_per_second(self) -> float:
@@ -110,6 +123,7 @@ class Summary:
         d = asdict(self)
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
         d["images_per_second"] = round(self.images_per_second, 2)
+        d["unread"] = self.unread
         return d
 
 
@@ -200,13 +214,14 @@ class _Run:
             raise InputError(f"{stop[0]}: {stop[1]} (stopped by --strict)")
 
 
-def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyring: Keyring,
-                   options: ProtectOptions | None = None,
+def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                   keyring: Keyring, options: ProtectOptions | None = None,
                    on_start: Callable[[int], Any] | None = None) -> Summary:
     """Protect every image under ``in_dir`` into ``out_dir`` (see module doc).
 
     Args:
-        in_dir: the input folder; never written to.
+        in_dir: the input folder, or a list of image files (one, or several: their common folder
+            is the root of the relative paths); never written to.
         out_dir: the output folder (created); mirrors relative paths and names.
         keyring: the key (see ``protect.keys.load_keyring``).
         options: method, parameters and run options.
@@ -214,18 +229,45 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
             (an object with ``update(n)``, ``set_postfix`` and ``close``).
     Returns:
         a :class:`Summary`; failed files are listed there and in the manifest.
+
+    A run that fails before it has written an output or saved a fitted state removes the folders
+    it created (output and record), so a refusal leaves nothing behind.
     """
     options = options or ProtectOptions()
     _check_options(options)
-    in_path, out_path = Path(in_dir), Path(out_dir)
+    phase = _Phases(options.on_phase)  # held back until the checks have passed: a refusal stays one line
+    inputs = [Path(in_dir)] if isinstance(in_dir, (str, os.PathLike)) else [Path(p) for p in in_dir]
+    if not inputs:
+        raise InputError("no input given: name a folder or image files")
+    out_path = Path(out_dir)
     record_dir = Path(options.record_dir) if options.record_dir else default_record_dir(out_path)
-    check_folders(in_path, out_path, record_dir)
-    dataset = discover(in_path, options.labels_csv)
+    files_given = not (len(inputs) == 1 and inputs[0].is_dir())
+    if files_given:
+        dataset = discover_inputs(inputs, options.labels_csv)
+        check_files(dataset, out_path, record_dir)
+        in_path = dataset.root
+    else:
+        in_path = inputs[0]
+        check_folders(in_path, out_path, record_dir)
+        dataset = discover(in_path, options.labels_csv)
+    phase(f"found {len(dataset)} image(s) in {in_path}"
+          + (f" ({len(dataset.classes)} classes from {dataset.label_source})" if dataset.labelled else ", no labels")
+          + (f"; {len(dataset.skipped)} file(s) not read (listed in the summary)" if dataset.skipped else ""))
+    reprotect = _protect_output_evidence(dataset, in_path, record_dir)
+    reprotect_warning = ""
+    if reprotect is not None:
+        if not options.allow_reprotect:
+            raise InputError(f"{in_path} looks like the output of a protect run ({reprotect}): protecting it again "
+                             "stacks a second perturbation on the first (twice the change, lower fidelity); protect "
+                             "the originals instead, or pass --allow-reprotect")
+        reprotect_warning = f"the input looks like the output of a protect run ({reprotect}); protected again"
     source = _state_source(options, keyring, dataset) if options.state_from else None
+    method_note = ""
     if source is not None:
         method_name, given, dataset = source.method, source.params, source.dataset
+        method_note = f"the fitted {source.method} of {options.state_from} (--state)"
     else:
-        method_name, given = options.method or "cuda", options.params
+        method_name, given, method_note = _choose_method(options, dataset, record_dir)
     method_cls = perturbations.get(method_name)
     formats = [e.format for e in dataset.entries]
     out_rels = [output_name(e.rel, f, options.out_format) for e, f in zip(dataset.entries, formats)]
@@ -250,32 +292,186 @@ def protect_folder(in_dir: str | os.PathLike, out_dir: str | os.PathLike, keyrin
         "jpeg_quality": options.jpeg_quality,
         "in_dir": str(in_path.resolve()),
     }
+    if files_given:
+        header["inputs"] = [e.rel for e in dataset.entries]
     if source is not None:
         header["state_from"] = {"record": str(Path(options.state_from).resolve()), "state_sha256": source.sha}  # type: ignore[arg-type]
     method = method_cls(keyring, **params)  # checks the parameters before anything is created
     if method.needs_labels and not dataset.labelled:
-        hint = (" (or use --method uc, or --clusters K with a --surrogate, which need no labels)"
-                if method_cls.name == "cuda" else "")
+        hint = (" (or leave out --method for the label-free default uc, or use --clusters K for label-agnostic "
+                "CUDA)" if method_cls.name == "cuda" else " (or leave out --method for the label-free default uc)")
         raise InputError(f"method '{method_cls.name}' needs classes: put the images in class sub-folders or pass "
                          f"--labels FILE.csv{hint}")
+    note = getattr(method, "choice_note", None)
+    note = note() if callable(note) else note
+    method_note = "; ".join(n for n in (method_note, note) if n)
+    phase(f"method: {method_cls.name}" + (f" ({method_note})" if method_note else ""))
     if (not options.overwrite and not (record_dir / JOURNAL).is_file() and out_path.is_dir()
             and any(not p.name.startswith(".") for p in out_path.iterdir())):
         raise RecordError(f"{out_dir} is not empty and holds no run record at {record_dir}; "
                           "choose an empty output folder or pass --overwrite")
-    for folder in (out_path, record_dir):
+    created = _missing_dirs(out_path) + _missing_dirs(record_dir)
+    for folder, mode in ((out_path, 0o777), (record_dir, 0o700)):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=mode)
         except OSError as exc:
+            _remove_created(created, record_dir)
             raise InputError(f"cannot create {folder}: {exc.strerror or exc}") from None
         if not folder.is_dir():
+            _remove_created(created, record_dir)
             raise InputError(f"cannot create {folder}: not a folder")
-    lock = RunLock(record_dir, out_path)
+    try:
+        lock = RunLock(record_dir, out_path)
+    except BaseException:
+        _remove_created(created, record_dir)
+        raise
     try:
         with _cluster(options):  # Ray: reached (or started) before the fit, so a wrong address fails early
-            return _locked_run(dataset, formats, out_rels, in_path, out_path, record_dir, keyring, options, method,
-                               params, header, device, on_start, source.state if source is not None else None)
-    finally:
+            summary = _locked_run(dataset, formats, out_rels, in_path, out_path, record_dir, keyring, options, method,
+                                  params, header, device, on_start, source.state if source is not None else None,
+                                  phase)
+    except BaseException:
         lock.release()
+        _remove_created(created, record_dir)
+        raise
+    lock.release()
+    summary.method_note = method_note
+    if reprotect_warning:
+        summary.warnings.insert(0, reprotect_warning)
+    return summary
+
+
+class _Phases:
+    """One line per phase for ``ProtectOptions.on_phase``; lines said before :meth:`release` wait
+    (the run may still be refused, and a refusal is one line on its own)."""
+
+    def __init__(self, sink: Callable[[str], Any] | None) -> None:
+        self.sink, self.held, self.released = sink, [], False
+
+    def __call__(self, line: str) -> None:
+        if self.sink is None:
+            return
+        if self.released:
+            self.sink(line)
+        else:
+            self.held.append(line)
+
+    def release(self) -> None:
+        self.released = True
+        for line in self.held:
+            self(line)
+        self.held.clear()
+
+
+def check_files(dataset: Dataset, out_dir: Path, record_dir: Path) -> None:
+    """Refuse layouts where writing could touch image files given one by one: the output and the
+    record must not be (or lie in) a folder that would put an output over a given file."""
+    try:
+        out_r, rec_r = out_dir.resolve(), record_dir.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"cannot resolve the folders: {exc}") from None
+    if out_r.exists() and not out_r.is_dir():
+        raise InputError(f"output path exists and is not a folder: {out_dir}")
+    if rec_r.exists() and not rec_r.is_dir():
+        raise InputError(f"record path exists and is not a folder: {record_dir}")
+    for e in dataset.entries:
+        path = Path(os.path.realpath(e.path))
+        for folder, what in ((out_r, "output folder"), (rec_r, "run record")):
+            if _within(path, folder) or (folder / e.rel).resolve() == path:
+                raise InputError(f"the {what} {folder} would hold or overwrite the input {e.rel}; choose another")
+    if _within(out_r, rec_r) or _within(rec_r, out_r):
+        raise InputError("the run record must lie outside the output folder")
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders that ``path.mkdir(parents=True)`` would create, deepest first."""
+    missing = []
+    cur = Path(os.path.abspath(path))
+    while not cur.exists() and cur != cur.parent:
+        missing.append(cur)
+        cur = cur.parent
+    return missing
+
+
+#: What a run puts in its record folder before its first output (removed after a refusal).
+_RECORD_FILES = ("lock", JOURNAL, "manifest.json")
+
+
+def _remove_created(created: list[Path], record_dir: Path) -> None:
+    """After a failed run: remove the folders it created, but only while they hold nothing of
+    value (no output, no fitted state); a record with a saved state is kept for the resume."""
+    record = Path(os.path.abspath(record_dir))
+    if record in created:
+        if (record / STATE).exists():
+            return  # the fit is saved: rerunning resumes without refitting
+        for name in _RECORD_FILES:
+            with contextlib.suppress(OSError):
+                if (record / name).is_file() and not (record / name).is_symlink():
+                    (record / name).unlink()
+        with contextlib.suppress(OSError), Tree(record, create=False) as tree:
+            tree.remove_temporaries()
+    for folder in created:  # deepest first; rmdir refuses a folder that is not empty
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not folder.is_symlink():
+                with contextlib.suppress(OSError), Tree(folder, create=False) as tree:
+                    tree.remove_temporaries()
+                folder.rmdir()
+
+
+def _choose_method(options: ProtectOptions, dataset: Dataset, record_dir: Path) -> tuple[str, dict[str, Any], str]:
+    """The method, its parameters and why: the given one; else the method of the run recorded at
+    ``record_dir`` (a rerun resumes it); else CUDA for labelled images, label-free UC otherwise."""
+    if options.method:
+        return options.method, options.params, ""
+    try:
+        previous = RunRecord.find(record_dir)
+    except RecordError:
+        previous = None  # unreadable: the run itself says why (or --overwrite replaces it)
+    if previous is not None and previous.header.get("method"):
+        name = str(previous.header["method"])
+        params = options.params or dict(previous.header.get("params") or {})
+        return name, params, f"the method recorded in {record_dir}"
+    if dataset.labelled:
+        return "cuda", options.params, ""
+    return "uc", options.params, "no labels found: the label-free method (--method or class sub-folders choose another)"
+
+
+def _protect_output_evidence(dataset: Dataset, in_path: Path, own_record: Path) -> str | None:
+    """Why the input looks like a protect output, or None: a run record beside it (``IN.protect``),
+    or a record beside it (any ``*.protect`` folder next to the input) whose outputs have the same
+    bytes as input files here (a few are hashed)."""
+    root = Path(os.path.abspath(in_path))
+    own = Path(os.path.abspath(own_record))
+    beside = default_record_dir(root)
+    if beside != own and (beside / JOURNAL).is_file():
+        return f"its run record is {beside}"
+    try:
+        siblings = sorted(p for p in root.parent.iterdir() if p.name.endswith(".protect") and p != own
+                          and p != beside and (p / JOURNAL).is_file())
+    except OSError:
+        return None
+    rels = {e.rel for e in dataset.entries}
+    for rec in siblings[:16]:
+        try:
+            other = RunRecord.read(rec)
+        except RecordError:
+            continue
+        outputs = [(e.output, e.output_sha256) for e in other.done.values() if e.output in rels]
+        for rel, sha in outputs[:4]:
+            try:
+                if _sha256_file(root / rel) == sha:
+                    return f"{rel} is an output listed in {rec}"
+            except OSError:
+                continue
+    return None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass
@@ -338,7 +534,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
                 record_dir: Path, keyring: Keyring,
                 options: ProtectOptions, method: Perturbation, params: dict[str, Any],
                 header: dict[str, Any], device: torch.device, on_start: Callable[[int], Any] | None,
-                source_state: dict[str, torch.Tensor] | None) -> Summary:
+                source_state: dict[str, torch.Tensor] | None, phase: "_Phases") -> Summary:
     method_cls = type(method)
     previous = None if options.overwrite else RunRecord.find(record_dir)  # read under the lock
     if previous is not None:
@@ -350,6 +546,10 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
                     progress=options.fit_progress)
     changed = False
     fit_start = time.perf_counter()
+    phase.release()
+    phase(f"fit: loading the fitted {method_cls.name} of {record_dir}" if state else
+          f"fit: {method_cls.name} with the fitted state of --state" if source_state else
+          f"fit: {method_cls.name} on {len(dataset)} image(s)")
     if state:  # resuming: never refit; only images the state has not seen join it
         method.load_state_dict(state)
         changed = method.extend(data)
@@ -361,6 +561,8 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
         method.fit(data)
         changed = True
     fit_seconds = time.perf_counter() - fit_start
+    if fit_seconds >= 0.5:
+        phase(f"fit: done in {fit_seconds:.1f} s")
     header["resolved_params"] = method.params()
     for root in (out_path, record_dir):
         with Tree(root) as tree:
@@ -395,6 +597,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
         summary.workers = engine.workers
 
         def ready() -> None:
+            phase(f"protect: {len(tasks)} image(s) on {engine.workers} worker(s), {device}")
             if on_start is not None:
                 run.bar = on_start(len(tasks))
 
@@ -434,8 +637,9 @@ def _engine(options: ProtectOptions, spec: Spec, workers: int, files: int) -> Lo
 def _finish(summary: Summary, record: RunRecord, run: _Run, dataset: Dataset, out_path: Path,
             options: ProtectOptions) -> None:
     rels = {e.rel for e in dataset.entries}
-    current = [r for r in rels if r in record.done and r not in run.failed]
-    orphan_rels = sorted(r for r in record.done if r not in rels or r in run.failed)
+    current = [r for r in record.done if (r in rels or dataset.given_files) and r not in run.failed]
+    # files given one by one: the outputs of other files protected into the same folder stay current
+    orphan_rels = sorted(r for r in record.done if (r not in rels and not dataset.given_files) or r in run.failed)
     outputs = {record.done[r].output for r in current}
     orphans = [{"path": r, "output": record.done[r].output,
                 "reason": "input was removed" if r not in rels else "input now fails"} for r in orphan_rels]

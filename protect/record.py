@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,20 @@ def default_record_dir(out_dir: Path) -> Path:
     """``OUT_DIR.protect`` beside the output folder as given (a link named as OUT_DIR is not resolved)."""
     out = Path(os.path.abspath(out_dir))
     return out.parent / (out.name + ".protect")
+
+
+def make_private(root: Path) -> None:
+    """Owner-only permissions for the record folder (0700) and its regular files (0600); links and
+    anything that is not a regular file are left alone (never followed)."""
+    try:
+        if stat.S_ISDIR(os.lstat(root).st_mode):
+            os.chmod(root, 0o700)
+        for name in os.listdir(root):
+            path = root / name
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.chmod(path, 0o600)
+    except OSError as exc:  # a file system without Unix permissions: say so, do not fail the run
+        log.warning("cannot make the run record %s private: %s", root, exc.strerror or exc)
 
 
 def deps_digest(fields: dict[str, Any]) -> str:
@@ -121,8 +136,12 @@ class RunRecord:
 
     @classmethod
     def open(cls, root: Path, header: dict[str, Any], previous: "RunRecord | None" = None) -> "RunRecord":
-        """Start a new record at ``root``, or resume ``previous`` (found there) if its header matches."""
-        tree = Tree(root)
+        """Start a new record at ``root``, or resume ``previous`` (found there) if its header matches.
+
+        The record is private: its folder is made 0700 and its files 0600 (a record of an older
+        version is tightened the same way)."""
+        tree = Tree(root, private=True)
+        make_private(root)
         done: dict[str, Entry] = {}
         lines = 0
         if previous is not None:

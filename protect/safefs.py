@@ -62,13 +62,15 @@ def tmp_name(name: str) -> str:
 class Tree:
     """A folder (created if missing) whose files are written without following any link inside it.
 
-    Not shared between processes: each worker opens its own. Thread-safe.
+    Not shared between processes: each worker opens its own. Thread-safe. A ``private`` tree (the
+    run record) creates its folders 0700 and its files 0600, whatever the umask.
     """
 
-    def __init__(self, root: str | os.PathLike, create: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, create: bool = True, private: bool = False) -> None:
         self.root = Path(root)
+        self.dir_mode, self.file_mode = (0o700, 0o600) if private else (0o777, 0o666)
         if create:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
         self._lock = threading.Lock()
         self._dirs: OrderedDict[tuple[str, ...], int] = OrderedDict()
         self.fd = os.open(self.root, os.O_RDONLY | _DIRECTORY | _CLOEXEC) if _DIR_FD else -1
@@ -90,7 +92,7 @@ class Tree:
             if not create:
                 raise
             try:
-                os.mkdir(name, 0o777, dir_fd=cur)
+                os.mkdir(name, self.dir_mode, dir_fd=cur)
             except FileExistsError:
                 pass
             fd = self._open_checked(name, flags, cur, parts)
@@ -130,7 +132,7 @@ class Tree:
             except FileNotFoundError:
                 if not create:
                     raise
-                cur.mkdir(exist_ok=True)
+                cur.mkdir(exist_ok=True, mode=self.dir_mode)
                 st = os.lstat(cur)
             if not stat.S_ISDIR(st.st_mode):
                 raise UnsafePath(errno.ELOOP, f"'{'/'.join(parts[: i + 1])}' in {self.root} is a symbolic link or "
@@ -145,12 +147,12 @@ class Tree:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
         if _DIR_FD:
             dfd = self.fd if len(parts) == 1 else self._open_dir(parts[:-1], create=True)
-            fd = os.open(tmp, flags, 0o666, dir_fd=dfd)
+            fd = os.open(tmp, flags, self.file_mode, dir_fd=dfd)
             _fill_and_rename(fd, data, lambda: os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd),
                              lambda: os.unlink(tmp, dir_fd=dfd))
         else:
             folder = self._check_components(parts[:-1], create=True)
-            fd = os.open(folder / tmp, flags, 0o666)
+            fd = os.open(folder / tmp, flags, self.file_mode)
             _fill_and_rename(fd, data, lambda: os.replace(folder / tmp, folder / name),
                              lambda: os.unlink(folder / tmp))
 

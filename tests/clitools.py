@@ -27,6 +27,13 @@ def call_main(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, s
 
 
 ROOT = Path(__file__).resolve().parents[1]
+#: How the lines that ``protect images`` prints on stderr as each phase starts begin (not errors).
+PHASE_PREFIXES = ("found ", "method: ", "fit: ", "protect: ")
+
+
+def without_phase_lines(err: str) -> list[str]:
+    """The non-empty stderr lines that are not phase lines (errors, warnings, the interrupt line)."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith(PHASE_PREFIXES)]
 
 
 def kill_when_paused(args: list[str], cwd: Path, **pause: str) -> None:

@@ -68,8 +68,8 @@ def test_cuda_on_a_flat_folder_needs_classes(tmp_path, keyring):
     inp.mkdir()
     for f in sorted((SAMPLES / "cifar10" / "train" / "cat").glob("*.png"))[:3]:
         shutil.copyfile(f, inp / f.name)
-    with pytest.raises(InputError, match="needs classes.*--labels"):
-        run(inp, tmp_path / "out", keyring)
+    with pytest.raises(InputError, match="needs classes.*--labels.*label-free"):
+        run(inp, tmp_path / "out", keyring, method="cuda")  # without --method a flat folder gets uc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat"]
 
 
