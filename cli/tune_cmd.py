@@ -14,7 +14,8 @@ from .common import setup_logging, with_key
 @click.command("tune")
 @click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--test", "test_dir", required=True, type=click.Path(file_okay=False),
-              help="Clean test images with the same class folders (what the attacker is scored on).")
+              help="Clean test images with the same classes: class folders or --test-labels (what the attacker "
+                   "is scored on).")
 @with_key
 @click.option("--min-psnr", type=float, help="Fidelity floor in dB: candidates below it are not certified or chosen.")
 @click.option("--candidate", "candidates", multiple=True, metavar="METHOD[:NAME=VALUE,...]",
@@ -30,6 +31,8 @@ from .common import setup_logging, with_key
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the tier's epochs (a faster, rougher search).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' instead of class folders.")
+@click.option("--test-labels", "test_labels_csv", type=click.Path(dir_okay=False), metavar="CSV",
+              help="CSV 'path,label' for a test folder without class sub-folders (as for protect verify).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes for protecting.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
@@ -40,11 +43,12 @@ from .common import setup_logging, with_key
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def tune(in_dir: str, test_dir: str, key: str | None, key_file: str | None, min_psnr: float | None,
          candidates: tuple[str, ...], per_class: int, surrogate: str, tier: str, trainings: str, defenses: str,
-         seeds: int, epochs: int | None, labels_csv: str | None, device: str, workers: int | None,
-         report_dir: str | None, apply_to: str | None, as_json: bool, quiet: bool) -> None:
+         seeds: int, epochs: int | None, labels_csv: str | None, test_labels_csv: str | None, device: str,
+         workers: int | None, report_dir: str | None, apply_to: str | None, as_json: bool, quiet: bool) -> None:
     """Try candidate protections on a subset of IN_DIR and report the frontier of fidelity (PSNR)
     against strength (verdict score); with --apply, protect IN_DIR with the strongest candidate
-    above --min-psnr."""
+    above --min-psnr. Refusals come before anything is written; a run that fails before its report
+    removes the folders it created."""
     from protect import load_keyring
     from verify.tune import table, tune_folder
 
@@ -58,7 +62,8 @@ def tune(in_dir: str, test_dir: str, key: str | None, key_file: str | None, min_
     result = tune_folder(in_dir, test_dir, keyring, list(candidates) or None, min_psnr=min_psnr,
                          per_class=per_class, surrogate=surrogate, tier=tier, trainings=trainings,
                          defenses=defenses, seeds=seeds, epochs=epochs, device=device, workers=workers,
-                         report_dir=report_dir, labels_csv=labels_csv, apply_to=apply_to, progress=say)
+                         report_dir=report_dir, labels_csv=labels_csv, test_labels_csv=test_labels_csv,
+                         apply_to=apply_to, progress=say)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

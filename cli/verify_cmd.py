@@ -53,7 +53,8 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv:
     images and evaluates it every epoch on the clean test set; the verdict uses the best attacker.
     Finished cells are saved in the report folder as they finish: after an interruption, the same
     command trains only the missing ones (--fresh retrains everything). Progress: a bar per cell on
-    a terminal, one line per finished cell otherwise (logs, CI).
+    a terminal, a line when a cell starts and ends otherwise (logs, CI); either way a line per phase
+    and, after every cell, the run's total (cells done, elapsed, estimated time left).
 
     Labels come from class sub-folders, or from --labels / --test-labels CSV files. With --relabel
     the attacker trains and is scored on remapped labels (chance, baselines and scores too): a test

@@ -35,7 +35,11 @@ use the attacker's classes, and the certificate's ``labelling`` records the map 
 The remapped sets' hashes cover the map, so no saved cell or cached baseline crosses labellings.
 
 **Progress** (``progress=True``): a tqdm bar per cell when stderr is a terminal; otherwise (a log
-file, CI, a pipe) one line per finished cell and no bars.
+file, CI, a pipe) one line when a cell starts training and one when it ends, and no bars. Either way,
+one line per phase (loading each folder, the grid, writing the report) and, after every cell, the
+run's total (:class:`RunClock`): cells done of all, the time elapsed and an estimate of the time
+left for the whole run (the mean seconds of the cells this run trained, per training regime, else
+scaled by the regime's attack steps; it assumes the remaining cells train).
 
 **On Ray** (``engine="ray"``, ``--engine ray``, :mod:`verify.ray_cells`): the reused and cached
 cells are decided here as above, then every cell that must train is one Ray task (one CPU, or one
@@ -81,6 +85,8 @@ __all__ = [
     "DEFAULT_TRAININGS",
     "BaselineCache",
     "CellStore",
+    "RunClock",
+    "check_options",
     "default_cache_dir",
     "verify_folder",
     "verify_sets",
@@ -161,6 +167,81 @@ def _stderr_is_terminal() -> bool:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 07 min``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class RunClock:
+    """The whole grid's progress: cells done of all, time elapsed, and an estimate of the time left.
+
+    ``cells``: ``(key, weight)`` per cell of the grid, ``key[0]`` its training regime and ``weight``
+    the relative cost of its epochs (1 for ERM, 1 + attack steps for adversarial training; every
+    cell of a run trains the same epochs). The estimate sums, over the cells not done, the mean
+    seconds of the cells of the same regime trained in this run, else the mean seconds per weight
+    of all trained cells times the cell's weight; None before any cell trained. Reused and cached
+    cells count as done and add no time. ``parallel`` (Ray: cells train at once): the sum is scaled
+    by the wall time over the trained seconds."""
+
+    def __init__(self, cells: Sequence[tuple[tuple, float]], parallel: bool = False) -> None:
+        self.weights = dict(cells)
+        self.pending = set(self.weights)
+        self.trained: dict[Any, list[tuple[float, float]]] = {}  # regime -> (seconds, weight) trained here
+        self.parallel = parallel
+        self.started = time.perf_counter()
+
+    @property
+    def total(self) -> int:
+        return len(self.weights)
+
+    @property
+    def done(self) -> int:
+        return self.total - len(self.pending)
+
+    def finish(self, key: tuple, trained_s: float | None = None) -> None:
+        """Cell ``key`` is there: trained in ``trained_s`` seconds, or (None) reused or cached."""
+        if key not in self.pending:
+            return
+        self.pending.discard(key)
+        if trained_s is not None:
+            self.trained.setdefault(key[0], []).append((float(trained_s), self.weights[key]))
+
+    def remaining_s(self) -> float | None:
+        """Estimated seconds until every cell is done (None: no cell trained yet)."""
+        if not self.pending:
+            return 0.0
+        runs = [r for v in self.trained.values() for r in v]
+        if not runs:
+            return None
+        spent = sum(s for s, _ in runs)
+        per_unit = spent / sum(w for _, w in runs)
+        left = 0.0
+        for key in self.pending:
+            same = self.trained.get(key[0])
+            left += sum(s for s, _ in same) / len(same) if same else per_unit * self.weights[key]
+        if self.parallel and spent > 0:
+            left *= min(1.0, (time.perf_counter() - self.started) / spent)
+        return left
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        if not self.pending:
+            return f"verify: {self.total}/{self.total} cells done in {_duration(elapsed)}"
+        left = self.remaining_s()
+        estimate = ("estimate after the first trained cell" if left is None
+                    else f"about {_duration(left)} left if the rest train")
+        return f"verify: {self.done}/{self.total} cells done, {_duration(elapsed)} elapsed, {estimate}"
 
 
 def verify_sets(
@@ -265,6 +346,8 @@ def verify_sets(
             cache.misses += meta.get("baseline_cache") == "miss"
         log.info("%s: reused from %s (peak %.3f)", label, store.root, result.peak_acc)
         say(f"{label}: finished before, reused (peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)})")
+        clock.finish((t.name, role, d.name, seed))
+        say(clock.line())
         return result, bool(meta.get("cached", False))
 
     def cached_baseline(role: str, t: Training, d: defense_registry.Defense, seed: int,
@@ -309,6 +392,8 @@ def verify_sets(
                 "role": role, "tier": recipe.tier, "training": t.name, "defense": d.name, "seed": seed,
                 "cached": cached, "baseline_cache": lookup, "train_root": str(data.root),
                 "test_root": str(test.root), "labels": labels_id})
+        clock.finish((t.name, role, d.name, seed), None if cached else result.wall_s)
+        say(clock.line())
 
     def run_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str) -> tuple[CellResult, bool]:
         """One cell here: reused from the report's cells, else from the baseline cache (clean), else
@@ -321,6 +406,8 @@ def verify_sets(
         if result is None:
             data = clean if role == "clean" else protected
             assert data is not None
+            if lines:  # no bar shows that it started
+                say(f"{label}: training ({_count(recipe.epochs, 'epoch')} on {_count(len(data), 'image')})")
             result = train_cell(data, test, recipe, t, d, seed, dev, progress=True if bars else (
                 progress if callable(progress) else False), label=label)
             trained_cell(role, t, d, seed, label, result)
@@ -331,6 +418,11 @@ def verify_sets(
     for role, t, d in plan:
         for seed in seed_list:
             grid.append((role, t, d, seed, f"[{len(grid) + 1}/{total}] {role} {t.name}/{d.name} seed {seed}"))
+    clock = RunClock([((t.name, role, d.name, seed), 1.0 + recipe.attack(t).get("steps", 0))
+                      for role, t, d, seed, _ in grid], parallel=engine == "ray")
+    n_clean = sum(role == "clean" for role, *_ in grid)
+    say(f"verify: {total} cells ({n_clean} clean baseline(s), {total - n_clean} protected), tier {recipe.tier}, "
+        f"{recipe.model}, {_count(recipe.epochs, 'epoch')} each, on {dev}" + (" (Ray tasks)" if engine == "ray" else ""))
     outcomes: dict[int, tuple[CellResult, bool]] = {}  # plan position -> (result, from cache)
     try:
         if engine == "ray":
@@ -394,10 +486,38 @@ def verify_sets(
     )
     if report_dir is not None and main:
         out = Path(report_dir)
+        say(f"verify: writing the certificate and report to {out}")
         save_certificate(cert, out / "certificate.json")
         write_report(cert, out, clean=originals[1], protected=originals[0])
         log.info("verify: report written to %s", out)
+    say(f"verify: finished in {_duration(time.perf_counter() - started)}")
     return cert
+
+
+def check_options(
+    tier: str | Recipe = "quick",
+    trainings: str | Sequence[str] | None = None,
+    defenses: str | Sequence[str] | None = None,
+    seeds: int | Sequence[int] = 1,
+    *,
+    model: str | None = None,
+    epochs: int | None = None,
+    device: str | torch.device = "auto",
+    engine: str = "local",
+) -> Recipe:
+    """Check :func:`verify_folder`'s attacker options without loading any data (ConfigError, one
+    line, for an unknown tier, regime, defense, model, device or engine, or bad seeds); returns the
+    recipe. ``protect tune`` runs it before it stages or protects anything."""
+    recipe = get_recipe(tier, model=model, epochs=epochs)
+    parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
+    _defense_list(defenses)
+    _seed_list(seeds)
+    resolve_device(device)
+    _check_engine(engine)
+    from .models import create_model
+
+    create_model(recipe.model, 2)  # unknown model names fail here, before any data is loaded
+    return recipe
 
 
 def verify_folder(
@@ -460,29 +580,32 @@ def verify_folder(
     unlabelled, mixed sizes, class folders that differ), all one-line messages.
     """
     # Validate the options before spending time on loading.
-    recipe = get_recipe(tier, model=model, epochs=epochs)
-    parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
-    _defense_list(defenses)
-    _seed_list(seeds)
-    resolve_device(device)
-    _check_engine(engine)
-    from .models import create_model
-
-    create_model(recipe.model, 2)  # unknown model names fail here, before any data is loaded
+    recipe = check_options(tier, trainings, defenses, seeds, model=model, epochs=epochs, device=device, engine=engine)
     spec = parse_relabel(relabel) if isinstance(relabel, (str, os.PathLike)) else relabel  # a bad map fails early
+    # The loading phase's lines (the cells' come from verify_sets; under torchrun rank 0 alone prints)
+    # are held until every folder loaded, so a refused folder stays one line on stderr.
+    loaded: list[str] = []
+
+    def load(name: str, root: str | os.PathLike, csv: str | os.PathLike | None, **kw: Any) -> TensorSet:
+        t0 = time.perf_counter()
+        data = load_folder(root, csv, max_per_class=max_per_class, name=name, **kw)
+        loaded.append(f"verify: loaded the {name} folder {root}: {_count(len(data), 'image')} in "
+                      f"{len(data.classes)} classes ({_duration(time.perf_counter() - t0)})")
+        return data
 
     protected_dir = Path(protected_dir)
-    protected = load_folder(protected_dir, labels_csv, max_per_class=max_per_class, name="protected")
+    protected = load("protected", protected_dir, labels_csv)
     labelling = spec.resolve(protected.classes) if isinstance(spec, RelabelSpec) else spec  # before the other sets
-    test = load_folder(test_dir, test_labels_csv, classes=protected.classes, max_per_class=max_per_class,
-                       name="test", expected_name="protected")
+    test = load("test", test_dir, test_labels_csv, classes=protected.classes, expected_name="protected")
     clean = None
     if clean_dir is not None:
-        clean = load_folder(clean_dir, labels_csv, classes=protected.classes, max_per_class=max_per_class,
-                            name="clean", expected_name="protected")
+        clean = load("clean", clean_dir, labels_csv, classes=protected.classes, expected_name="protected")
         if len(clean) != len(protected):
             log.warning("clean folder has %d images, protected folder %d: the baseline trains on a "
                         "different amount of data", len(clean), len(protected))
+    if progress is True and os.environ.get("RANK", "0") == "0":
+        for line in loaded:
+            print(line, file=sys.stderr, flush=True)
     if report_dir is None:
         out: Path | None = _default_report_dir(protected_dir)
     elif report_dir is False:

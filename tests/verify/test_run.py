@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -281,14 +282,23 @@ def test_progress_lines_without_a_terminal_and_bars_with_one(tmp_path: Path, mon
     monkeypatch.setattr(vrun, "_stderr_is_terminal", lambda: False)
     vrun.verify_sets(train, test, train, progress=True, **kw)
     err = capsys.readouterr().err
-    assert seen == [False] * 3 and "\r" not in err  # no bars: one line per finished cell
-    assert [line.split(":")[0] for line in err.splitlines()] == [
-        "[1/3] clean erm/none seed 0", "[2/3] protected erm/none seed 0", "[3/3] protected erm/grayscale seed 0"]
-    assert all(" peak " in line and " final " in line for line in err.splitlines())
+    assert seen == [False] * 3 and "\r" not in err  # no bars: a line when a cell starts and ends, the run's total
+    cells = [line for line in err.splitlines() if line.startswith("[")]
+    names = ["[1/3] clean erm/none seed 0", "[2/3] protected erm/none seed 0", "[3/3] protected erm/grayscale seed 0"]
+    assert [line.split(":")[0] for line in cells] == [n for n in names for _ in range(2)]
+    assert all(line.endswith("training (1 epoch on 8 images)") for line in cells[::2]), err
+    assert all(" peak " in line and " final " in line for line in cells[1::2]), err
+    totals = [line for line in err.splitlines() if re.match(r"verify: \d/3 cells done", line)]
+    assert len(totals) == 3 and totals[-1].startswith("verify: 3/3 cells done in "), err
+    assert re.fullmatch(r"verify: 1/3 cells done, \d+ s elapsed, about \d+ s left if the rest train", totals[0])
+    assert err.splitlines()[0].startswith("verify: 3 cells (1 clean baseline(s), 2 protected), tier quick")
     seen.clear()
     monkeypatch.setattr(vrun, "_stderr_is_terminal", lambda: True)
     vrun.verify_sets(train, test, train, progress=True, **kw)
-    assert seen == [True] * 3 and capsys.readouterr().err == ""  # a tqdm bar per cell instead
+    err = capsys.readouterr().err
+    assert seen == [True] * 3  # a tqdm bar per cell instead of the cells' lines; the run's total after each
+    assert not [line for line in err.splitlines() if line.startswith("[")], err
+    assert len(re.findall(r"^verify: \d/3 cells done", err, re.M)) == 3, err
     seen.clear()
     vrun.verify_sets(train, test, train, progress=False, **kw)
     assert seen == [False] * 3 and capsys.readouterr().err == ""
@@ -313,3 +323,31 @@ def test_chance_is_the_majority_rate_of_an_imbalanced_test_set(tmp_path: Path) -
     assert cell["score"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Chance is 75.0%: the majority-class rate of the test set (always answering 'airplane')" in md
+
+
+def test_run_clock_estimates_the_whole_run_from_the_cells_trained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Done / total, elapsed, and the time left: the mean of the same regime's trained cells, else
+    the seconds per weight of the others times the cell's weight; reused cells add no time."""
+    now = [100.0]
+    monkeypatch.setattr(vrun.time, "perf_counter", lambda: now[0])
+    cells = [(("erm", "clean", "none", 0), 1.0), (("erm", "protected", "none", 0), 1.0),
+             (("erm", "protected", "jpeg10", 0), 1.0), (("linf", "protected", "none", 0), 2.0)]
+    clock = vrun.RunClock(cells)
+    assert clock.remaining_s() is None and "estimate after the first trained cell" in clock.line()
+    clock.finish(cells[0][0])  # reused: done, no time
+    assert clock.done == 1 and clock.remaining_s() is None
+    now[0] = 110.0
+    clock.finish(cells[1][0], 10.0)
+    assert clock.remaining_s() == pytest.approx(10.0 + 20.0)  # erm: its mean; linf: 10 s per weight x 2
+    assert clock.line() == "verify: 2/4 cells done, 10 s elapsed, about 30 s left if the rest train"
+    clock.finish(cells[3][0], 50.0)
+    assert clock.remaining_s() == pytest.approx(10.0)
+    clock.finish(cells[3][0], 1.0)  # a cell counts once
+    clock.finish(cells[2][0], 12.0)
+    assert clock.remaining_s() == 0.0 and clock.line() == "verify: 4/4 cells done in 10 s"
+    parallel = vrun.RunClock(cells, parallel=True)  # Ray: four cells of 10 s in 10 s of wall time
+    now[0] = 120.0
+    for key, _ in cells[:2]:
+        parallel.finish(key, 10.0)
+    assert parallel.remaining_s() == pytest.approx((10.0 + 20.0) * 0.5)
+    assert vrun._duration(65) == "1 min 05 s" and vrun._duration(3 * 3600 + 120) == "3 h 02 min"

@@ -130,3 +130,162 @@ def test_tune_needs_labels_and_a_positive_floor(tmp_path, samples, test_key, cap
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _classes(root, counts, split="train", samples=None):
+    """``counts`` images of each CIFAR-10 sample class copied into ``root/<class>/``."""
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        for f in sorted((samples / "cifar10" / split / cls).glob("*.png"))[:n]:
+            (root / cls / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def test_a_refused_tune_leaves_no_new_folder(tmp_path, samples, test_key, capsys):
+    """Every cheap refusal comes before anything is written: no IN_DIR.tune, no --report folder."""
+    from cli.main import main
+
+    train = _classes(tmp_path / "train", {"airplane": 3, "frog": 3}, samples=samples)
+    test = _classes(tmp_path / "test", {"airplane": 2, "frog": 2}, "test", samples)
+    other = _classes(tmp_path / "other", {"airplane": 2, "ship": 2}, "test", samples)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(test.rglob("*.png")):
+        (flat / f.name).write_bytes(f.read_bytes())
+    small = tmp_path / "small"
+    for f in sorted(test.rglob("*.png")):
+        (small / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(f).resize((16, 16)).save(small / f.parent.name / f.name)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "note.txt").write_text("not a protect output")
+    base = [str(train), "--key", test_key, "--epochs", "1", "--candidate", "cuda"]
+    cases = [
+        (["--test", str(flat)], "no labels"),
+        (["--test", str(other)], "class folders differ"),
+        (["--test", str(small)], "16x16"),
+        (["--test", str(tmp_path / "missing")], "missing"),
+        (["--test", str(flat), "--test-labels", str(tmp_path / "none.csv")], "none.csv"),
+        (["--test", str(test), "--training", "bogus"], "bogus"),
+        (["--test", str(test), "--tier", "nosuch"], "nosuch"),
+        (["--test", str(test), "--candidate", "nosuch"], "nosuch"),
+        (["--test", str(test), "--candidate", "cuda:nosuch=1"], "nosuch"),
+        (["--test", str(test), "--apply", str(train / "out")], "input folder"),
+        (["--test", str(test), "--apply", str(tmp_path / "busy")], "not empty"),
+        (["--test", str(test), "--report", str(tmp_path / "report"), "--defenses", "nosuch"], "nosuch"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as info:
+            main(["tune", *base, *extra])
+        assert info.value.code == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "train.tune").exists() and not (tmp_path / "report").exists(), extra
+    assert not (tmp_path / "out").exists() and not (train / "out").exists()
+
+
+def test_a_tune_that_fails_after_staging_removes_what_it_made_and_keeps_an_earlier_report(
+        tmp_path, samples, test_key, monkeypatch):
+    """A refusal at the first certification (after the subset and a candidate were written): a new
+    tune folder is removed whole; an earlier one keeps everything it held, and only the new run's
+    folders go."""
+    import verify.tune as vtune
+    from perturbations import Keyring
+    from perturbations.errors import InputError
+
+    train = _classes(tmp_path / "train", {"airplane": 3, "frog": 3}, samples=samples)
+    test = _classes(tmp_path / "test", {"airplane": 2, "frog": 2}, "test", samples)
+
+    def refuse(*args, **kwargs):
+        assert (tmp_path / "train.tune" / "subset" / ".complete").is_file() or kwargs["report_dir"].parent.is_dir()
+        raise InputError("refused at the first certification")
+
+    monkeypatch.setattr(vtune, "verify_folder", refuse)
+    keyring = Keyring.from_seed(0)
+    with pytest.raises(InputError):
+        vtune.tune_folder(train, test, keyring, ["cuda"], epochs=1, device="cpu", workers=1)
+    assert not (tmp_path / "train.tune").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test", "train"]
+
+    earlier = tmp_path / "earlier"
+    (earlier / "candidate-old").mkdir(parents=True)
+    (earlier / "tune.json").write_text('{"candidates": []}')
+    (earlier / "candidate-old" / "x.png").write_bytes(b"kept")
+    with pytest.raises(InputError):
+        vtune.tune_folder(train, test, keyring, ["cuda"], epochs=1, device="cpu", workers=1, report_dir=earlier)
+    assert sorted(p.name for p in earlier.iterdir()) == ["candidate-old", "tune.json"]
+    assert (earlier / "candidate-old" / "x.png").read_bytes() == b"kept"
+    nested = tmp_path / "a" / "b" / "tune"  # parents made for --report go too
+    with pytest.raises(InputError):
+        vtune.tune_folder(train, test, keyring, ["cuda"], epochs=1, device="cpu", workers=1, report_dir=nested)
+    assert not (tmp_path / "a").exists()
+
+
+def _cert_at_chance(*args, **kwargs):
+    """A certificate whose clean baseline did not learn: no score."""
+    kwargs["report_dir"].mkdir(parents=True, exist_ok=True)
+    clean = {"peak_acc": 0.5, "peak_balanced_acc": 0.5}
+    return {"epochs": 40, "score_metric": "accuracy", "score_chance": 0.5, "warnings": ["weak baseline"],
+            "cells": [{"training": "erm", "defense": "none", "clean": clean, "protected": {"peak_acc": 0.5},
+                       "score": None}],
+            "verdict": {"score": None, "score_chance": 0.5,
+                        "best_attacker": {"training": "erm", "defense": "none", "peak_acc": 0.5,
+                                          "baseline_peak_acc": 0.5}}}
+
+
+def test_every_candidate_without_a_score_says_why_and_the_real_counts_are_reported(
+        tmp_path, samples, test_key, monkeypatch):
+    """A clean baseline at chance: the first candidate's reason names it (and the cure); the later
+    ones are protected but not certified (the baselines are shared); candidates below the floor say
+    so too. The header gives the images actually staged, not --per-class."""
+    import verify.tune as vtune
+    from perturbations import Keyring
+
+    train = _classes(tmp_path / "train", {"airplane": 5, "frog": 2}, samples=samples)
+    test = _classes(tmp_path / "test", {"airplane": 2, "frog": 2}, "test", samples)
+    calls = []
+    monkeypatch.setattr(vtune, "verify_folder", lambda *a, **k: calls.append(k) or _cert_at_chance(*a, **k))
+    result = vtune.tune_folder(train, test, Keyring.from_seed(0),
+                               ["cuda:blur=0.05", "cuda:blur=0.1", "cuda"], epochs=1, device="cpu", workers=1)
+    rows = result["candidates"]
+    assert len(calls) == 1 and result["chosen"] is None
+    assert rows[0]["status"] == "no score" and rows[0]["warnings"] == ["weak baseline"]
+    assert rows[0]["reason"].startswith("clean baseline at 50.0% accuracy, +0.0 points from chance 50.0% (not above it)")
+    assert "too few images (2-5 per class) or epochs (40)" in rows[0]["reason"]
+    assert [r["status"] for r in rows[1:]] == ["not certified"] * 2
+    assert all(r["reason"].startswith("the clean baselines are not above chance (see cuda:blur=0.05)") for r in rows[1:])
+    assert result["subset_counts"] == {"per_class": {"airplane": 5, "frog": 2}, "min": 2, "max": 5, "total": 7}
+    assert result["test_counts"] == {"per_class": {"airplane": 2, "frog": 2}, "total": 4}
+    md = (tmp_path / "train.tune" / "tune.md").read_text()
+    assert "Subset: 7 images, 2-5 per class (--per-class 100: some classes have fewer); test set 4 images" in md
+    assert "100 images per class" not in md
+    assert all(r["reason"] in md for r in rows)
+    assert json.loads((tmp_path / "train.tune" / "tune.json").read_text())["subset_counts"]["total"] == 7
+    floor = vtune.tune_folder(train, test, Keyring.from_seed(0), ["cuda"], min_psnr=99, epochs=1, device="cpu",
+                              workers=1)  # resumed: the candidate is there
+    (row,) = floor["candidates"]
+    assert row["status"] == "below floor" and row["reason"].endswith("is below the floor 99 dB: not certified")
+    assert row["reason"] in (tmp_path / "train.tune" / "tune.md").read_text() and len(calls) == 1
+
+
+def test_tune_scores_on_a_test_folder_labelled_by_a_csv(tmp_path, samples, test_key):
+    """--test-labels as in protect verify: a flat test folder and a 'path,label' CSV (a tiny real run)."""
+    train = stripes(tmp_path / "train", 12, 0)
+    test = stripes(tmp_path / "test_classes", 6, 1)
+    flat = tmp_path / "test"
+    flat.mkdir()
+    rows = ["path,label"]
+    for f in sorted(test.rglob("*.png")):
+        (flat / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+        rows.append(f"{f.parent.name}-{f.name},{f.parent.name}")
+    (tmp_path / "test.csv").write_text("\n".join(rows) + "\n")
+    args = ["tune", str(train), "--test", str(flat), "--test-labels", str(tmp_path / "test.csv"), "--key", test_key,
+            "--epochs", "2", "--workers", "1", "--device", "cpu", "--candidate", "cuda", "--json"]
+    result = CliRunner().invoke(cli, args, env={"PROTECT_KEY": None})
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["test_counts"] == {"per_class": {"horizontal": 6, "vertical": 6}, "total": 12}
+    assert report["test_labels"] == str((tmp_path / "test.csv").resolve())
+    (row,) = report["candidates"]
+    assert row["status"] in ("ok", "no score") and (row.get("score") is not None or row["reason"]), row
+    cert = json.loads(next((tmp_path / "train.tune").glob("verify-*/certificate.json")).read_text())
+    assert cert["data"]["test"]["count"] == 12

@@ -1,5 +1,6 @@
 """`protect verify` as a user runs it, in a real subprocess: killed with SIGKILL half-way, then the
-same command again, with stderr a pipe (a CI log): one line per finished cell, no progress bars.
+same command again, with stderr a pipe (a CI log): a line when a cell starts training and one when it
+ends, the run's total after every cell (done / all, elapsed, time left), no progress bars.
 
 The command is ``python -m cli.main`` from this checkout (what the ``protect`` console script runs),
 so the test exercises the code under test wherever the package is installed from. About 15 s."""
@@ -58,11 +59,26 @@ def test_kill_9_then_the_same_command_trains_only_the_missing_cells(tmp_path: Pa
     assert second.returncode == 0, second.stderr
     # stderr is a pipe: no tqdm bars (no carriage returns), one line per cell, reused ones first
     assert "\r" not in second.stderr and "it/s" not in second.stderr
-    lines = [m.groups() for m in map(CELL_LINE.match, second.stderr.splitlines()) if m]
+    every = [m.groups() for m in map(CELL_LINE.match, second.stderr.splitlines()) if m]
+    starts = [n for n, _, _, text in every if text == "training (20 epochs on 32 images)"]
+    lines = [g for g in every if g[0] not in starts or g[3] != "training (20 epochs on 32 images)"]
     assert [int(n) for n, *_ in lines] == [1, 2, 3, 4], second.stderr
     reused = [n for n, _, _, text in lines if text.startswith("finished before, reused")]
     trained = [n for n, _, _, text in lines if re.match(r"peak [\d.]+%, final [\d.]+%, train [\d.]+% \(\d+ s\)$", text)]
     assert reused == [str(i) for i in range(1, saved + 1)] and len(reused) + len(trained) == 4, second.stderr
+    assert starts == trained, second.stderr  # every trained cell said when it started
+    # the run's total after every cell: done of all, elapsed, the time left for the whole run
+    totals = re.findall(r"^verify: (\d)/4 cells done(.*)$", second.stderr, re.M)
+    assert [int(n) for n, _ in totals] == [1, 2, 3, 4], second.stderr
+    assert all(re.fullmatch(r", \d+ s elapsed, (about \d+ s left if the rest train|estimate after the first "
+                            r"trained cell)", rest) for _, rest in totals[:-1]), second.stderr
+    assert re.fullmatch(r" in \d+ s", totals[-1][1]), second.stderr
+    if trained and int(trained[0]) < 4:  # after the first trained cell, an estimate of the rest
+        assert "left if the rest train" in totals[int(trained[0]) - 1][1], second.stderr
+    for phase in ("verify: loaded the protected folder", "verify: loaded the test folder",
+                  "verify: loaded the clean folder", "verify: 4 cells (1 clean baseline(s), 3 protected)",
+                  "verify: writing the certificate and report to", "verify: finished in"):
+        assert phase in second.stderr, second.stderr
     assert f"resumed: {saved} finished cell(s) reused, {4 - saved} trained" in second.stdout
     assert "chance 50.0 %: the majority-class rate of the test set" in second.stdout
     cert = json.loads((tmp_path / "report" / "certificate.json").read_text())
