@@ -36,34 +36,19 @@ def cli() -> None:
 
 
 @cli.command()
-def keygen() -> None:
-    """Print a fresh random 128-bit key (keep it secret: `protect keygen > owner.key`)."""
-    from protect.keys import generate_key
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
+              help="Write the key to this new file, readable by you only (0600); never overwrites.")
+def keygen(output: str | None) -> None:
+    """Make a fresh random 128-bit key: `protect keygen -o owner.key` (keep it secret)."""
+    from protect.keys import generate_key, write_key_file
 
-    click.echo(generate_key())
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def methods(as_json: bool) -> None:
-    """List the protection methods and their defaults."""
-    import perturbations
-
-    rows = []
-    for name in perturbations.available():
-        cls = perturbations.get(name)
-        rows.append({"name": name, "summary": cls.summary, "paper": cls.paper,
-                     "needs_labels": cls.needs_labels, "defaults": cls.defaults()})
-    if as_json:
-        _echo_json(rows)
+    key = generate_key()
+    if output is None:
+        click.echo(key)
         return
-    for row in rows:
-        click.echo(f"{row['name']}: {row['summary']}")
-        click.echo(f"  paper: {row['paper']}")
-        defaults = ", ".join(f"{k}={'auto' if v is None else v}" for k, v in row["defaults"].items())
-        click.echo(f"  defaults: {defaults}")
-    click.echo("compose methods with '+': --method cuda+uc runs UC on CUDA's output (parameters: --param uc.eps=8/255; "
-               "a plain name goes to every stage that takes it)")
+    path = write_key_file(output, key)
+    click.echo(f"wrote a new key to {path} (mode 0600); keep it secret and keep a copy: without it the "
+               "protected images cannot be reproduced or extended", err=True)
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -76,17 +61,18 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 @cli.command()
-@click.argument("in_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str), metavar="IN_DIR|FILE...")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @with_key
-@click.option("--method", help="Protection method (see `protect methods`; default cuda); compose with '+': cuda+uc applies UC to CUDA's output.")
-@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' for folders without class sub-folders.")
+@click.option("--method", help="Protection method (see `protect methods`); default: the recorded method on a rerun, "
+                               "else cuda with labels and the label-free uc without; compose with '+': cuda+uc applies UC to CUDA's output.")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' for an input folder without class sub-folders.")
 @click.option("--filter-size", type=int, help="CUDA: odd filter size k (default: 3 below 128 px, else 9).")
 @click.option("--blur", type=float, help="CUDA: off-peak filter bound p_b (default follows the filter size).")
 @click.option("--padding", type=click.Choice(["reflect", "replicate", "zero", "faithful"]), help="CUDA: border handling (default zero = the paper's code, strongest; reflect leaves no dark border).")
 @click.option("--mix", type=float, help="CUDA: fraction of images protected, chosen by the key.")
 @click.option("--clusters", type=click.IntRange(min=1), help="UC: number of clusters K (default 10). CUDA: label-agnostic CUDA, one filter per surrogate cluster.")
-@click.option("--surrogate", metavar="SPEC", help="UC / clustered CUDA: feature extractor: clip:ARCH[/PRETRAINED] (default clip:RN50/openai), cifar-resnet20|32|44|56[:PATH] (resnet20 bundled), torchvision:NAME:PATH, random:ARCH.")
+@click.option("--surrogate", metavar="SPEC", help="UC / clustered CUDA: feature extractor: clip:ARCH[/PRETRAINED] (default: clip:RN50/openai where its weights are on this machine, else the bundled cifar-resnet20), cifar-resnet20|32|44|56[:PATH] (resnet20 bundled), torchvision:NAME:PATH, random:ARCH.")
 @click.option("--surrogate-weights", type=click.Path(dir_okay=False), help="Local weights file for --surrogate (nothing is downloaded offline).")
 @click.option("--eps", metavar="BOUND", help="UC / SALM: L-inf bound of the perturbation, e.g. 16/255 (UC's default), 8/255 (SALM's) or 0.03.")
 @click.option("--mask-ratio", type=float, help="SALM: share of pixel positions perturbed per image (default 0.1; 1 = dense error-minimising noise).")
@@ -107,18 +93,19 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--prune", is_flag=True, help="Delete outputs whose input was removed or now fails (only if unchanged).")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Largest image accepted (decompression-bomb guard).")
+@click.option("--allow-reprotect", is_flag=True, help="Protect images that are already the output of a protect run (refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or warnings.")
-def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, method: str, labels_csv: str | None,
+def images(inputs: tuple[str, ...], out_dir: str, key: str | None, key_file: str | None, method: str, labels_csv: str | None,
            filter_size: int | None, blur: float | None, padding: str | None, mix: float | None, clusters: int | None,
            surrogate: str | None, surrogate_weights: str | None, eps: str | None, mask_ratio: float | None,
            robust: str | None, state_from: str | None,
            extra: tuple[str, ...],
            out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None, memory: str | None,
            engine: str, record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None,
-           as_json: bool,
+           allow_reprotect: bool, as_json: bool,
            quiet: bool) -> None:
-    """Protect every image under IN_DIR into OUT_DIR (same names, same formats)."""
+    """Protect every image under IN_DIR (or the image FILEs given) into OUT_DIR (same names, same formats)."""
     from protect import ProtectOptions, load_keyring, protect_folder
     from protect.engine import parse_size
     from protect.imageio import DEFAULT_MAX_PIXELS
@@ -136,6 +123,7 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
         batch_size=batch_size, workers=workers, memory=parse_size(memory) if memory else None, engine=engine,
         record_dir=record_dir, state_from=state_from, fit_progress=_FitBars(quiet or as_json), overwrite=overwrite, prune=prune, strict=strict,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, jpeg_quality=jpeg_quality, progress=not quiet,
+        allow_reprotect=allow_reprotect, on_phase=None if (quiet or as_json) else _phase_line,
     )
 
     def bar(total: int) -> Any:
@@ -145,7 +133,8 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
                     file=sys.stderr, dynamic_ncols=True)
 
     try:
-        summary = protect_folder(in_dir, out_dir, keyring, options, on_start=bar)
+        source = inputs[0] if len(inputs) == 1 and os.path.isdir(inputs[0]) else list(inputs)
+        summary = protect_folder(source, out_dir, keyring, options, on_start=bar)
     finally:
         options.fit_progress.close()  # type: ignore[union-attr]
     if as_json:
@@ -154,6 +143,13 @@ def images(in_dir: str, out_dir: str, key: str | None, key_file: str | None, met
         _print_summary(summary)
     if summary.failed:
         sys.exit(EXIT_FAILED_FILES)
+
+
+def _phase_line(line: str) -> None:
+    """One line on stderr as a phase of the run starts or ends (safe beside a progress bar)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 class _FitBars:
@@ -181,16 +177,22 @@ class _FitBars:
 
 
 def _print_summary(s: Any) -> None:
+    from perturbations.base import format_params
+
     click.echo(f"protected {s.out_dir} with {s.method} (key fingerprint {s.key_fingerprint}) "
                f"in {s.seconds:.1f} s ({s.images_per_second:.0f} images/s on {s.device}, {s.workers} worker(s))")
+    if s.method_note:
+        click.echo(f"  method: {s.method} ({s.method_note})")
     if s.fit_seconds >= 0.5:
         click.echo(f"  fitted the method in {s.fit_seconds:.1f} s before protecting")
     click.echo(f"  done {s.done}, skipped {s.skipped} (already protected), failed {s.failed}, of {s.total}"
-               + (f"; pruned {s.pruned} orphaned output(s)" if s.pruned else ""))
+               + (f"; pruned {s.pruned} orphaned output(s)" if s.pruned else "")
+               + (f"; {s.unread} file(s) not read (see the warnings)" if s.unread else ""))
     if s.psnr_mean is not None:
         click.echo(f"  fidelity: mean PSNR {s.psnr_mean:.2f} dB, mean SSIM {s.ssim_mean:.3f}")
-    params = ", ".join(f"{k}={v}" for k, v in s.params.items() if k != "size_rule")
-    click.echo(f"  parameters: {params}")
+    click.echo(f"  parameters: {format_params(s.params, skip=('size_rule',))}")
+    for note in s.notes:
+        click.echo(f"  note: {note}")
     click.echo(f"  private record: {s.record_dir} (keep it; do not publish it)")
     for warning in s.warnings:
         click.echo(f"  warning: {warning}")
@@ -242,10 +244,12 @@ def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, 
 from .verify_cmd import verify  # noqa: E402
 from .import_cmd import import_npz  # noqa: E402
 from .tune_cmd import tune  # noqa: E402
+from .methods_cmd import methods  # noqa: E402
 
 cli.add_command(verify)
 cli.add_command(import_npz)
 cli.add_command(tune)
+cli.add_command(methods)
 
 
 def main(argv: list[str] | None = None) -> None:

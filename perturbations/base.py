@@ -91,6 +91,16 @@ class Perturbation(ABC):
     #: Parameters this method only uses together with another one (``{"surrogate": "clusters"}``):
     #: a composed method (``perturbations.chain``) routes a plain value here only with its partner.
     companion_params: ClassVar[dict[str, str]] = {}
+    #: The fewest readable images a fresh fit accepts (``--state RECORD`` protects any number later).
+    min_images: ClassVar[int] = 1
+    #: Words on :attr:`needs_labels` where parameters change it (clustered CUDA), for ``protect methods``.
+    labels_note: ClassVar[str] = ""
+    #: Fidelity and speed measured in the docs, declared here (never parsed at run time): each entry
+    #: ``{"setting", "data", "psnr_db", "images_per_second", "source": "docs/BENCHMARKS.md: <section>"}``
+    #: (``images_per_second`` over the whole run, fit included; ``None`` where not measured).
+    measured: ClassVar[tuple[dict[str, Any], ...]] = ()
+    #: One line on how to read :attr:`measured` (e.g. a fixed fit cost that small folders feel).
+    measured_note: ClassVar[str] = ""
 
     def __init__(self, keyring: Keyring) -> None:
         if not isinstance(keyring, Keyring):
@@ -133,6 +143,18 @@ class Perturbation(ABC):
     def fit_report(self) -> dict[str, Any]:
         """What the last :meth:`fit` did (rounds, losses), for the run summary; not a parameter."""
         return {}
+
+    def notes(self) -> list[str]:
+        """One-line human notes for the run summary (which surrogate and why, fewer clusters than
+        asked for, ...), valid after :meth:`fit` or :meth:`load_state_dict`. Default: none."""
+        return []
+
+    @classmethod
+    def weights_info(cls) -> dict[str, Any]:
+        """The pretrained weights the method needs with its defaults, for ``protect methods``:
+        ``{"needs": words, "spec": surrogate spec or None, "present": bool or None, "bundled": bool}``.
+        Looks only at the disk. Default: none needed."""
+        return {"needs": "none", "spec": None, "present": None, "bundled": False}
 
     def params(self) -> dict[str, Any]:
         """The resolved parameters, JSON-serialisable (written to the run record)."""
@@ -228,3 +250,32 @@ def parse_fraction(value: float | int | str, what: str) -> float:
         except (ValueError, ZeroDivisionError):
             pass
     raise ConfigError(f"{what} must be a number or a fraction like 16/255, got {value!r}")
+
+
+def format_value(value: Any) -> str:
+    """A parameter value for people: a float that is a multiple of 1/255 (or of 0.1/255) and has no
+    short decimal form as ``16/255``; other floats in their shortest form (``0.3``, ``0.0001``);
+    ``None`` as ``none``; everything else as ``str``. Machine output (JSON) keeps the raw values.
+
+    >>> format_value(16 / 255), format_value(0.8 / 255), format_value(0.3), format_value(0.2)
+    ('16/255', '0.8/255', '0.3', '0.2')
+    """
+    if value is None:
+        return "none"
+    if isinstance(value, float) and not isinstance(value, bool):
+        text = repr(value)
+        if len(text) <= 8 or value != value or value in (float("inf"), float("-inf")):
+            return text
+        n = value * 255
+        for digits in (0, 1, 2):
+            r = round(n, digits)
+            if r and abs(n - r) <= 1e-9 * max(1.0, abs(n)):
+                return f"{r:g}/255"
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_params(params: dict[str, Any], skip: Iterable[str] = ()) -> str:
+    """``name=value, ...`` with :func:`format_value` (for the run summary and ``protect methods``)."""
+    left_out = set(skip)
+    return ", ".join(f"{k}={format_value(v)}" for k, v in params.items() if k not in left_out)

@@ -90,7 +90,9 @@ class Chain(Perturbation):
                 raise ConfigError(f"method '{cls.name}': no stage takes parameter '{name}'; "
                                   f"they take {', '.join(sorted(cls.defaults()))}")
             routed.update({f"{t}.{name}": value for t in takers})
-        return super().resolve_params({**routed, **prefixed})
+        params = super().resolve_params({**routed, **prefixed})
+        own = cls._by_stage(params)  # each stage fills in what it chooses itself (a default surrogate)
+        return {f"{s.name}.{k}": v for s in cls.stage_classes for k, v in s.resolve_params(own[s.name]).items()}
 
     def params(self) -> dict[str, Any]:
         return {f"{s.name}.{k}": v for s in self.stages for k, v in s.params().items()}
@@ -132,6 +134,10 @@ class Chain(Perturbation):
 
     def fit_report(self) -> dict[str, Any]:
         return {s.name: s.fit_report() for s in self.stages}
+
+    def notes(self) -> list[str]:
+        return [line if line.startswith(f"{s.name}:") else f"{s.name}: {line}"
+                for s in self.stages for line in s.notes()]
 
     # -- protecting ------------------------------------------------------------------------
     def apply(self, x: torch.Tensor, labels: torch.Tensor | None = None,

@@ -101,34 +101,67 @@ def _hf_cache_dir() -> str:
     return str(getattr(mod, "HF_HUB_CACHE", "~/.cache/huggingface/hub"))
 
 
+#: open_clip's pretrained entry for ``RN50/openai`` (where its weights are cached), kept here so that
+#: :func:`default_clip_file` can look for them without importing open_clip (about 2 s); a test checks
+#: it against open_clip's own table.
+RN50_OPENAI = {
+    "hf_hub": "timm/resnet50_clip.openai/",
+    "url": "https://openaipublic.azureedge.net/clip/models/"
+           "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+}
+#: open_clip's file names in a Hugging Face repository (``open_clip.constants``), safetensors first.
+_HF_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def cached_file(cfg: dict[str, Any]) -> Path | None:
+    """The local file of a pretrained entry ``cfg`` (open_clip's ``hf_hub`` / ``url`` / ``file``), or
+    None: the entry's own file, the Hugging Face cache (what ``hf_hub_download`` returns offline),
+    then open_clip's URL cache (``~/.cache/clip``). Only looks at the disk: never the network."""
+    if cfg.get("file") and Path(cfg["file"]).is_file():
+        return Path(cfg["file"])
+    if cfg.get("hf_hub"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            model_id, filename = os.path.split(cfg["hf_hub"])
+            for name in ((filename,) if filename else _HF_NAMES):
+                try:
+                    found = try_to_load_from_cache(model_id, name)
+                except (ValueError, OSError):  # a malformed id or an unreadable cache
+                    found = None
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+    if cfg.get("url"):
+        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        if cached.is_file():
+            return cached
+    return None
+
+
+def default_clip_file() -> Path | None:
+    """The local weights of ``clip:RN50/openai`` (the default surrogate), or None; fast, offline."""
+    return cached_file(RN50_OPENAI)
+
+
 def _tag_file(open_clip: Any, arch: str, tag: str, cfg: dict[str, Any]) -> Path:
     """The local file of pretrained ``tag``: HF cache, then open_clip's URL cache; WeightsError if absent."""
-    from open_clip import pretrained as oc_pretrained
-
     if downloads_allowed():
         try:
             return Path(open_clip.download_pretrained(cfg))
         except _LOAD_ERRORS as e:
             raise WeightsError(f"cannot fetch clip:{arch}/{tag} (HF_HUB_OFFLINE=0): {_one_line(e)}; "
-                               "pass --surrogate-weights PATH with a local copy") from e
-    with hub_offline():
-        if cfg.get("file") and Path(cfg["file"]).is_file():
-            return Path(cfg["file"])
-        if cfg.get("hf_hub") and oc_pretrained.has_hf_hub():
-            model_id, filename = os.path.split(cfg["hf_hub"])
-            try:
-                return Path(oc_pretrained.download_pretrained_from_hf(model_id, filename=filename or None))
-            except _LOAD_ERRORS:  # not in the cache (offline)
-                pass
-        if cfg.get("url"):
-            cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
-            if cached.is_file():
-                return cached
+                               "use the bundled --surrogate cifar-resnet20, or --surrogate-weights FILE "
+                               "with a local copy") from e
+    found = cached_file(cfg)
+    if found is not None:
+        return found
+    original = f" or OpenAI's {os.path.basename(cfg['url'])}" if cfg.get("url") else ""
     raise WeightsError(
-        f"weights for clip:{arch}/{tag} are not available locally and protect does not download them "
-        f"(HF_HUB_OFFLINE=1 while loading): pass --surrogate-weights PATH (a local open_clip checkpoint or "
-        f"OpenAI's original .pt), or fill the Hugging Face cache ({_hf_cache_dir()}) once with network, e.g. "
-        f"open_clip.create_model('{arch}', pretrained='{tag}'), or set HF_HUB_OFFLINE=0 to allow the download"
+        f"weights for clip:{arch}/{tag} are not on this machine and protect downloads nothing: use the bundled "
+        f"--surrogate cifar-resnet20 (works offline), or --surrogate-weights FILE (a local open_clip "
+        f"checkpoint{original}); with network, HF_HUB_OFFLINE=0 lets open_clip fetch it into {_hf_cache_dir()}"
     )
 
 
@@ -173,7 +206,8 @@ def load_clip_tower(arch: str, tag: str | None, file: Path | None) -> tuple[Clip
     cfg: dict[str, Any] = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if file is None:
         if tag is None:
-            raise WeightsError(f"open_clip has no pretrained weights for clip:{arch}; pass --surrogate-weights PATH")
+            raise WeightsError(f"open_clip has no pretrained weights for clip:{arch}: pass --surrogate-weights FILE, "
+                               "or use the bundled --surrogate cifar-resnet20")
         file = _tag_file(open_clip, arch, tag, cfg)
     if not file.is_file():
         raise WeightsError(f"weights file not found: {file} (pass the path of an existing local checkpoint)")

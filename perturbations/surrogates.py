@@ -33,6 +33,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ from .nets import IMAGENET_MEAN, IMAGENET_STD, Normalize, TinyConvNet, cifar_res
 from .nets import torchvision_model, torchvision_names
 from .weights import AKAMASTER_URL, REPO_ROOT, TORCHVISION_DOCS, file_sha256, load_weights, read_checkpoint
 
-__all__ = ["SURROGATE_KINDS", "Surrogate", "load_surrogate", "parse_spec"]
+__all__ = ["SURROGATE_KINDS", "Surrogate", "default_surrogate", "load_surrogate", "parse_spec", "surrogate_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ RANDOM_ARCHS = ("cifar-resnet20", "cifar-resnet32", "cifar-resnet44", "cifar-res
 BUNDLED_WEIGHTS_DIR = REPO_ROOT / "samples" / "weights"
 #: Where the akamaster ResNet-20/32/44/56 files are looked for when a spec names no path.
 SHARED_WEIGHTS_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10_resnet_akamaster"
+#: The default surrogate of Unlearnable Clusters and clustered CUDA where its weights are on the machine
+#: (the paper's), and the bundled one used otherwise (:func:`default_surrogate`).
+CLIP_DEFAULT = "clip:RN50/openai"
+BUNDLED_DEFAULT = "cifar-resnet20"
 _SPEC_FORMS = "cifar-resnet20|32|44|56[:PATH], clip:ARCH[/PRETRAINED], torchvision:NAME[:PATH], random:ARCH"
 
 
@@ -200,8 +205,8 @@ def _default_cifar_weights(arch: str) -> Path:
     if bundled or shared:
         return (bundled or shared)[0]
     raise WeightsError(f"no weights for cifar-{arch}: none bundled in {BUNDLED_WEIGHTS_DIR} and no {arch}-*.th in "
-                       f"{SHARED_WEIGHTS_DIR}; pass cifar-{arch}:PATH (akamaster's CIFAR-10 checkpoints are "
-                       f"published at {AKAMASTER_URL})")
+                       f"{SHARED_WEIGHTS_DIR}; pass cifar-{arch}:PATH or --surrogate-weights FILE (akamaster's "
+                       f"CIFAR-10 checkpoints are published at {AKAMASTER_URL})")
 
 
 def _cifar(arch: str, file: Path | None) -> tuple[nn.Module, tuple[int, int], str, Path]:
@@ -233,7 +238,8 @@ def _torchvision(name: str, file: Path | None) -> tuple[nn.Module, tuple[int, in
     file = file or _torchvision_hub_file(name)
     if file is None:
         raise WeightsError(f"torchvision:{name} needs local weights (nothing is downloaded): pass "
-                           f"torchvision:{name}:PATH or --surrogate-weights PATH (torchvision's weight URLs are "
+                           f"torchvision:{name}:PATH or --surrogate-weights FILE, or use the bundled --surrogate "
+                           f"cifar-resnet20 (torchvision's weight URLs are "
                            f"listed in {TORCHVISION_DOCS}; files in torch's hub cache are found by themselves)")
     checkpoint = read_checkpoint(file)
     with torch.random.fork_rng(devices=[]):
@@ -266,7 +272,8 @@ def _clip(arch: str, tag_or_path: str | None, weights: Path | None) -> tuple[nn.
     try:
         from . import clip
     except ImportError as e:  # open_clip missing
-        raise ConfigError(f"clip surrogates need open_clip_torch (pip install open_clip_torch): {e}") from e
+        raise ConfigError(f"clip surrogates need open_clip_torch (pip install open_clip_torch), or use the bundled "
+                          f"--surrogate cifar-resnet20: {e}") from e
     tag, file = clip.resolve_tag_or_path(arch, tag_or_path, weights)
     if file is not None:
         file = _resolve(file)
@@ -275,6 +282,63 @@ def _clip(arch: str, tag_or_path: str | None, weights: Path | None) -> tuple[nn.
                               "give the weights file once")
     tower, size, file = clip.load_clip_tower(arch, tag, file)
     return tower, size, f"clip:{arch}/{tag}" if tag else f"clip:{arch}/{_display(file)}", file
+
+
+# --------------------------------------------------------------------------------------------
+# The default surrogate
+
+#: spec -> the reason :func:`default_surrogate` gave for it last (so a method built from resolved
+#: parameters can still say why its surrogate was chosen).
+_REASONS: dict[str, str] = {}
+
+
+def default_surrogate(weights: str | os.PathLike | None = None) -> tuple[str, str]:
+    """The surrogate to use when none is given, and a one-line reason: ``clip:RN50/openai`` (the
+    paper's) where its weights are on this machine (the Hugging Face cache, open_clip's URL cache),
+    where a ``weights`` file is given for it, or where ``HF_HUB_OFFLINE=0`` allows the download;
+    else the bundled ``cifar-resnet20``. Looks only at the disk (a few ``stat`` calls; open_clip is
+    not imported), never at the network.
+
+    >>> default_surrogate()[1]   # offline, no CLIP weights cached
+    'surrogate: cifar-resnet20 (bundled; CLIP RN50/openai weights not found locally, see --surrogate-weights)'
+    """
+    import importlib.util
+
+    if weights is not None:
+        spec, why = CLIP_DEFAULT, "the default CLIP surrogate, with the --surrogate-weights file"
+    elif importlib.util.find_spec("open_clip") is None:
+        spec, why = BUNDLED_DEFAULT, "bundled; open_clip is not installed, so CLIP RN50/openai cannot be used"
+    else:
+        from . import clip
+
+        found = clip.default_clip_file()
+        if found is not None:
+            spec, why = CLIP_DEFAULT, f"the paper's CLIP surrogate; weights found locally ({found})"
+        elif clip.downloads_allowed():
+            spec, why = CLIP_DEFAULT, "the paper's CLIP surrogate; HF_HUB_OFFLINE=0 lets open_clip download it"
+        else:
+            spec, why = BUNDLED_DEFAULT, "bundled; CLIP RN50/openai weights not found locally, see --surrogate-weights"
+    reason = f"surrogate: {spec} ({why})"
+    _REASONS[spec] = reason
+    log.info("%s", reason)
+    return spec, reason
+
+
+def default_surrogate_info() -> dict[str, Any]:
+    """What :func:`default_surrogate` needs here, for ``protect methods`` (see
+    :meth:`perturbations.base.Perturbation.weights_info`)."""
+    spec, reason = default_surrogate()
+    bundled = spec == BUNDLED_DEFAULT
+    where = "not found here, so the bundled cifar-resnet20" if bundled else "found here"
+    return {"needs": f"a surrogate: {CLIP_DEFAULT} where its weights are local ({where}); "
+                     "any other with --surrogate SPEC", "spec": spec, "present": True, "bundled": bundled,
+            "reason": reason}
+
+
+def surrogate_reason(spec: str) -> str:
+    """One line saying why ``spec`` is the surrogate: :func:`default_surrogate`'s reason when it chose
+    ``spec`` in this process, else that it was asked for."""
+    return _REASONS.get(spec, f"surrogate: {spec} (as given)")
 
 
 # --------------------------------------------------------------------------------------------

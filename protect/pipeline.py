@@ -109,6 +109,7 @@ class Summary:
     device: str = "cpu"
     workers: int = 1
     method_note: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def unread(self) -> int:
@@ -302,8 +303,7 @@ def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
                 "CUDA)" if method_cls.name == "cuda" else " (or leave out --method for the label-free default uc)")
         raise InputError(f"method '{method_cls.name}' needs classes: put the images in class sub-folders or pass "
                          f"--labels FILE.csv{hint}")
-    note = getattr(method, "choice_note", None)
-    note = note() if callable(note) else note
+    note = getattr(method, "surrogate_choice", None)
     method_note = "; ".join(n for n in (method_note, note) if n)
     phase(f"method: {method_cls.name}" + (f" ({method_note})" if method_note else ""))
     if (not options.overwrite and not (record_dir / JOURNAL).is_file() and out_path.is_dir()
@@ -561,6 +561,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
         method.fit(data)
         changed = True
     fit_seconds = time.perf_counter() - fit_start
+    notes = list(method.notes())
     if fit_seconds >= 0.5:
         phase(f"fit: done in {fit_seconds:.1f} s")
     header["resolved_params"] = method.params()
@@ -570,7 +571,8 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
     record = RunRecord.open(record_dir, header, previous)
     summary = Summary(str(in_path), str(out_path), str(record_dir), method_cls.name, method.params(),
                       keyring.fingerprint(), dataset.class_map, total=len(dataset.entries), device=str(device),
-                      workers=workers, fit_seconds=round(fit_seconds, 2), fit_report=method.fit_report())
+                      workers=workers, fit_seconds=round(fit_seconds, 2), fit_report=method.fit_report(),
+                      notes=notes)
     summary.skipped_entries = [{"path": rel, "reason": why} for rel, why in dataset.skipped]
     summary.warnings.extend(f"skipped {rel}: {why}" for rel, why in dataset.skipped)
     run = _Run(record, summary, options.strict)
