@@ -80,7 +80,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--state", "state_from", type=click.Path(file_okay=False), help="Reuse the fitted method of a finished run (its record folder, e.g. out.protect) with the same key: new images join its clusters.")
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter; STAGE.NAME=VALUE for one stage of a composed method.")
 @click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")
-@click.option("--jpeg-quality", type=int, default=95, show_default=True, help="Quality of JPEG outputs.")
+@click.option("--jpeg-quality", type=int, help="Quality of JPEG outputs (default: each input's own quality and chroma subsampling, estimated from its tables; a given quality writes 4:4:4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: the CPU cores; with --engine ray: the cluster's).")
@@ -101,7 +101,7 @@ def images(inputs: tuple[str, ...], out_dir: str, key: str | None, key_file: str
            surrogate: str | None, surrogate_weights: str | None, eps: str | None, mask_ratio: float | None,
            robust: str | None, state_from: str | None,
            extra: tuple[str, ...],
-           out_format: str, jpeg_quality: int, device: str, batch_size: int, workers: int | None, memory: str | None,
+           out_format: str, jpeg_quality: int | None, device: str, batch_size: int, workers: int | None, memory: str | None,
            engine: str, record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None,
            allow_reprotect: bool, as_json: bool,
            quiet: bool) -> None:
@@ -225,6 +225,11 @@ def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, 
         if info["psnr_mean"] is not None:
             click.echo(f"  fidelity: PSNR mean {info['psnr_mean']:.2f} dB (min {info['psnr_min']:.2f}), "
                        f"SSIM mean {info['ssim_mean']:.3f} (min {info['ssim_min']:.3f})")
+        if info.get("max_delta_max") is not None:
+            click.echo(f"  as written: largest change {info['max_delta_max']} level(s)"
+                       + (f"; JPEG quality {info['quality_min']}" + (f"-{info['quality_max']}" if info["quality_max"] != info["quality_min"] else "")
+                          + (f", {'/'.join(info['subsampling'])}" if info.get("subsampling") else "")
+                          if info.get("quality_min") is not None else ""))
         click.echo(f"  run {'complete' if info['complete'] else 'INCOMPLETE: rerun the same command to resume'}"
                    + (f"; {len(info['failures'])} file(s) failed" if info["failures"] else ""))
         if info["orphans"]:

@@ -9,6 +9,9 @@ keeps it cheap on large photos.
 
 :func:`measure` takes the integer pixels the pipeline holds and works on large images in row strips
 (SSIM with a window-sized overlap), so its memory is a few strips, never float copies of a photo.
+:func:`max_delta` is the largest absolute change of any value, in the image's own levels (exact).
+The pipeline measures the file as written: for a lossy output (JPEG, HEIF) it decodes the encoded
+bytes and compares those pixels with the input, so the numbers include the encoder's loss.
 The values are reported to 3 (PSNR) and 5 (SSIM) decimals; they are float computations, so another
 machine may differ in the last digit (the protected pixels themselves are exact).
 """
@@ -142,3 +145,25 @@ def measure(x: torch.Tensor, q: torch.Tensor, levels: int, window: int = 11,
         ps.append(min(PSNR_CAP, -10.0 * math.log10(mse)) if mse > 0 else PSNR_CAP)
         ss.append(ssim_sum / max(1, positions))
     return ps, ss
+
+
+def max_delta(x: torch.Tensor, q: torch.Tensor) -> list[int]:
+    """Per-image largest ``|q - x|`` of two integer ``N x C x H x W`` batches, in their levels
+    (exact), computed in strips of :data:`STRIP_VALUES` values (no full-size copy)."""
+    n, c, h, w = x.shape
+    if c * h * w <= STRIP_VALUES:  # small images: whole groups of them at once
+        group = max(1, STRIP_VALUES // (c * h * w))
+        out: list[int] = []
+        for i in range(0, n, group):
+            d = (q[i:i + group].to(torch.int32) - x[i:i + group].to(torch.int32)).abs_()
+            out.extend(d.flatten(1).amax(1).tolist())
+        return out
+    rows = max(1, STRIP_VALUES // max(1, c * w))
+    out = []
+    for i in range(n):
+        m = 0
+        for r0 in range(0, h, rows):
+            xs, qs = x[i, :, r0:r0 + rows].to(torch.int32), q[i, :, r0:r0 + rows].to(torch.int32)
+            m = max(m, int((qs - xs).abs_().max()))
+        out.append(m)
+    return out

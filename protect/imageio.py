@@ -10,9 +10,19 @@ not match the extension, images without pixels, and images above ``max_pixels``
 Pillow's own global limit for the call, so it can be raised above it). Any failure of the
 decoder on malformed bytes is an :class:`ImageError`, never another exception.
 
+HEIF/HEIC (the iPhone default) is read and written through pillow-heif, imported only when such a
+file is met (without it, that file fails with a reason naming ``pip install pillow-heif``).
+libheif applies the file's own rotation on decode, so its pixels arrive upright like any other.
+
 Encoding: lossless formats stay as they are (PNG, lossless WebP, BMP, TIFF with lossless
-compression); JPEG is written at high quality without chroma subsampling (a JPEG re-encode
-weakens the protection: the pipeline warns); ``out_format="png"`` converts everything to PNG.
+compression); ``out_format="png"`` converts everything to PNG. Lossy outputs (JPEG, HEIF; a
+re-encode weakens the protection: the pipeline warns) follow the *input* by default
+(``quality=None``, "auto"): a JPEG is written at the quality estimated from the input's
+quantisation tables (:func:`estimate_jpeg_quality`) with the input's chroma subsampling, so the
+output is about the size of the input; a HEIF at :data:`HEIF_QUALITY` with the input's chroma; a
+lossy output of any other input at :data:`JPEG_QUALITY`, 4:4:4. An explicit quality (1..100)
+overrides, and then chroma is never subsampled (4:4:4), as before "auto" existed.
+:func:`lossy_settings` says which quality and subsampling a file gets.
 The ICC profile, DPI and EXIF (orientation reset) are kept where the format allows.
 
 DICOM (``.dcm``) goes through :mod:`protect.dicom` instead: stored values at their own depth, written
@@ -35,19 +45,119 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .dicom import FORMAT as DICOM  # pydicom itself is imported only when a DICOM file is read
 
 #: Largest image accepted by default: Pillow's own hard limit (2 x its default MAX_IMAGE_PIXELS).
 #: ``decode(max_pixels=...)`` replaces it, above or below, without touching Pillow's global.
 DEFAULT_MAX_PIXELS = 178_956_970
+#: Quality of a JPEG output whose input has no quantisation tables to follow (not a JPEG).
 JPEG_QUALITY = 95
+#: Quality of a HEIF output in "auto" mode (HEVC carries no tables to estimate one from).
+HEIF_QUALITY = 90
+#: Output formats that lose information: their fidelity is measured on the decoded written file.
+LOSSY = frozenset({"JPEG", "HEIF"})
 OUT_FORMATS = ("keep", "png")
-_EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+HEIF = "HEIF"
+_EXT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", HEIF: ".heic"}
+#: Pillow's ``subsampling`` codes and their names (``JpegImagePlugin.get_sampling``).
+_SAMPLING = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}
 _LOSSLESS_TIFF = {"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits", None}
 _ORIENTATION = 0x0112
 
+
+
+# -- HEIF through pillow-heif (optional at import time) ------------------------------------------
+_heif_lock = threading.Lock()
+_heif_ready: bool | None = None
+HEIF_MISSING = "HEIF/HEIC needs the pillow-heif package: pip install pillow-heif"
+
+
+def heif_available() -> bool:
+    """Register pillow-heif's HEIF opener and saver with Pillow (once); False if it is not installed."""
+    global _heif_ready
+    if _heif_ready is None:
+        with _heif_lock:
+            if _heif_ready is None:
+                try:
+                    import pillow_heif
+
+                    pillow_heif.register_heif_opener()
+                    _heif_ready = True
+                except Exception:  # noqa: BLE001 - not installed, or its native library does not load
+                    _heif_ready = False
+    return _heif_ready
+
+
+# -- JPEG quality from quantisation tables ------------------------------------------------------
+#: The example tables of ITU-T T.81 Annex K (luminance, chrominance), natural (row-major) order,
+#: which the IJG library scales to a quality setting.
+_ANNEX_K = (
+    (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99),
+    (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
+     47, 66, 99, 99, 99, 99, 99, 99, *([99] * 32)),
+)
+
+
+def ijg_tables(quality: int) -> tuple[np.ndarray, np.ndarray]:
+    """The luminance and chrominance tables the IJG library (and Pillow) write at ``quality``
+    (1..100, baseline: entries clamped to 1..255)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return tuple(np.clip((np.array(t, dtype=np.int64) * scale + 50) // 100, 1, 255) for t in _ANNEX_K)  # type: ignore[return-value]
+
+
+_IJG = np.stack([np.stack(ijg_tables(q)) for q in range(1, 101)])  # 100 x 2 x 64
+
+
+def estimate_jpeg_quality(quantization: dict[int, Any] | None) -> int | None:
+    """The IJG quality (1..100) whose scaled Annex K tables are closest to a JPEG's own
+    (``PIL.Image.quantization``: table id -> 64 values in natural order): exact for files written
+    by libjpeg/Pillow at a quality; for other encoders' tables (cameras, Photoshop) the closest
+    quality by mean absolute log-ratio, ties to the higher quality. None without tables."""
+    if not quantization:
+        return None
+    tables = [np.asarray(list(quantization[k]), dtype=np.float64) for k in sorted(quantization)[:2]]
+    if any(t.size != 64 for t in tables):
+        return None
+    err = np.zeros(100)
+    for i, t in enumerate(tables):
+        ref = _IJG[:, i].astype(np.float64)
+        err += np.abs(np.log(np.maximum(t, 1.0)) - np.log(ref)).mean(axis=1)
+    exact = np.flatnonzero(err == 0)
+    if exact.size:
+        return int(exact[-1] + 1)
+    best = np.flatnonzero(err <= err.min() + 1e-12)
+    return int(np.clip(best[-1] + 1, 1, 100))
+
+
+def _jpeg_sampling(im: Image.Image) -> str | None:
+    """The chroma subsampling of a JPEG being read ("4:4:4", "4:2:2", "4:2:0"), None for grayscale.
+    Patterns Pillow cannot write (4:1:1, 4:4:0, ...) count as 4:2:0 (the nearest in size)."""
+    if im.mode not in ("RGB", "YCbCr"):
+        return None
+    code = JpegImagePlugin.get_sampling(im)
+    if code in _SAMPLING:
+        return _SAMPLING[code]
+    layers = getattr(im, "layer", None) or []
+    return "4:4:4" if len({(h, v) for _, h, v, _ in layers}) <= 1 else "4:2:0"
+
+
+def lossy_settings(fmt: str, meta: dict[str, Any], quality: int | None) -> tuple[int | None, str | None]:
+    """(quality, subsampling) a ``fmt`` output of an input with ``meta`` is written with;
+    ``quality`` None is "auto" (see module doc). (None, None) for lossless formats; subsampling
+    None for grayscale JPEG."""
+    if fmt not in LOSSY:
+        return None, None
+    if quality is not None:
+        return int(quality), "4:4:4"
+    if fmt == "JPEG":
+        if meta.get("jpeg_quality") is not None:
+            return int(meta["jpeg_quality"]), meta.get("subsampling")
+        return JPEG_QUALITY, "4:4:4"
+    return HEIF_QUALITY, meta.get("subsampling") or "4:2:0"
 
 
 class ImageError(Exception):
@@ -159,6 +269,8 @@ _KNOWN = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 def _open(data: bytes, expected_format: str, max_pixels: int) -> Image.Image:
     """Open (header only) as ``expected_format``; say what the content is when it is not."""
+    if expected_format == HEIF and not heif_available():
+        raise ImageError(HEIF_MISSING)
     try:
         return Image.open(io.BytesIO(data), formats=[expected_format])
     except UnidentifiedImageError:
@@ -172,7 +284,8 @@ def _open(data: bytes, expected_format: str, max_pixels: int) -> Image.Image:
     if data[128:132] == b"DICM":
         raise ImageError(f"content is DICOM but the extension says {expected_format}; rename the file to .dcm")
     try:
-        with Image.open(io.BytesIO(data), formats=[f for f in _KNOWN if f != expected_format]) as other:
+        known = _KNOWN + ((HEIF,) if data[4:8] == b"ftyp" and heif_available() else ())
+        with Image.open(io.BytesIO(data), formats=[f for f in known if f != expected_format]) as other:
             actual = "JPEG" if other.format == "MPO" else other.format
     except Exception:  # noqa: BLE001 - not one of the known formats either
         raise ImageError("not a readable image (corrupt or unknown format)") from None
@@ -240,13 +353,21 @@ def _decode(im: Image.Image, data: bytes, expected_format: str, max_pixels: int,
     notes: list[str] = []
     try:
         im.load()
+        meta: dict[str, Any] = {}
+        if actual == "JPEG":  # what an "auto" JPEG output follows (read before any transpose)
+            meta["jpeg_quality"] = estimate_jpeg_quality(getattr(im, "quantization", None))
+            meta["subsampling"] = _jpeg_sampling(im)
+        elif actual == HEIF:
+            chroma = im.info.get("chroma")
+            meta["subsampling"] = {420: "4:2:0", 422: "4:2:2", 444: "4:4:4"}.get(chroma)
+            if im.info.get("original_orientation") not in (1, None):  # libheif rotated it on decode
+                notes.append("EXIF orientation applied")
         exif = _exif(im, actual)
         if exif.get(_ORIENTATION, 1) not in (1, None):
             im = ImageOps.exif_transpose(im)
             exif = im.getexif()
             notes.append("EXIF orientation applied")
 
-        meta: dict[str, Any] = {}
         if im.info.get("icc_profile"):
             meta["icc_profile"] = im.info["icc_profile"]
         if im.info.get("dpi"):
@@ -339,8 +460,9 @@ def to_image(pixels: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
     return Image.frombuffer(mode, (w, h), np.ascontiguousarray(pixels), "raw", mode, 0, 1)  # no copy
 
 
-def encode_pixels(pixels: np.ndarray, decoded: Decoded, fmt: str, jpeg_quality: int = JPEG_QUALITY) -> bytes:
-    """The output file of ``decoded`` with new ``pixels`` (same shape, dtype and levels) in ``fmt``.
+def encode_pixels(pixels: np.ndarray, decoded: Decoded, fmt: str, jpeg_quality: int | None = None) -> bytes:
+    """The output file of ``decoded`` with new ``pixels`` (same shape, dtype and levels) in ``fmt``;
+    ``jpeg_quality`` None follows the input (see :func:`lossy_settings`).
     A DICOM input is written as DICOM only (its header cannot go into a PNG)."""
     if decoded.format == DICOM:
         if fmt != DICOM:
@@ -355,19 +477,25 @@ def encode_pixels(pixels: np.ndarray, decoded: Decoded, fmt: str, jpeg_quality: 
     return encode(to_image(pixels, decoded.alpha), fmt, decoded.meta, jpeg_quality)
 
 
-def encode(im: Image.Image, fmt: str, meta: dict[str, Any], jpeg_quality: int = JPEG_QUALITY) -> bytes:
-    """Encode with the settings for ``fmt`` (see module doc); returns the file bytes."""
+def encode(im: Image.Image, fmt: str, meta: dict[str, Any], jpeg_quality: int | None = None) -> bytes:
+    """Encode with the settings for ``fmt`` (see module doc); returns the file bytes.
+    ``jpeg_quality`` is the quality of a lossy output, None for "auto" (:func:`lossy_settings`)."""
     kwargs: dict[str, Any] = {}
-    if fmt in ("PNG", "JPEG", "WEBP", "TIFF") and meta.get("icc_profile"):
+    if fmt in ("PNG", "JPEG", "WEBP", "TIFF", HEIF) and meta.get("icc_profile"):
         kwargs["icc_profile"] = meta["icc_profile"]
     if fmt in ("PNG", "JPEG", "TIFF") and meta.get("dpi"):
         kwargs["dpi"] = meta["dpi"]
-    if fmt in ("PNG", "JPEG", "WEBP") and meta.get("exif"):
+    if fmt in ("PNG", "JPEG", "WEBP", HEIF) and meta.get("exif"):
         kwargs["exif"] = meta["exif"]
+    quality, subsampling = lossy_settings(fmt, meta, jpeg_quality)
     if fmt == "JPEG":
         if im.mode in ("LA", "RGBA"):
             raise ImageError("JPEG cannot hold an alpha channel")
-        kwargs.update(quality=jpeg_quality, subsampling=0)
+        kwargs.update(quality=quality, subsampling=subsampling or "4:4:4")
+    elif fmt == HEIF:
+        if not heif_available():
+            raise ImageError(HEIF_MISSING)
+        kwargs.update(quality=quality, subsampling=subsampling)
     elif fmt == "WEBP":
         kwargs.update(lossless=True, quality=100, method=4)
     elif fmt == "TIFF":

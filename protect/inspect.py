@@ -72,6 +72,7 @@ def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None
         "psnr_min": min((f.psnr for f in files), default=None),
         "ssim_mean": _mean(f.ssim for f in files),
         "ssim_min": min((f.ssim for f in files), default=None),
+        **_as_written(files),
     }
     if keyring is not None:
         info["key_matches"] = keyring.fingerprint() == header.get("key_fingerprint")
@@ -86,6 +87,33 @@ def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None
                     changed.append(f.output)
         info["check"] = {"missing": missing, "changed": changed, "ok": not missing and not changed}
     return info
+
+
+def _as_written(files: list[Any]) -> dict[str, Any]:
+    """What the journal lines say of the files as written: the largest change of any value
+    (``max_delta_max``, in the images' levels; None for records written before it was kept), and
+    the quality range and chroma subsamplings of lossy outputs (None / [] when there are none)."""
+    deltas, qualities, samplings = [], [], set()
+    for f in files:
+        try:
+            item = json.loads(f.line)
+        except (TypeError, ValueError):
+            continue
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("max_delta"), int):
+            deltas.append(item["max_delta"])
+        if isinstance(item.get("quality"), int):
+            qualities.append(item["quality"])
+        if isinstance(item.get("subsampling"), str):
+            samplings.add(item["subsampling"])
+    return {
+        "max_delta_max": max(deltas, default=None),
+        "max_delta_missing": len(files) - len(deltas),  # files whose record predates max_delta
+        "quality_min": min(qualities, default=None),
+        "quality_max": max(qualities, default=None),
+        "subsampling": sorted(samplings),
+    }
 
 
 def _mean(values: Any) -> float | None:

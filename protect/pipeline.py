@@ -30,7 +30,7 @@ from .discover import Dataset, discover, discover_inputs
 from .engine import LocalEngine, chunks, default_memory, default_workers
 from .errors import ConfigError, InputError, RecordError
 from .fitpass import fit_data
-from .imageio import DEFAULT_MAX_PIXELS, JPEG_QUALITY, OUT_FORMATS, output_name
+from .imageio import DEFAULT_MAX_PIXELS, OUT_FORMATS, output_name
 from .record import FORMAT_VERSION, JOURNAL, STATE, RunRecord, default_record_dir, deps_digest, state_digest
 from .safefs import RunLock, Tree
 from .work import Prev, Result, Spec, Task
@@ -75,7 +75,7 @@ class ProtectOptions:
     prune: bool = False
     strict: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    jpeg_quality: int = JPEG_QUALITY
+    jpeg_quality: int | None = None  # None: each JPEG's own quality and subsampling ("auto")
     progress: bool = True
     allow_reprotect: bool = False
     on_phase: Callable[[str], Any] | None = None
@@ -165,7 +165,7 @@ def _check_options(options: ProtectOptions) -> None:
         raise ConfigError("--batch-size must be >= 1")
     if options.workers is not None and options.workers < 1:
         raise ConfigError("--workers must be >= 1")
-    if not 1 <= options.jpeg_quality <= 100:
+    if options.jpeg_quality is not None and not 1 <= options.jpeg_quality <= 100:
         raise ConfigError("JPEG quality must be in 1..100")
     if options.max_pixels < 1:
         raise ConfigError("--max-pixels must be >= 1")
@@ -669,7 +669,8 @@ def _finish(summary: Summary, record: RunRecord, run: _Run, dataset: Dataset, ou
         summary.ssim_mean = round(sum(v.ssim for v in values) / len(values), 5)
     jpeg = sum(1 for v in values if v.output.lower().endswith((".jpg", ".jpeg")))
     if jpeg:
-        summary.warnings.append(f"{jpeg} output(s) written as JPEG (quality {options.jpeg_quality}): "
+        quality = "each input's own quality" if options.jpeg_quality is None else f"quality {options.jpeg_quality}"
+        summary.warnings.append(f"{jpeg} output(s) written as JPEG ({quality}): "
                                 "re-encoding as JPEG weakens the protection; use --format png to keep it lossless")
     for note, count in sorted(run.notes.items()):
         summary.warnings.append(f"{count} image(s): {note}")

@@ -4,8 +4,14 @@ A worker holds a :class:`Context` (the fitted method, the output tree, the optio
 *chunk* of :class:`Task` (relative path, label, what the journal says of it) into results: a
 journal line for each protected file, ``skip`` for a file whose output is current, or a failure
 with its reason. Per file: read the input, hash it, skip it if current, decode it (admitted by the
-memory budget first), batch it with images of the same size, protect, measure PSNR/SSIM, encode,
-write atomically, hash the output. Pixels are released as soon as their file is written.
+memory budget first), batch it with images of the same size, protect, encode, measure PSNR, SSIM
+and the largest change of the file as written (a lossy output, JPEG or HEIF, is decoded back from
+its bytes the way inputs are; a lossless one holds exactly the protected pixels), write atomically,
+hash the output. Pixels are released as soon as their file is written.
+
+Each journal line (and manifest entry) holds ``psnr``, ``ssim``, ``max_delta`` (largest absolute
+change of any value, in the image's levels, as written), and ``quality`` / ``subsampling`` (what a
+lossy output was encoded with; null for lossless outputs).
 
 Engines (:mod:`protect.engine`) only decide where chunks run: in this process, or in worker
 processes; they never hold method logic.
@@ -30,8 +36,8 @@ import torch
 import perturbations
 from perturbations import Keyring, Perturbation
 
-from .fidelity import measure
-from .imageio import Decoded, ImageError, decode, encode_pixels
+from .fidelity import max_delta, measure
+from .imageio import LOSSY, Decoded, ImageError, decode, encode_pixels, lossy_settings
 from .record import Entry
 from .safefs import Tree, UnsafePath
 
@@ -79,7 +85,7 @@ class Spec:
     in_dir: str
     out_dir: str
     out_format: str
-    jpeg_quality: int
+    jpeg_quality: int | None  # None: follow the input ("auto", see protect.imageio.lossy_settings)
     max_pixels: int
     batch_size: int
     overwrite: bool
@@ -319,31 +325,63 @@ class Context:
                 except perturbations.InputError as exc:  # e.g. an image the fitted state does not know
                     return [Result("fail", it.task.rel, reason=str(exc)) for it in items]
                 q = q.contiguous(memory_format=torch.channels_last)  # the layout of v and of the files
-                ps, ss = measure(v, q, levels)
+                # a lossless output holds exactly q: measured here, batched; a lossy one once written
+                fid: list[tuple[float, float, int] | None] = [None] * len(items)
+                exact = [i for i, it in enumerate(items) if self._out_format(it) not in LOSSY]
+                if exact:
+                    vs, qs = (v, q) if len(exact) == len(items) else (v[exact], q[exact])
+                    ps, ss = measure(vs, qs, levels)
+                    for j, (i, m) in enumerate(zip(exact, max_delta(vs, qs))):
+                        fid[i] = (ps[j], ss[j], m)
+                    del vs, qs
             out = q.permute(0, 2, 3, 1).cpu().numpy()  # N x H x W x C, each image contiguous
-            del v, q
+            del q
             if wide:
                 out = out.astype(np.uint16)
-            results = [self._write(it, out[i], ps[i], ss[i]) for i, it in enumerate(items)]
+            results = [self._write(it, out[i], v[i:i + 1], levels, fid[i]) for i, it in enumerate(items)]
+            del v
         finally:
             self.budget.release(sum(it.cost for it in items))
         return results
 
-    def _write(self, item: _Item, pixels: np.ndarray, p: float, s: float) -> Result:
+    def _out_format(self, item: _Item) -> str:
+        return "PNG" if self.spec.out_format == "png" else item.decoded.format
+
+    def _measure_written(self, data: bytes, fmt: str, ref: torch.Tensor, levels: int) -> tuple[float, float, int]:
+        """PSNR, SSIM and largest change of the encoded file ``data`` against the input ``ref``
+        (1 x C x H x W on the compute device), decoded as an input would be."""
+        back = decode(data, fmt, self.spec.max_pixels).pixels
+        if back.shape != (ref.shape[2], ref.shape[3], ref.shape[1]):
+            raise ImageError(f"the encoded file decodes to {back.shape}, not the input's shape")
+        with warnings.catch_warnings():  # decoded pixels may be read-only: they are only read here
+            warnings.simplefilter("ignore", UserWarning)
+            w = torch.from_numpy(back.astype(np.int32) if back.dtype == np.uint16 else back)
+        w = w.permute(2, 0, 1)[None].to(ref.device)
+        ps, ss = measure(ref, w, levels)
+        return ps[0], ss[0], max_delta(ref, w)[0]
+
+    def _write(self, item: _Item, pixels: np.ndarray, ref: torch.Tensor, levels: int,
+               fid: tuple[float, float, int] | None) -> Result:
         task, dec = item.task, item.decoded
-        fmt = "PNG" if self.spec.out_format == "png" else dec.format
+        fmt = self._out_format(item)
+        quality, subsampling = lossy_settings(fmt, dec.meta, self.spec.jpeg_quality)
+        if pixels.shape[2] == 1:
+            subsampling = None  # one channel: no chroma to subsample
         try:
             data = encode_pixels(pixels, dec, fmt, self.spec.jpeg_quality)
+            if fid is None:  # lossy: measure what the file holds, before it is written
+                fid = self._measure_written(data, fmt, ref, levels)
             self.tree.write(task.out_rel, data)
         except UnsafePath as exc:
             return Result("fail", task.rel, reason=f"cannot write output: {exc.strerror}")
         except (ImageError, OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return Result("fail", task.rel, reason=f"cannot write output: {reason}")
-        out_sha, p, s = hashlib.sha256(data).hexdigest(), round(p, 3), round(s, 5)
+        out_sha, p, s = hashlib.sha256(data).hexdigest(), round(fid[0], 3), round(fid[1], 5)
         line = json.dumps({
             "path": task.rel, "output": task.out_rel, "label": task.label_name, "input_sha256": item.in_sha,
-            "output_sha256": out_sha, "psnr": p, "ssim": s, "notes": dec.notes, "deps": self.spec.deps,
+            "output_sha256": out_sha, "psnr": p, "ssim": s, "max_delta": int(fid[2]), "quality": quality,
+            "subsampling": subsampling, "notes": dec.notes, "deps": self.spec.deps,
         }, sort_keys=True)
         entry = Entry(line, task.rel, task.out_rel, item.in_sha, out_sha, task.label_name, self.spec.deps, p, s)
         return Result("done", task.rel, entry=entry, notes=tuple(dec.notes))
