@@ -11,7 +11,6 @@ and ends byte-identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -451,27 +450,17 @@ def _protect_output_evidence(dataset: Dataset, in_path: Path, own_record: Path) 
     except OSError:
         return None
     rels = {e.rel for e in dataset.entries}
-    for rec in siblings[:16]:
-        try:
-            other = RunRecord.read(rec)
-        except RecordError:
-            continue
-        outputs = [(e.output, e.output_sha256) for e in other.done.values() if e.output in rels]
-        for rel, sha in outputs[:4]:
+    with Tree(root, create=False) as tree:  # hashes regular files only, never through a link
+        for rec in siblings[:16]:
             try:
-                if _sha256_file(root / rel) == sha:
-                    return f"{rel} is an output listed in {rec}"
-            except OSError:
+                other = RunRecord.read(rec)
+            except RecordError:
                 continue
+            outputs = [(e.output, e.output_sha256) for e in other.done.values() if e.output in rels]
+            for rel, sha in outputs[:4]:
+                if tree.sha256(rel) == sha:
+                    return f"{rel} is an output listed in {rec}"
     return None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
