@@ -17,7 +17,6 @@ Each run is ``name: data model training [recipe overrides and defense]``; result
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 # bench/padding.py: the same subset, key and in-memory protection
+from common import runs_from_cli
 from padding import DATA, protect_set
 
 from verify.data import load_folder
@@ -62,18 +62,7 @@ RUNS: dict[str, tuple[str, str, str, dict]] = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names (default: all)")
-    ap.add_argument("--list", action="store_true", help="list the runs and exit")
-    args = ap.parse_args()
-    if args.list:
-        for name, (data, model, training, over) in RUNS.items():
-            print(f"{name}: {data} {model} {training} {over or ''}")
-        return
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise SystemExit(f"unknown run(s): {', '.join(unknown)}; see --list")
+    names = runs_from_cli(__doc__, RUNS, ",".join(RUNS))
     train = load_folder(DATA / "train", max_per_class=1000)
     test = load_folder(DATA / "test", classes=train.classes)
     needed = {RUNS[n][0] for n in names}

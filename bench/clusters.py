@@ -100,15 +100,15 @@ def collect(report: Path, cells_file: Path) -> None:
     for cell in cert["cells"]:
         p, c = cell["protected"], cell.get("clean") or {}
         kept[f"{cell['training']}/{cell['defense']}"] = {
-            "protected_peak": p["peak_acc"], "protected_final": p["final_acc"],
-            "protected_bal": p.get("peak_balanced_acc"), "clean_peak": c.get("peak_acc"),
-            "clean_bal": c.get("peak_balanced_acc"), "score": cell["score"], "chance": cert["chance"],
+            "protected_peak": p["acc"], "protected_final": p["final_acc"],
+            "protected_bal": p.get("balanced_acc"), "clean_peak": c.get("acc"),
+            "clean_bal": c.get("balanced_acc"), "score": cell["effect"], "chance": cert["chance"],
             "score_metric": cert.get("score_metric", "accuracy"), "score_chance": cert.get("score_chance")}
     cells_file.write_text(json.dumps(kept, indent=2))
 
 
 def print_table(work: Path, methods: list[str], labellings: list[str]) -> None:
-    print("| method | protect time (10k) | PSNR / SSIM | attacker labels | cell | clean peak | protected peak | "
+    print("| method | protect time (10k) | PSNR / SSIM | attacker labels | cell | clean | protected (chosen epoch) | "
           "balanced: clean / protected | score (metric) |")
     print("|---|---:|---|---|---|---:|---:|---|---:|")
     for name in methods:

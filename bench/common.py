@@ -56,3 +56,28 @@ def protect_once(src: Path, out: Path, options: list[str], env: dict[str, str]) 
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(proc.stdout), round(time.perf_counter() - t, 1)
+
+
+def pick_runs(spec: str, runs: dict) -> list[str]:
+    """The run names of a ``--runs a,b,c`` option, each one of ``runs`` (else exit naming the unknown)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in runs]
+    if unknown:
+        raise SystemExit(f"unknown run(s): {', '.join(unknown)}; see --list")
+    return names
+
+
+def runs_from_cli(doc: str, runs: dict, default: str) -> list[str]:
+    """Parse ``--runs a,b`` / ``--list`` for a benchmark of named ``runs`` (name: a tuple of its
+    settings); ``--list`` prints them and exits."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--runs", default=default, help="comma-separated run names (see --list)")
+    ap.add_argument("--list", action="store_true", help="list the runs and exit")
+    args = ap.parse_args()
+    if args.list:
+        for name, spec in runs.items():
+            print(f"{name}: " + " ".join(str(v) for v in spec if v != {}))
+        raise SystemExit(0)
+    return pick_runs(args.runs, runs)

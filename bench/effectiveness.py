@@ -77,17 +77,29 @@ def main() -> None:
     print(f"quick tier, {certs[0]['model']}, {certs[0]['epochs']} epochs, seed 0, device {certs[0].get('device')}; "
           f"accuracies in % on the full CIFAR-10 test set; chance {100 * certs[0]['chance']:.1f} % (the "
           "majority-class rate of the test set)")
-    print("| run | training | defense | protected peak | protected final | clean baseline peak | score | paper (ResNet-18, 100 ep, 50k) | cell wall s |")
+    print("| run | training | defense | protected (chosen epoch) | protected peak* | clean baseline | effect | "
+          "paper (ResNet-18, 100 ep, 50k) | cell wall s |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for cert in certs:
         for cell in cert["cells"]:
             p, c = cell["protected"], cell.get("clean") or {}
             paper = PAPER.get((cell["training"], cell["defense"]))
             wall = p.get("wall_s")
-            score = "n/a" if cell["score"] is None else f"{cell['score']:.2f}"
-            print(f"| {cert['_name']} | {cell['training']} | {cell['defense']} | {100 * p['peak_acc']:.1f} | "
-                  f"{100 * p['final_acc']:.1f} | {100 * c['peak_acc']:.1f} | {score} | "
+            effect = "n/a" if cell.get("effect") is None else f"{cell['effect']:.2f}"
+            clean_acc = "" if c.get("acc") is None else f"{100 * c['acc']:.1f}"
+            print(f"| {cert['_name']} | {cell['training']} | {cell['defense']} | {100 * p['acc']:.1f} | "
+                  f"{100 * p['peak_acc']:.1f} | {clean_acc} | {effect} | "
                   f"{'' if paper is None else paper} | {'' if wall is None else f'{wall:.0f}'} |")
+    print()
+    print("peak*: the best epoch chosen with the test labels (optimistic); effect: against clean data under the "
+          "same regime")
+    for cert in certs:
+        v = cert["verdict"]
+        ci = v.get("interval") or [None, None]
+        score = "n/a" if v.get("score") is None else f"{v['score']:.2f}"
+        ci_text = "" if ci[0] is None else f" (95% interval {ci[0]:.2f} to {ci[1]:.2f})"
+        print(f"{cert['_name']}: headline score {score}{ci_text}, best attacker "
+              f"{v['best_attacker']['training']}/{v['best_attacker']['defense']}, oracle {(v.get('oracle') or {}).get('score')}")
     print()
     for name, seconds in times.items():
         print(f"{name}: {seconds / 60:.1f} min wall (protect verify, including data loading)")

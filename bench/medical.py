@@ -109,9 +109,9 @@ def main() -> None:
                         p, c = cell["protected"], cell.get("clean") or {}
                         kept[f"{cell['training']}/{cell['defense']}"] = {
                             k: v for k, v in {
-                                "bal": p.get("peak_balanced_acc"), "auc": p.get("peak_auc"), "acc": p.get("peak_acc"),
-                                "clean_bal": c.get("peak_balanced_acc"), "clean_auc": c.get("peak_auc"),
-                                "clean_acc": c.get("peak_acc"), "score": cell.get("score"),
+                                "bal": p.get("balanced_acc"), "auc": p.get("auc"), "acc": p.get("acc"),
+                                "clean_bal": c.get("balanced_acc"), "clean_auc": c.get("auc"),
+                                "clean_acc": c.get("acc"), "score": cell.get("effect"),
                                 "score_metric": cert.get("score_metric")}.items()}
                     cells_file.write_text(json.dumps(kept, indent=2))
     print_table(work, sets, methods)

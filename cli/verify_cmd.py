@@ -24,9 +24,19 @@ import click
                    "(2 <= N < number of classes; SEED 0 by default).")
 @click.option("--tier", type=click.Choice(["quick", "standard", "paper"]), default="quick", show_default=True,
               help="quick: fastcnn ~10 epochs, fast AT; standard: ResNet-18 40 epochs; paper: the CUDA paper's recipe.")
-@click.option("--training", "trainings", help="Regimes, e.g. erm,linf,l2 (linf4 = 4/255; l2@EPS).  [default: erm,linf]")
-@click.option("--defenses", help="Breakers, e.g. none,grayscale,jpeg10,ueraser,coin.  [default: none,grayscale,jpeg10]")
-@click.option("--seeds", type=int, default=1, show_default=True, help="Train every cell with N seeds; report mean and spread.")
+@click.option("--training", "trainings", help="Regimes, e.g. erm,linf,l2 (linf4 = 4/255; l2@EPS); with --defenses, "
+                                               "their full product.  [default: erm with every default defense, and linf]")
+@click.option("--defenses", help="Breakers, e.g. none,grayscale,jpeg10,ueraser,coin.  [default: none,grayscale,jpeg10 "
+                                 "and the breakers published against the method]")
+@click.option("--method", help="The method that protected PROTECTED_DIR (default: read from its run record "
+                               "PROTECTED_DIR.protect): the default grid adds its published breakers.")
+@click.option("--seeds", type=int, help="Train every cell with N seeds; report mean and spread.  [default: 3 under "
+                                        "2,000 training images, else 1]")
+@click.option("--val", "val_dir", type=click.Path(file_okay=False),
+              help="Validation images (same classes) that choose each cell's epoch.  [default: a keyed 20% of the "
+                   "test images; the rest is scored]")
+@click.option("--allow-overlap", is_flag=True,
+              help="Accept test images whose pixels are also in the protected or clean folder (refused by default).")
 @click.option("--model", help="Override the tier's surrogate model (e.g. resnet18, resnet20, fastcnn).")
 @click.option("--epochs", type=int, help="Override the tier's epochs (and turn off the quick tier's small-set adaptation).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -35,7 +45,8 @@ import click
                    "--device cuda; RAY_ADDRESS, else a local Ray cluster; pip install 'protect[ray]').")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Report folder (default PROTECTED_DIR.verify); finished cells are saved in its cells/ folder.")
 @click.option("--baseline-per-defense", is_flag=True, help="Train the clean baseline under every defense too.")
-@click.option("--max-per-class", type=int, help="Use only the first N images per class of the data, before --relabel (quick subsets).")
+@click.option("--max-per-class", type=int, help="Use only the first N images per class of the protected and clean "
+                                                "folders, before --relabel (quick subsets); the test set stays whole.")
 @click.option("--no-cache", is_flag=True, help="Retrain clean baselines even when cached.")
 @click.option("--fresh", is_flag=True,
               help="Retrain every cell: ignore the finished cells an earlier run left in the report folder "
@@ -44,13 +55,17 @@ import click
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv: str | None,
            test_labels_csv: str | None, relabel: str | None, tier: str, trainings: str | None,
-           defenses: str | None, seeds: int, model: str | None, epochs: int | None, device: str, engine: str,
-           report_dir: str | None, baseline_per_defense: bool, max_per_class: int | None, no_cache: bool,
-           fresh: bool, as_json: bool, quiet: bool) -> None:
+           defenses: str | None, method: str | None, seeds: int | None, val_dir: str | None, allow_overlap: bool, model: str | None,
+           epochs: int | None, device: str, engine: str, report_dir: str | None, baseline_per_defense: bool,
+           max_per_class: int | None, no_cache: bool, fresh: bool, as_json: bool, quiet: bool) -> None:
     """Certify PROTECTED_DIR: train surrogates on it and measure clean test accuracy.
 
     Each cell of the regime x defense grid trains a fresh model from scratch on the protected
-    images and evaluates it every epoch on the clean test set; the verdict uses the best attacker.
+    images; the epoch with the best score on the validation images is scored on the clean test
+    images. The protection score compares the best attacker of all cells with plain training on the
+    clean images (--clean), so adding an attacker can only lower it, with a 95% bootstrap interval;
+    "inconclusive" when the interval contains 0. A cell's effect compares it with clean images under
+    its own regime.
     Finished cells are saved in the report folder as they finish: after an interruption, the same
     command trains only the missing ones (--fresh retrains everything). Progress: a bar per cell on
     a terminal, a line when a cell starts and ends otherwise (logs, CI); either way a line per phase
@@ -68,7 +83,8 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv:
         model=model, epochs=epochs, device=device, report_dir=report_dir,
         cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
         max_per_class=max_per_class, progress=not (quiet or as_json), fresh=fresh, relabel=relabel,
-        labels_csv=labels_csv, test_labels_csv=test_labels_csv, engine=engine,
+        labels_csv=labels_csv, test_labels_csv=test_labels_csv, engine=engine, val_dir=val_dir,
+        allow_overlap=allow_overlap, method=method,
     )
     if not distributed.is_main():  # under torchrun only rank 0 reports
         return
@@ -91,33 +107,53 @@ def _print_certificate(cert: dict) -> None:
         origin = src.get("path") if src.get("kind") == "file" else f"{src.get('spec')} (seed {src.get('seed')})"
         click.echo(f"labels: remapped by {origin} to {len(labelling['classes'])} attacker classes "
                    f"({', '.join(labelling['classes'])}); chance, baselines and scores use them")
-    click.echo(f"{'training':<10} {'defense':<10} {'protected peak':>14} {'final':>6} {'balanced':>8} {'AUC':>5} "
-               f"{'clean peak':>10} {'balanced':>8} {'score':>6}")
+    balanced = cert.get("score_metric") == "balanced_accuracy"
+    field = "balanced_acc" if balanced else "acc"
+    click.echo(f"{'training':<10} {'defense':<10} {'protected':>9} {'epoch':>5} {'peak*':>6} {'balanced':>8} "
+               f"{'AUC':>5} {'clean':>6} {'effect':>6}")
     for cell in cert["cells"]:
         clean = cell.get("clean") or {}
         prot = cell["protected"]
-        score = cell.get("score")
-        auc = prot.get("peak_auc")
-        click.echo(f"{cell['training']:<10} {cell['defense']:<10} {_pct(prot['peak_acc']):>14} "
-                   f"{_pct(prot['final_acc']):>6} {_pct(prot.get('peak_balanced_acc')):>8} "
-                   f"{'  -  ' if auc is None else f'{auc:.3f}':>5} {_pct(clean.get('peak_acc')):>10} "
-                   f"{_pct(clean.get('peak_balanced_acc')):>8} {'  -' if score is None else f'{score:6.2f}'}")
+        effect = cell.get("effect")
+        auc = prot.get("auc")
+        epoch = prot.get("selected_epoch")
+        epoch = "-" if epoch is None else (str(epoch) if isinstance(epoch, int) else "/".join(map(str, epoch)))
+        click.echo(f"{cell['training']:<10} {cell['defense']:<10} {_pct(prot.get('acc')):>9} {epoch:>5} "
+                   f"{_pct(prot.get('peak_acc')):>6} {_pct(prot.get('balanced_acc')):>8} "
+                   f"{'  -  ' if auc is None else f'{auc:.3f}':>5} {_pct(clean.get(field)):>6} "
+                   f"{'  -' if effect is None else f'{effect:6.2f}'}")
+    click.echo("protected/clean: clean-test accuracy (%) at the epoch chosen on validation; peak*: the best "
+               "epoch chosen with the test labels (optimistic); effect: against clean data under the same regime")
     chance = f"chance {_pct(cert.get('chance')).strip()} %: the majority-class rate of the test set"
     if cert.get("chance_class"):
         chance += f" (always answering '{cert['chance_class']}')"
     click.echo(chance)
-    if cert.get("score_metric") == "balanced_accuracy":
+    if balanced:
         click.echo(f"score metric: balanced accuracy (the test set is imbalanced), chance "
                    f"{_pct(cert.get('score_chance')).strip()} % = 1/K")
     verdict = cert.get("verdict") or {}
     best = verdict.get("best_attacker") or {}
+    ref = verdict.get("reference") or {}
     if best:
-        line = (f"verdict: the best attacker ({best.get('training')} + {best.get('defense')}) reached "
-                f"{_pct(best.get('peak_acc')).strip()} % clean test accuracy")
-        if verdict.get("score_metric") == "balanced_accuracy":
-            line += f", {_pct(best.get('peak_balanced_acc')).strip()} % balanced accuracy"
+        what = "balanced accuracy" if balanced else "accuracy"
+        click.echo(f"best attacker: {best.get('training')} + {best.get('defense')}, {_pct(best.get(field)).strip()} % "
+                   f"{what}" + (f" (clean reference, plain training: {_pct(ref.get(field)).strip()} %)" if ref else ""))
+        small = verdict.get("smallest_effect") or {}
+        if small.get("effect") is not None:
+            click.echo(f"smallest effect: {small['training']} + {small['defense']}, effect {small['effect']:.2f}")
         if verdict.get("score") is not None:
-            line += f"; protection score {verdict['score']:.2f} (1 = chance level, 0 = no protection)"
+            ci = verdict.get("interval")
+            ci_text = f" (95% interval {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
+            head = "protection score" if verdict.get("conclusive") else "inconclusive: protection score"
+            click.echo(f"verdict: {head} {verdict['score']:.2f}{ci_text} (1 = chance level, 0 = no protection)"
+                       + ("" if verdict.get("conclusive") else f"; {verdict.get('inconclusive_reason')}"))
+        else:
+            click.echo(f"verdict: no protection score ({verdict.get('inconclusive_reason')})")
+    breakers = cert.get("breakers") or {}
+    if breakers.get("method"):
+        line = f"breakers known against {breakers['method']}: {', '.join(breakers.get('known') or [])}"
+        if breakers.get("left_out"):
+            line += f"; not in this grid: {', '.join(breakers['left_out'])}"
         click.echo(line)
     for warning in cert.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)

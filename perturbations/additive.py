@@ -31,6 +31,10 @@ CACHE_VALUES = 1 << 26
 class AdditivePerturbation(Perturbation):
     """Base class: subclasses set ``eps`` and implement :meth:`_indices` and :meth:`_source`."""
 
+    breakers = ("jpeg10", "grayscale", "ueraser")
+    breakers_source = ("JPEG-10 and grayscale (Image Shortcut Squeezing, Liu et al., ICML 2023) and UEraser "
+                       "(Qin et al., 2023), published against additive unlearnable noise")
+
     #: ``"bilinear"`` (antialiased when shrinking) or ``"nearest"`` (keeps a sparse support sparse).
     resize_mode: ClassVar[str] = "bilinear"
     #: Keep resized perturbations between batches (worth it when many images share one).

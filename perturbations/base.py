@@ -101,6 +101,11 @@ class Perturbation(ABC):
     measured: ClassVar[tuple[dict[str, Any], ...]] = ()
     #: One line on how to read :attr:`measured` (e.g. a fixed fit cost that small folders feel).
     measured_note: ClassVar[str] = ""
+    #: The training-time breakers published against this method, by their ``protect verify``
+    #: defense names, with where each was published: ``protect verify`` adds them to its default grid
+    #: for folders this method protected. Names only: this layer does not import the verifier.
+    breakers: ClassVar[tuple[str, ...]] = ()
+    breakers_source: ClassVar[str] = ""
 
     def __init__(self, keyring: Keyring) -> None:
         if not isinstance(keyring, Keyring):

@@ -191,6 +191,8 @@ def chain_class(name: str, lookup: Any) -> type[Chain]:
         "work_bytes_per_value": max(c.work_bytes_per_value for c in classes),
         "per_image_state": tuple(f"{c.name}:{k}" for c in classes for k in c.per_image_state),
         "stage_classes": classes,
+        "breakers": tuple(dict.fromkeys(b for c in classes for b in c.breakers)),  # the union, in stage order
+        "breakers_source": "; ".join(c.breakers_source for c in classes if c.breakers_source),
     }
     cls = type("Chain_" + "_".join(names), (Chain,), attrs)
     _CHAINS[name] = cls

@@ -345,6 +345,11 @@ class CUDA(Perturbation):
 
     name = "cuda"
     summary = "class-wise keyed blur filters; model-free, fast, any image size (needs labels)"
+    breakers = ("coin", "rskff")
+    breakers_source = ("COIN (Li et al., Detecting and Corrupting Convolution-based Unlearnable Examples, AAAI 2025) "
+                       "and RSK+FF (Kim & Sandoval-Segura, Learning From Convolution-based Unlearnable Datasets, "
+                       "2024), both published against CUDA; on CUDA CIFAR-10 they recover 52.4% and 52.5% against "
+                       "44.2% for the old default grid's best (docs/BENCHMARKS.md)")
     paper = "Sadasivan et al., CUDA: Convolution-based Unlearnable Datasets, CVPR 2023"
     needs_labels = True
     exact = True

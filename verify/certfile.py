@@ -1,8 +1,10 @@
 """The certificate as a file: write it atomically, read it back, check the fixed core of its schema.
 
-The core of ``protect.certificate/1`` (:mod:`verify.certificate`) is checked on every save and
-load; fields added later (balanced accuracy, AUC, ``score_metric``, ...) are optional, so
-certificates written by older versions load unchanged, and are checked only where present.
+The core of ``protect.certificate/2`` (:mod:`verify.certificate`) is checked on every save and
+load; optional fields (balanced accuracy, AUC, ``score_metric``, ...) are checked only where
+present. Version 2 changed what the numbers mean (the epoch chosen on validation, a headline score
+against the clean ERM reference, the per-cell comparison renamed ``effect``), so a version-1
+certificate is refused with a message that says to verify again.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from .metrics import METRICS
 
 __all__ = ["EXTRA_RUN_FIELDS", "SCHEMA", "load_certificate", "save_certificate"]
 
-SCHEMA = "protect.certificate/1"
+SCHEMA = "protect.certificate/2"
 #: Optional per-run metrics (None when a run did not measure them): certificate name = CellResult field.
-EXTRA_RUN_FIELDS = ("final_balanced_acc", "peak_balanced_acc", "final_auc", "peak_auc")
+EXTRA_RUN_FIELDS = ("final_balanced_acc", "peak_balanced_acc", "final_auc", "peak_auc", "balanced_acc", "auc")
 
 
 def _sanitize(obj: Any) -> Any:
@@ -80,12 +82,12 @@ def _is_acc(x: Any) -> bool:
 def _check_run(run: Any, where: str) -> None:
     if not isinstance(run, dict):
         raise RecordError(f"{where} is not an object")
-    for key in ("final_acc", "peak_acc"):
+    for key in ("acc", "final_acc", "peak_acc"):
         if not _is_acc(run.get(key)):
             raise RecordError(f"{where}.{key} must be an accuracy in [0, 1], got {run.get(key)!r}")
     curve = run.get("curve")
-    if not isinstance(curve, list) or not all(_is_acc(a) for a in curve):
-        raise RecordError(f"{where}.curve must be a list of accuracies in [0, 1]")
+    if not isinstance(curve, list) or not all(a is None or _is_acc(a) for a in curve):
+        raise RecordError(f"{where}.curve must be a list of accuracies in [0, 1] (null where not measured)")
     for key in EXTRA_RUN_FIELDS:  # optional (absent in older certificates), null when not measured
         if run.get(key) is not None and not _is_acc(run[key]):
             raise RecordError(f"{where}.{key} must be a fraction in [0, 1] or null, got {run[key]!r}")
@@ -96,9 +98,13 @@ def _check_run(run: Any, where: str) -> None:
 
 
 def _validate(cert: Any, where: str) -> None:
-    """RecordError unless ``cert`` has the fixed core of schema ``protect.certificate/1``."""
+    """RecordError unless ``cert`` has the fixed core of schema ``protect.certificate/2`` (a version-1
+    certificate is refused with a message that says to verify again)."""
     if not isinstance(cert, dict):
         raise RecordError(f"{where}: not a certificate (expected a JSON object)")
+    if cert.get("schema") == "protect.certificate/1":
+        raise RecordError(f"{where}: a certificate of an older version (protect.certificate/1, peaks chosen with the "
+                          "test labels, scores per cell): run protect verify again")
     if cert.get("schema") != SCHEMA:
         raise RecordError(f"{where}: schema is {cert.get('schema')!r}, expected {SCHEMA!r}")
     for key, types in (("tier", str), ("model", str), ("epochs", int), ("seeds", list), ("cells", list), ("verdict", dict)):
@@ -113,14 +119,14 @@ def _validate(cert: Any, where: str) -> None:
         _check_run(cell.get("protected"), f"{at}.protected")
         if "clean" in cell:
             _check_run(cell["clean"], f"{at}.clean")
-        s = cell.get("score")
+        s = cell.get("effect")
         if s is not None and (not isinstance(s, (int, float)) or isinstance(s, bool)):
-            raise RecordError(f"{at}.score must be a number or null")
+            raise RecordError(f"{at}.effect must be a number or null")
     v = cert["verdict"]
     b = v.get("best_attacker")
     if not isinstance(b, dict) or not isinstance(b.get("training"), str) or not isinstance(b.get("defense"), str) \
-            or not _is_acc(b.get("peak_acc")):
-        raise RecordError(f"{where}: verdict.best_attacker needs training, defense and peak_acc")
+            or not _is_acc(b.get("acc")):
+        raise RecordError(f"{where}: verdict.best_attacker needs training, defense and acc")
     if "score" not in v or (v["score"] is not None and not isinstance(v["score"], (int, float))):
         raise RecordError(f"{where}: verdict.score must be a number or null")
     if cert.get("score_metric", "accuracy") not in METRICS:  # absent in older certificates: accuracy

@@ -1,59 +1,63 @@
 """The verification certificate: build it from trained cells, score it, save and load it.
 
-Schema ``protect.certificate/1`` (a contract other tools read; the core below is fixed, more fields
+Schema ``protect.certificate/2`` (a contract other tools read; the core below is fixed, more fields
 are added beside it; saving, loading and the schema check live in :mod:`verify.certfile`)::
 
-    {"schema": "protect.certificate/1", "tier": "quick", "model": "fastcnn", "epochs": 10, "seeds": [0],
+    {"schema": "protect.certificate/2", "tier": "quick", "model": "fastcnn", "epochs": 10, "seeds": [0],
      "cells": [{"training": "erm", "defense": "none",
-                "protected": {"final_acc": 0.30, "peak_acc": 0.33, "curve": [0.21, ...]},
-                "clean": {"final_acc": 0.76, "peak_acc": 0.76, "curve": [0.18, ...]},
-                "score": 0.70}],
-     "verdict": {"best_attacker": {"training": "linf", "defense": "grayscale", "peak_acc": 0.41},
-                 "score": 0.52}}
+                "protected": {"acc": 0.30, "selected_epoch": 7, "peak_acc": 0.33, "final_acc": 0.30,
+                              "curve": [0.21, ...]},
+                "clean": {"acc": 0.76, "peak_acc": 0.76, ...},
+                "effect": 0.70}],
+     "verdict": {"score": 0.52, "interval": [0.47, 0.57], "conclusive": true,
+                 "reference": {"training": "erm", "defense": "none", "acc": 0.76},
+                 "best_attacker": {"training": "linf", "defense": "grayscale", "acc": 0.41, "effect": 0.16},
+                 "smallest_effect": {"training": "linf", "defense": "grayscale", "effect": 0.16}}}
 
 ``labelling`` says which labels the attacker trained and was scored on: ``{"attacker": "original"}``
 (the data's classes) or ``{"attacker": "remapped", "map": {...}, "source": {...}, "sha256": ...}``
 (``protect verify --relabel``, :mod:`verify.relabel`); ``classes``, ``num_classes``, ``chance`` and
 every accuracy are then in terms of the attacker's classes.
 
-Accuracies are fractions of the clean test set in [0, 1]. With several seeds every accuracy is the
-mean over seeds, with ``*_std`` (sample standard deviation, 0 for one seed) and the per-seed values
-under ``per_seed``; curves are averaged epoch by epoch. ``clean`` is absent when no clean baseline was
-trained; ``score`` is then null.
+Accuracies are fractions of the clean test set in [0, 1]. **Which epoch**: ``acc`` (and
+``balanced_acc``, ``auc``) are measured at the epoch chosen on the validation images
+(``selected_epoch``; :mod:`verify.uncertainty` splits them off the test set, or ``--val``); every
+score uses them. ``peak_acc`` is the best test accuracy over the epochs where the test set was scored,
+chosen with the test labels themselves: the *oracle*, optimistic, kept as a second, labelled number.
+With several seeds every accuracy is the mean over seeds, with ``*_std`` (sample standard
+deviation, 0 for one seed) and the per-seed values under ``per_seed``; curves are averaged epoch by
+epoch. ``clean`` is absent when no clean baseline was trained; ``effect`` is then null.
 
-**Score** (RobustBench-style: one number, and every setting that produced it)::
-
-    score = (baseline_peak - protected_peak) / (baseline_peak - chance)
-
-``chance`` is the majority-class rate of the test set: the accuracy of always answering its most
+**Chance** is the majority-class rate of the test set: the accuracy of always answering its most
 frequent class (``chance_class``), which is what a model that learned nothing reaches. It equals
-1/num_classes on a balanced test set; on an imbalanced one 1/K would be too low, and a baseline
-stuck at the majority rate would get a meaningful-looking score.
-
-using *peak* accuracies over epochs (a protection that leaks early and recovers later is judged by
-its leak).
+1/num_classes on a balanced test set; on an imbalanced one 1/K would be too low.
 
 **Imbalanced test sets** (medical data: e.g. 62 % or 73 % one class): every run also records
-balanced accuracy (mean per-class recall) and macro one-vs-rest AUC (:mod:`verify.metrics`):
-``peak_balanced_acc``, ``final_balanced_acc``, ``peak_auc``, ``final_auc`` and the curves
-``curve_balanced_acc`` and ``curve_auc`` beside ``peak_acc``/``final_acc``/``curve`` (None in
-cells trained before these existed). When the test set is imbalanced (some class count more
-than 10 % from the mean count, :func:`verify.metrics.is_imbalanced`) the score, the best attacker
-and the weak-baseline warnings use balanced accuracy with chance 1/K (the balanced accuracy of
-any constant answer); ``score_metric`` says which (``"accuracy"`` or ``"balanced_accuracy"``) and
-``score_chance`` its chance. ``chance`` keeps its meaning (the majority-class rate: the chance
-level of plain accuracy). On a balanced test set ``score_metric`` is ``"accuracy"`` and
-``score_chance`` equals ``chance``: everything is as before. 1 means the protected data trains a model no better than chance, 0 means no protection,
-negative means the protected data trains a better model than the clean data. The baseline is the
-same tier and training regime on the clean data (with the same defense when baselines were trained
-per defense, else with no defense). Undefined (null) when the baseline itself is not above chance.
+balanced accuracy (mean per-class recall) and macro one-vs-rest AUC (:mod:`verify.metrics`). When
+the test set is imbalanced (some class count more than 10 % from the mean count,
+:func:`verify.metrics.is_imbalanced`) the scores, the best attacker and the weak-baseline warnings
+use balanced accuracy with chance 1/K (the balanced accuracy of any constant answer);
+``score_metric`` says which (``"accuracy"`` or ``"balanced_accuracy"``) and ``score_chance`` its
+chance. ``chance`` keeps its meaning (the majority-class rate).
 
-**Verdict**: the best attacker is the cell with the highest protected peak accuracy (what the
-strongest attacker we tried can get out of the protected data). The verdict score is that cell's
-score against *its own* baseline. This is the conservative choice: for an attacker above chance the
-score grows with the baseline, and the own baseline is never above the best clean baseline, so it
-never claims more protection than scoring against the best baseline would. The weakest cell (the
-lowest score anywhere in the grid) is reported beside it.
+**The headline score** (the verdict; RobustBench-style: one number, and every setting that produced it)::
+
+    score = (reference - best) / (reference - chance)
+
+``best`` is the highest protected score metric over *all* cells (what the strongest attacker we
+tried gets out of the protected data), ``reference`` what an attacker gets from the *clean* images
+with plain training: the clean ERM baseline (same model, tier and resolution, no defense). The
+reference does not depend on the grid, and ``best`` can only rise when a cell is added, so adding an
+attacker can never raise the score. 1 means the protected data trains a model no better than chance,
+0 no protection, negative a better model than the clean data. Null without a clean reference or when
+it is not above chance. ``interval``: its 95 % bootstrap interval (:mod:`verify.uncertainty`);
+``conclusive`` is false (the verdict says "inconclusive") when the interval contains 0, when the
+reference is within :data:`WEAK_BASELINE_MARGIN` of chance, or when there is no score.
+
+**A cell's effect** (``effect``) compares it with the clean data under the *same* regime and
+defense of baseline: ``(clean - protected) / (clean - chance)``. It says what the protection takes
+away from that attacker (an adversarially trained model learns less from clean images too); it is
+not the verdict. ``smallest_effect`` names the cell where the protection does least.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ __all__ = [
     "score",
     "summarize_runs",
     "verdict",
+    "reference_of",
+    "EFFECT_DEFINITION",
 ]
 
 CHANCE_DEFINITION = (
@@ -95,25 +101,36 @@ CHANCE_DEFINITION = (
     "class; 1/num_classes when the test set is balanced)"
 )
 SCORE_DEFINITION = (
-    "score = (baseline_peak - protected_peak) / (baseline_peak - chance), chance = the majority-class rate "
-    "of the test set, "
-    "peak = highest clean-test accuracy over epochs (mean over seeds); baseline = the same tier and "
-    "training regime on the clean data; 1 = no better than chance, 0 = no protection"
+    "score = (reference - best) / (reference - chance): best = the highest protected accuracy over all cells, "
+    "reference = the clean ERM baseline (same model, tier and resolution, no defense), accuracies at the epoch "
+    "chosen on the validation images (mean over seeds), chance = the majority-class rate of the test set; "
+    "1 = no better than chance, 0 = no protection; adding a cell can never raise it"
 )
 BALANCED_SCORE_DEFINITION = (
-    "score = (baseline_peak - protected_peak) / (baseline_peak - chance) on balanced accuracy (mean per-class "
-    "recall over the classes in the test set), chance = 1/K over the K classes in the test set, "
-    "peak = highest clean-test balanced accuracy over epochs (mean over seeds); the test set is imbalanced, "
-    "so plain accuracy would reward answering the majority class; baseline = the same tier and training "
-    "regime on the clean data; 1 = no better than chance, 0 = no protection"
+    "score = (reference - best) / (reference - chance) on balanced accuracy (mean per-class recall over the "
+    "classes in the test set): best = the highest protected balanced accuracy over all cells, reference = the "
+    "clean ERM baseline (same model, tier and resolution, no defense), at the epoch chosen on the validation "
+    "images (mean over seeds), chance = 1/K; the test set is imbalanced, so plain accuracy would reward "
+    "answering the majority class; 1 = no better than chance, 0 = no protection; adding a cell can never raise it"
+)
+EFFECT_DEFINITION = (
+    "effect = (clean - protected) / (clean - chance) of one cell: the clean baseline under the same training "
+    "regime (and the same defense with --baseline-per-defense, else none); what the protection takes away from "
+    "that attacker, not the verdict"
 )
 VERDICT_RULE = (
-    "best attacker = the cell with the highest protected peak accuracy; verdict score = its score "
-    "against its own clean baseline (conservative: never above its score against the best clean baseline)"
+    "best attacker = the cell with the highest protected accuracy at its validation-chosen epoch; headline "
+    "score = (reference - best) / (reference - chance) against the clean ERM reference, so it only falls as "
+    "attackers are added; inconclusive when its 95 % interval contains 0 or the reference is too weak"
 )
-BALANCED_VERDICT_RULE = VERDICT_RULE.replace("peak accuracy", "peak balanced accuracy")
-_ACC_FIELDS = ("final_acc", "peak_acc", "train_acc")
-#: The certificate field holding the peak of each score metric.
+BALANCED_VERDICT_RULE = VERDICT_RULE.replace("protected accuracy", "protected balanced accuracy")
+ORACLE_DEFINITION = (
+    "oracle = the same score from peak accuracies (the best test accuracy over epochs, chosen with the test "
+    "labels): optimistic, for comparison with earlier certificates and papers that report peaks"
+)
+_ACC_FIELDS = ("acc", "final_acc", "peak_acc", "train_acc")
+#: The certificate field holding each score metric at the selected epoch, and its oracle peak.
+SCORE_FIELD = {"accuracy": "acc", "balanced_accuracy": "balanced_acc"}
 PEAK_FIELD = {"accuracy": "peak_acc", "balanced_accuracy": "peak_balanced_acc"}
 
 
@@ -139,12 +156,12 @@ def chance_level(counts: Sequence[int], classes: Sequence[str] | None = None) ->
     return counts[k] / total, (classes[k] if classes is not None and not balanced else None)
 
 
-def score(baseline_peak: float | None, protected_peak: float | None, chance: float) -> float | None:
-    """``(baseline - protected) / (baseline - chance)``; None without a baseline or when the baseline
-    is not above chance (then nothing can be taken away)."""
-    if baseline_peak is None or protected_peak is None or baseline_peak - chance <= 1e-9:
+def score(reference: float | None, protected: float | None, chance: float) -> float | None:
+    """``(reference - protected) / (reference - chance)``; None without a reference or when it is
+    not above chance (then nothing can be taken away)."""
+    if reference is None or protected is None or reference - chance <= 1e-9:
         return None
-    return (baseline_peak - protected_peak) / (baseline_peak - chance)
+    return (reference - protected) / (reference - chance)
 
 
 def _mean_curve(curves: Sequence[Sequence[float | None]], length: int) -> list[float | None] | None:
@@ -159,8 +176,8 @@ def _mean_curve(curves: Sequence[Sequence[float | None]], length: int) -> list[f
     return out
 
 
-def _peak(run: CellResult, metric: str) -> float | None:
-    return run.peak_balanced_acc if metric == "balanced_accuracy" else run.peak_acc
+def _selected(run: CellResult, metric: str) -> float | None:
+    return run.balanced_acc if metric == "balanced_accuracy" else run.acc
 
 
 def _check_metric(metric: str) -> None:
@@ -168,39 +185,54 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"score metric must be one of {METRICS}, got {metric!r}")
 
 
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    if not values or any(v is None for v in values):
+        return None, None
+    return _r(statistics.fmean(values)), _r(_std(values))  # type: ignore[arg-type]
+
+
 def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = None) -> dict:
-    """Mean (and ``*_std``) of the accuracy fields over seeds, the mean curve, and per-seed values."""
+    """Mean (and ``*_std``) of the accuracy fields over seeds, the mean curves, and per-seed values."""
     if not runs:
         raise ValueError("summarize_runs needs at least one run")
     out: dict[str, Any] = {}
-    for f in _ACC_FIELDS:
-        values = [getattr(r, f) for r in runs]
-        out[f] = _r(statistics.fmean(values))
-        out[f + "_std"] = _r(_std(values))
+    for f in (*_ACC_FIELDS, *_EXTRA_FIELDS):
+        out[f], out[f + "_std"] = _mean_std([getattr(r, f) for r in runs])
     length = min(len(r.curve) for r in runs)
-    out["curve"] = [_r(statistics.fmean(r.curve[i] for r in runs)) for i in range(length)]
+    out["curve"] = _mean_curve([r.curve for r in runs], length) or []
     if len(runs) > 1:
-        out["curve_std"] = [_r(_std([r.curve[i] for r in runs])) for i in range(length)]
-    out["peak_epoch"] = runs[0].peak_epoch if len(runs) == 1 else [r.peak_epoch for r in runs]
-    for f in _EXTRA_FIELDS:
-        values = [getattr(r, f) for r in runs]
-        ok = all(v is not None for v in values)
-        out[f] = _r(statistics.fmean(values)) if ok else None
-        out[f + "_std"] = _r(_std(values)) if ok else None
+        out["curve_std"] = [None if any(r.curve[i] is None for r in runs) else _r(_std([r.curve[i] for r in runs]))
+                            for i in range(length)]
+    one = len(runs) == 1
+    out["selected_epoch"] = runs[0].selected_epoch if one else [r.selected_epoch for r in runs]
+    out["peak_epoch"] = runs[0].peak_epoch if one else [r.peak_epoch for r in runs]
+    out["epochs_trained"] = runs[0].epochs if one else [r.epochs for r in runs]
+    out["selection"] = runs[0].selection
+    out["n_val"] = runs[0].n_val
+    out["val_curve"] = _mean_curve([r.val_curve for r in runs], min(len(r.val_curve) for r in runs))
+    out["val_curve_balanced_acc"] = _mean_curve([r.val_curve_balanced for r in runs],
+                                                min(len(r.val_curve_balanced) for r in runs))
     out["curve_balanced_acc"] = _mean_curve([r.curve_balanced for r in runs], length)
     out["curve_auc"] = _mean_curve([r.curve_auc for r in runs], length)
+    fired = [r.guard_fired_epoch for r in runs if r.guard_fired_epoch is not None]
+    if any(r.guard_pgd_acc for r in runs):
+        out["overfitting_guard"] = {"fired_epochs": fired, "fired": bool(fired)}
     out["wall_s"] = _r(sum(r.wall_s for r in runs), 2)
     out["per_seed"] = []
     for i, r in enumerate(runs):
         entry = {
-            "seed": r.seed, "final_acc": _r(r.final_acc), "peak_acc": _r(r.peak_acc), "peak_epoch": r.peak_epoch,
+            "seed": r.seed, "acc": _r(r.acc), "balanced_acc": _r(r.balanced_acc), "auc": _r(r.auc),
+            "selected_epoch": r.selected_epoch, "final_acc": _r(r.final_acc), "peak_acc": _r(r.peak_acc),
+            "peak_epoch": r.peak_epoch, "epochs": r.epochs,
             "train_acc": _r(r.train_acc), "train_loss": _r(r.train_loss), "curve": [_r(a) for a in r.curve],
-            "curve_n": list(r.curve_n), "wall_s": _r(r.wall_s, 2),
+            "curve_n": list(r.curve_n), "val_curve": [_r(a) for a in r.val_curve], "n_val": r.n_val,
+            "wall_s": _r(r.wall_s, 2),
             "epoch_s": [_r(s, 2) for s in r.epoch_s], "n_train": r.n_train, "n_test": r.n_test, "device": r.device,
             "final_balanced_acc": _r(r.final_balanced_acc), "peak_balanced_acc": _r(r.peak_balanced_acc),
             "peak_balanced_epoch": r.peak_balanced_epoch, "final_auc": _r(r.final_auc), "peak_auc": _r(r.peak_auc),
             "curve_balanced_acc": [_r(a) for a in r.curve_balanced] if r.curve_balanced else None,
             "curve_auc": [_r(a) for a in r.curve_auc] if r.curve_auc else None,
+            "guard_pgd_acc": [_r(a) for a in r.guard_pgd_acc] or None, "guard_fired_epoch": r.guard_fired_epoch,
         }
         if cached is not None:
             entry["cached"] = bool(cached[i])
@@ -219,30 +251,32 @@ def cell_entry(
     extra: dict | None = None,
     metric: str = "accuracy",
 ) -> dict:
-    """One grid cell: protected runs (one per seed), the clean baseline runs (same seeds) or None.
-    ``metric`` (``"accuracy"`` or ``"balanced_accuracy"``) is what the score compares, against
-    ``chance`` (that metric's chance level); the cell records it as ``score_metric``."""
+    """One grid cell: protected runs (one per seed), the clean baseline runs of the same regime
+    (same seeds) or None, and the cell's ``effect`` against them. ``metric`` (``"accuracy"`` or
+    ``"balanced_accuracy"``) is what the effect compares, against ``chance`` (that metric's chance
+    level); the cell records it as ``score_metric``."""
     _check_metric(metric)
-    peak = PEAK_FIELD[metric]
+    field_ = SCORE_FIELD[metric]
     cell: dict[str, Any] = {"training": training, "defense": defense, "protected": summarize_runs(protected),
                             "score_metric": metric}
     if clean:
         c = summarize_runs(clean, clean_cached)
         c["defense"] = baseline_defense or defense
         cell["clean"] = c
-        cell["score"] = _r(score(c[peak], cell["protected"][peak], chance))
+        cell["effect"] = _r(score(c[field_], cell["protected"][field_], chance))
         by_seed = {r.seed: r for r in clean}
-        per_seed = [score(_peak(by_seed[p.seed], metric), _peak(p, metric), chance)
+        per_seed = [score(_selected(by_seed[p.seed], metric), _selected(p, metric), chance)
                     for p in protected if p.seed in by_seed]
         per_seed_ok = [s for s in per_seed if s is not None]
         if len(protected) > 1 and len(per_seed_ok) == len(per_seed):
-            cell["score_per_seed"] = [_r(s) for s in per_seed_ok]
-            cell["score_std"] = _r(_std(per_seed_ok))
-        cell["accuracy_drop"] = _r(c["peak_acc"] - cell["protected"]["peak_acc"])
-        if c["peak_balanced_acc"] is not None and cell["protected"]["peak_balanced_acc"] is not None:
-            cell["balanced_accuracy_drop"] = _r(c["peak_balanced_acc"] - cell["protected"]["peak_balanced_acc"])
+            cell["effect_per_seed"] = [_r(s) for s in per_seed_ok]
+            cell["effect_std"] = _r(_std(per_seed_ok))
+        if c["acc"] is not None and cell["protected"]["acc"] is not None:
+            cell["accuracy_drop"] = _r(c["acc"] - cell["protected"]["acc"])
+        if c["balanced_acc"] is not None and cell["protected"]["balanced_acc"] is not None:
+            cell["balanced_accuracy_drop"] = _r(c["balanced_acc"] - cell["protected"]["balanced_acc"])
     else:
-        cell["score"] = None
+        cell["effect"] = None
     if extra:
         cell.update(extra)
     return cell
@@ -256,42 +290,72 @@ def _cells_metric(cells: Sequence[dict]) -> str:
     return metrics.pop() if metrics else "accuracy"
 
 
-def verdict(cells: Sequence[dict], chance: float, score_chance: float | None = None) -> dict:
-    """Best attacker (highest protected peak of the cells' score metric; the first in grid order on
-    ties), its score against its own baseline, and the weakest cell (lowest score; the best attacker
-    when there are no scores). ``chance``: the accuracy chance (majority-class rate);
-    ``score_chance``: the score metric's chance (default ``chance``)."""
+def reference_of(cells: Sequence[dict]) -> dict | None:
+    """The clean ERM reference among the cells' baselines: the clean run of an ``erm`` cell trained
+    without a defense (None when no such baseline was trained)."""
+    for c in cells:
+        clean = c.get("clean")
+        if c["training"] == "erm" and clean and clean.get("defense", c["defense"]) == "none":
+            return clean
+    return None
+
+
+_RUN_KEYS = ("acc", "acc_std", "balanced_acc", "auc", "selected_epoch", "peak_acc", "peak_acc_std", "final_acc",
+             "peak_balanced_acc", "final_balanced_acc", "peak_auc", "final_auc")
+
+
+def verdict(cells: Sequence[dict], chance: float, score_chance: float | None = None,
+            reference: dict | None = None, interval: tuple[float, float] | None = None,
+            interval_definition: str | None = None) -> dict:
+    """The headline score of the grid (see the module doc).
+
+    ``cells``: :func:`cell_entry` cells; ``reference``: the clean ERM reference run summary
+    (:func:`summarize_runs`; default :func:`reference_of` the cells); ``chance``: the accuracy
+    chance (majority-class rate); ``score_chance``: the score metric's chance (default ``chance``);
+    ``interval``: the headline score's 95 % interval (:func:`verify.uncertainty.bootstrap_interval`).
+    The best attacker is the cell with the highest protected score metric (the first in grid order
+    on ties); the smallest effect the cell with the lowest ``effect``."""
     if not cells:
         raise RecordError("a certificate needs at least one cell")
     metric = _cells_metric(cells)
-    peak = PEAK_FIELD[metric]
-    if any(c["protected"].get(peak) is None for c in cells):
-        peak = "peak_acc"  # runs without the metric (hand-built results): rank by accuracy
-    best = max(cells, key=lambda c: c["protected"][peak])
-    p = best["protected"]
-    attacker = {
-        "training": best["training"], "defense": best["defense"],
-        "peak_acc": p["peak_acc"], "peak_acc_std": p.get("peak_acc_std", 0.0), "final_acc": p["final_acc"],
-        "peak_balanced_acc": p.get("peak_balanced_acc"), "final_balanced_acc": p.get("final_balanced_acc"),
-        "peak_auc": p.get("peak_auc"), "final_auc": p.get("final_auc"),
-    }
-    out: dict[str, Any] = {"best_attacker": attacker, "score": best.get("score")}
-    if "clean" in best:
-        attacker["baseline_peak_acc"] = best["clean"]["peak_acc"]
-        attacker["baseline_peak_balanced_acc"] = best["clean"].get("peak_balanced_acc")
-        attacker["baseline_peak_auc"] = best["clean"].get("peak_auc")
-        out["accuracy_drop"] = best.get("accuracy_drop")
-        if "balanced_accuracy_drop" in best:
-            out["balanced_accuracy_drop"] = best["balanced_accuracy_drop"]
-    scored = [c for c in cells if c.get("score") is not None]
-    weakest = min(scored, key=lambda c: c["score"]) if scored else best
-    out["weakest_cell"] = {"training": weakest["training"], "defense": weakest["defense"],
-                           "peak_acc": weakest["protected"]["peak_acc"],
-                           "peak_balanced_acc": weakest["protected"].get("peak_balanced_acc"),
-                           "score": weakest.get("score")}
+    field_, peak = SCORE_FIELD[metric], PEAK_FIELD[metric]
+    s_chance = chance if score_chance is None else score_chance
+    best = max(cells, key=lambda c: c["protected"][field_] if c["protected"].get(field_) is not None else -1.0)
+    ref = reference if reference is not None else reference_of(cells)
+    attacker = {"training": best["training"], "defense": best["defense"],
+                **{k: best["protected"].get(k) for k in _RUN_KEYS}, "effect": best.get("effect")}
+    out: dict[str, Any] = {"score": None, "interval": None, "conclusive": False, "inconclusive_reason": None,
+                           "best_attacker": attacker}
+    if ref is not None:
+        out["reference"] = {"training": "erm", "defense": "none", **{k: ref.get(k) for k in _RUN_KEYS}}
+        out["score"] = _r(score(ref.get(field_), best["protected"].get(field_), s_chance))
+        best_peak = max((c["protected"].get(peak) for c in cells if c["protected"].get(peak) is not None), default=None)
+        out["oracle"] = {"score": _r(score(ref.get(peak), best_peak, s_chance)), "definition": ORACLE_DEFINITION}
+        if ref.get("acc") is not None and best["protected"].get("acc") is not None:
+            out["accuracy_drop"] = _r(ref["acc"] - best["protected"]["acc"])
+        if ref.get("balanced_acc") is not None and best["protected"].get("balanced_acc") is not None:
+            out["balanced_accuracy_drop"] = _r(ref["balanced_acc"] - best["protected"]["balanced_acc"])
+    if interval is not None and out["score"] is not None:
+        out["interval"] = [_r(interval[0]), _r(interval[1])]
+        out["interval_definition"] = interval_definition
+    if out["score"] is None:
+        out["inconclusive_reason"] = ("no clean reference was trained (--clean)" if ref is None else
+                                      "the clean reference is not above chance")
+    elif ref.get(field_) - s_chance < WEAK_BASELINE_MARGIN:  # type: ignore[union-attr,operator]
+        out["inconclusive_reason"] = (f"the clean reference ({100 * ref[field_]:.1f}%) is within "  # type: ignore[index]
+                                      f"{100 * WEAK_BASELINE_MARGIN:.0f} points of chance: too little signal")
+    elif out["interval"] is not None and out["interval"][0] <= 0 <= out["interval"][1]:
+        out["inconclusive_reason"] = "the 95 % interval of the score contains 0: no protection can be shown"
+    out["conclusive"] = out["inconclusive_reason"] is None
+    scored = [c for c in cells if c.get("effect") is not None]
+    small = min(scored, key=lambda c: c["effect"]) if scored else best
+    out["smallest_effect"] = {"training": small["training"], "defense": small["defense"],
+                              "acc": small["protected"].get("acc"),
+                              "balanced_acc": small["protected"].get("balanced_acc"),
+                              "effect": small.get("effect")}
     out["chance"] = _r(chance)
     out["score_metric"] = metric
-    out["score_chance"] = _r(chance if score_chance is None else score_chance)
+    out["score_chance"] = _r(s_chance)
     out["rule"] = BALANCED_VERDICT_RULE if metric == "balanced_accuracy" else VERDICT_RULE
     out["summary"] = verdict_sentence(out)
     return out
@@ -300,22 +364,32 @@ def verdict(cells: Sequence[dict], chance: float, score_chance: float | None = N
 def verdict_sentence(v: dict) -> str:
     """The verdict in one sentence (used in report.md and by the CLI)."""
     b = v["best_attacker"]
+    ref = v.get("reference") or {}
     who = f"{b['training']} training with defense {b['defense']}"
-    if v.get("score_metric") == "balanced_accuracy" and b.get("peak_balanced_acc") is not None:
-        what, peak, base = "balanced accuracy", b["peak_balanced_acc"], b.get("baseline_peak_balanced_acc")
+    if v.get("score_metric") == "balanced_accuracy" and b.get("balanced_acc") is not None:
+        what, got, base = "balanced accuracy", b["balanced_acc"], ref.get("balanced_acc")
         chance = (f"chance {100 * v['score_chance']:.1f}% = 1/K for balanced accuracy on this imbalanced "
-                  f"test set; plain accuracy {100 * b['peak_acc']:.1f}%")
+                  f"test set; plain accuracy {100 * b['acc']:.1f}%")
     else:
-        what, peak, base = "accuracy", b["peak_acc"], b.get("baseline_peak_acc")
+        what, got, base = "accuracy", b["acc"], ref.get("acc")
         chance = f"chance {100 * v['chance']:.1f}%"
     if v.get("score") is None:
-        why = ("no clean baseline was trained" if base is None else
-               f"its clean baseline ({100 * base:.1f}%) is not above chance")
-        return (f"The best attacker ({who}) reached {100 * peak:.1f}% peak clean-test {what} "
-                f"({chance}); {why}, so no protection score.")
-    return (f"Protection score {v['score']:.2f}: the best attacker ({who}) reached "
-            f"{100 * peak:.1f}% peak clean-test {what} against {100 * base:.1f}% from clean data "
-            f"under the same regime ({chance}).")
+        return (f"The best attacker ({who}) reached {100 * got:.1f}% clean-test {what} ({chance}); "
+                f"{v.get('inconclusive_reason')}, so no protection score.")
+    ci = v.get("interval")
+    ci_text = f" (95% interval {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
+    head = "Inconclusive: protection score" if not v.get("conclusive") else "Protection score"
+    text = (f"{head} {v['score']:.2f}{ci_text}: the best attacker ({who}) reached {100 * got:.1f}% clean-test "
+            f"{what} against {100 * base:.1f}% for plain training on the clean images ({chance}).")
+    if not v.get("conclusive") and v.get("inconclusive_reason"):
+        text += f" {v['inconclusive_reason'][0].upper()}{v['inconclusive_reason'][1:]}."
+    return text
+
+
+def _learner_info(name: str) -> dict:
+    from .learners import learner_info
+
+    return learner_info(name)
 
 
 def library_versions() -> dict[str, str | None]:
@@ -349,6 +423,8 @@ def build_certificate(
     labelling: dict | None = None,
     score_metric: str | None = None,
     score_chance: float | None = None,
+    reference: dict | None = None,
+    interval: tuple[float, float] | None = None,
 ) -> dict:
     """Assemble the certificate dict (see module doc) from :func:`cell_entry` cells and settings.
 
@@ -361,7 +437,9 @@ def build_certificate(
     (:meth:`verify.relabel.Labelling.describe` or :func:`verify.relabel.original_labelling`; default:
     the data's own labels). ``score_metric``: the metric the cells were scored with (default: the
     cells' ``score_metric``); ``score_chance``: its chance (default: ``chance`` for accuracy, 1/K
-    over the classes present in the test counts for balanced accuracy).
+    over the classes present in the test counts for balanced accuracy). ``reference``: the clean
+    ERM reference (:func:`summarize_runs`; default: found among the cells' baselines);
+    ``interval``: the headline score's 95 % interval.
     """
     per_class = (data.get("test") or {}).get("per_class")
     counts_ok = bool(per_class) and len(per_class) == len(classes)
@@ -394,16 +472,21 @@ def build_certificate(
         "labelling": labelling if labelling is not None else original_labelling(classes),
         "fast_at": bool(recipe.fast_at and any(t.adversarial for t in trainings)),
         "trainings": [
-            {"name": t.name, "norm": t.norm, "eps": t.eps, "description": t.describe(), "attack": recipe.attack(t)}
+            {"name": t.name, "norm": t.norm, "eps": t.eps, "description": t.describe(), "attack": recipe.attack(t),
+             **({"eps_reference": t.eps_reference, "eps_reference_shape": [3, 32, 32]}
+                if t.eps_reference is not None else {}),
+             **({"learner": _learner_info(t.learner)} if t.learner is not None else {})}
             for t in trainings
         ],
         "defenses": [
-            {"name": getattr(d, "name", d), "static": getattr(d, "static", None), "source": getattr(d, "source", None)}
+            {"name": getattr(d, "name", d), "static": getattr(d, "static", None), "source": getattr(d, "source", None),
+             "differences": list(getattr(d, "differences", ()) or ())}
             for d in defenses
         ],
         "baseline_per_defense": bool(baseline_per_defense),
         "recipe": recipe.to_dict(),
         "score_definition": BALANCED_SCORE_DEFINITION if metric == "balanced_accuracy" else SCORE_DEFINITION,
+        "effect_definition": EFFECT_DEFINITION,
         "score_metric": metric,
         "score_chance": _r(score_chance),
         "score_chance_definition": BALANCED_CHANCE_DEFINITION if metric == "balanced_accuracy" else CHANCE_DEFINITION,
@@ -418,8 +501,11 @@ def build_certificate(
     }
     if extra:
         cert.update(extra)
-    cert["verdict"] = verdict(cert["cells"], chance, score_chance)
-    cert["warnings"] = certificate_warnings(cert["cells"], score_chance, metric, model=recipe.model)
+    from .uncertainty import BOOTSTRAP_REPLICATES, INTERVAL_DEFINITION
+
+    cert["verdict"] = verdict(cert["cells"], chance, score_chance, reference=reference, interval=interval,
+                              interval_definition=INTERVAL_DEFINITION.format(n=BOOTSTRAP_REPLICATES))
+    cert["warnings"] = certificate_warnings(cert["cells"], score_chance, metric, model=recipe.at_model or recipe.model)
     return cert
 
 
@@ -441,13 +527,13 @@ def certificate_warnings(cells: Sequence[dict], chance: float, metric: str = "ac
                    "under adversarial training is low (about 46% on 10k CIFAR-10 with fastcnn, against 68% with "
                    "ERM): it bounds what such an attacker can show; for an AT certificate that means something, "
                    "use --tier standard (ResNet-18, PGD-10) or --model resnet18")
-    peak = PEAK_FIELD[metric]
+    peak = SCORE_FIELD[metric]
     what = "balanced accuracy " if metric == "balanced_accuracy" else ""
     seen: set[tuple[str, str]] = set()
     for c in cells:
         if c["protected"].get(peak) is None or (c.get("clean") and c["clean"].get(peak) is None):
             out.append(f"cell {c['training']}/{c['defense']} has no {metric.replace('_', ' ')} (trained by an "
-                       "older version): no score; rerun with --fresh")
+                       "older version): no effect; rerun with --fresh")
             continue
         clean = c.get("clean")
         if not clean:
@@ -458,7 +544,7 @@ def certificate_warnings(cells: Sequence[dict], chance: float, metric: str = "ac
         seen.add(key)
         out.append(
             f"the clean baseline {key[0]}/{key[1]} reached only {what}{100 * clean[peak]:.1f}% "
-            f"(chance {100 * chance:.1f}%): too little signal for a protection score; train longer "
+            f"(chance {100 * chance:.1f}%): too little signal for a protection effect; train longer "
             f"(--epochs) or on more images"
         )
     return out

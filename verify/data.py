@@ -40,7 +40,7 @@ from perturbations.errors import InputError
 from protect.discover import Dataset, ImageEntry, class_names, discover, read_label_csv
 from protect.imageio import DICOM, ImageError, decode
 
-__all__ = ["TensorSet", "check_same_classes", "load_folder"]
+__all__ = ["TensorSet", "check_same_classes", "find_overlap", "load_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,12 @@ class TensorSet:
         out.classes = list(names)
         out.sha256 = hashlib.sha256(f"{out.sha256}/classes/{'|'.join(names)}".encode()).hexdigest()
         return out
+
+    def pixel_digests(self) -> list[bytes]:
+        """A 16-byte BLAKE2b digest of each image's pixels (with its shape): equal for equal images
+        whatever file format held them."""
+        x = self.x.numpy() if self.x.device.type == "cpu" else self.x.cpu().numpy()
+        return [hashlib.blake2b(memoryview(a.tobytes()), digest_size=16).digest() for a in x]
 
     def describe(self) -> dict:
         """A JSON-ready summary (root, count, per-class counts, shape, hash) for certificates."""
@@ -204,6 +210,19 @@ def _reason(exc: BaseException) -> str:
 def _describe(arr: np.ndarray) -> str:
     h, w, c = arr.shape
     return f"{w}x{h} {'grayscale' if c == 1 else 'RGB'}"
+
+
+def find_overlap(test: TensorSet, train: TensorSet) -> tuple[str, str] | None:
+    """``(test path, train path)`` of the first test image whose pixels equal an image of ``train``
+    (None when the sets share no image). A model scored on images it trained on measures memory,
+    not what the training set teaches."""
+    seen = {d: i for i, d in enumerate(train.pixel_digests())}
+    for i, d in enumerate(test.pixel_digests()):
+        j = seen.get(d)
+        if j is not None:
+            name = lambda t, k: t.rels[k] if t.rels else f"#{k}"  # noqa: E731
+            return name(test, i), name(train, j)
+    return None
 
 
 def check_same_classes(classes: Sequence[str], expected: Sequence[str], name: str, expected_name: str) -> None:

@@ -75,6 +75,12 @@ class Defense:
     name: ClassVar[str] = ""
     source: ClassVar[str] = ""
     static: ClassVar[bool] = True
+    #: Apply to the whole images before the training loop's random crop and flip (the reference's
+    #: order, RSK+FF), instead of to the cropped batch. Random defenses only.
+    before_crop: ClassVar[bool] = False
+    #: What still differs from the published reference, one plain sentence each (empty: it matches);
+    #: the certificate lists them.
+    differences: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """x: N x C x H x W in [0,1] (C = 1 or 3); y: N x K soft labels. Returns transformed (x, y)."""
@@ -128,9 +134,11 @@ class NoDefense(Defense):
 
 @register
 class Grayscale(Defense):
-    """ISS grayscale: luminance replicated to C channels (input stays C-channel)."""
+    """ISS grayscale: luminance replicated to C channels (input stays C-channel); identity for C = 1."""
 
     name, static = "grayscale", True
+    differences = ("the reference converts the 8-bit PIL image (torchvision Grayscale), so its luminance is rounded "
+                   "to 8 bits; here it stays float",)
     source = "Liu et al., Image Shortcut Squeezing: Countering Perturbative Availability Poisons with Compression, ICML 2023"
 
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -163,9 +171,14 @@ class Jpeg(Defense):
 
 @register
 class Blur(Defense):
-    """Gaussian blur, 3 x 3 kernel, sigma 1.0 (reflect borders; kornia)."""
+    """Gaussian blur, 3 x 3 kernel, sigma 1.0 (reflect borders; kornia), applied once before the crop."""
 
     name, static = "blur", True
+    differences = (
+        "ISS's code blurs with sigma 0.1 (torchvision GaussianBlur(3, sigma=0.1), nearly the identity); the default "
+        "here is sigma 1.0",
+        "the reference blurs the 8-bit PIL image, so its result is rounded to 8 bits; here it stays float",
+    )
     source = "Gaussian smoothing baseline, as evaluated in Liu et al., ICML 2023 (ISS) and APBench (Qin et al., 2023)"
 
     def __init__(self, sigma: float = 1.0, kernel_size: int = 3) -> None:
@@ -180,7 +193,10 @@ class Blur(Defense):
 
 @register
 class BitDepthReduction(Defense):
-    """Bit-depth reduction to ``bits`` (default 2) per channel: round(x * (2^bits - 1)) / (2^bits - 1)."""
+    """Bit-depth reduction to ``bits`` (default 2) per channel, as ISS posterises (torchvision
+    ``RandomPosterize(bits, p=1)`` on the PIL image): the input is rounded to 8 bits, ``v = round(255 x)``,
+    and only the top ``bits`` bits are kept, ``(v >> (8 - bits)) << (8 - bits)``, exactly PIL's
+    ``ImageOps.posterize`` (truncation: 2 bits give the levels 0, 64, 128 and 192 of 255, the top one is not 255)."""
 
     name, static = "bdr", True
     source = "Xu et al., Feature Squeezing, NDSS 2018; used against availability poisons by Liu et al., ICML 2023 (ISS)"
@@ -191,8 +207,8 @@ class BitDepthReduction(Defense):
         self.bits = int(bits)
 
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        levels = 2**self.bits - 1
-        return torch.round(x * levels) / levels, y
+        step = 2.0 ** (8 - self.bits)
+        return torch.floor((x * 255).round() / step) * step / 255, y
 
 
 @register
@@ -200,6 +216,8 @@ class Cutout(Defense):
     """Cutout: one square of side ``length`` (default min(H, W) // 2) zeroed per image, centre uniform, clipped."""
 
     name, static = "cutout", False
+    differences = ("DeVries & Taylor's code cuts after normalising, so their box holds the dataset's mean colour; here "
+                   "it is black (0), as in ISS's use of Cutout",)
     source = "DeVries & Taylor, Improved Regularization of Convolutional Neural Networks with Cutout, arXiv 2017"
 
     def __init__(self, length: int | None = None) -> None:
@@ -218,6 +236,8 @@ class CutMix(Defense):
     pasted area actually kept after clipping."""
 
     name, static = "cutmix", False
+    differences = ("the reference draws one lambda and one box per batch and mixes a batch only with probability "
+                   "cutmix_prob (0.5 in its CIFAR runs); here every batch is mixed, with a lambda and a box per image",)
     source = "Yun et al., CutMix: Regularization Strategy to Train Strong Classifiers with Localizable Features, ICCV 2019"
 
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -238,6 +258,7 @@ class Mixup(Defense):
     """Mixup with a shuffled batch; lambda ~ Beta(1, 1) drawn per image; x and y mixed alike."""
 
     name, static = "mixup", False
+    differences = ("the reference draws one lambda per batch; here one per image",)
     source = "Zhang et al., mixup: Beyond Empirical Risk Minimization, ICLR 2018"
 
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -271,22 +292,38 @@ def _autocontrast(x: Tensor) -> Tensor:
 
 @register
 class UEraserLite(Defense):
-    """UEraser-Lite per image: plasma brightness (roughness U(0.1, 0.7), intensity U(0, 1)), plasma contrast
-    (roughness U(0.1, 0.7)), channel shuffle (p = 0.5), then TrivialAugment: one of ``OPS`` uniformly with a
-    uniform magnitude: brightness/contrast/sharpness factor U(0.1, 1.9), posterize to {4..8} bits, solarize
-    threshold U(0, 1), rotate U(-30, 30) deg, shear U(-0.3, 0.3), translate U(-0.5, 0.5) of the side (zero fill).
-    Plasma maps come from kornia's diamond-square fed by the generator."""
+    """UEraser-Lite per image, with the ranges of UEraser's own trainer (not kornia's defaults, roughness
+    U(0.1, 0.7) and intensity U(0, 1)): plasma brightness ``x + (2 p - 1) i`` with
+    roughness U(0.3, 0.7) and intensity i ~ U(0.5, 1.0) (``ROUGHNESS``, ``INTENSITY``), plasma contrast
+    ``(x - 0.5) 4 p + 0.5`` with roughness U(0.3, 0.7), channel shuffle (p = 0.5), then TrivialAugment:
+    one of ``OPS`` uniformly with a uniform magnitude: brightness/color/contrast/sharpness factor
+    U(0.1, 1.9) (color: saturation, blended with the luminance as PIL's ImageEnhance.Color), posterize to
+    {4..8} bits, solarize threshold U(0, 1), rotate U(-30, 30) deg, shear U(-0.3, 0.3), translate
+    U(-0.5, 0.5) of the side (zero fill). Every draw is per image; plasma maps p come from kornia's
+    diamond-square fed by the generator. Shape in = shape out, values in [0, 1]."""
 
     name, static = "ueraser", False
-    source = "Qin et al., Learning the Unlearnable: Adversarial Augmentations Suppress Unlearnable Example Attacks, arXiv 2023 (UEraser-Lite, as in APBench)"
+    differences = (
+        "UEraser's top-level ueraser.py applies each plasma map with probability 0.5; here both are always applied",
+        "kornia's TrivialAugment, which UEraser calls, picks one op for the whole batch; here one per image",
+        "kornia's default TrivialAugment list has Color commented out and no identity; here both are among the ops "
+        "(as in the TrivialAugment paper's list)",
+        "the ops follow PIL's definitions with the TrivialAugment paper's ranges, not kornia's (kornia's brightness, "
+        "for one, adds factor - 1 instead of multiplying by the factor)",
+    )
+    source = ("Qin et al., Learning the Unlearnable: Adversarial Augmentations Suppress Unlearnable Example Attacks, "
+              "arXiv 2023 (UEraser-Lite; code github.com/lafeat/ueraser)")
     OPS: ClassVar[tuple[str, ...]] = (
-        "identity", "brightness", "contrast", "sharpness", "posterize", "solarize", "equalize", "autocontrast",
+        "identity", "brightness", "color", "contrast", "sharpness", "posterize", "solarize", "equalize", "autocontrast",
         "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
     )
+    ROUGHNESS: ClassVar[tuple[float, float]] = (0.3, 0.7)
+    INTENSITY: ClassVar[tuple[float, float]] = (0.5, 1.0)
 
     def _plasma(self, x: Tensor, g: torch.Generator) -> Tensor:
         n, c, h, w = x.shape
-        roughness = 0.1 + 0.6 * torch.rand(n, generator=g)
+        lo, hi = self.ROUGHNESS
+        roughness = lo + (hi - lo) * torch.rand(n, generator=g)
 
         def draw(shape: tuple[int, ...], device: object = None, dtype: torch.dtype | None = None) -> Tensor:
             return torch.rand(shape, generator=g).to(device=x.device, dtype=x.dtype)  # CPU draws, run on x.device
@@ -296,7 +333,8 @@ class UEraserLite(Defense):
 
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         n, c, h, w = x.shape
-        intensity = _rand(g, n, 1, 1, 1, like=x)
+        lo, hi = self.INTENSITY
+        intensity = lo + (hi - lo) * _rand(g, n, 1, 1, 1, like=x)
         x = (x + (2 * self._plasma(x, g) - 1) * intensity).clamp(0, 1)
         x = ((x - 0.5) * 4 * self._plasma(x, g) + 0.5).clamp(0, 1)
         order = torch.argsort(torch.rand(n, c, generator=g), 1)
@@ -323,6 +361,9 @@ class UEraserLite(Defense):
             xs, f = x[dev_sel], (0.1 + 1.8 * m).to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
             if kind == "brightness":
                 xs = xs * f
+            elif kind == "color":
+                gray = _luma(xs)
+                xs = gray + (xs - gray) * f
             elif kind == "contrast":
                 mean = _luma(xs).mean((1, 2, 3), keepdim=True)
                 xs = (xs - mean) * f + mean
@@ -356,6 +397,7 @@ class Coin(Defense):
     stays float."""
 
     name, static = "coin", False
+    differences = ("the reference truncates the displaced image to 8 bits; here it stays float",)
     source = ("Li, Wang, Yu, Hu, Zhou, Zhang & Zhang, Detecting and Corrupting Convolution-based Unlearnable "
               "Examples, AAAI 2025 (arXiv 2311.18403; code github.com/wxldragon/COIN)")
 
@@ -406,17 +448,35 @@ def dct_matrix(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 def lowpass_band(h: int, w: int, keep: float) -> tuple[int, int]:
-    """Kept DCT block: rows u < ceil(keep * H), columns v < ceil(keep * W)."""
-    return math.ceil(keep * h), math.ceil(keep * w)
+    """Kept DCT block of an H x W image: rows u < int(keep * H), columns v < int(keep * W), truncated as
+    the RSK+FF reference does (``int(H * percentage / 100)``: 9 of 30 or of 32 at keep 0.3, not round());
+    a 1e-9 guard keeps float error from dropping a whole frequency (0.29 x 100 is 28.999...; the
+    reference's int(100 x 29 / 100) is 29, as here); at least 1."""
+    return max(1, int(keep * h + 1e-9)), max(1, int(keep * w + 1e-9))
 
 
 @register
 class RSKFF(Defense):
-    """Random sharpening kernel, then frequency filtering. Per image: a 3 x 3 kernel with centre ~ N(2.5, 0.1)
-    and each of the 8 neighbours (1 - centre) / 8 (sums to 1), applied depthwise with reflect padding; then an
-    orthonormal 2D DCT-II, keeping only the low-frequency block u < ceil(0.3 H), v < ceil(0.3 W), inverse DCT."""
+    """Random sharpening kernel, then frequency filtering, before the crop and flip (the reference's order:
+    ``before_crop``, so the training loop hands it the whole uncropped images).
+
+    Per image: a plus-shaped 3 x 3 kernel, corners 0, centre c ~ N(centre_mean, centre_std) = N(2.5, 0.1)
+    and each of its 4 neighbours drawn independently ~ N(-(c - 1) / 4, centre_std) (the reference's
+    spread: 0.1 for the centre and for each neighbour; the kernel sums to 1 on average), applied to every
+    channel as a valid convolution (no padding: (H-2) x (W-2) pixels) and clamped to [0, 1]; then an
+    orthonormal 2-D DCT-II of that (H-2) x (W-2) image keeping only the low-frequency block of
+    ``lowpass_band(H-2, W-2, keep)`` coefficients (int(0.3 x 30) = 9 x 9 at 32 px), inverse DCT, clamped
+    to [0, 1]. To keep the H x W shape the training loop needs, the 1-pixel border of the result is then
+    replicated (see ``differences``)."""
 
     name, static = "rskff", False
+    before_crop = True
+    differences = (
+        "the valid convolution leaves (H-2) x (W-2) pixels, which the reference pads by 4 and crops to 32 x 32; here "
+        "their 1-pixel border is replicated back to H x W before the training loop's crop, so the outer ring of "
+        "pixels differs",
+        "for CIFAR-100 the reference also rotates by up to 15 degrees after the flip; here nothing is rotated",
+    )
     source = ("Kim & Sandoval-Segura, Learning From Convolution-based Unlearnable Datasets, arXiv 2411.01742, 2024 "
               "(RSK+FF: random sharpening kernels + frequency filtering; code github.com/aseriesof-tubes/RSK)")
 
@@ -425,16 +485,26 @@ class RSKFF(Defense):
             raise ConfigError(f"rskff needs 0 < keep <= 1 and centre_std >= 0, got {keep}, {centre_std}")
         self.centre_mean, self.centre_std, self.keep = float(centre_mean), float(centre_std), float(keep)
 
+    def _kernels(self, n: int, g: torch.Generator) -> Tensor:
+        """N x 3 x 3 plus-shaped kernels on the CPU: centre c, arms up, down, left, right ~ N(-(c - 1) / 4, std)."""
+        centre = self.centre_mean + self.centre_std * torch.randn(n, generator=g)
+        arms = -(centre - 1).view(n, 1) / 4 + self.centre_std * torch.randn(n, 4, generator=g)
+        kernel = torch.zeros(n, 3, 3)
+        kernel[:, 1, 1] = centre
+        kernel[:, 0, 1], kernel[:, 2, 1], kernel[:, 1, 0], kernel[:, 1, 2] = arms.unbind(1)
+        return kernel
+
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         n, c, h, w = x.shape
-        centre = self.centre_mean + self.centre_std * torch.randn(n, generator=g)
-        kernel = ((1 - centre) / 8).view(n, 1, 1).repeat(1, 3, 3)
-        kernel[:, 1, 1] = centre
-        weight = kernel.repeat_interleave(c, 0).view(n * c, 1, 3, 3).to(device=x.device, dtype=x.dtype)
-        sharp = F.conv2d(F.pad(x.reshape(1, n * c, h, w), (1, 1, 1, 1), mode="reflect"), weight, groups=n * c)
-        dh, dw = dct_matrix(h, x.device, x.dtype), dct_matrix(w, x.device, x.dtype)
-        coef = dh @ sharp.view(n, c, h, w) @ dw.T
-        kh, kw = lowpass_band(h, w, self.keep)
-        mask = torch.zeros(h, w, device=x.device, dtype=x.dtype)
+        if h < 3 or w < 3:
+            raise InputError(f"rskff needs images of at least 3 x 3 pixels, got {h} x {w}")
+        weight = self._kernels(n, g).repeat_interleave(c, 0).view(n * c, 1, 3, 3).to(device=x.device, dtype=x.dtype)
+        sharp = F.conv2d(x.reshape(1, n * c, h, w), weight, groups=n * c).clamp(0, 1)  # valid, then clamped
+        vh, vw = h - 2, w - 2
+        dh, dw = dct_matrix(vh, x.device, x.dtype), dct_matrix(vw, x.device, x.dtype)
+        coef = dh @ sharp.view(n, c, vh, vw) @ dw.T
+        kh, kw = lowpass_band(vh, vw, self.keep)
+        mask = torch.zeros(vh, vw, device=x.device, dtype=x.dtype)
         mask[:kh, :kw] = 1
-        return dh.T @ (coef * mask) @ dw, y
+        low = (dh.T @ (coef * mask) @ dw).clamp(0, 1)
+        return F.pad(low, (1, 1, 1, 1), mode="replicate"), y  # back to h x w (see ``differences``)

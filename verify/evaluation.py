@@ -30,6 +30,8 @@ class EvalResult:
     accuracy: float
     balanced_accuracy: float
     auc: float | None
+    #: the predicted class of every image (int64, on the model's device), for bootstrap intervals
+    pred: Tensor | None = None
 
     def get(self, metric: str) -> float:
         """The value of ``"accuracy"`` or ``"balanced_accuracy"``."""
@@ -81,6 +83,7 @@ def evaluate_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1
         accuracy=int(hit.sum()) / max(1, yl.shape[0]),
         balanced_accuracy=balanced_accuracy_from_counts(correct, total),
         auc=None if math.isnan(auc) else auc,
+        pred=pred,
     )
 
 

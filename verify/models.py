@@ -114,6 +114,13 @@ def fastcnn_wide(num_classes: int, in_channels: int = 3, image_size: int = 32) -
 
 
 @register_model
+def fastcnn_xl(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """:class:`FastCNN` with one-conv blocks 48/96/192/384: 2.25x the multiply-adds of ``fastcnn_wide``
+    (a candidate adversarial-training learner, ``bench/at_learner.py``)."""
+    return FastCNN(num_classes, in_channels, widths=(48, 96, 192, 384))
+
+
+@register_model
 def vgg3(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """The issue's calibration net: 3 blocks of two 3x3 convs, widths 32/64/128 (:class:`FastCNN`)."""
     return FastCNN(num_classes, in_channels, widths=(32, 64, 128), convs=2, pool_last=True)

@@ -49,26 +49,30 @@ class CellJob:
 
 
 def _train(data: TensorSet, test: TensorSet, recipe: Recipe, training: Training,
-           defense: defense_registry.Defense, seed: int, device: str, label: str) -> CellResult:
+           defense: defense_registry.Defense, seed: int, device: str, label: str,
+           val: TensorSet | None = None) -> CellResult:
     """The Ray task: one cell, silent, on this worker's CPU thread or its GPU."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and cancels the tasks
     if device == "cpu":
         torch.set_num_threads(1)
-    return train_cell(data, test, recipe, training, defense, seed, device, progress=False, label=label)
+    return train_cell(data, test, recipe, training, defense, seed, device, progress=False, label=label, val=val)
 
 
 def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorSet, recipe: Recipe,
-              device: torch.device, on_done: Callable[[CellJob, CellResult], None]) -> None:
+              device: torch.device, on_done: Callable[[CellJob, CellResult], None],
+              val: TensorSet | None = None) -> None:
     """Train ``jobs`` as Ray tasks; ``on_done(job, result)`` runs in this process as each finishes.
     ``sets`` maps a job's role to its training set. On any error or Ctrl-C the tasks still running
-    are cancelled (the cells already passed to ``on_done`` are kept by the caller)."""
+    are cancelled (the cells already passed to ``on_done`` are kept by the caller). ``val``: the
+    validation set that chooses each cell's epoch."""
     if not jobs:
         return
     ray = require_ray()
     gpu = device.type == "cuda"
-    size = sum(s.x.numel() * s.x.element_size() + s.y.numel() * 8 for s in (*sets.values(), test))
+    shared = [s for s in (*sets.values(), test, val) if s is not None]
+    size = sum(s.x.numel() * s.x.element_size() + s.y.numel() * 8 for s in shared)
     owner = connect(default_workers(), max(LOCAL_OBJECT_STORE, 2 * size + (64 << 20)))
     pending: dict[Any, CellJob] = {}
     try:
@@ -76,11 +80,13 @@ def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorS
         log.info("verify: %d cell(s) on Ray, %d at a time", len(jobs), min(slots, len(jobs)))
         refs = {role: ray.put(s) for role, s in sets.items()}
         test_ref = ray.put(test)
+        val_ref = ray.put(val) if val is not None else None
         task = ray.remote(_train).options(num_gpus=1, num_cpus=1, max_retries=0) if gpu else \
             ray.remote(_train).options(num_cpus=1, max_retries=0)
         where = "cuda" if gpu else "cpu"  # a task sees its own GPU only, as device 0
         for job in jobs:
-            ref = task.remote(refs[job.role], test_ref, recipe, job.training, job.defense, job.seed, where, job.label)
+            ref = task.remote(refs[job.role], test_ref, recipe, job.training, job.defense, job.seed, where, job.label,
+                              val_ref)
             pending[ref] = job
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -105,7 +111,7 @@ def run_grid(grid: Sequence[tuple[str, Training, defense_registry.Defense, int, 
              outcomes: dict[int, tuple[CellResult, bool]], saved_cell: Callable[..., Any],
              cached_baseline: Callable[..., Any], trained_cell: Callable[..., None],
              save_cell: Callable[..., None], sets: dict[str, TensorSet | None], test: TensorSet,
-             recipe: Recipe, dev: torch.device) -> None:
+             recipe: Recipe, dev: torch.device, val: TensorSet | None = None) -> None:
     """Fill ``outcomes`` (plan position -> (result, from cache)) for the ``grid`` of
     :func:`verify.run.verify_sets` (role, training, defense, seed, label): reused and cached cells
     here, in plan order, with its callbacks, then every other cell as one Ray task, each reported
@@ -128,4 +134,4 @@ def run_grid(grid: Sequence[tuple[str, Training, defense_registry.Defense, int, 
         save_cell(job.role, job.training, job.defense, job.seed, result, False, job.lookup)
         outcomes[job.index] = (result, False)
 
-    run_cells(jobs, {k: v for k, v in sets.items() if v is not None}, test, recipe, dev, done)
+    run_cells(jobs, {k: v for k, v in sets.items() if v is not None}, test, recipe, dev, done, val)

@@ -45,6 +45,8 @@ __all__ = [
 
 DEFAULT_LINF_EPS = 8 / 255
 DEFAULT_L2_EPS = 0.5
+#: The number of values (32 x 32 x 3) an L2 budget is defined for (see :meth:`Training.for_shape`).
+L2_REFERENCE_VALUES = 3072
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,39 @@ class Training:
     name: str
     norm: str | None = None
     eps: float = 0.0
+    #: L2 only: the budget as named (a 32x32x3 figure) before :meth:`for_shape` scaled it.
+    eps_reference: float | None = None
+    #: A pretrained learner (``probe:SPEC`` / ``finetune:SPEC``, :mod:`verify.learners`) trained with
+    #: ERM in place of the tier's model; None: the tier's model from scratch.
+    learner: str | None = None
 
     @property
     def adversarial(self) -> bool:
         return self.norm is not None
 
+    def for_shape(self, shape: tuple[int, int, int]) -> Training:
+        """This regime for images of ``shape`` (C, H, W). An L2 budget is a 32x32x3 figure (0.5 is
+        Madry's CIFAR-10 value): the same per-value RMS change on another shape needs
+        ``eps x sqrt(C H W / 3072)``, so the budget is scaled (``eps_reference`` keeps the named
+        value). L-inf budgets are per value already and ERM has none: both are returned as they are."""
+        if self.norm != "l2":
+            return self
+        ref = self.eps_reference if self.eps_reference is not None else self.eps
+        c, h, w = shape
+        return dataclasses.replace(self, eps=ref * math.sqrt(c * h * w / L2_REFERENCE_VALUES), eps_reference=ref)
+
     def describe(self) -> str:
+        if self.learner is not None:
+            kind, _, spec = self.learner.partition(":")
+            return (f"ERM, a new linear head on frozen {spec} features" if kind == "probe" else
+                    f"ERM, every weight of pretrained {spec} fine-tuned (learning rate x0.1)")
         if self.norm is None:
             return "ERM"
         if self.norm == "linf":
             return f"L-inf AT, eps {_fmt_255(self.eps)}"
+        if self.eps_reference is not None and abs(self.eps_reference - self.eps) > 1e-12:
+            return (f"L2 AT, eps {self.eps:.4g} ({self.eps_reference:g} at 32x32x3, scaled to the image size: "
+                    f"the same per-value RMS change)")
         return f"L2 AT, eps {self.eps:g}"
 
 
@@ -96,8 +121,9 @@ class Recipe:
     peak is the better of those two full-set scores. This keeps evaluation from costing as much as
     training on a CPU while peak and final accuracy are still full-test-set numbers.
 
-    Small training sets: with ``min_steps`` set (quick tier: 600, below the 780 steps that 10k
-    images take, so those are unchanged), :func:`fit_to_data` lowers the batch size to at most 1/8
+    Small training sets: with ``min_steps`` set (every tier: 600, below the 780 steps that 10k
+    images take in the quick tier, 3,120 in the standard and 1,900 in the paper tier, so those are
+    unchanged), :func:`fit_to_data` lowers the batch size to at most 1/8
     of the set (not below 16) and raises the epochs until training takes at least ``min_steps``
     optimizer steps; 10 epochs of 2 batches would otherwise leave even the clean baseline at chance.
     The certificate records the adapted recipe. Overriding ``epochs`` (``--epochs``) turns this off.
@@ -130,11 +156,22 @@ class Recipe:
     min_steps: int | None = None
     attack_eval_mode: bool = False
     grad_clip: float | None = None
+    at_model: str | None = None
+    at_epochs: int | None = None
     description: str = field(default="", compare=False)
 
     @property
     def fast_at(self) -> bool:
         return self.at_method == "fgsm_rs"
+
+    def for_training(self, training: Training) -> Recipe:
+        """The recipe a cell of ``training`` trains with: adversarial regimes use ``at_model`` for
+        ``at_epochs`` where set (an adversarial trainer must be able to learn under AT: the small ERM
+        model cannot, see ``bench/at_learner.py``), everything else this recipe as it is."""
+        if not training.adversarial or (self.at_model is None and self.at_epochs is None):
+            return self
+        return dataclasses.replace(self, model=self.at_model or self.model, epochs=self.at_epochs or self.epochs,
+                                   at_model=None, at_epochs=None)
 
     def attack(self, training: Training) -> dict:
         """The attack that makes training examples for ``training`` (``{}`` for ERM)."""
@@ -170,13 +207,13 @@ TIERS: dict[str, Recipe] = {
     ),
     "standard": Recipe(
         tier="standard", model="resnet18", epochs=40, batch_size=128, lr=0.1, momentum=0.9, nesterov=False,
-        weight_decay=5e-4, schedule="cosine", at_method="pgd", pgd_steps=10, pgd_step=0.25,
+        weight_decay=5e-4, schedule="cosine", at_method="pgd", pgd_steps=10, pgd_step=0.25, min_steps=600,
         description="ResNet-18, 40 epochs, cosine SGD, crop+flip; PGD-10 AT (step eps/4)",
     ),
     "paper": Recipe(
         tier="paper", model="resnet18", epochs=100, batch_size=512, lr=0.1, momentum=0.9, nesterov=False,
         weight_decay=5e-4, schedule="step", milestones=(40, 80), gamma=0.1, at_method="pgd",
-        pgd_steps=10, pgd_step=0.15, attack_eval_mode=True, grad_clip=5.0,
+        pgd_steps=10, pgd_step=0.15, attack_eval_mode=True, grad_clip=5.0, min_steps=600,
         description="CUDA paper recipe: ResNet-18, 100 epochs, batch 512, SGD 0.1, x0.1 at 40/80, "
                     "crop+flip, gradient norm clipped at 5; PGD-10 AT (step 1.5 eps/steps, model in eval mode)",
     ),
@@ -198,7 +235,7 @@ def reference_differences(recipe: Recipe, device: str = "cpu", world: int = 1, s
     base = TIERS["paper"]
     out: list[str] = []
     changed = [f.name for f in dataclasses.fields(Recipe)
-               if f.compare and f.name != "tier"
+               if f.compare and f.name not in ("tier", "min_steps")  # min_steps is ours: its effect shows in batch/epochs
                and getattr(recipe, f.name) != getattr(base, f.name)]
     if changed:
         out.append("recipe settings changed from the reference: " + ", ".join(
@@ -245,6 +282,9 @@ def get_recipe(tier: str | Recipe = "quick", **overrides: object) -> Recipe:
         raise ConfigError(f"unknown recipe setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     if "epochs" in overrides:
         overrides.setdefault("min_steps", None)  # explicit epochs are taken as given
+        overrides.setdefault("at_epochs", None)  # ... for every regime
+    if "model" in overrides:
+        overrides.setdefault("at_model", None)  # an explicit model is every regime's learner
     if "milestones" in overrides:
         overrides["milestones"] = tuple(int(m) for m in overrides["milestones"])  # type: ignore[union-attr]
     elif "epochs" in overrides and base.milestones:
@@ -273,10 +313,11 @@ def fit_to_data(recipe: Recipe, n_train: int) -> Recipe:
     bs = min(recipe.batch_size, max(16, n_train // 8), n_train)
     per_epoch = max(1, n_train // bs)
     epochs = max(recipe.epochs, math.ceil(recipe.min_steps / per_epoch))
-    if (bs, epochs) == (recipe.batch_size, recipe.epochs):
+    at_epochs = None if recipe.at_epochs is None else max(recipe.at_epochs, math.ceil(recipe.min_steps / per_epoch))
+    if (bs, epochs, at_epochs) == (recipe.batch_size, recipe.epochs, recipe.at_epochs):
         return recipe
     return dataclasses.replace(
-        recipe, batch_size=bs, epochs=epochs, milestones=_scale_milestones(recipe, epochs),
+        recipe, batch_size=bs, epochs=epochs, at_epochs=at_epochs, milestones=_scale_milestones(recipe, epochs),
         description=f"{recipe.description} (adapted to {n_train} training images: batch {bs}, {epochs} epochs, "
                     f">= {recipe.min_steps} steps)",
     )
@@ -312,13 +353,22 @@ def _validate(r: Recipe) -> None:
 
 
 _TRAINING_RE = re.compile(r"^(?:(erm)|linf(?:@?(\d+(?:\.\d+)?))?|l2(?:@(\d*\.?\d+))?)$")
-TRAINING_HELP = "erm, linf (8/255), linf4 or linf@N (N/255), l2 (0.5), l2@EPS"
+TRAINING_HELP = ("erm, linf (8/255), linf4 or linf@N (N/255), l2 (0.5), l2@EPS, probe:SPEC or finetune:SPEC "
+                 "(SPEC: a surrogate spec, e.g. cifar-resnet56, clip:RN50/openai, torchvision:resnet18:PATH)")
 
 
 def parse_training(name: str, recipe: Recipe | None = None) -> Training:
     """One regime name -> :class:`Training`. ``linf``/``l2`` take their eps from ``recipe``
     (defaults 8/255 and 0.5); explicit eps in the name win. Canonical names: ``erm``, ``linf``
     (default eps), ``linf<N>``, ``l2`` (default eps), ``l2@<eps>``."""
+    from .learners import split_learner
+
+    pretrained = split_learner(name.strip())
+    if pretrained is not None:
+        from perturbations.surrogates import parse_spec
+
+        parse_spec(pretrained[1])  # a bad spec fails here, in one line
+        return Training(name.strip(), None, 0.0, learner=name.strip())
     raw = name.strip().lower()
     m = _TRAINING_RE.match(raw)
     if not m:

@@ -1,12 +1,14 @@
 """Human-readable views of a certificate: ``report.md``, ``curves.png`` and ``samples.png``.
 
 * ``report.md``: the tier/model/epochs line, the attacker's labels when remapped (``--relabel``),
-  the verdict in one sentence, the weakest cell named, the
-  regime x defense table (protected peak of the score metric with the clean baseline beside it, and
-  the score), then per-cell details (accuracy, balanced accuracy and macro AUC) and the settings
-  that produced the numbers.
-* ``curves.png``: one panel per cell, the score metric (clean-test accuracy, or balanced accuracy
-  on an imbalanced test set) per epoch, clean baseline vs protected.
+  the verdict in one sentence (the headline score against the clean ERM reference, its interval, or
+  "inconclusive"), the reference, the best attacker and the cell with the smallest effect, the
+  regime x defense table (the protected score metric at the validation-chosen epoch with the clean
+  baseline of the same regime beside it, and the cell's effect), then per-cell details (accuracy,
+  balanced accuracy and macro AUC at the chosen epoch, the oracle peak) and the settings that
+  produced the numbers.
+* ``curves.png``: one panel per cell, the validation score metric (accuracy, or balanced accuracy
+  on an imbalanced test set) per epoch, clean baseline vs protected, the chosen epochs marked.
 
 Certificates written before balanced accuracy and AUC existed render with "n/a" in those columns.
 * ``samples.png``: a few images as clean / protected / amplified difference (matplotlib, Agg).
@@ -127,22 +129,28 @@ def report_markdown(cert: dict) -> str:
     lines += ["**Verdict.** " + v.get("summary", ""), ""]
     for warning in cert.get("warnings", []):
         lines += [f"**Warning:** {warning}.", ""]
-    w = v.get("weakest_cell")
     balanced = _balanced(cert)
-    peak = "peak_balanced_acc" if balanced else "peak_acc"
+    field = "balanced_acc" if balanced else "acc"
     what = "balanced accuracy" if balanced else "accuracy"
-    if w:
-        if w.get("score") is not None:
-            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w.get(peak))}, "
-                         f"score {_score(w['score'])} (the lowest in the grid: the protection is weakest there).")
-        else:
-            lines.append(f"**Worst cell:** {w['training']} / {w['defense']}: protected peak {_pct(w.get(peak))} "
-                         f"(the highest {what} any attacker reached).")
-        lines.append("")
+    ref = v.get("reference")
+    if ref:
+        lines += [f"**Reference:** plain training (ERM, no defense) on the clean images: {_pct(ref.get(field))}.", ""]
+    b = v.get("best_attacker") or {}
+    if b:
+        lines += [f"**Best attacker:** {b['training']} / {b['defense']}: {_pct(b.get(field))} (effect "
+                  f"{_score(b.get('effect'))}).", ""]
+    w = v.get("smallest_effect")
+    if w and w.get("effect") is not None:
+        lines += [f"**Smallest effect:** {w['training']} / {w['defense']}: protected {_pct(w.get(field))}, effect "
+                  f"{_score(w['effect'])} (against clean data under the same regime: the protection does least "
+                  "there).", ""]
+    oracle = (v.get("oracle") or {}).get("score")
+    if oracle is not None:
+        lines += [f"Oracle score (epochs chosen with the test labels, optimistic): {_score(oracle)}.", ""]
     lines += [
-        (f"Each entry: peak clean-test {what} of a model trained on the **protected** data, the clean "
-         "baseline under the same regime in brackets, and the protection score "
-         "(baseline - protected) / (baseline - chance) (1 = chance, 0 = no protection). "
+        (f"Each entry: clean-test {what} of a model trained on the **protected** data, at the epoch chosen on the "
+         "validation images; the clean baseline under the same regime in brackets, and the cell's effect "
+         "(clean - protected) / (clean - chance) (1 = chance, 0 = no protection). "
          f"{_chance_sentence(cert)}"),
         "",
         "| training \\ defense | " + " | ".join(defenses) + " |",
@@ -156,33 +164,41 @@ def report_markdown(cert: dict) -> str:
                 row.append("")
                 continue
             p = c["protected"]
-            text = _pct(p.get(peak), p.get(peak + "_std"))
+            text = _pct(p.get(field), p.get(field + "_std"))
             if "clean" in c:
-                text += f" (clean {_pct(c['clean'].get(peak), c['clean'].get(peak + '_std'))}) · {_score(c.get('score'))}"
+                text += f" (clean {_pct(c['clean'].get(field), c['clean'].get(field + '_std'))}) · {_score(c.get('effect'))}"
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Cells", "",
-              ("| training | defense | protected peak | protected final | peak epoch | train acc (protected) "
-               "| protected balanced peak | protected balanced final | protected AUC peak | protected AUC final "
-               "| clean peak | clean final | clean balanced peak | clean AUC peak | score | wall s |"),
-              "| " + " | ".join(["---"] * 16) + " |"]
+              ("| training | defense | protected | chosen epoch | oracle peak | final | train acc (protected) "
+               "| protected balanced | protected AUC | clean | clean balanced | clean AUC | effect | wall s |"),
+              "| " + " | ".join(["---"] * 14) + " |"]
     for c in cert["cells"]:
         p, k = c["protected"], c.get("clean") or {}
         wall = p.get("wall_s") or 0.0
+        epoch = p.get("selected_epoch")
         lines.append("| " + " | ".join([
-            c["training"], c["defense"], _pct(p["peak_acc"], p.get("peak_acc_std")),
-            _pct(p["final_acc"], p.get("final_acc_std")), str(p.get("peak_epoch", "")),
-            _pct(p.get("train_acc")), _pct(p.get("peak_balanced_acc"), p.get("peak_balanced_acc_std")),
-            _pct(p.get("final_balanced_acc")), _auc(p.get("peak_auc")), _auc(p.get("final_auc")),
-            _pct(k.get("peak_acc")), _pct(k.get("final_acc")), _pct(k.get("peak_balanced_acc")),
-            _auc(k.get("peak_auc")), _score(c.get("score")), f"{wall:.0f}",
+            c["training"], c["defense"], _pct(p.get("acc"), p.get("acc_std")),
+            "" if epoch is None else (str(epoch) if isinstance(epoch, int) else "/".join(map(str, epoch))),
+            _pct(p["peak_acc"], p.get("peak_acc_std")), _pct(p["final_acc"], p.get("final_acc_std")),
+            _pct(p.get("train_acc")), _pct(p.get("balanced_acc"), p.get("balanced_acc_std")), _auc(p.get("auc")),
+            _pct(k.get("acc")), _pct(k.get("balanced_acc")), _auc(k.get("auc")), _score(c.get("effect")),
+            f"{wall:.0f}",
         ]) + " |")
+        guard = p.get("overfitting_guard") or {}
+        if guard.get("fired"):
+            lines.append(f"|  | ↳ catastrophic overfitting guard fired in epoch(s) {guard['fired_epochs']}: "
+                         "the epoch before was kept |" + " |" * 12)
     lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
                    "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "
                    "over the classes with positives and negatives in the test set.")]
     lines += ["", "## Settings", ""]
     if cert.get("score_definition"):
         lines.append(f"- Score: {cert['score_definition']}.")
+    if cert.get("effect_definition"):
+        lines.append(f"- Effect: {cert['effect_definition']}.")
+    if v.get("interval_definition"):
+        lines.append(f"- Interval: {v['interval_definition']}.")
     if cert.get("imbalance_rule"):
         lines.append(f"- Score metric: {cert.get('score_metric', 'accuracy').replace('_', ' ')}; "
                      f"{cert['imbalance_rule']}.")
@@ -199,8 +215,10 @@ def report_markdown(cert: dict) -> str:
     for d in cert.get("defenses", []):
         if d.get("source"):
             lines.append(f"- defense {d['name']}: {d['source']}")
+        for diff in d.get("differences") or []:
+            lines.append(f"- defense {d['name']} differs from its reference: {diff}")
     data = cert.get("data", {})
-    for role in ("train", "test", "clean"):
+    for role in ("train", "test", "validation", "clean"):
         if role in data:
             dd = data[role]
             lines.append(f"- {role} data: {dd.get('root')} ({dd.get('count')} images, sha256 {str(dd.get('sha256'))[:16]}…)")
@@ -237,7 +255,7 @@ def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     balanced = _balanced(cert)
-    curve_key = "curve_balanced_acc" if balanced else "curve"
+    curve_key = "val_curve_balanced_acc" if balanced else "val_curve"
     chance = cert.get("score_chance") if balanced else cert.get("chance")
     for i, t in enumerate(trainings):
         for j, d in enumerate(defenses):
@@ -247,15 +265,19 @@ def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
                 ax.set_axis_off()
                 continue
             for key, colour, name in (("clean", "tab:blue", "clean"), ("protected", "tab:red", "protected")):
-                curve = (c.get(key) or {}).get(curve_key)
+                run = c.get(key) or {}
+                curve = run.get(curve_key) or run.get("curve_balanced_acc" if balanced else "curve")
                 if curve:
                     ax.plot(range(1, len(curve) + 1), [math.nan if a is None else 100 * a for a in curve],
                             color=colour, marker="o", markersize=2.5, linewidth=1.3, label=name)
+                    chosen = run.get("selected_epoch")
+                    if isinstance(chosen, int) and 1 <= chosen <= len(curve) and curve[chosen - 1] is not None:
+                        ax.plot([chosen], [100 * curve[chosen - 1]], color=colour, marker="*", markersize=9)
             if chance:
                 ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label="chance")
             title = f"{t} / {d}"
-            if c.get("score") is not None:
-                title += f"  (score {c['score']:.2f})"
+            if c.get("effect") is not None:
+                title += f"  (effect {c['effect']:.2f})"
             ax.set_title(title, fontsize=9)
             ax.set_ylim(0, 100)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -263,8 +285,8 @@ def plot_curves(cert: dict, path: str | os.PathLike) -> Path:
             if i == rows - 1:
                 ax.set_xlabel("epoch")
             if j == 0:
-                ax.set_ylabel("clean test balanced acc (%)" if balanced else "clean test acc (%)")
-    axes[0][0].legend(fontsize=7, loc="best")
+                ax.set_ylabel("validation balanced acc (%)" if balanced else "validation acc (%)")
+    axes[0][0].legend(fontsize=7, loc="best", title="* = chosen epoch", title_fontsize=7)
     fig.suptitle(f"{cert['tier']} tier, {cert['model']}, {cert['epochs']} epochs", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=110)

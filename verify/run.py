@@ -56,6 +56,7 @@ shared ``PROTECT_CACHE``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -70,14 +71,16 @@ from perturbations.errors import ConfigError, InputError
 
 from . import defenses as defense_registry
 from . import distributed
-from .certificate import build_certificate, cell_entry, chance_level, save_certificate
-from .data import TensorSet, check_same_classes, load_folder
+from .certificate import build_certificate, cell_entry, chance_level, save_certificate, summarize_runs
+from .data import TensorSet, check_same_classes, find_overlap, load_folder
 from .metrics import score_basis
+from .grid import DEFAULT_DEFENSES, DEFAULT_TRAININGS, breakers_report, build_grid, recorded_method
 from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
 from .relabel import Labelling, RelabelSpec, parse_relabel
 from .report import write_report
 from .store import CACHE_VERSION, BaselineCache, CellStore, cell_key, default_cache_dir
 from .train import CellResult, resolve_device, train_cell
+from .uncertainty import bootstrap_interval, split_validation
 
 __all__ = [
     "CACHE_VERSION",
@@ -94,8 +97,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAININGS = "erm,linf"
-DEFAULT_DEFENSES = "none,grayscale,jpeg10"
+#: Training sets smaller than this train every cell with SMALL_SET_SEEDS seeds by default: one
+#: seed's number is too noisy there (single-seed scores of one BreastMNIST set ranged 0.07-0.34).
+SMALL_SET, SMALL_SET_SEEDS = 2000, 3
+
+
+def default_seeds(n_train: int) -> int:
+    """Seeds per cell when none are given: SMALL_SET_SEEDS below SMALL_SET training images, else 1."""
+    return SMALL_SET_SEEDS if n_train < SMALL_SET else 1
 CELLS_DIR = "cells"
 #: Where the cells train (``--engine``).
 ENGINES = ("local", "ray")
@@ -114,13 +123,6 @@ def _seed_list(seeds: int | Sequence[int]) -> list[int]:
     return out
 
 
-def _defense_list(spec: str | Sequence[str] | None) -> list[defense_registry.Defense]:
-    if spec is None:
-        spec = DEFAULT_DEFENSES
-    names = defense_registry.parse_list(spec if isinstance(spec, str) else ",".join(spec))
-    return [defense_registry.get(n) for n in names]
-
-
 def _check_shapes(a: TensorSet, b: TensorSet, name_a: str, name_b: str) -> None:
     if a.x.shape[1:] != b.x.shape[1:]:
         ca, ha, wa = a.x.shape[1:]
@@ -129,6 +131,17 @@ def _check_shapes(a: TensorSet, b: TensorSet, name_a: str, name_b: str) -> None:
             f"{name_a} images are {wa}x{ha} with {ca} channel(s) but {name_b} images are {wb}x{hb} with "
             f"{cb} channel(s): verification needs one size and channel count"
         )
+
+
+def _check_overlap(test: TensorSet, training: dict[str, TensorSet | None], what: str = "test") -> None:
+    """InputError naming a ``what`` image whose pixels are also in a training set."""
+    for name, data in training.items():
+        if data is None:
+            continue
+        hit = find_overlap(test, data)
+        if hit is not None:
+            raise InputError(f"{what} image {hit[0]} is also in the {name} training folder ({hit[1]}): a model scored "
+                             f"on images it trained on measures memory; use a disjoint {what} set (or --allow-overlap)")
 
 
 def _labelling(relabel: str | os.PathLike | RelabelSpec | Labelling | None, classes: list[str]) -> Labelling | None:
@@ -251,7 +264,7 @@ def verify_sets(
     tier: str | Recipe = "quick",
     trainings: str | Sequence[str] | None = None,
     defenses: str | Sequence[str] | None = None,
-    seeds: int | Sequence[int] = 1,
+    seeds: int | Sequence[int] | None = None,
     model: str | None = None,
     epochs: int | None = None,
     device: str | torch.device = "auto",
@@ -262,10 +275,18 @@ def verify_sets(
     fresh: bool = False,
     relabel: str | os.PathLike | RelabelSpec | Labelling | None = None,
     engine: str = "local",
+    val: TensorSet | None = None,
+    allow_overlap: bool = False,
+    method: str | None = None,
 ) -> dict:
     """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files and
     keeps no finished cells; ``cache_dir=False`` disables the baseline cache). ``relabel``: a
-    ``--relabel`` value, a parsed :class:`RelabelSpec` or a :class:`Labelling` (None: the data's labels)."""
+    ``--relabel`` value, a parsed :class:`RelabelSpec` or a :class:`Labelling` (None: the data's labels).
+    ``val``: the validation images that choose each cell's epoch (None: a keyed split of ``test``,
+    :func:`verify.uncertainty.split_validation`; the rest of ``test`` is then what is scored).
+    ``allow_overlap``: accept a test image whose pixels are also in a training set (else InputError).
+    ``method``: the method that protected the data; with the default grid (``trainings`` and
+    ``defenses`` None) its published breakers join the grid (:mod:`verify.grid`)."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
     _check_engine(engine)
@@ -286,18 +307,32 @@ def verify_sets(
         log.info("verify: %s", note)
         say(f"note: {note}")
         recipe = adapted
-    regimes = parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
-    dfns = _defense_list(defenses)
-    seed_list = _seed_list(seeds)
+    grid_ = build_grid(trainings, defenses, recipe, method)
+    regimes = grid_.regimes
+    seed_list = _seed_list(default_seeds(len(protected)) if seeds is None else seeds)
     check_same_classes(test.classes, protected.classes, "test", "protected")
     _check_shapes(protected, test, "protected", "test")
+    if val is not None:
+        check_same_classes(val.classes, protected.classes, "validation", "protected")
+        _check_shapes(protected, val, "protected", "validation")
+    shape = tuple(int(v) for v in protected.x.shape[1:])
+    grid_ = dataclasses.replace(grid_, pairs=tuple((t.for_shape(shape), d) for t, d in grid_.pairs))  # L2 budgets
+    regimes = grid_.regimes
+    if not allow_overlap:
+        _check_overlap(test, {"protected": protected, "clean": clean})
+        if val is not None:
+            _check_overlap(val, {"protected": protected, "clean": clean}, "validation")
+    if val is None:
+        val, test = split_validation(test)
+        say(f"verify: {len(val)} of the {len(val) + len(test)} test images choose each cell's epoch (validation), "
+            f"the other {len(test)} are scored")
     if clean is not None:
         check_same_classes(clean.classes, protected.classes, "clean", "protected")
         _check_shapes(protected, clean, "protected", "clean")
     labelling = _labelling(relabel, protected.classes)
     originals = (protected, clean)  # samples.png shows the data's own class names
     if labelling is not None:
-        protected, test = labelling.apply(protected), labelling.apply(test)
+        protected, test, val = labelling.apply(protected), labelling.apply(test), labelling.apply(val)
         clean = labelling.apply(clean) if clean is not None else None
         note = (f"relabelled: {len(labelling.classes)} attacker classes {labelling.classes} "
                 f"from {labelling.describe_source()}")
@@ -314,12 +349,16 @@ def verify_sets(
         say(f"note: {note}")
 
     plan: list[tuple[str, Training, defense_registry.Defense]] = []  # (role, training, defense)
+    erm, no_defense = parse_trainings("erm", recipe)[0], defense_registry.get("none")
+    if clean is not None and erm not in regimes:  # the headline's reference: clean ERM, no defense
+        plan.append(("clean", erm, no_defense))
     for t in regimes:
         if clean is not None:
-            for d in (dfns if baseline_per_defense else [defense_registry.get("none")]):
+            for d in ([d for tt, d in grid_.pairs if tt == t] if baseline_per_defense else [no_defense]):
                 plan.append(("clean", t, d))
-        for d in dfns:
-            plan.append(("protected", t, d))
+        for tt, d in grid_.pairs:
+            if tt == t:
+                plan.append(("protected", t, d))
     total = len(plan) * len(seed_list)
     log.info("verify: %s tier, %d cells x %d seed(s) on %s", recipe.tier, len(plan), len(seed_list), dev)
 
@@ -333,7 +372,7 @@ def verify_sets(
         """The cell as a finished earlier run saved it in the report's cells: (result, from cache)."""
         data = clean if role == "clean" else protected
         assert data is not None
-        key = cell_key(data, test, recipe, t, d, seed, role=role)
+        key = cell_key(data, test, recipe, t, d, seed, role=role, val=val)
         # Rank 0 decides (files shared by all processes must not be read half-written) and tells the others.
         saved = distributed.broadcast_object(store.get(key) if main and not fresh else None)
         if saved is None:
@@ -344,8 +383,9 @@ def verify_sets(
             # count the lookup the original run made, so the certificate matches an uninterrupted run
             cache.hits += meta.get("baseline_cache") == "hit"
             cache.misses += meta.get("baseline_cache") == "miss"
-        log.info("%s: reused from %s (peak %.3f)", label, store.root, result.peak_acc)
-        say(f"{label}: finished before, reused (peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)})")
+        log.info("%s: reused from %s (accuracy %.3f)", label, store.root, result.acc)
+        say(f"{label}: finished before, reused (accuracy {_pct(result.acc)} at epoch {result.selected_epoch}, "
+            f"final {_pct(result.final_acc)})")
         clock.finish((t.name, role, d.name, seed))
         say(clock.line())
         return result, bool(meta.get("cached", False))
@@ -356,11 +396,12 @@ def verify_sets(
         if role != "clean" or fresh:
             return None, None
         assert clean is not None
-        hit = distributed.broadcast_object(cache.get(cell_key(clean, test, recipe, t, d.name, seed)) if main else None)
+        hit = distributed.broadcast_object(cache.get(cell_key(clean, test, recipe, t, d.name, seed, val=val))
+                                           if main else None)
         lookup = None if cache.root is None else ("hit" if hit is not None else "miss")
         if hit is not None:
-            log.info("%s: clean baseline from cache (peak %.3f)", label, hit.peak_acc)
-            say(f"{label}: cached clean baseline, peak {_pct(hit.peak_acc)}")
+            log.info("%s: clean baseline from cache (accuracy %.3f)", label, hit.acc)
+            say(f"{label}: cached clean baseline, accuracy {_pct(hit.acc)} at epoch {hit.selected_epoch}")
         return hit, lookup
 
     def trained_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str,
@@ -370,17 +411,20 @@ def verify_sets(
         data = clean if role == "clean" else protected
         assert data is not None
         if role == "clean" and main:
-            cache.put(cell_key(data, test, recipe, t, d.name, seed), result, {
+            cache.put(cell_key(data, test, recipe, t, d.name, seed, val=val), result, {
                 "clean_root": str(data.root), "tier": recipe.tier, "training": t.name, "defense": d.name,
                 "seed": seed, "labels": labels_id})
-        log.info("%s: peak %.3f final %.3f (%.0f s)", label, result.peak_acc, result.final_acc, result.wall_s)
+        log.info("%s: accuracy %.3f (epoch %s) final %.3f (%.0f s)", label, result.acc, result.selected_epoch,
+                 result.final_acc, result.wall_s)
         if lines or (bars and engine == "ray"):  # no bars for cells trained elsewhere: one line each
             medical = ""
-            if metric == "balanced_accuracy" and result.peak_balanced_acc is not None:
-                auc = "n/a" if result.peak_auc is None else f"{result.peak_auc:.3f}"
-                medical = f", balanced peak {_pct(result.peak_balanced_acc)}, AUC peak {auc}"
-            say(f"{label}: peak {_pct(result.peak_acc)}, final {_pct(result.final_acc)}, "
-                f"train {_pct(result.train_acc)}{medical} ({result.wall_s:.0f} s)")
+            if metric == "balanced_accuracy" and result.balanced_acc is not None:
+                auc = "n/a" if result.auc is None else f"{result.auc:.3f}"
+                medical = f", balanced {_pct(result.balanced_acc)}, AUC {auc}"
+            guard = (f", catastrophic overfitting in epoch {result.guard_fired_epoch}: kept epoch "
+                     f"{result.guard_fired_epoch - 1}" if result.guard_fired_epoch else "")
+            say(f"{label}: accuracy {_pct(result.acc)} at epoch {result.selected_epoch} (chosen on validation), "
+                f"final {_pct(result.final_acc)}, train {_pct(result.train_acc)}{medical}{guard} ({result.wall_s:.0f} s)")
 
     def save_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, result: CellResult,
                   cached: bool, lookup: str | None) -> None:
@@ -388,7 +432,7 @@ def verify_sets(
         if main:
             data = clean if role == "clean" else protected
             assert data is not None
-            store.put(cell_key(data, test, recipe, t, d, seed, role=role), result, {
+            store.put(cell_key(data, test, recipe, t, d, seed, role=role, val=val), result, {
                 "role": role, "tier": recipe.tier, "training": t.name, "defense": d.name, "seed": seed,
                 "cached": cached, "baseline_cache": lookup, "train_root": str(data.root),
                 "test_root": str(test.root), "labels": labels_id})
@@ -407,9 +451,11 @@ def verify_sets(
             data = clean if role == "clean" else protected
             assert data is not None
             if lines:  # no bar shows that it started
-                say(f"{label}: training ({_count(recipe.epochs, 'epoch')} on {_count(len(data), 'image')})")
+                cell_recipe = recipe.for_training(t)
+                say(f"{label}: training {cell_recipe.model} ({_count(cell_recipe.epochs, 'epoch')} on "
+                    f"{_count(len(data), 'image')})")
             result = train_cell(data, test, recipe, t, d, seed, dev, progress=True if bars else (
-                progress if callable(progress) else False), label=label)
+                progress if callable(progress) else False), label=label, val=val)
             trained_cell(role, t, d, seed, label, result)
         save_cell(role, t, d, seed, result, cached, lookup)
         return result, cached
@@ -418,18 +464,23 @@ def verify_sets(
     for role, t, d in plan:
         for seed in seed_list:
             grid.append((role, t, d, seed, f"[{len(grid) + 1}/{total}] {role} {t.name}/{d.name} seed {seed}"))
-    clock = RunClock([((t.name, role, d.name, seed), 1.0 + recipe.attack(t).get("steps", 0))
+    clock = RunClock([((t.name, role, d.name, seed),
+                       (1.0 + recipe.attack(t).get("steps", 0)) * recipe.for_training(t).epochs / recipe.epochs)
                       for role, t, d, seed, _ in grid], parallel=engine == "ray")
     n_clean = sum(role == "clean" for role, *_ in grid)
+    learners = f"{recipe.model}, {_count(recipe.epochs, 'epoch')}"
+    at = next((recipe.for_training(t) for t in regimes if t.adversarial), recipe)
+    if (at.model, at.epochs) != (recipe.model, recipe.epochs):
+        learners += f" (adversarial training: {at.model}, {_count(at.epochs, 'epoch')})"
     say(f"verify: {total} cells ({n_clean} clean baseline(s), {total - n_clean} protected), tier {recipe.tier}, "
-        f"{recipe.model}, {_count(recipe.epochs, 'epoch')} each, on {dev}" + (" (Ray tasks)" if engine == "ray" else ""))
+        f"{learners} each, on {dev}" + (" (Ray tasks)" if engine == "ray" else ""))
     outcomes: dict[int, tuple[CellResult, bool]] = {}  # plan position -> (result, from cache)
     try:
         if engine == "ray":
             from .ray_cells import run_grid
 
             run_grid(grid, outcomes, saved_cell, cached_baseline, trained_cell, save_cell,
-                     {"protected": protected, "clean": clean}, test, recipe, dev)
+                     {"protected": protected, "clean": clean}, test, recipe, dev, val)
         else:
             for i, (role, t, d, seed, label) in enumerate(grid):
                 outcomes[i] = run_cell(role, t, d, seed, label)
@@ -447,16 +498,25 @@ def verify_sets(
             protected_runs.setdefault((t.name, d.name), []).append(result)
 
     cells = []
-    for t in regimes:
-        for d in dfns:
-            base_d = d.name if baseline_per_defense else "none"
-            base = clean_runs.get((t.name, base_d))
-            cells.append(cell_entry(
-                t.name, d.name, protected_runs[(t.name, d.name)], base, score_chance, baseline_defense=base_d,
-                clean_cached=clean_cached.get((t.name, base_d)),
-                extra={"eps": t.eps if t.adversarial else None}, metric=metric,
-            ))
-    data = {"train": protected.describe(), "test": test.describe()}
+    for t, d in grid_.pairs:
+        base_d = d.name if baseline_per_defense else "none"
+        base = clean_runs.get((t.name, base_d))
+        cells.append(cell_entry(
+            t.name, d.name, protected_runs[(t.name, d.name)], base, score_chance, baseline_defense=base_d,
+            clean_cached=clean_cached.get((t.name, base_d)),
+            extra={"eps": t.eps if t.adversarial else None}, metric=metric,
+        ))
+    reference_runs = clean_runs.get(("erm", "none"))
+    reference = summarize_runs(reference_runs, clean_cached.get(("erm", "none"))) if reference_runs else None
+    interval = None
+    if reference_runs:
+        field = "balanced_acc" if metric == "balanced_accuracy" else "acc"
+        cells_runs = [protected_runs[(t.name, d.name)] for t, d in grid_.pairs]
+        interval = bootstrap_interval([r.test_pred for r in reference_runs],
+                                      [[r.test_pred for r in runs] for runs in cells_runs], test.y.tolist(),
+                                      metric, score_chance)
+        log.debug("verify: reference %s %.4f, interval %s", field, getattr(reference_runs[0], field), interval)
+    data = {"train": protected.describe(), "test": test.describe(), "validation": val.describe()}
     if clean is not None:
         data["clean"] = clean.describe()
     device_name = str(dev)
@@ -465,6 +525,7 @@ def verify_sets(
     if distributed.world() > 1:
         device_name += f" x {distributed.world()} processes (DDP)"
     extra: dict[str, Any] = {
+        "breakers": breakers_report(grid_),
         "baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits, "misses": cache.misses},
         "batchnorm": distributed.batchnorm_mode(dev),
         "engine": engine,
@@ -478,10 +539,10 @@ def verify_sets(
                                                  distributed.uses_sync_batchnorm(dev), len(protected)),
         }
     cert = build_certificate(
-        recipe=recipe, trainings=regimes, defenses=dfns, seeds=seed_list, classes=protected.classes,
+        recipe=recipe, trainings=regimes, defenses=grid_.defenses, seeds=seed_list, classes=protected.classes,
         cells=cells, data=data, device=device_name, wall_s=time.perf_counter() - started,
         baseline_per_defense=baseline_per_defense, chance=chance, chance_class=chance_class, extra=extra,
-        score_metric=metric, score_chance=score_chance,
+        score_metric=metric, score_chance=score_chance, reference=reference, interval=interval,
         labelling=labelling.describe(originals[0].classes) if labelling is not None else None,
     )
     if report_dir is not None and main:
@@ -498,25 +559,33 @@ def check_options(
     tier: str | Recipe = "quick",
     trainings: str | Sequence[str] | None = None,
     defenses: str | Sequence[str] | None = None,
-    seeds: int | Sequence[int] = 1,
+    seeds: int | Sequence[int] | None = None,
     *,
     model: str | None = None,
     epochs: int | None = None,
     device: str | torch.device = "auto",
     engine: str = "local",
+    method: str | None = None,
 ) -> Recipe:
     """Check :func:`verify_folder`'s attacker options without loading any data (ConfigError, one
     line, for an unknown tier, regime, defense, model, device or engine, or bad seeds); returns the
     recipe. ``protect tune`` runs it before it stages or protects anything."""
     recipe = get_recipe(tier, model=model, epochs=epochs)
-    parse_trainings(trainings if trainings is not None else DEFAULT_TRAININGS, recipe)
-    _defense_list(defenses)
-    _seed_list(seeds)
+    grid_ = build_grid(trainings, defenses, recipe, method)
+    from .learners import learner_info
+
+    for t in grid_.regimes:  # a pretrained learner's weights must be here: one line now, not after loading
+        if t.learner is not None:
+            learner_info(t.learner)
+    if seeds is not None:
+        _seed_list(seeds)
     resolve_device(device)
     _check_engine(engine)
     from .models import create_model
 
     create_model(recipe.model, 2)  # unknown model names fail here, before any data is loaded
+    if recipe.at_model is not None:
+        create_model(recipe.at_model, 2)
     return recipe
 
 
@@ -527,7 +596,7 @@ def verify_folder(
     tier: str | Recipe = "quick",
     trainings: str | Sequence[str] | None = None,
     defenses: str | Sequence[str] | None = None,
-    seeds: int | Sequence[int] = 1,
+    seeds: int | Sequence[int] | None = None,
     model: str | None = None,
     epochs: int | None = None,
     device: str = "auto",
@@ -541,6 +610,9 @@ def verify_folder(
     labels_csv: str | os.PathLike | None = None,
     test_labels_csv: str | os.PathLike | None = None,
     engine: str = "local",
+    val_dir: str | os.PathLike | None = None,
+    allow_overlap: bool = False,
+    method: str | None = None,
 ) -> dict:
     """Certify how much a protected folder takes away from models trained on it.
 
@@ -553,6 +625,7 @@ def verify_folder(
         trainings: regimes, ``"erm,linf"`` by default (``erm``, ``linf``, ``linf4``, ``l2``, ``l2@EPS``).
         defenses: ``"none,grayscale,jpeg10"`` by default (:func:`verify.defenses.available`).
         seeds: a count N (seeds 0..N-1) or a list of seeds; accuracies are averaged over seeds.
+            None: 3 for training sets under 2,000 images (one seed is too noisy there), else 1.
         model, epochs: override the tier's model and epochs.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         report_dir: where certificate.json, report.md, curves.png, samples.png and the finished
@@ -561,7 +634,8 @@ def verify_folder(
         cache_dir: clean-baseline cache (default ``$PROTECT_CACHE`` or ``~/.cache/protect/baselines``);
             False disables it.
         baseline_per_defense: train the clean baseline under every defense too (else under none).
-        max_per_class: use only the first N images per class of every folder (quick subsets).
+        max_per_class: use only the first N images per class of the protected and clean folders
+            (quick subsets); the test and validation sets stay whole.
         progress: True for a progress bar per cell on a terminal (one line per finished cell when
             stderr is not a terminal), False for silence, or a callback (:class:`verify.train.EpochInfo`).
         fresh: retrain every cell: ignore the finished cells in the report folder and the clean
@@ -574,13 +648,20 @@ def verify_folder(
         test_labels_csv: the same for the test folder (None: its class sub-folders).
         engine: ``local`` (every cell in this process, one after another) or ``ray`` (every cell
             to train is one Ray task, :mod:`verify.ray_cells`; the same cells and numbers).
+        val_dir: validation images (same classes) that choose each cell's epoch; None: a keyed 20 %
+            of the test images (:func:`verify.uncertainty.split_validation`), the rest is scored.
+        allow_overlap: accept test (or validation) images whose pixels are also in the protected or
+            clean folder; by default that is refused (InputError naming the file).
+        method: the method that protected the folder (default: the run record beside it, if any);
+            the default grid adds the breakers published against it (:mod:`verify.grid`).
 
     Returns the certificate dict (schema ``protect.certificate/1``). Raises ConfigError for unknown
     tiers, regimes, defenses, models or devices, InputError for unusable folders (missing, empty,
     unlabelled, mixed sizes, class folders that differ), all one-line messages.
     """
     # Validate the options before spending time on loading.
-    recipe = check_options(tier, trainings, defenses, seeds, model=model, epochs=epochs, device=device, engine=engine)
+    recipe = check_options(tier, trainings, defenses, seeds, model=model, epochs=epochs, device=device, engine=engine,
+                           method=method)
     spec = parse_relabel(relabel) if isinstance(relabel, (str, os.PathLike)) else relabel  # a bad map fails early
     # The loading phase's lines (the cells' come from verify_sets; under torchrun rank 0 alone prints)
     # are held until every folder loaded, so a refused folder stays one line on stderr.
@@ -588,18 +669,22 @@ def verify_folder(
 
     def load(name: str, root: str | os.PathLike, csv: str | os.PathLike | None, **kw: Any) -> TensorSet:
         t0 = time.perf_counter()
-        data = load_folder(root, csv, max_per_class=max_per_class, name=name, **kw)
+        data = load_folder(root, csv, name=name, **kw)
         loaded.append(f"verify: loaded the {name} folder {root}: {_count(len(data), 'image')} in "
                       f"{len(data.classes)} classes ({_duration(time.perf_counter() - t0)})")
         return data
 
     protected_dir = Path(protected_dir)
-    protected = load("protected", protected_dir, labels_csv)
+    protected = load("protected", protected_dir, labels_csv, max_per_class=max_per_class)
     labelling = spec.resolve(protected.classes) if isinstance(spec, RelabelSpec) else spec  # before the other sets
     test = load("test", test_dir, test_labels_csv, classes=protected.classes, expected_name="protected")
+    val = None
+    if val_dir is not None:
+        val = load("validation", val_dir, test_labels_csv, classes=protected.classes, expected_name="protected")
     clean = None
     if clean_dir is not None:
-        clean = load("clean", clean_dir, labels_csv, classes=protected.classes, expected_name="protected")
+        clean = load("clean", clean_dir, labels_csv, classes=protected.classes, expected_name="protected",
+                     max_per_class=max_per_class)
         if len(clean) != len(protected):
             log.warning("clean folder has %d images, protected folder %d: the baseline trains on a "
                         "different amount of data", len(clean), len(protected))
@@ -615,7 +700,8 @@ def verify_folder(
     cert = verify_sets(
         protected, test, clean, tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds,
         device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
-        progress=progress, fresh=fresh, relabel=labelling, engine=engine,
+        progress=progress, fresh=fresh, relabel=labelling, engine=engine, val=val, allow_overlap=allow_overlap,
+        method=method if method is not None else recorded_method(protected_dir),
     )
     if out is not None:
         cert["report_dir"] = str(out)

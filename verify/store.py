@@ -6,9 +6,11 @@ and of the test data (the numbers are test accuracies; a set relabelled for the 
 ``--relabel``, has a hash that also covers the map, :mod:`verify.relabel`, so cells and baselines
 trained on other labels are never reused), every recipe field but the free-text
 description, the training regime with its eps and its attack (method, steps, step size, model
-mode), the defense with its parameters, the seed, and a format version (:data:`CACHE_VERSION`,
-raised when results gain fields: version 2 added balanced accuracy and AUC, so files of older
-versions are never reused and those cells are trained again). A changed input or option
+mode), the defense with its parameters, the seed, the validation set that chose the epoch, the
+versions of this project and of torch (code that trains differently never reuses older numbers),
+and a format version (:data:`CACHE_VERSION`, raised when results gain fields or change meaning:
+version 2 added balanced accuracy and AUC, version 3 the validation-chosen epoch and the test
+predictions, so files of older versions are never reused and those cells are trained again). A changed input or option
 therefore never reuses a stale result. Files are written atomically (a temporary file, fsync,
 rename), so a run killed at any moment leaves only whole files; an unreadable file is ignored with
 a warning and the cell is trained again.
@@ -19,7 +21,7 @@ a warning and the cell is trained again.
   clean), written as it finishes, so a run that is interrupted (Ctrl-C, kill -9, a lost machine)
   and started again with the same command trains only the cells that were missing.
 
-Not in the key: the device, the number of processes and the library versions. A cell trained on
+Not in the key: the device, the number of processes and the other library versions. A cell trained on
 a GPU, or under torchrun, is reused by a rerun on a CPU (the certificate records where each cell
 was trained, under ``per_seed[].device``).
 """
@@ -44,9 +46,23 @@ __all__ = ["CACHE_VERSION", "CELL_SCHEMA", "BaselineCache", "CellStore", "cell_k
 
 log = logging.getLogger(__name__)
 
-#: Format version in every key. 2: results carry balanced accuracy and AUC; version-1 files (without
-#: them) are never looked up again, so cells and baselines saved by older versions train again.
-CACHE_VERSION = 2
+#: Format version in every key. 2: results carry balanced accuracy and AUC; 3: the epoch chosen on
+#: validation and the test predictions. Files of older versions are never looked up again, so cells
+#: and baselines saved by older versions train again.
+CACHE_VERSION = 3
+
+
+def _versions() -> dict[str, str | None]:
+    """The versions of this project and of torch, part of every key."""
+    from importlib import metadata
+
+    import torch
+
+    try:
+        protect = metadata.version("protect")
+    except metadata.PackageNotFoundError:
+        protect = None
+    return {"protect": protect, "torch": torch.__version__}
 CELL_SCHEMA = "protect.verify-cell/1"
 
 
@@ -56,22 +72,37 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "protect" / "baselines"
 
 
-def _recipe_fields(recipe: Recipe) -> dict:
-    fields = recipe.to_dict()
-    fields.pop("description", None)
+def _recipe_fields(recipe: Recipe, training: Training) -> dict:
+    """The fields of the recipe ``training``'s cell trains with (the adversarial trainer's own model
+    and epochs for AT, :meth:`Recipe.for_training`), so the AT learner never changes an ERM key."""
+    fields = recipe.for_training(training).to_dict()
+    for name in ("description", "at_model", "at_epochs"):
+        fields.pop(name, None)
     return fields
 
 
+def _learner_id(learner: str | None) -> list | None:
+    """A pretrained learner's canonical backbone spec and weights SHA-256 (None for the tier's model)."""
+    if learner is None:
+        return None
+    from .learners import learner_info
+
+    info = learner_info(learner)
+    return [info["kind"], info["backbone"], info["weights_sha256"]]
+
+
 def cell_key(train: TensorSet, test: TensorSet, recipe: Recipe, training: Training, defense: Any, seed: int,
-             role: str | None = None) -> str:
+             role: str | None = None, val: TensorSet | None = None) -> str:
     """sha256 hex of everything that determines one trained cell (see module doc). ``defense``: a
     Defense (its name and parameters are hashed) or a name; ``role``: ``"protected"``/``"clean"``
-    for the cells of a report (None: the baseline cache's historic key layout)."""
+    for the cells of a report (None: the baseline cache's key layout); ``val``: the validation
+    set that chose the epoch (None: the test set chose)."""
     name = getattr(defense, "name", defense)
     payload: dict[str, Any] = {
-        "version": CACHE_VERSION, "clean": train.sha256, "test": test.sha256, "recipe": _recipe_fields(recipe),
+        "version": CACHE_VERSION, "clean": train.sha256, "test": test.sha256, "recipe": _recipe_fields(recipe, training),
         "training": [training.name, training.norm, training.eps], "attack": recipe.attack(training),
-        "defense": name, "seed": seed,
+        "learner": _learner_id(training.learner),
+        "defense": name, "seed": seed, "val": val.sha256 if val is not None else None, "versions": _versions(),
     }
     if role is not None:
         params = {k: v for k, v in vars(defense).items() if not k.startswith("_")} if not isinstance(defense, str) else {}

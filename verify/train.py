@@ -1,11 +1,15 @@
 """Train one verification cell: a fresh surrogate on (protected) training data, tested every epoch.
 
 One *cell* = one model trained from scratch with one training regime (ERM, L-inf AT, L2 AT, see
-:mod:`verify.recipes`) and one defense (:mod:`verify.defenses`), evaluated on the clean test set after
-every epoch. It reports the test-accuracy curve, its final and peak value (some protections leak early
-and recover later, so the peak matters), the same for balanced accuracy and macro AUC
-(:mod:`verify.metrics`, for imbalanced test sets), and the running accuracy on the training batches of
-the last epoch as the model saw them (augmented, defended, and adversarial under AT).
+:mod:`verify.recipes`) and one defense (:mod:`verify.defenses`). After every epoch the model is scored
+on the validation images (a keyed split of the test set, or ``--val``, :mod:`verify.uncertainty`);
+the epoch with the best validation score is the *selected* epoch, and the cell reports the clean test
+accuracy (with balanced accuracy, macro AUC and every test prediction, :mod:`verify.metrics`) of the
+model at that epoch. Choosing the epoch with the test labels themselves (the *peak*) is optimistic:
+a model at chance level reaches a high peak on a small test set by luck; the peak is kept as a
+second, labelled number (the *oracle*). The cell also reports the running accuracy on the training
+batches of the last epoch as the model saw them (augmented, defended, and adversarial under AT), and
+under fast AT the catastrophic-overfitting guard's PGD accuracy on a training batch (Wong et al. 2020).
 
 Speed (the quick tier must train 10 epochs on 10k 32x32 images in about a minute on 2 CPU cores):
 
@@ -58,12 +62,25 @@ log = logging.getLogger(__name__)
 class CellResult:
     """What one trained cell reports. Accuracies are fractions in [0, 1].
 
-    ``curve[i]`` is the test accuracy after epoch i+1, measured on ``curve_n[i]`` test images (the
-    whole set, or the recipe's ``eval_subset``); ``final_acc`` and ``peak_acc`` are always
-    whole-test-set numbers (``peak_epoch`` is 1-based). ``curve_balanced`` and ``curve_auc`` are the
-    balanced accuracy and macro AUC of the same evaluations, with their own final and peak values
-    (each metric peaks at its own epoch; AUC is None where no class had positives and negatives).
-    Results saved before these metrics existed load with them None.
+    **The reported numbers** ``acc``, ``balanced_acc`` and ``auc`` are test-set scores at
+    ``selected_epoch`` (1-based), the epoch with the best validation score (``selection``:
+    ``"validation"``, from ``n_val`` validation images; ``"test"`` when no validation set was given,
+    so the test labels chose: optimistic). ``val_curve`` / ``val_curve_balanced``: the validation
+    scores of every epoch. ``test_pred``: the predicted class of every test image at the selected
+    epoch (for bootstrap intervals, :mod:`verify.uncertainty`).
+
+    **The oracle** (chosen with the test labels, kept as a second, labelled number): ``curve[i]`` is
+    the test accuracy after epoch i+1, or None where the test set was not scored that epoch (the
+    quick tier scores it at the selected and the last epoch only; ``curve_n[i]`` is the number of
+    test images, 0 there); ``peak_acc`` is the best of them (``peak_epoch``, 1-based) and
+    ``final_acc`` the last epoch's. ``curve_balanced`` and ``curve_auc`` are the balanced accuracy
+    and macro AUC of the same evaluations, with their own final and peak values (each metric peaks at
+    its own epoch; AUC is None where no class had positives and negatives).
+
+    ``guard_pgd_acc``: under fast AT, the PGD accuracy on a fixed training batch after every epoch
+    (the catastrophic-overfitting guard); ``guard_fired_epoch``: the epoch where it fell by more than
+    :data:`CO_DROP` (training stopped there and kept the epoch before), else None. ``epochs`` is the
+    number of epochs the result comes from.
     """
 
     training: str
@@ -89,6 +106,17 @@ class CellResult:
     peak_balanced_epoch: int | None = None
     final_auc: float | None = None
     peak_auc: float | None = None
+    selected_epoch: int | None = None
+    acc: float | None = None
+    balanced_acc: float | None = None
+    auc: float | None = None
+    selection: str = "test"
+    n_val: int = 0
+    val_curve: list[float] = field(default_factory=list)
+    val_curve_balanced: list[float] = field(default_factory=list)
+    test_pred: list[int] = field(default_factory=list)
+    guard_pgd_acc: list[float] = field(default_factory=list)
+    guard_fired_epoch: int | None = None
 
     @property
     def has_medical_metrics(self) -> bool:
@@ -121,6 +149,25 @@ class EpochInfo:
 
 
 ProgressFn = Callable[[EpochInfo], None]
+
+#: The catastrophic-overfitting guard of fast AT: PGD on CO_BATCH fixed training images after every
+#: epoch (CO_STEPS steps of eps/4); a fall of more than CO_DROP from the epoch before fires it. Wong
+#: et al. (2020) check PGD accuracy on a training batch each epoch and stop at a drop of 0.2.
+CO_BATCH, CO_STEPS, CO_DROP = 256, 5, 0.2
+
+
+def _pgd_accuracy(net: nn.Module, x: Tensor, y: Tensor, attack: dict, g: torch.Generator, autocast) -> float:
+    """Accuracy of ``net`` (in eval mode, restored after) on PGD examples of ``x`` at the attack's norm and eps."""
+    was_training = net.training
+    net.eval()
+    try:
+        with autocast():
+            xa = attacks.pgd(net, x, y, attack["eps"], steps=CO_STEPS, step_size=attack["eps"] / 4,
+                             norm=attack["norm"], generator=g)
+        with torch.no_grad(), autocast():
+            return float((net(xa).argmax(1) == y).float().mean())
+    finally:
+        net.train(was_training)
 
 
 def _subseed(seed: int, purpose: str) -> int:
@@ -236,17 +283,21 @@ def train_cell(
     device: str | torch.device = "cpu",
     progress: ProgressFn | bool | None = None,
     label: str | None = None,
+    val: TensorSet | None = None,
 ) -> CellResult:
     """Train ``recipe.model`` from scratch on ``train`` under ``training`` and ``defense``; test on
     ``test`` after every epoch.
 
     ``progress``: None/False (silent), True (a tqdm bar per cell with ETA, loss and accuracies), or a
     callable receiving an :class:`EpochInfo` after every epoch. ``label`` names the cell in progress
-    output (default ``"<training>/<defense>"``). Returns a :class:`CellResult`.
+    output (default ``"<training>/<defense>"``). ``val``: the validation images that choose the
+    reported epoch (same classes and size; None: the test images choose, the oracle). Returns a
+    :class:`CellResult`.
     """
     started = time.perf_counter()
     if isinstance(training, str):
         training = parse_training(training, recipe)
+    recipe = recipe.for_training(training)  # the adversarial trainer's own model and epochs, where set
     dfn = defense_registry.get(defense) if isinstance(defense, str) else defense
     dev = resolve_device(device)
     _check_pair(train, test)
@@ -269,7 +320,12 @@ def train_cell(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = create_model(recipe.model, num_classes, in_channels=int(c), image_size=int(max(h, w)))
+        if training.learner is not None:  # a pretrained backbone with a new head (verify.learners)
+            from .learners import build_learner
+
+            model = build_learner(training.learner, num_classes, int(c))
+        else:
+            model = create_model(recipe.model, num_classes, in_channels=int(c), image_size=int(max(h, w)))
     if recipe.normalize:
         if hasattr(model, "set_normalization"):
             xf = train.x.float().div(255)
@@ -292,6 +348,9 @@ def train_cell(
         x, y_soft = _apply_static(dfn, x, y, num_classes, g_def, recipe.eval_batch_size)
     pad = round(recipe.crop_padding * max(h, w) / 32) if recipe.crop_padding else 0
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad)).contiguous()  # N x H+2p x W+2p x C
+    # A random defense that its reference applies before the crop (RSK+FF) sees the whole images.
+    before_crop = bool(getattr(dfn, "before_crop", False)) and not dfn.static
+    x_whole = x if before_crop else None
     del x
     x_test = test.x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
     y_test = test.y.to(dev, non_blocking=True)
@@ -302,7 +361,8 @@ def train_cell(
         raise ConfigError(f"batch size {bs} is too small to split across {world} processes")
     # A last batch with fewer than 2 images per process is dropped (BatchNorm needs 2).
     steps = n // bs + (1 if n % bs >= 2 * world else 0)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+    lr = recipe.lr * float(getattr(net, "lr_scale", 1.0))  # fine-tuning a pretrained learner: smaller steps
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe, steps))
     attack = recipe.attack(training)
@@ -320,24 +380,46 @@ def train_cell(
         finally:
             net.train()
 
-    # Evaluation set per epoch: everything, or a fixed subset (the same in every cell; see Recipe).
+    # Model selection (see the module doc): every epoch is scored on the validation images, the epoch
+    # with the best validation score is the one reported, measured on the test images. Without
+    # ``val`` the test images select too (the oracle: an optimistic choice). With ``eval_subset``
+    # (quick tier) the validation images are capped at that many (a fixed subset) and a test set
+    # larger than that is scored only at the selected and the last epoch (from a saved copy of the weights).
     n_test = x_test.shape[0]
-    if recipe.eval_subset is not None and recipe.eval_subset < n_test:
-        g_eval = torch.Generator().manual_seed(_subseed(0, "eval-subset"))
-        sub = torch.randperm(n_test, generator=g_eval)[: recipe.eval_subset].sort().values.to(dev)
-        x_eval, y_eval = x_test[sub].contiguous(memory_format=torch.channels_last), y_test[sub]
+    if val is not None:
+        check_same_classes(val.classes, train.classes, "validation", "train")
+        x_val = val.x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y_val = val.y.to(dev, non_blocking=True)
     else:
-        x_eval, y_eval = x_test, y_test
-    subset_eval = x_eval.shape[0] < n_test
-    # The best subset epoch is picked by the metric the score will use on this test set.
+        x_val, y_val = x_test, y_test
+    if recipe.eval_subset is not None and recipe.eval_subset < x_val.shape[0]:
+        g_eval = torch.Generator().manual_seed(_subseed(0, "eval-subset"))
+        sub = torch.randperm(x_val.shape[0], generator=g_eval)[: recipe.eval_subset].sort().values.to(dev)
+        x_val, y_val = x_val[sub].contiguous(memory_format=torch.channels_last), y_val[sub]
+    test_every_epoch = recipe.eval_subset is None or n_test <= recipe.eval_subset  # small test sets: every epoch
+    val_is_test = x_val is x_test
+    # The epoch is chosen by the metric the score will use on this test set.
     metric, _ = score_basis(test.counts())
-    best_sub, best_state, best_epoch = -1.0, None, -1
+    best_val, best_state, best_epoch = -1.0, None, -1
+    # Catastrophic-overfitting guard of fast AT (Wong et al. 2020): PGD accuracy on a fixed training
+    # batch after every epoch; a fall of more than CO_DROP restores the previous epoch and stops.
+    guard = attack.get("method") in ("fgsm_rs", "fgsm_rs_l2")
+    guard_acc: list[float] = []
+    guard_fired: int | None = None
+    prev_state: dict | None = None
+    if guard:
+        g_guard = torch.Generator().manual_seed(_subseed(seed, "co-guard"))
+        gi = torch.randperm(n, generator=g_guard)[: min(CO_BATCH, n)].to(dev)
+        x_guard = xp[gi, pad:pad + h, pad:pad + w].permute(0, 3, 1, 2).float().div_(255)
+        x_guard = x_guard.contiguous(memory_format=torch.channels_last)
+        y_guard = y[gi]
+        g_guard_att = torch.Generator(device=dev).manual_seed(_subseed(seed, "co-guard-attack"))
 
     main = rank == 0
     bar = _tqdm_progress(label, recipe.epochs) if progress is True and main else None
     callback = progress if callable(progress) and main else None
-    evals: list[EvalResult] = []
-    curve_n: list[int] = []
+    evals: list[EvalResult | None] = []  # test-set scores (None at epochs scored on validation only)
+    val_evals: list[EvalResult] = []
     epoch_s: list[float] = []
     train_acc = train_loss = 0.0
     try:
@@ -347,11 +429,18 @@ def train_cell(
             stats = torch.zeros(3, device=dev)  # loss sum, correct, seen (exact in float32 up to 2^24 images)
             for s in range(steps):
                 idx = perm[s * bs:(s + 1) * bs][rank::world]
-                xb = _crop_flip(xp, idx, (h, w), pad, recipe.flip, g_aug).float().div_(255)
                 idx_d = idx.to(dev, non_blocking=True)
                 yb = y[idx_d]
                 ysb = y_soft[idx_d] if y_soft is not None else None
-                if not dfn.static:
+                if x_whole is not None:
+                    xw, ysb = dfn(x_whole[idx_d].float().div_(255),
+                                  ysb if ysb is not None else F.one_hot(yb, num_classes).float(), g_def)
+                    xwp = F.pad(xw.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))
+                    xb = _crop_flip(xwp, torch.arange(xw.shape[0]), (h, w), pad, recipe.flip, g_aug)
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                else:
+                    xb = _crop_flip(xp, idx, (h, w), pad, recipe.flip, g_aug).float().div_(255)
+                if not dfn.static and x_whole is None:
                     xb, ysb = dfn(xb, ysb if ysb is not None else F.one_hot(yb, num_classes).float(), g_def)
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 target = ysb if ysb is not None else yb
@@ -387,18 +476,28 @@ def train_cell(
                 raise ConfigError(
                     f"cell {label}: training diverged (loss {train_loss}) in epoch {epoch + 1}; lower the learning rate"
                 )
+            if guard:
+                guard_acc.append(_pgd_accuracy(net, x_guard, y_guard, attack, g_guard_att, autocast))
+                if len(guard_acc) > 1 and guard_acc[-1] < guard_acc[-2] - CO_DROP:
+                    guard_fired = epoch + 1
+                    log.warning("%s: catastrophic overfitting in epoch %d (PGD accuracy on a training batch %.2f -> "
+                                "%.2f): keeping epoch %d and stopping", label, epoch + 1, guard_acc[-2],
+                                guard_acc[-1], epoch)
+                    assert prev_state is not None
+                    net.load_state_dict(prev_state)
+                    break
+                prev_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             last = epoch == recipe.epochs - 1
-            if last or not subset_eval:
-                ev = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
-                curve_n.append(n_test)
-            else:
-                ev = evaluate_metrics(net, x_eval, y_eval, recipe.eval_batch_size, autocast)
-                curve_n.append(x_eval.shape[0])
-                if ev.get(metric) > best_sub:
-                    best_sub, best_epoch = ev.get(metric), epoch
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            ev_val = evaluate_metrics(net, x_val, y_val, recipe.eval_batch_size, autocast)
+            val_evals.append(ev_val)
+            ev = None
+            if test_every_epoch or last:
+                ev = ev_val if val_is_test else evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
+            if ev_val.get(metric) > best_val:
+                best_val, best_epoch = ev_val.get(metric), epoch
+                best_state = None if ev is not None else {k: v.detach().clone() for k, v in net.state_dict().items()}
             evals.append(ev)
-            acc = ev.accuracy
+            acc = (ev or ev_val).accuracy
             epoch_s.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
             eta = (recipe.epochs - epoch - 1) * (sum(epoch_s) / len(epoch_s))
@@ -407,31 +506,40 @@ def train_cell(
                 bar.update(1)
             if callback is not None:
                 callback(EpochInfo(label, epoch + 1, recipe.epochs, train_loss, train_acc, acc, elapsed, eta,
-                                   ev.balanced_accuracy, ev.auc))
+                                   (ev or ev_val).balanced_accuracy, (ev or ev_val).auc))
             log.debug("%s epoch %d/%d loss %.4f train %.4f test %.4f (%.1fs)", label, epoch + 1,
                       recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
-        if best_state is not None and best_sub > evals[-1].get(metric) - 0.01:
-            # The best subset epoch may beat the final one: re-score it on the whole test set.
+        if evals[-1] is None:  # the guard stopped before an epoch whose test score was due: the kept one
+            evals[-1] = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
+        if evals[best_epoch] is None:  # the selected epoch: re-score its saved weights on the test set
+            assert best_state is not None
             net.load_state_dict(best_state)
             evals[best_epoch] = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
-            curve_n[best_epoch] = n_test
     finally:
         if bar is not None:
             bar.close()
 
-    # Peaks only over whole-test-set evaluations; each metric at its own epoch.
-    full = [i for i, k in enumerate(curve_n) if k == n_test]
-    curve = [e.accuracy for e in evals]
-    curve_bal = [e.balanced_accuracy for e in evals]
-    curve_auc = [e.auc for e in evals]
+    # The reported numbers at the selected epoch; the oracle peaks over the test evaluations, each
+    # metric at its own epoch; curves on the test set where it was scored (None elsewhere).
+    full = [i for i, e in enumerate(evals) if e is not None]
+    curve = [None if e is None else e.accuracy for e in evals]
+    curve_bal = [None if e is None else e.balanced_accuracy for e in evals]
+    curve_auc = [None if e is None else e.auc for e in evals]
     peak_epoch = max(full, key=lambda i: curve[i])
     peak_bal_epoch = max(full, key=lambda i: curve_bal[i])
     aucs = [curve_auc[i] for i in full if curve_auc[i] is not None]
+    chosen = evals[best_epoch]
+    assert chosen is not None and chosen.pred is not None
     return CellResult(
         training=training.name, defense=dfn.name, seed=seed, curve=curve, final_acc=curve[-1],
         peak_acc=curve[peak_epoch], peak_epoch=peak_epoch + 1, train_acc=train_acc, train_loss=train_loss,
-        wall_s=time.perf_counter() - started, epochs=recipe.epochs, epoch_s=epoch_s, curve_n=curve_n,
-        n_train=n, n_test=len(test), device=str(dev), curve_balanced=curve_bal, curve_auc=curve_auc,
+        wall_s=time.perf_counter() - started, epochs=len(evals), epoch_s=epoch_s,
+        curve_n=[0 if e is None else n_test for e in evals], n_train=n, n_test=len(test), device=str(dev),
+        curve_balanced=curve_bal, curve_auc=curve_auc,
         final_balanced_acc=curve_bal[-1], peak_balanced_acc=curve_bal[peak_bal_epoch],
         peak_balanced_epoch=peak_bal_epoch + 1, final_auc=curve_auc[-1], peak_auc=max(aucs) if aucs else None,
+        selected_epoch=best_epoch + 1, acc=chosen.accuracy, balanced_acc=chosen.balanced_accuracy, auc=chosen.auc,
+        selection="validation" if val is not None else "test", n_val=int(x_val.shape[0]),
+        val_curve=[e.accuracy for e in val_evals], val_curve_balanced=[e.balanced_accuracy for e in val_evals],
+        test_pred=chosen.pred.cpu().tolist(), guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
     )

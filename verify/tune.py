@@ -253,9 +253,8 @@ def _remove(paths: Sequence[Path]) -> None:
 def _no_score_reason(cert: dict, subset: Subset) -> str:
     """Why a certified candidate has no score (the verdict's baseline is not above chance)."""
     verdict = cert.get("verdict") or {}
-    best = verdict.get("best_attacker") or {}
     balanced = cert.get("score_metric") == "balanced_accuracy"
-    base = best.get("baseline_peak_balanced_acc" if balanced else "baseline_peak_acc")
+    base = (verdict.get("reference") or {}).get("balanced_acc" if balanced else "acc")
     chance = cert.get("score_chance", verdict.get("score_chance"))
     if base is None or chance is None:
         return "no clean baseline was trained"
@@ -270,9 +269,9 @@ def _no_score_reason(cert: dict, subset: Subset) -> str:
 def _baselines_at_chance(cert: dict) -> bool:
     """True when no cell's clean baseline is above chance: then no candidate can get a score (the
     baselines are the same for every candidate)."""
-    from .certificate import PEAK_FIELD
+    from .certificate import SCORE_FIELD
 
-    peak = PEAK_FIELD.get(cert.get("score_metric", "accuracy"), "peak_acc")
+    peak = SCORE_FIELD.get(cert.get("score_metric", "accuracy"), "acc")
     chance = cert.get("score_chance")
     cells = cert.get("cells") or []
     bases = [(c.get("clean") or {}).get(peak) for c in cells]

@@ -160,8 +160,8 @@ def test_bdr_four_levels() -> None:
     xo, _ = run("bdr", smooth_batch())
     for ch in range(3):
         values = torch.unique(xo[:, ch])
-        assert len(values) <= 4
-        assert torch.allclose(values * 3, (values * 3).round(), atol=1e-6)
+        assert len(values) <= 4  # the top 2 bits: 0, 64, 128, 192 of 255
+        assert torch.allclose(values * 255 / 64, (values * 255 / 64).round(), atol=1e-5) and values.max() < 0.76
 
 
 def test_blur_smooths() -> None:
@@ -247,17 +247,22 @@ def test_coin_wraps_around_like_the_reference() -> None:
 
 
 def test_rskff_removes_high_band() -> None:
+    """The filtered image is the valid convolution's 30 x 30 (at 32 px): its DCT keeps int(0.3 x 30) = 9
+    frequencies per axis; the 1-pixel border around it is a replicated copy."""
     x = 0.4 + 0.2 * smooth_batch(n=4, size=32)  # low contrast: sharpening never leaves [0, 1]
     xo, _ = run("rskff", x)
-    d = dct_matrix(32, xo.device, torch.float64)
-    coef = d @ xo.double() @ d.T
-    kh, kw = lowpass_band(32, 32, 0.3)
-    assert (kh, kw) == (10, 10)
-    band = torch.ones(32, 32, dtype=torch.bool)
+    inner = xo[..., 1:-1, 1:-1]
+    d = dct_matrix(30, xo.device, torch.float64)
+    coef = d @ inner.double() @ d.T
+    kh, kw = lowpass_band(30, 30, 0.3)
+    assert (kh, kw) == (9, 9)  # int(0.3 x 30), as the reference
+    band = torch.ones(30, 30, dtype=torch.bool)
     band[:kh, :kw] = False
-    assert ((xo > 0) & (xo < 1)).all()  # so clamping added no energy
+    assert ((inner > 0) & (inner < 1)).all()  # so clamping added no energy
     assert coef[..., band].abs().max() < 1e-5
     assert coef[..., ~band].abs().sum() > 1
+    assert torch.equal(xo[..., 0, 1:-1], xo[..., 1, 1:-1]) and torch.equal(xo[..., -1, 1:-1], xo[..., -2, 1:-1])
+    assert torch.equal(xo[..., :, 0], xo[..., :, 1]) and torch.equal(xo[..., :, -1], xo[..., :, -2])
 
 
 def test_dct_orthonormal() -> None:
@@ -279,3 +284,140 @@ def test_ueraser_each_op() -> None:
                 assert diff < 2e-3, kind
             else:
                 assert diff > 2e-3, f"{kind} at magnitude {m} changes nothing"
+
+
+def test_bdr_posterises_like_pil() -> None:
+    """ISS's bit-depth reduction truncates the 8-bit value (PIL ImageOps.posterize), it does not round."""
+    from PIL import ImageOps
+
+    arr = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
+    for bits in (1, 2, 4):
+        xo, _ = run("bdr", x, bits=bits)
+        got = (xo[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, np.asarray(ImageOps.posterize(Image.fromarray(arr), bits)))
+
+
+def test_rskff_follows_its_reference() -> None:
+    """A plus-shaped kernel (corners 0) summing to 1 without spread, a valid convolution clamped to
+    [0, 1], int(0.3 x 32) = 9 DCT frequencies kept, applied before the crop; differences named."""
+    rsk = defenses.get("rskff")
+    assert rsk.before_crop and rsk.differences
+    assert lowpass_band(32, 32, 0.3) == (9, 9) and lowpass_band(28, 28, 0.3) == (8, 8)
+    # a constant image through an exact kernel (no spread): unchanged, so the weights sum to 1
+    flat = torch.full((2, 3, 32, 32), 0.4)
+    out, _ = run("rskff", flat, centre_std=0.0)
+    torch.testing.assert_close(out, flat, atol=1e-5, rtol=0)
+    # one darker pixel on grey: a plus-shaped kernel leaves the diagonal neighbours at 0.5 (an
+    # 8-neighbour kernel would move them), the 4 arms get 0.5 + 0.2 x (2.5 - 1) / 4 = 0.575
+    dot = torch.full((1, 1, 9, 9), 0.5)
+    dot[..., 4, 4] = 0.3
+    out, _ = run("rskff", dot, centre_std=0.0, keep=1.0)
+    assert out[0, 0, 3, 3] == pytest.approx(0.5, abs=1e-6) and out[0, 0, 5, 5] == pytest.approx(0.5, abs=1e-6)
+    assert out[0, 0, 3, 4] == pytest.approx(0.575, abs=1e-6) and out[0, 0, 4, 5] == pytest.approx(0.575, abs=1e-6)
+    assert out[0, 0, 4, 4] == pytest.approx(0.0, abs=1e-6)  # 2.5 x 0.3 - 4 x 0.375 x 0.5 < 0: clamped
+    x = 0.4 + 0.2 * smooth_batch(n=4, size=32)
+    xo, _ = run("rskff", x)
+    d = dct_matrix(30, xo.device, torch.float64)  # the valid convolution's 30 x 30, filtered before padding
+    coef = d @ xo[..., 1:-1, 1:-1].double() @ d.T
+    assert coef[..., 9:, :].abs().max() < 1e-5 and coef[..., :, 9:].abs().max() < 1e-5
+    assert coef[..., 8, :9].abs().sum() > 0
+
+
+def test_ueraser_uses_its_trainers_ranges_and_the_color_op() -> None:
+    ue = defenses.get("ueraser")
+    assert ue.ROUGHNESS == (0.3, 0.7) and ue.INTENSITY == (0.5, 1.0) and "color" in ue.OPS
+    x = smooth_batch(n=2, size=16)
+    k = ue.OPS.index("color")
+    gray_out = ue._trivial_augment(x, torch.Generator(), torch.full((2,), k), torch.zeros(2))  # factor 0.1
+    sat = (gray_out - gray_out.mean(1, keepdim=True)).abs().mean()
+    assert sat < 0.2 * (x - x.mean(1, keepdim=True)).abs().mean()  # nearly grey
+    grey = x.mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+    same = ue._trivial_augment(grey, torch.Generator(), torch.full((2,), k), torch.ones(2))
+    torch.testing.assert_close(same, grey, atol=1e-5, rtol=0)  # a grey image has no colour to change
+
+
+def test_every_defense_names_its_differences() -> None:
+    """``differences``: a tuple of plain sentences (empty when the defense matches its reference);
+    ``before_crop`` only on the random defense whose reference filters before the crop (RSK+FF)."""
+    for name in ALL:
+        d = defenses.get(name)
+        assert isinstance(d.differences, tuple) and all(isinstance(s, str) and s.strip() for s in d.differences), name
+        assert all(not s.endswith(".") and "\n" not in s for s in d.differences), name
+        assert isinstance(d.before_crop, bool) and not (d.before_crop and d.static), name
+    assert {n for n in ALL if defenses.get(n).before_crop} == {"rskff"}
+    assert defenses.get("none").differences == () and defenses.get("bdr").differences == ()
+    assert defenses.get("jpeg10").differences == ()
+    assert defenses.Defense.before_crop is False and defenses.Defense.differences == ()
+
+
+def test_rskff_kernels_follow_the_reference() -> None:
+    """The reference draws c ~ N(2.5, 0.1) and every one of the 4 neighbours ~ N(-(c - 1) / 4, 0.1)
+    independently; corners stay 0 (a plus-shaped kernel, not 8 equal neighbours)."""
+    k = defenses.get("rskff")._kernels(20000, torch.Generator().manual_seed(0)).double()
+    corners = k[:, [0, 0, 2, 2], [0, 2, 0, 2]]
+    assert (corners == 0).all()
+    centre = k[:, 1, 1]
+    arms = torch.stack([k[:, 0, 1], k[:, 2, 1], k[:, 1, 0], k[:, 1, 2]], 1)
+    assert abs(centre.mean() - 2.5) < 0.005 and abs(centre.std() - 0.1) < 0.005
+    dev = arms + (centre.view(-1, 1) - 1) / 4  # each arm's own draw around -(c - 1) / 4
+    assert dev.mean().abs() < 0.005 and (dev.std(0) - 0.1).abs().max() < 0.005
+    corr = torch.corrcoef(dev.T)
+    assert (corr - torch.eye(4, dtype=corr.dtype)).abs().max() < 0.05  # drawn independently
+    assert abs(k.sum((1, 2)).mean() - 1) < 0.005  # sums to 1 on average
+    exact = defenses.get("rskff", centre_std=0.0)._kernels(3, torch.Generator())
+    torch.testing.assert_close(exact.sum((1, 2)), torch.ones(3))
+
+
+def test_rskff_matches_its_reference_pipeline() -> None:
+    """Recomputed independently in float64 numpy, as the reference does it per image: a valid 3 x 3
+    convolution clamped to [0, 1] (32 -> 30 px), an orthonormal 2-D DCT-II keeping int(30 x 30 / 100) = 9
+    rows and columns, the inverse DCT clamped to [0, 1]. The defense returns that 30 x 30 in the middle
+    of a 32 x 32 whose border is replicated."""
+    n, c, size = 3, 3, 32
+    x = smooth_batch(n=n, c=c, size=size)  # full contrast: some sharpened pixels leave [0, 1] and clamp
+    rsk = defenses.get("rskff")
+    out, _ = rsk(x, onehot(n), generator=torch.Generator().manual_seed(7))
+    kernel = rsk._kernels(n, torch.Generator().manual_seed(7)).double().numpy()
+    src, v = x.double().numpy(), size - 2
+    sharp = np.zeros((n, c, v, v))
+    for a in range(3):
+        for b in range(3):
+            sharp += kernel[:, a, b].reshape(n, 1, 1, 1) * src[:, :, a : a + v, b : b + v]
+    sharp = np.clip(sharp, 0, 1)
+    assert ((sharp == 0) | (sharp == 1)).any()  # the clamp matters here
+    k = np.arange(v).reshape(-1, 1)
+    d = np.sqrt(2 / v) * np.cos(np.pi * (2 * np.arange(v).reshape(1, -1) + 1) * k / (2 * v))
+    d[0] /= np.sqrt(2)
+    keep = int(v * 30 / 100)
+    assert keep == 9
+    coef = d @ sharp @ d.T
+    coef[..., keep:, :] = 0
+    coef[..., :, keep:] = 0
+    ref = np.clip(d.T @ coef @ d, 0, 1)
+    got = out.double().numpy()
+    np.testing.assert_allclose(got[..., 1:-1, 1:-1], ref, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got[..., 0, 1:-1], got[..., 1, 1:-1])
+    np.testing.assert_array_equal(got[..., :, -1], got[..., :, -2])
+
+
+def test_ueraser_plasma_draws_use_its_trainers_ranges(monkeypatch) -> None:
+    """Roughness of both plasma maps ~ U(0.3, 0.7) and brightness intensity ~ U(0.5, 1.0) per image
+    (kornia's defaults U(0.1, 0.7) and U(0, 1) would fall outside). Flat fake maps isolate the draws:
+    brightness map 1 adds the intensity to a black image, contrast map 0.25 is the identity."""
+    seen: list[torch.Tensor] = []
+
+    def fake_diamond_square(shape, roughness, random_fn=None, device=None, dtype=None):
+        seen.append(torch.as_tensor(roughness).flatten().clone())
+        return torch.full(shape, 1.0 if len(seen) % 2 else 0.25, device=device, dtype=dtype)
+
+    monkeypatch.setattr(defenses, "diamond_square", fake_diamond_square)
+    monkeypatch.setattr(defenses.UEraserLite, "_trivial_augment", lambda self, x, g: x)
+    n = 256
+    out, _ = run("ueraser", torch.zeros(n, 3, 8, 8), onehot(n))
+    assert len(seen) == 2
+    rough = torch.cat(seen)
+    assert rough.min() >= 0.3 and rough.max() <= 0.7 and rough.min() < 0.32 and rough.max() > 0.68
+    intensity = out[:, 0, 0, 0]
+    assert torch.equal(out, intensity.view(n, 1, 1, 1).expand_as(out))
+    assert intensity.min() >= 0.5 and intensity.max() <= 1.0 and intensity.min() < 0.52 and intensity.max() > 0.98

@@ -41,9 +41,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         test = load_folder(SAMPLES / "test").select_classes(classes)
         # one evaluation of a fixed model, sharded over the two processes (compared with one process below)
         sharded = dataclasses.asdict(evaluate_metrics(_fixed_model(), test.x[:37], test.y[:37], batch_size=1))
+        sharded["pred"] = sharded["pred"].tolist()  # every prediction, gathered from both shards
         recipe = get_recipe("quick", epochs=3, batch_size=16)  # 5 steps per epoch, 15 per cell
         kw = {"tier": recipe, "trainings": "erm,linf", "defenses": "none,cutmix", "device": device,
-              "report_dir": Path(out) / f"report{rank}", "cache_dir": Path(out) / "cache", "progress": False}
+              "report_dir": Path(out) / f"report{rank}", "cache_dir": Path(out) / "cache", "progress": False, "seeds": 1}
         cert = vrun.verify_sets(train, test, train, **kw)
         # the same call again: rank 0 finds every cell saved and tells rank 1 (whose own report folder
         # is empty), so both skip the same cells; a rank deciding alone would deadlock or crash DDP

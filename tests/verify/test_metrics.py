@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import verify.run as vrun
+from perturbations.errors import RecordError
 from verify.certificate import build_certificate, cell_entry, load_certificate, save_certificate, score
 from verify.evaluation import evaluate_metrics
 from verify.metrics import (
@@ -181,21 +182,26 @@ def test_evaluate_metrics_matches_the_definitions() -> None:
 
 
 # -- certificate and report ------------------------------------------------------------------------
-def _run(defense: str, acc: list[float], bal: list[float], auc: list[float], seed: int = 0) -> CellResult:
+def _run(defense: str, acc: list[float], bal: list[float], auc: list[float], seed: int = 0,
+         chosen: int | None = None) -> CellResult:
+    """``chosen``: the (0-based) epoch validation chose; default the test peak of balanced accuracy."""
     peak = max(range(len(acc)), key=lambda i: acc[i])
     peak_b = max(range(len(bal)), key=lambda i: bal[i])
+    chosen = peak_b if chosen is None else chosen
     return CellResult("erm", defense, seed, acc, acc[-1], acc[peak], peak + 1, 0.99, 0.1, 1.0, len(acc),
                       [0.5] * len(acc), [33] * len(acc), 100, 33, "cpu", curve_balanced=bal, curve_auc=auc,
                       final_balanced_acc=bal[-1], peak_balanced_acc=bal[peak_b], peak_balanced_epoch=peak_b + 1,
-                      final_auc=auc[-1], peak_auc=max(auc))
+                      final_auc=auc[-1], peak_auc=max(auc), selected_epoch=chosen + 1, acc=acc[chosen],
+                      balanced_acc=bal[chosen], auc=auc[chosen], selection="validation", n_val=8)
 
 
 def _imbalanced_cert() -> dict:
     """A 25/8 test set: a protected model stuck near the majority class (high accuracy, balanced
-    accuracy about 1/2) and one with a lower accuracy but more balanced accuracy."""
+    accuracy about 1/2) and one with a lower accuracy but more balanced accuracy, whose validation
+    chose epoch 1 although its test peak is epoch 2 (the score uses the chosen epoch, the oracle the peak)."""
     clean = _run("none", [0.80, 0.85], [0.70, 0.80], [0.80, 0.90])
     stuck = _run("none", [0.76, 0.76], [0.50, 0.52], [0.55, 0.60])
-    learns = _run("grayscale", [0.70, 0.72], [0.65, 0.70], [0.70, 0.75])
+    learns = _run("grayscale", [0.70, 0.72], [0.65, 0.70], [0.70, 0.75], chosen=0)
     metric, chance = score_basis([8, 25])
     cells = [cell_entry("erm", d, [r], [clean], chance, baseline_defense="none", metric=metric)
              for d, r in (("none", stuck), ("grayscale", learns))]
@@ -217,18 +223,28 @@ def test_certificate_scores_balanced_accuracy_on_an_imbalanced_test_set(tmp_path
                 "curve_auc"} <= set(entry)
     assert stuck["protected"]["peak_balanced_acc"] == 0.52 and stuck["protected"]["final_auc"] == 0.6
     assert stuck["clean"]["curve_balanced_acc"] == [0.7, 0.8] and stuck["clean"]["peak_auc"] == 0.9
-    assert stuck["score"] == pytest.approx((0.8 - 0.52) / (0.8 - 0.5), abs=1e-4)
+    assert stuck["protected"]["balanced_acc"] == 0.52 and stuck["protected"]["auc"] == 0.6
+    assert stuck["effect"] == pytest.approx((0.8 - 0.52) / (0.8 - 0.5), abs=1e-4)
     assert stuck["score_metric"] == "balanced_accuracy" and stuck["balanced_accuracy_drop"] == pytest.approx(0.28)
+    assert learns["protected"]["selected_epoch"] == 1 and learns["protected"]["peak_balanced_acc"] == 0.70
+    assert learns["protected"]["balanced_acc"] == 0.65 and learns["protected"]["acc"] == 0.70
+    assert learns["effect"] == pytest.approx((0.8 - 0.65) / (0.8 - 0.5), abs=1e-4)  # the chosen epoch, not the peak
     v = cert["verdict"]  # the best attacker by balanced accuracy, not by accuracy (which favours 'stuck')
-    assert v["best_attacker"]["defense"] == "grayscale" and v["score"] == learns["score"]
+    assert v["best_attacker"]["defense"] == "grayscale" and v["score"] == learns["effect"]  # one regime: equal
+    assert v["score"] == pytest.approx((0.8 - 0.65) / (0.8 - 0.5), abs=1e-4) and v["reference"]["balanced_acc"] == 0.8
+    assert v["best_attacker"]["balanced_acc"] == 0.65 and v["best_attacker"]["peak_balanced_acc"] == 0.70
+    assert v["oracle"]["score"] == pytest.approx((0.8 - 0.7) / (0.8 - 0.5), abs=1e-4)  # from the test peaks
+    assert v["smallest_effect"]["defense"] == "grayscale" and v["smallest_effect"]["effect"] == learns["effect"]
     assert v["score_metric"] == "balanced_accuracy" and v["score_chance"] == 0.5
-    assert "peak clean-test balanced accuracy" in v["summary"] and "chance 50.0% = 1/K" in v["summary"]
+    assert "clean-test balanced accuracy" in v["summary"] and "chance 50.0% = 1/K" in v["summary"]
     back = load_certificate(save_certificate(cert, tmp_path / "c.json"))
     assert back == json.loads(json.dumps(cert))
     md = report_markdown(cert)
-    assert "the score uses **balanced accuracy**" in md and "protected balanced peak" in md
-    assert "| erm | 52.0% (clean 80.0%) · 0.93 | 70.0% (clean 80.0%) · 0.33 |" in md
-    assert "| 0.600 | 0.600 |" in md  # stuck's AUC peak and final
+    assert "the score uses **balanced accuracy**" in md and "protected balanced" in md
+    assert "| erm | 52.0% (clean 80.0%) · 0.93 | 65.0% (clean 80.0%) · 0.50 |" in md
+    assert "**Best attacker:** erm / grayscale" in md and "**Smallest effect:** erm / grayscale" in md
+    assert "Oracle score (epochs chosen with the test labels, optimistic): 0.33" in md
+    assert "| 52.0% | 0.600 | 85.0% | 80.0% | 0.900 |" in md  # stuck: balanced, AUC; clean: acc, balanced, AUC
 
 
 def _strip_new(obj):
@@ -236,7 +252,7 @@ def _strip_new(obj):
     new = {"peak_balanced_acc", "final_balanced_acc", "peak_auc", "final_auc", "curve_balanced_acc", "curve_auc",
            "peak_balanced_acc_std", "final_balanced_acc_std", "peak_auc_std", "final_auc_std", "peak_balanced_epoch",
            "score_metric", "score_chance", "score_chance_definition", "imbalance_rule", "balanced_accuracy_drop",
-           "baseline_peak_balanced_acc", "baseline_peak_auc"}
+           "baseline_peak_balanced_acc", "baseline_peak_auc", "balanced_acc", "balanced_acc_std", "auc", "auc_std"}
     if isinstance(obj, dict):
         return {k: _strip_new(v) for k, v in obj.items() if k not in new}
     if isinstance(obj, list):
@@ -244,9 +260,12 @@ def _strip_new(obj):
     return obj
 
 
-def test_old_certificates_still_load_and_render(tmp_path: Path) -> None:
+def test_certificates_without_the_optional_metrics_render_and_old_ones_are_refused(tmp_path: Path) -> None:
     old = _strip_new(json.loads(json.dumps(_imbalanced_cert())))
     path = tmp_path / "old.json"
+    path.write_text(json.dumps({**old, "schema": "protect.certificate/1"}))
+    with pytest.raises(RecordError, match="older version.*run protect verify again"):
+        load_certificate(path)  # version 1 meant other numbers (peaks, per-cell scores)
     path.write_text(json.dumps(old))
     cert = load_certificate(path)
     md = report_markdown(cert)
@@ -258,7 +277,7 @@ def test_old_certificates_still_load_and_render(tmp_path: Path) -> None:
                                    if "balanced" not in k and "auc" not in k})
     assert not legacy.has_medical_metrics and legacy.peak_auc is None
     cell = cell_entry("erm", "none", [legacy], [legacy], 0.5, metric="balanced_accuracy")
-    assert cell["score"] is None and cell["protected"]["curve_auc"] is None
+    assert cell["effect"] is None and cell["protected"]["curve_auc"] is None
     recipe = get_recipe("quick", epochs=1)
     bare = build_certificate(recipe=recipe, trainings=parse_trainings("erm", recipe), defenses=["none"], seeds=[0],
                              classes=["a", "b"], cells=[cell], data={}, device="cpu", wall_s=1.0)
@@ -278,7 +297,7 @@ def _copy(dst: Path, counts: dict[str, dict[str, int]]) -> Path:
 def _verify(root: Path) -> dict:
     return vrun.verify_folder(root / "train", root / "test", root / "train", tier=get_recipe("quick", epochs=2),
                               trainings="erm", defenses="none", device="cpu", report_dir=root / "report",
-                              cache_dir=False, progress=False)
+                              cache_dir=False, progress=False, seeds=1)
 
 
 def test_end_to_end_imbalanced_breastmnist_scores_balanced_accuracy(tmp_path: Path) -> None:
@@ -286,9 +305,9 @@ def test_end_to_end_imbalanced_breastmnist_scores_balanced_accuracy(tmp_path: Pa
     the real test set is 27% malignant), the clean data as its own 'protected' copy, 2 epochs."""
     root = _copy(tmp_path, {"train": {"malignant": 24, "normal": 72}, "test": {"malignant": 8, "normal": 25}})
     cert = _verify(root)
-    assert cert["data"]["test"]["per_class"] == [8, 25]
+    assert cert["data"]["test"]["per_class"] == [6, 20] and cert["data"]["validation"]["per_class"] == [2, 5]
     assert cert["score_metric"] == "balanced_accuracy" and cert["score_chance"] == 0.5
-    assert cert["chance"] == pytest.approx(25 / 33, abs=1e-4)
+    assert cert["chance"] == pytest.approx(20 / 26, abs=1e-4)  # the majority rate of the scored images
     (cell,) = cert["cells"]
     for entry in (cell["protected"], cell["clean"]):
         for key in ("peak_balanced_acc", "final_balanced_acc", "peak_auc", "final_auc"):
@@ -296,13 +315,19 @@ def test_end_to_end_imbalanced_breastmnist_scores_balanced_accuracy(tmp_path: Pa
         assert len(entry["curve_balanced_acc"]) == len(entry["curve_auc"]) == len(entry["curve"]) == cert["epochs"]
         assert entry["peak_balanced_acc"] == max(entry["curve_balanced_acc"])
         assert entry["final_auc"] == entry["curve_auc"][-1]
-    expected = score(
-        cell["clean"]["peak_balanced_acc"], cell["protected"]["peak_balanced_acc"], 0.5)
-    assert cell["score"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
+        # the epoch validation chose (7 validation images), and the scored metrics at that epoch
+        assert entry["selection"] == "validation" and entry["n_val"] == 7 and 1 <= entry["selected_epoch"] <= 2
+        val_bal = entry["val_curve_balanced_acc"]  # chosen by the score metric: the first best epoch
+        assert len(val_bal) == cert["epochs"] and entry["selected_epoch"] == val_bal.index(max(val_bal)) + 1
+        assert entry["balanced_acc"] == entry["curve_balanced_acc"][entry["selected_epoch"] - 1]
+        assert entry["acc"] == entry["curve"][entry["selected_epoch"] - 1]
+        assert entry["auc"] == entry["curve_auc"][entry["selected_epoch"] - 1]
+    expected = score(cell["clean"]["balanced_acc"], cell["protected"]["balanced_acc"], 0.5)
+    assert cell["effect"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
     saved = load_certificate(root / "report" / "certificate.json")
     assert saved["score_metric"] == "balanced_accuracy" and saved["verdict"]["score_metric"] == "balanced_accuracy"
     md = (root / "report" / "report.md").read_text()
-    assert "the score uses **balanced accuracy**" in md and "protected AUC peak" in md
+    assert "the score uses **balanced accuracy**" in md and "protected AUC" in md
     assert (root / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -310,10 +335,15 @@ def test_end_to_end_balanced_breastmnist_scores_accuracy(tmp_path: Path) -> None
     root = _copy(tmp_path, {"train": {"malignant": 48, "normal": 48}, "test": {"malignant": 16, "normal": 16}})
     cert = _verify(root)
     assert cert["score_metric"] == "accuracy" and cert["score_chance"] == cert["chance"] == 0.5
+    assert cert["data"]["test"]["per_class"] == [13, 13] and cert["data"]["validation"]["per_class"] == [3, 3]
     (cell,) = cert["cells"]
     assert cell["protected"]["peak_auc"] is not None
     for entry in (cell["protected"], cell["clean"]):  # equal class sizes: balanced accuracy = accuracy
         assert entry["curve_balanced_acc"] == pytest.approx(entry["curve"], abs=1e-4)
-    expected = score(cell["clean"]["peak_acc"], cell["protected"]["peak_acc"], 0.5)
-    assert cell["score"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
+        assert entry["selection"] == "validation" and entry["n_val"] == 6  # 3 of each class's 16
+        val = entry["val_curve"]  # chosen by accuracy (the score metric here): the first best epoch
+        assert len(val) == cert["epochs"] and entry["selected_epoch"] == val.index(max(val)) + 1
+        assert entry["acc"] == entry["curve"][entry["selected_epoch"] - 1]
+    expected = score(cell["clean"]["acc"], cell["protected"]["acc"], 0.5)
+    assert cell["effect"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
     assert "balanced accuracy**" not in (root / "report" / "report.md").read_text()

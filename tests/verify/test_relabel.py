@@ -50,15 +50,20 @@ class FakeTrainer:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def __call__(self, train, test, recipe, training, defense, seed, device, progress=False, label=""):
+    def __call__(self, train, test, recipe, training, defense, seed, device, progress=False, label="", val=None):
         self.calls.append({"label": label, "classes": list(train.classes), "test_classes": list(test.classes),
-                           "counts": train.counts(), "test_counts": test.counts()})
+                           "counts": train.counts(), "test_counts": test.counts(),
+                           "val_classes": list(val.classes) if val is not None else None})
         acc = 0.9 if "] clean " in label else 0.7
         bal, auc = acc - 0.05, acc + 0.05
+        y = test.y.tolist()  # right on the first round(acc * n) test images
+        pred = [t if i < round(acc * len(y)) else (t + 1) % test.num_classes for i, t in enumerate(y)]
         return CellResult(training.name, defense.name, seed, [acc], acc, acc, 1, 1.0, 0.1, 0.0, 1, [0.0],
                           [len(test)], len(train), len(test), "cpu", curve_balanced=[bal], curve_auc=[auc],
                           final_balanced_acc=bal, peak_balanced_acc=bal, peak_balanced_epoch=1, final_auc=auc,
-                          peak_auc=auc)
+                          peak_auc=auc, selected_epoch=1, acc=acc, balanced_acc=bal, auc=auc, selection="validation",
+                          n_val=len(val) if val is not None else 0, val_curve=[acc], val_curve_balanced=[bal],
+                          test_pred=pred)
 
 
 @pytest.fixture
@@ -178,7 +183,8 @@ def test_cell_keys_cover_the_labelling() -> None:
 
 def test_relabelled_runs_never_reuse_cells_or_baselines_of_other_labels(tmp_path: Path, fake: FakeTrainer) -> None:
     kw = {"tier": get_recipe("quick", epochs=1), "trainings": "erm", "defenses": "none", "device": "cpu",
-          "max_per_class": 2, "progress": False, "report_dir": tmp_path / "report", "cache_dir": tmp_path / "cache"}
+          "max_per_class": 2, "progress": False, "report_dir": tmp_path / "report", "cache_dir": tmp_path / "cache",
+          "seeds": 1}
     train, test = SAMPLES / "train", SAMPLES / "test"
 
     def run(**extra) -> dict:
@@ -191,7 +197,10 @@ def test_relabelled_runs_never_reuse_cells_or_baselines_of_other_labels(tmp_path
     assert len(fake.calls) == 2, "a relabelled run reused cells or a baseline trained on the original labels"
     assert cert["resume"]["reused"] == 0 and cert["baseline_cache"]["hits"] == 0
     assert [c["classes"] for c in fake.calls] == [["animal", "vehicle"]] * 2
-    assert [c["counts"] for c in fake.calls] == [[12, 8]] * 2 and fake.calls[0]["test_counts"] == [12, 8]
+    # --max-per-class cuts the training folders only: the test set stays whole (16 scored and 4
+    # validation images per class of 10, dealt to 6 animal and 4 vehicle classes)
+    assert [c["counts"] for c in fake.calls] == [[12, 8]] * 2 and fake.calls[0]["test_counts"] == [96, 64]
+    assert fake.calls[0]["val_classes"] == ["animal", "vehicle"]
     cert = run(relabel="random:2")
     assert len(fake.calls) == 2 and cert["resume"]["reused"] == 0 and cert["baseline_cache"]["hits"] == 0
     cert = run(relabel=shutil.copy(COARSE, tmp_path / "same-map.json"))  # the same map: everything reused
@@ -211,7 +220,7 @@ def test_relabelled_runs_never_reuse_cells_or_baselines_of_other_labels(tmp_path
 def test_certificate_and_report_record_the_map(tmp_path: Path, fake: FakeTrainer) -> None:
     cert = vrun.verify_folder(SAMPLES / "train", SAMPLES / "test", SAMPLES / "train",
                               tier=get_recipe("quick", epochs=1), trainings="erm", defenses="none", device="cpu", max_per_class=2, progress=False,
-                              report_dir=tmp_path / "report", cache_dir=False, relabel=COARSE)
+                              report_dir=tmp_path / "report", cache_dir=False, relabel=COARSE, seeds=1)
     saved = load_certificate(tmp_path / "report" / "certificate.json")
     lab = saved["labelling"]
     assert lab["attacker"] == "remapped" and lab["map"] == json.loads(COARSE.read_text())
@@ -222,11 +231,18 @@ def test_certificate_and_report_record_the_map(tmp_path: Path, fake: FakeTrainer
     assert lab["data_classes"] == CIFAR and len(lab["sha256"]) == 64 and "remapped" in lab["description"]
     assert saved["classes"] == ["animal", "vehicle"] and saved["num_classes"] == 2
     assert saved["chance"] == 0.6 and saved["chance_class"] == "animal"
-    assert saved["data"]["test"]["per_class"] == [12, 8]
+    assert saved["data"]["test"]["per_class"] == [96, 64] and saved["data"]["validation"]["per_class"] == [24, 16]
     cell = saved["cells"][0]
-    # 12/8 animal/vehicle is imbalanced (60%): the score uses balanced accuracy, chance 1/2
+    # 96/64 animal/vehicle is imbalanced (60%): the score uses balanced accuracy, chance 1/2
     assert saved["score_metric"] == "balanced_accuracy" and saved["score_chance"] == 0.5
-    assert cell["score"] == pytest.approx((0.85 - 0.65) / (0.85 - 0.5), abs=1e-4) and cert["verdict"]["chance"] == 0.6
+    assert cell["effect"] == pytest.approx((0.85 - 0.65) / (0.85 - 0.5), abs=1e-4) and cert["verdict"]["chance"] == 0.6
+    assert saved["verdict"]["score"] == cell["effect"]  # one erm cell: the headline is its effect
+    assert cell["protected"]["n_val"] == 40 and cell["protected"]["selection"] == "validation"
+    # the interval resamples the scored images' predictions: the stub's protected model is right on a
+    # subset of the images its clean baseline gets right, so every resample shows an effect above 0
+    v = saved["verdict"]
+    lo, hi = v["interval"]
+    assert 0 < lo <= hi and v["conclusive"] and v["summary"].startswith("Protection score")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "**Attacker labels.** The attacker trained and was scored on 2 remapped classes (animal, vehicle)" in md
     assert f"map file {COARSE}" in md and "vehicle ← airplane, automobile, ship, truck" in md
@@ -278,13 +294,14 @@ def test_cli_labels_csv_covers_protected_and_clean_and_test_labels_the_test(tmp_
     test_rows = _flat(SAMPLES / "test", tmp_path / "test", 2)
     test_labels = _csv(tmp_path / "test.csv", test_rows)
     base = ["verify", tmp_path / "protected", "--test", tmp_path / "test", "--clean", tmp_path / "clean",
-            "--training", "erm", "--defenses", "none", "--epochs", "1", "--device", "cpu", "--no-cache",
+            "--training", "erm", "--defenses", "none", "--epochs", "1", "--seeds", "1", "--device", "cpu", "--no-cache",
             "--report", tmp_path / "r", "--json"]
     code, out, err = call_main(capsys, *base, "--labels", labels, "--test-labels", test_labels)
     assert code == 0, err
     cert = json.loads(out)
     assert cert["classes"] == ["airplane", "frog"] and cert["data"]["train"]["per_class"] == [3, 3]
-    assert cert["data"]["clean"]["per_class"] == [3, 3] and cert["data"]["test"]["per_class"] == [2, 2]
+    assert cert["data"]["clean"]["per_class"] == [3, 3] and cert["data"]["test"]["per_class"] == [1, 1]
+    assert cert["data"]["validation"]["per_class"] == [1, 1]  # one of each class's two chooses the epoch
     assert [c["counts"] for c in fake.calls] == [[3, 3], [3, 3]]
     # without --test-labels the flat test folder is refused with a hint
     code, out, err = call_main(capsys, *base, "--labels", labels)
@@ -300,14 +317,14 @@ def test_cli_relabel_coarse_end_to_end_on_the_samples(tmp_path: Path, capsys: py
     code, out, err = call_main(
         capsys, "verify", SAMPLES / "train", "--test", SAMPLES / "test", "--clean", SAMPLES / "train",
         "--relabel", COARSE, "--max-per-class", "4", "--training", "erm", "--defenses", "none", "--epochs", "1",
-        "--device", "cpu", "--no-cache", "--report", report)
+        "--seeds", "1", "--device", "cpu", "--no-cache", "--report", report)
     assert code == 0, err
     assert f"labels: remapped by {COARSE} to 2 attacker classes (animal, vehicle)" in out
     assert "chance 60.0 %: the majority-class rate of the test set (always answering 'animal')" in out
     cert = load_certificate(report / "certificate.json")
     assert cert["num_classes"] == 2 and cert["classes"] == ["animal", "vehicle"] and cert["chance"] == 0.6
     assert cert["labelling"]["attacker"] == "remapped" and cert["labelling"]["source"]["path"] == str(COARSE)
-    assert cert["data"]["train"]["per_class"] == [24, 16] and cert["data"]["test"]["per_class"] == [24, 16]
+    assert cert["data"]["train"]["per_class"] == [24, 16] and cert["data"]["test"]["per_class"] == [96, 64]
     cell = cert["cells"][0]
     assert cell["protected"]["per_seed"][0]["n_train"] == 40 and 0.0 <= cell["protected"]["peak_acc"] <= 1.0
     assert "Attacker labels" in (report / "report.md").read_text()

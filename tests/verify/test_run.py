@@ -73,7 +73,10 @@ def test_shortcut_protection_scores_clearly_lower_than_clean(tmp_path: Path) -> 
     score 0.56-0.63, protected train accuracy minus protected peak 0.340-0.355.
     With the clean data in place of the protected data (a broken protection), the same runs give a
     gap of 0, a mean train accuracy of 0.87-0.88 and train minus peak of -0.01-0.00: every claim
-    below fails then."""
+    below fails then.
+    Re-measured with the epoch chosen on validation (8 of the 40 test images; the other 32 scored),
+    5-seed means under default kernels and SSE4.1 with 1 and 2 threads (2026-12-03): clean 0.769-0.787,
+    protected 0.613-0.662, gap 0.113-0.156, effect 0.42-0.58, train minus protected 0.338-0.387."""
     clean = _copy("train", tmp_path / "clean", 60)
     test = _copy("test", tmp_path / "test", 20)
     protected = _shortcut(clean, tmp_path / "protected")
@@ -84,20 +87,24 @@ def test_shortcut_protection_scores_clearly_lower_than_clean(tmp_path: Path) -> 
                               device="cpu", report_dir=report, cache_dir=tmp_path / "cache", progress=False)
     (cell,) = cert["cells"]
     assert (cell["training"], cell["defense"]) == ("erm", "none") and len(cell["protected"]["per_seed"]) == 5
-    clean_peak, prot_peak = cell["clean"]["peak_acc"], cell["protected"]["peak_acc"]  # means over the seeds
-    assert clean_peak >= 0.7, cell["clean"]["per_seed"]  # it learns from clean data (measured >= 0.865)
-    assert prot_peak <= clean_peak - 0.1, cell  # measured gap >= 0.205; 0 for a broken protection
-    assert cell["score"] >= 0.3 and cert["verdict"]["score"] == cell["score"]  # measured >= 0.56
+    clean_acc, prot_acc = cell["clean"]["acc"], cell["protected"]["acc"]  # means over the seeds, chosen epochs
+    assert clean_acc >= 0.65, cell["clean"]["per_seed"]  # it learns from clean data (measured >= 0.769)
+    assert prot_acc <= clean_acc - 0.05, cell  # measured gap >= 0.113; 0 for a broken protection
+    # one erm cell: the headline (against the clean erm reference) is that cell's effect
+    assert cell["effect"] >= 0.2 and cert["verdict"]["score"] == cell["effect"]  # measured >= 0.42
+    assert cert["verdict"]["interval"][0] <= cert["verdict"]["score"] <= cert["verdict"]["interval"][1]
+    assert cell["protected"]["selection"] == "validation" and cell["protected"]["n_val"] == 8
     # the shortcut itself: the model fits the protected data (measured 1.000; 0.87 when broken) but
     # does not carry that to clean test images (measured gap >= 0.34; about 0 when broken)
     assert cell["protected"]["train_acc"] >= 0.95
-    assert cell["protected"]["train_acc"] - prot_peak >= 0.2
-    assert cert["data"]["train"]["count"] == 120 and cert["data"]["test"]["count"] == 40
+    assert cell["protected"]["train_acc"] - prot_acc >= 0.2
+    assert cert["data"]["train"]["count"] == 120 and cert["data"]["test"]["count"] == 32  # 8 choose the epochs
+    assert cert["data"]["validation"]["count"] == 8
     assert cert["data"]["clean"]["sha256"] != cert["data"]["train"]["sha256"]
     # files: the certificate round-trips, the report names the worst cell, the plots exist
     assert load_certificate(report / "certificate.json")["verdict"] == cert["verdict"]
     md = (report / "report.md").read_text()
-    assert "**Worst cell:** erm / none" in md and "Tier **quick**" in md
+    assert "**Smallest effect:** erm / none" in md and "Tier **quick**" in md
     for png in ("curves.png", "samples.png"):
         assert (report / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -111,7 +118,7 @@ def test_clean_baseline_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(vrun, "train_cell", counter)
     recipe = get_recipe("quick", epochs=1, batch_size=8)
     kw = {"tier": recipe, "trainings": "erm", "defenses": "none,grayscale", "device": "cpu",
-          "report_dir": False, "progress": False}
+          "report_dir": False, "progress": False, "seeds": 1}
 
     first = vrun.verify_folder(protected, test, clean, **kw)
     assert len(counter.calls) == 3 and sum("clean" in c for c in counter.calls) == 1  # 1 baseline + 2 cells
@@ -217,7 +224,7 @@ def test_interrupted_run_resumes_with_only_the_missing_cells(tmp_path: Path, mon
     test = _copy("test", tmp_path / "test", 4)
     protected = _shortcut(clean, tmp_path / "protected")
     recipe = get_recipe("quick", epochs=1, batch_size=8)
-    kw = {"tier": recipe, "trainings": "erm,linf", "defenses": "none,grayscale", "device": "cpu"}
+    kw = {"tier": recipe, "trainings": "erm,linf", "defenses": "none,grayscale", "device": "cpu", "seeds": 1}
     # 6 cells in this order: clean erm/none, protected erm/none, erm/grayscale, then the same for linf
     reference = vrun.verify_folder(protected, test, clean, report_dir=tmp_path / "ref", cache_dir=tmp_path / "cache-ref",
                                    progress=False, **kw)
@@ -278,7 +285,8 @@ def test_progress_lines_without_a_terminal_and_bars_with_one(tmp_path: Path, mon
         return real(*args, **{**kwargs, "progress": False})
 
     monkeypatch.setattr(vrun, "train_cell", spy)
-    kw = {"tier": recipe, "trainings": "erm", "defenses": "none,grayscale", "device": "cpu", "cache_dir": False}
+    kw = {"tier": recipe, "trainings": "erm", "defenses": "none,grayscale", "device": "cpu", "cache_dir": False,
+          "seeds": 1}
     monkeypatch.setattr(vrun, "_stderr_is_terminal", lambda: False)
     vrun.verify_sets(train, test, train, progress=True, **kw)
     err = capsys.readouterr().err
@@ -286,12 +294,14 @@ def test_progress_lines_without_a_terminal_and_bars_with_one(tmp_path: Path, mon
     cells = [line for line in err.splitlines() if line.startswith("[")]
     names = ["[1/3] clean erm/none seed 0", "[2/3] protected erm/none seed 0", "[3/3] protected erm/grayscale seed 0"]
     assert [line.split(":")[0] for line in cells] == [n for n in names for _ in range(2)]
-    assert all(line.endswith("training (1 epoch on 8 images)") for line in cells[::2]), err
-    assert all(" peak " in line and " final " in line for line in cells[1::2]), err
+    assert all(line.endswith("training fastcnn (1 epoch on 8 images)") for line in cells[::2]), err
+    assert all(" accuracy " in line and "(chosen on validation)" in line and " final " in line
+               for line in cells[1::2]), err
     totals = [line for line in err.splitlines() if re.match(r"verify: \d/3 cells done", line)]
     assert len(totals) == 3 and totals[-1].startswith("verify: 3/3 cells done in "), err
     assert re.fullmatch(r"verify: 1/3 cells done, \d+ s elapsed, about \d+ s left if the rest train", totals[0])
-    assert err.splitlines()[0].startswith("verify: 3 cells (1 clean baseline(s), 2 protected), tier quick")
+    assert err.splitlines()[0] == "verify: 2 of the 4 test images choose each cell's epoch (validation), the other 2 are scored"
+    assert err.splitlines()[1].startswith("verify: 3 cells (1 clean baseline(s), 2 protected), tier quick")
     seen.clear()
     monkeypatch.setattr(vrun, "_stderr_is_terminal", lambda: True)
     vrun.verify_sets(train, test, train, progress=True, **kw)
@@ -314,13 +324,13 @@ def test_chance_is_the_majority_rate_of_an_imbalanced_test_set(tmp_path: Path) -
         f.unlink()
     recipe = get_recipe("quick", epochs=1, batch_size=8)
     cert = vrun.verify_folder(clean, test, clean, tier=recipe, trainings="erm", defenses="none", device="cpu",
-                              report_dir=tmp_path / "report", cache_dir=False, progress=False)
-    assert cert["data"]["test"]["per_class"] == [15, 5]
+                              report_dir=tmp_path / "report", cache_dir=False, progress=False, seeds=1)
+    assert cert["data"]["test"]["per_class"] == [12, 4] and cert["data"]["validation"]["per_class"] == [3, 1]
     assert cert["chance"] == 0.75 and cert["chance_class"] == "airplane" and cert["verdict"]["chance"] == 0.75
     assert cert["score_metric"] == "balanced_accuracy" and cert["score_chance"] == 0.5
     cell = cert["cells"][0]
-    expected = vcert.score(cell["clean"]["peak_balanced_acc"], cell["protected"]["peak_balanced_acc"], 0.5)
-    assert cell["score"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
+    expected = vcert.score(cell["clean"]["balanced_acc"], cell["protected"]["balanced_acc"], 0.5)
+    assert cell["effect"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Chance is 75.0%: the majority-class rate of the test set (always answering 'airplane')" in md
 
@@ -351,3 +361,61 @@ def test_run_clock_estimates_the_whole_run_from_the_cells_trained(monkeypatch: p
         parallel.finish(key, 10.0)
     assert parallel.remaining_s() == pytest.approx((10.0 + 20.0) * 0.5)
     assert vrun._duration(65) == "1 min 05 s" and vrun._duration(3 * 3600 + 120) == "3 h 02 min"
+
+
+def test_adding_cells_to_a_real_grid_never_raises_the_score(tmp_path: Path) -> None:
+    """The same data, a grid of one cell, then the same grid with two breakers more (the first
+    cell reused): the best attacker can only get stronger, the reference is fixed, so the score
+    can only fall. The headline's reference is the clean erm/none baseline even when the grid has no
+    erm cell."""
+    clean = _copy("train", tmp_path / "clean", 30)
+    test = _copy("test", tmp_path / "test", 20)
+    protected = _shortcut(clean, tmp_path / "protected")
+    recipe = get_recipe("quick", epochs=2, batch_size=16)
+    kw = {"tier": recipe, "device": "cpu", "report_dir": tmp_path / "report", "cache_dir": False, "progress": False,
+          "seeds": 1}
+    small = vrun.verify_folder(protected, test, clean, trainings="erm", defenses="none", **kw)
+    large = vrun.verify_folder(protected, test, clean, trainings="erm", defenses="none,grayscale,cutout", **kw)
+    assert large["resume"]["reused"] == 2  # the clean reference and erm/none
+    assert large["verdict"]["reference"] == small["verdict"]["reference"]
+    assert large["verdict"]["best_attacker"]["acc"] >= small["verdict"]["best_attacker"]["acc"]
+    assert large["verdict"]["score"] <= small["verdict"]["score"]
+    at_only = vrun.verify_folder(protected, test, clean, trainings="linf", defenses="none", **kw)
+    assert at_only["verdict"]["reference"] == small["verdict"]["reference"]  # trained although erm is not asked for
+    assert [(c["training"], c["defense"]) for c in at_only["cells"]] == [("linf", "none")]
+
+
+def test_test_images_that_are_also_training_images_are_refused(tmp_path: Path) -> None:
+    clean = _copy("train", tmp_path / "clean", 6)
+    test = _copy("test", tmp_path / "test", 4)
+    leaked = sorted((clean / "frog").glob("*.png"))[2]
+    shutil.copy(leaked, test / "frog" / "leaked.png")
+    kw = {"tier": get_recipe("quick", epochs=1, batch_size=4), "trainings": "erm", "defenses": "none",
+          "device": "cpu", "report_dir": False, "cache_dir": False, "progress": False, "seeds": 1}
+    with pytest.raises(InputError, match=r"test image frog/leaked.png is also in the clean training folder "
+                                         rf"\(frog/{leaked.name}\).*--allow-overlap"):
+        vrun.verify_folder(_shortcut(clean, tmp_path / "protected"), test, clean, **kw)
+    cert = vrun.verify_folder(tmp_path / "protected", test, clean, allow_overlap=True, **kw)
+    assert cert["data"]["test"]["count"] + cert["data"]["validation"]["count"] == 9
+
+
+def test_max_per_class_cuts_the_training_folders_but_never_the_test_set(tmp_path: Path) -> None:
+    clean = _copy("train", tmp_path / "clean", 8)
+    test = _copy("test", tmp_path / "test", 10)
+    cert = vrun.verify_folder(_shortcut(clean, tmp_path / "protected"), test, clean, max_per_class=4,
+                              tier=get_recipe("quick", epochs=1, batch_size=4), trainings="erm", defenses="none",
+                              device="cpu", report_dir=False, cache_dir=False, progress=False, seeds=1)
+    assert cert["data"]["train"]["count"] == cert["data"]["clean"]["count"] == 8
+    assert cert["data"]["test"]["count"] + cert["data"]["validation"]["count"] == 20
+
+
+def test_small_training_sets_default_to_three_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clean = _copy("train", tmp_path / "clean", 4)
+    test = _copy("test", tmp_path / "test", 4)
+    counter = Counter()
+    monkeypatch.setattr(vrun, "train_cell", counter)
+    cert = vrun.verify_folder(_shortcut(clean, tmp_path / "protected"), test, clean,
+                              tier=get_recipe("quick", epochs=1, batch_size=4), trainings="erm", defenses="none",
+                              device="cpu", report_dir=False, cache_dir=False, progress=False)
+    assert cert["seeds"] == [0, 1, 2] and len(counter.calls) == 6  # clean and protected, 3 seeds each
+    assert vrun.default_seeds(1999) == 3 and vrun.default_seeds(2000) == 1

@@ -85,7 +85,7 @@ def test_recipe_overrides_and_errors() -> None:
 
 def test_small_training_sets_get_enough_steps() -> None:
     q = get_recipe("quick")
-    assert q.min_steps == 600 and get_recipe("standard").min_steps is None
+    assert q.min_steps == 600 == get_recipe("standard").min_steps == get_recipe("paper").min_steps
     assert fit_to_data(q, 10_000) is q  # 78 batches x 10 epochs = 780 steps: unchanged
     small = fit_to_data(q, 200)
     assert (small.batch_size, small.epochs) == (25, 75) and (200 // 25) * 75 >= 600
@@ -94,7 +94,13 @@ def test_small_training_sets_get_enough_steps() -> None:
     assert tiny.batch_size == 16 and (40 // 16) * tiny.epochs >= 600
     assert get_recipe("quick", epochs=3).min_steps is None  # explicit epochs are taken as given
     assert fit_to_data(get_recipe("quick", epochs=3), 200).epochs == 3
-    assert fit_to_data(get_recipe("paper"), 200) == get_recipe("paper")
+    # the standard and paper tiers adapt the same way (80 and 100 steps for 200 images before)
+    for tier in ("standard", "paper"):
+        r = get_recipe(tier)
+        assert fit_to_data(r, 10_000) is r
+        small = fit_to_data(r, 200)
+        assert small.batch_size == 25 and small.epochs * (200 // 25) >= 600 and "adapted to 200" in small.description
+    assert fit_to_data(get_recipe("paper", epochs=100), 200) == get_recipe("paper", epochs=100)  # explicit epochs
 
 
 def test_parse_trainings() -> None:
@@ -201,8 +207,11 @@ def test_regimes_and_defenses_run(train3, test3, tier, training, defense) -> Non
     r = get_recipe(tier, model="fastcnn", epochs=2, batch_size=8, pgd_steps=2, eval_subset=5)
     res = train_cell(tr, te, r, training, defense, seed=0)
     assert res.training == parse_training(training).name and res.defense == defense
-    assert len(res.curve) == 2 and all(0 <= a <= 1 for a in res.curve) and 0 <= res.train_acc <= 1
+    assert len(res.curve) == 2 and all(a is None or 0 <= a <= 1 for a in res.curve) and 0 <= res.train_acc <= 1
     assert res.curve_n[-1] == len(te)  # the last epoch is always scored on the whole test set
+    # the selected epoch too (here chosen on the test set itself: no validation set was given)
+    assert res.selection == "test" and res.curve[res.selected_epoch - 1] == res.acc
+    assert len(res.test_pred) == len(te) and len(res.val_curve) == 2
     assert res.peak_acc >= res.final_acc and res.curve_n[res.peak_epoch - 1] == len(te)
     assert len(res.curve_balanced) == len(res.curve_auc) == 2 and res.peak_balanced_acc >= res.final_balanced_acc
     assert res.curve_n[res.peak_balanced_epoch - 1] == len(te)  # peaks only over whole-test-set scores
@@ -241,8 +250,9 @@ def test_attack_model_mode_and_gradient_clipping_follow_the_recipe(train3, test3
     steps = 4  # 30 images in batches of 8: 3 full batches and one of 6
     assert modes == [False] * steps and clips == [0.01] * steps
     modes.clear(), clips.clear()
-    train_cell(tr, te, get_recipe("quick", epochs=1, batch_size=8), "linf", "none", seed=0)
-    assert modes == [True] * steps and clips == []
+    res = train_cell(tr, te, get_recipe("quick", epochs=1, batch_size=8), "linf", "none", seed=0)
+    # fast AT: the training attacks in train mode, then the catastrophic-overfitting guard's PGD in eval mode
+    assert modes == [True] * steps + [False] and clips == [] and len(res.guard_pgd_acc) == 1
 
 
 def test_bad_inputs(train3, test3) -> None:
@@ -255,3 +265,76 @@ def test_bad_inputs(train3, test3) -> None:
     other = load_folder(SAMPLES / "test", max_per_class=2).select_classes(["cat", "dog"])
     with pytest.raises(InputError, match="class folders differ"):
         train_cell(tr, other, r, "erm", "none", seed=0)
+
+
+def test_the_epoch_is_chosen_on_validation_and_scored_on_the_test_set(train3, test3) -> None:
+    """With ``val``: every epoch is scored on it, the best one is reported on the test set; the
+    test curve is only there at the chosen and last epochs when the test set exceeds eval_subset."""
+    tr, te = _tiny(train3, test3)
+    val = test3.subset(torch.arange(1, 60, 4))
+    r = get_recipe("quick", epochs=4, batch_size=8, eval_subset=5)  # the test set (15) is scored twice at most
+    res = train_cell(tr, te, r, "erm", "none", seed=0, val=val)
+    assert res.selection == "validation" and res.n_val == 5 and len(res.val_curve) == 4
+    chosen = max(range(4), key=lambda i: (res.val_curve[i], -i))  # the first best epoch
+    assert res.selected_epoch == chosen + 1
+    scored = [i for i, a in enumerate(res.curve) if a is not None]
+    assert scored == sorted({chosen, 3}) and res.curve[chosen] == res.acc
+    assert res.peak_acc == max(res.curve[i] for i in scored) and len(res.test_pred) == len(te)
+    assert sum(int(p == y) for p, y in zip(res.test_pred, te.y.tolist())) == round(res.acc * len(te))
+
+
+def test_the_catastrophic_overfitting_guard_keeps_the_epoch_before_a_collapse(train3, test3, monkeypatch) -> None:
+    """Fast AT: when the PGD accuracy on a training batch falls by more than 0.2 after an epoch, the
+    weights of the epoch before are restored and training stops (Wong et al. 2020)."""
+    import verify.train as vtrain
+
+    tr, te = _tiny(train3, test3)
+    r = get_recipe("quick", epochs=4, batch_size=8)
+    falls = iter([0.5, 0.55, 0.1, 0.6])  # epoch 3 collapses
+    monkeypatch.setattr(vtrain, "_pgd_accuracy", lambda *a, **k: next(falls))
+    fired = train_cell(tr, te, r, "linf", "none", seed=0)
+    assert fired.guard_fired_epoch == 3 and fired.guard_pgd_acc == [0.5, 0.55, 0.1] and fired.epochs == 2
+    assert len(fired.curve) == len(fired.val_curve) == 2 and fired.selected_epoch in (1, 2)
+    steady = iter([0.5, 0.45, 0.4, 0.42])  # falls of less than 0.2: no alarm
+    monkeypatch.setattr(vtrain, "_pgd_accuracy", lambda *a, **k: next(steady))
+    res = train_cell(tr, te, r, "linf", "none", seed=0)
+    assert res.guard_fired_epoch is None and res.epochs == 4
+    assert fired.curve == res.curve[:2]  # the kept weights are epoch 2's, as trained without the alarm
+    assert train_cell(tr, te, r, "erm", "none", seed=0).guard_pgd_acc == []  # ERM has no guard
+
+
+def test_l2_budgets_scale_with_the_image_size() -> None:
+    """0.5 is a 32x32x3 figure: on 3x128x128 images the same per-value RMS change is 0.5 x 4 = 2."""
+    l2 = parse_training("l2")
+    big = l2.for_shape((3, 128, 128))
+    assert big.eps == pytest.approx(2.0) and big.eps_reference == 0.5 and big.name == "l2"
+    assert big.for_shape((1, 28, 28)).eps == pytest.approx(0.5 * math.sqrt(784 / 3072))  # from the named 0.5
+    assert l2.for_shape((3, 32, 32)).eps == pytest.approx(0.5)
+    linf = parse_training("linf")
+    assert linf.for_shape((3, 128, 128)) is linf  # per value already
+    assert "0.5 at 32x32x3" in big.describe()
+    # the per-value RMS of the budget is the same on both shapes
+    assert big.eps / math.sqrt(3 * 128 * 128) == pytest.approx(0.5 / math.sqrt(3072))
+
+
+def test_a_defense_made_for_the_whole_image_sees_it_before_the_crop(train3, test3, monkeypatch) -> None:
+    """RSK+FF's reference transforms the image, then crops and flips: the defense gets whole
+    training images (exact rows of the set), never crops of them."""
+    from verify import defenses
+
+    tr, te = _tiny(train3, test3)
+    whole = {bytes((x.float() / 255).numpy().tobytes()) for x in tr.x}
+    seen: list[torch.Tensor] = []
+    real = defenses.RSKFF._apply
+
+    def spy(self, x, y, g):
+        seen.append(x.clone())
+        return real(self, x, y, g)
+
+    monkeypatch.setattr(defenses.RSKFF, "_apply", spy)
+    train_cell(tr, te, get_recipe("quick", epochs=1, batch_size=8), "erm", "rskff", seed=0)
+    assert seen and all(bytes(img.numpy().tobytes()) in whole for batch in seen for img in batch)
+    seen.clear()
+    monkeypatch.setattr(defenses.RSKFF, "before_crop", False)  # the other order: padded crops arrive
+    train_cell(tr, te, get_recipe("quick", epochs=1, batch_size=8), "erm", "rskff", seed=0)
+    assert seen and not all(bytes(img.numpy().tobytes()) in whole for batch in seen for img in batch)

@@ -221,15 +221,15 @@ def test_a_tune_that_fails_after_staging_removes_what_it_made_and_keeps_an_earli
 
 
 def _cert_at_chance(*args, **kwargs):
-    """A certificate whose clean baseline did not learn: no score."""
+    """A certificate whose clean baseline did not learn: no score. At its validation-chosen epoch it
+    is at chance; its oracle peak (chosen with the test labels) is above it, which does not count."""
     kwargs["report_dir"].mkdir(parents=True, exist_ok=True)
-    clean = {"peak_acc": 0.5, "peak_balanced_acc": 0.5}
+    clean = {"acc": 0.5, "balanced_acc": 0.5, "peak_acc": 0.6, "peak_balanced_acc": 0.6}
     return {"epochs": 40, "score_metric": "accuracy", "score_chance": 0.5, "warnings": ["weak baseline"],
-            "cells": [{"training": "erm", "defense": "none", "clean": clean, "protected": {"peak_acc": 0.5},
-                       "score": None}],
-            "verdict": {"score": None, "score_chance": 0.5,
-                        "best_attacker": {"training": "erm", "defense": "none", "peak_acc": 0.5,
-                                          "baseline_peak_acc": 0.5}}}
+            "cells": [{"training": "erm", "defense": "none", "clean": clean, "protected": {"acc": 0.5, "peak_acc": 0.5},
+                       "effect": None}],
+            "verdict": {"score": None, "score_chance": 0.5, "reference": {"training": "erm", "defense": "none", **clean},
+                        "best_attacker": {"training": "erm", "defense": "none", "acc": 0.5, "peak_acc": 0.5}}}
 
 
 def test_every_candidate_without_a_score_says_why_and_the_real_counts_are_reported(
@@ -288,4 +288,5 @@ def test_tune_scores_on_a_test_folder_labelled_by_a_csv(tmp_path, samples, test_
     (row,) = report["candidates"]
     assert row["status"] in ("ok", "no score") and (row.get("score") is not None or row["reason"]), row
     cert = json.loads(next((tmp_path / "train.tune").glob("verify-*/certificate.json")).read_text())
-    assert cert["data"]["test"]["count"] == 12
+    assert cert["data"]["test"]["count"] + cert["data"]["validation"]["count"] == 12  # 2 of them choose the epoch
+    assert cert["data"]["validation"]["per_class"] == [1, 1]

@@ -32,7 +32,7 @@ def _command(tmp: Path) -> list[str]:
     # 4 cells: the clean erm/none baseline, then protected erm x {none, grayscale, cutout}; ~0.5 s each
     return [sys.executable, "-m", "cli.main", "verify", str(tmp / "train"), "--test", str(tmp / "test"),
             "--clean", str(tmp / "train"), "--training", "erm", "--defenses", "none,grayscale,cutout",
-            "--epochs", "20", "--device", "cpu", "--no-cache", "--report", str(tmp / "report")]
+            "--epochs", "20", "--seeds", "1", "--device", "cpu", "--no-cache", "--report", str(tmp / "report")]
 
 
 def test_kill_9_then_the_same_command_trains_only_the_missing_cells(tmp_path: Path) -> None:
@@ -60,11 +60,13 @@ def test_kill_9_then_the_same_command_trains_only_the_missing_cells(tmp_path: Pa
     # stderr is a pipe: no tqdm bars (no carriage returns), one line per cell, reused ones first
     assert "\r" not in second.stderr and "it/s" not in second.stderr
     every = [m.groups() for m in map(CELL_LINE.match, second.stderr.splitlines()) if m]
-    starts = [n for n, _, _, text in every if text == "training (20 epochs on 32 images)"]
-    lines = [g for g in every if g[0] not in starts or g[3] != "training (20 epochs on 32 images)"]
+    starts = [n for n, _, _, text in every if text == "training fastcnn (20 epochs on 32 images)"]
+    lines = [g for g in every if g[0] not in starts or g[3] != "training fastcnn (20 epochs on 32 images)"]
     assert [int(n) for n, *_ in lines] == [1, 2, 3, 4], second.stderr
     reused = [n for n, _, _, text in lines if text.startswith("finished before, reused")]
-    trained = [n for n, _, _, text in lines if re.match(r"peak [\d.]+%, final [\d.]+%, train [\d.]+% \(\d+ s\)$", text)]
+    trained = [n for n, _, _, text in lines
+               if re.match(r"accuracy [\d.]+% at epoch \d+ \(chosen on validation\), final [\d.]+%, train [\d.]+% "
+                           r"\(\d+ s\)$", text)]
     assert reused == [str(i) for i in range(1, saved + 1)] and len(reused) + len(trained) == 4, second.stderr
     assert starts == trained, second.stderr  # every trained cell said when it started
     # the run's total after every cell: done of all, elapsed, the time left for the whole run
@@ -98,7 +100,9 @@ def _dicom(name: str) -> bytes:
 def test_verify_a_folder_of_dicom_files(tmp_path: Path) -> None:
     """`protect verify` reads .dcm files as protect writes them (stored values scaled by their levels):
     class folders a/ and b/ of pydicom's 64 x 64 MR samples give a certificate; a 128 x 128 CT slice
-    among them is refused in one line, as any image of another size is. About 10 s."""
+    among them is refused in one line, as any image of another size is. The same files train and
+    test here (three encodings of one scan), which verify refuses unless --allow-overlap: it finds
+    the overlap by pixels, across encodings. About 10 s."""
     names = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm"]
     for split in ("train", "test"):
         for c in ("a", "b"):
@@ -107,8 +111,12 @@ def test_verify_a_folder_of_dicom_files(tmp_path: Path) -> None:
                 (tmp_path / split / c / name).write_bytes(_dicom(name))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PROTECT_CACHE": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "cli.main", "verify", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
-               "--training", "erm", "--defenses", "none", "--epochs", "2", "--device", "cpu", "--no-cache",
-               "--report", str(tmp_path / "report")]
+               "--training", "erm", "--defenses", "none", "--epochs", "2", "--seeds", "1", "--device", "cpu",
+               "--no-cache", "--report", str(tmp_path / "report")]
+    overlap = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert overlap.returncode == 2 and "test image a/MR_small.dcm is also in the protected training folder" in overlap.stderr
+    assert "--allow-overlap" in overlap.stderr and "Traceback" not in overlap.stderr
+    command.append("--allow-overlap")
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     cert = json.loads((tmp_path / "report" / "certificate.json").read_text())

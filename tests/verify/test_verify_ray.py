@@ -36,7 +36,7 @@ def test_a_ray_certificate_equals_the_local_one(ray_cluster, tmp_path, one_threa
     train = _copy("train", tmp_path / "train", 16)
     test = _copy("test", tmp_path / "test", 4)
     kw = {"clean_dir": train, "trainings": "erm", "defenses": "none,grayscale", "epochs": 6, "device": "cpu",
-          "cache_dir": tmp_path / "cache", "progress": False}
+          "cache_dir": tmp_path / "cache", "progress": False, "seeds": 1}
     local = vrun.verify_folder(train, test, report_dir=tmp_path / "local", **kw)
     on_ray = vrun.verify_folder(train, test, report_dir=tmp_path / "ray", engine="ray",
                                 **{**kw, "cache_dir": tmp_path / "cache-ray"})
