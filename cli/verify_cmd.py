@@ -23,7 +23,8 @@ import click
                    "random:N[:SEED], the classes dealt at random into N non-empty groups "
                    "(2 <= N < number of classes; SEED 0 by default).")
 @click.option("--tier", type=click.Choice(["quick", "standard", "paper"]), default="quick", show_default=True,
-              help="quick: fastcnn ~10 epochs, fast AT; standard: ResNet-18 40 epochs; paper: the CUDA paper's recipe.")
+              help="quick: fastcnn ~10 epochs, fast AT with fastcnn_wide 40 epochs; standard: ResNet-18 40 epochs; "
+                   "paper: the CUDA paper's recipe.")
 @click.option("--training", "trainings", help="Regimes, e.g. erm,linf,l2 (linf4 = 4/255; l2@EPS); with --defenses, "
                                                "their full product.  [default: erm with every default defense, and linf]")
 @click.option("--defenses", help="Breakers, e.g. none,grayscale,jpeg10,ueraser,coin.  [default: none,grayscale,jpeg10 "
