@@ -13,7 +13,11 @@ Methods: ``salm-0.02 .. salm-0.3`` (mask ratio), ``dense`` (SALM with mask ratio
 error-minimising noise), ``cuda``. Clean baselines come with every verify run.
 
     .venv/bin/python bench/medical.py [--sets breast,pneumonia] [--methods salm-0.1,dense,cuda]
-        [--phases erm,linf,breakers] [--table-only]
+        [--phases erm,linf,breakers,pretrained] [--table-only]
+
+Phase ``pretrained``: scratch ERM beside ``probe:cifar-resnet56`` (a new linear head on the frozen
+features of the CIFAR-10 ResNet-56) and ``finetune:cifar-resnet56`` (all its weights), each with its
+own clean baseline; the backbone never saw these images.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ METHODS["cuda"] = ["--method", "cuda"]
 METHODS["cuda+salm-aug"] = ["--method", "cuda+salm", "--param", "salm.augment=true"]
 METHODS["salm-0.1-aug-robust"] = ["--method", "salm", "--mask-ratio", "0.1", "--param", "augment=true",
                                   "--robust", "2/255", "--param", "robust_steps=3"]
-PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", "grayscale,jpeg10")}
+PHASES = {"erm": ("erm", "none"), "linf": ("linf", "none"), "breakers": ("erm", "grayscale,jpeg10"),
+          # attackers who start from a network pretrained on other data (CIFAR-10's ResNet-56), beside scratch ERM
+          "pretrained": ("erm,probe:cifar-resnet56,finetune:cifar-resnet56", "none")}
 
 
 def stage(work: Path, name: str, env: dict[str, str]) -> tuple[Path, Path]:

@@ -324,6 +324,8 @@ def verdict(cells: Sequence[dict], chance: float, score_chance: float | None = N
     ref = reference if reference is not None else reference_of(cells)
     attacker = {"training": best["training"], "defense": best["defense"],
                 **{k: best["protected"].get(k) for k in _RUN_KEYS}, "effect": best.get("effect")}
+    if best.get("attacker"):  # the whole attacker: learner, regime, defense, resolution
+        attacker["attacker"] = best["attacker"]
     out: dict[str, Any] = {"score": None, "interval": None, "conclusive": False, "inconclusive_reason": None,
                            "best_attacker": attacker}
     if ref is not None:

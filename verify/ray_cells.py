@@ -1,7 +1,7 @@
 """Verification cells on a Ray cluster (``protect verify --engine ray``).
 
 Every cell that must train (training regime x defense x seed, and the clean baselines) is one Ray
-task running the same :func:`verify.train.train_cell` as a local run, with the same seed, so each
+task running the same :func:`verify.cells.train_attacker` as a local run, with the same seed, so each
 cell gives the same numbers as a local run on the same kind of device with the same thread count
 (a cell on Ray uses one CPU thread, or one GPU). The data sets are put in the object store once;
 each task asks for one CPU, or one GPU when the device is CUDA. The driver (this process) decides
@@ -25,10 +25,11 @@ import torch
 from protect.engine import default_workers
 from protect.ray_engine import LOCAL_OBJECT_STORE, cluster_slots, connect, disconnect, require_ray, unwrap
 
-from . import defenses as defense_registry
+from .attacker import Attacker
 from .data import TensorSet
-from .recipes import Recipe, Training
-from .train import CellResult, train_cell
+from .recipes import Recipe
+from .cells import Cell, CellRunner, train_attacker
+from .train import CellResult
 
 __all__ = ["CellJob", "run_cells", "run_grid"]
 
@@ -37,19 +38,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CellJob:
-    """One cell to train: where it sits in the plan, what it trains on, and its label."""
+    """One cell to train: where it sits in the plan, the cell, and its baseline-cache lookup."""
 
     index: int
-    role: str
-    training: Training
-    defense: defense_registry.Defense
-    seed: int
-    label: str
+    cell: Cell
     lookup: str | None = None
 
 
-def _train(data: TensorSet, test: TensorSet, recipe: Recipe, training: Training,
-           defense: defense_registry.Defense, seed: int, device: str, label: str,
+def _train(data: TensorSet, test: TensorSet, recipe: Recipe, attacker: Attacker, device: str, label: str,
            val: TensorSet | None = None) -> CellResult:
     """The Ray task: one cell, silent, on this worker's CPU thread or its GPU."""
     import signal
@@ -57,7 +53,7 @@ def _train(data: TensorSet, test: TensorSet, recipe: Recipe, training: Training,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and cancels the tasks
     if device == "cpu":
         torch.set_num_threads(1)
-    return train_cell(data, test, recipe, training, defense, seed, device, progress=False, label=label, val=val)
+    return train_attacker(data, test, recipe, attacker, device, progress=False, label=label, val=val)
 
 
 def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorSet, recipe: Recipe,
@@ -85,8 +81,7 @@ def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorS
             ray.remote(_train).options(num_cpus=1, max_retries=0)
         where = "cuda" if gpu else "cpu"  # a task sees its own GPU only, as device 0
         for job in jobs:
-            ref = task.remote(refs[job.role], test_ref, recipe, job.training, job.defense, job.seed, where, job.label,
-                              val_ref)
+            ref = task.remote(refs[job.cell.role], test_ref, recipe, job.cell.attacker, where, job.cell.label, val_ref)
             pending[ref] = job
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -107,31 +102,27 @@ def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorS
             disconnect()
 
 
-def run_grid(grid: Sequence[tuple[str, Training, defense_registry.Defense, int, str]],
-             outcomes: dict[int, tuple[CellResult, bool]], saved_cell: Callable[..., Any],
-             cached_baseline: Callable[..., Any], trained_cell: Callable[..., None],
-             save_cell: Callable[..., None], sets: dict[str, TensorSet | None], test: TensorSet,
-             recipe: Recipe, dev: torch.device, val: TensorSet | None = None) -> None:
-    """Fill ``outcomes`` (plan position -> (result, from cache)) for the ``grid`` of
-    :func:`verify.run.verify_sets` (role, training, defense, seed, label): reused and cached cells
-    here, in plan order, with its callbacks, then every other cell as one Ray task, each reported
-    and saved as it finishes."""
+def run_grid(cells: Sequence[Cell], outcomes: dict[int, tuple[CellResult, bool]], runner: CellRunner) -> None:
+    """Fill ``outcomes`` (plan position -> (result, from cache)) for the plan of
+    :func:`verify.run.verify_sets`: reused and cached cells here, in plan order, with ``runner``,
+    then every other cell as one Ray task, each reported and saved as it finishes."""
     jobs = []
-    for i, (role, t, d, seed, label) in enumerate(grid):
-        reused = saved_cell(role, t, d, seed, label)
+    for i, cell in enumerate(cells):
+        reused = runner.saved(cell)
         if reused is not None:
             outcomes[i] = reused
             continue
-        hit, lookup = cached_baseline(role, t, d, seed, label)
+        hit, lookup = runner.cached_baseline(cell)
         if hit is not None:
-            save_cell(role, t, d, seed, hit, True, lookup)
+            runner.save(cell, hit, True, lookup)
             outcomes[i] = (hit, True)
             continue
-        jobs.append(CellJob(i, role, t, d, seed, label, lookup))
+        jobs.append(CellJob(i, cell, lookup))
 
     def done(job: CellJob, result: CellResult) -> None:
-        trained_cell(job.role, job.training, job.defense, job.seed, job.label, result)
-        save_cell(job.role, job.training, job.defense, job.seed, result, False, job.lookup)
+        runner.trained(job.cell, result)
+        runner.save(job.cell, result, False, job.lookup)
         outcomes[job.index] = (result, False)
 
-    run_cells(jobs, {k: v for k, v in sets.items() if v is not None}, test, recipe, dev, done, val)
+    run_cells(jobs, {k: v for k, v in runner.sets.items() if v is not None}, runner.test, runner.recipe,
+              runner.device, done, runner.val)

@@ -170,15 +170,15 @@ def report_markdown(cert: dict) -> str:
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Cells", "",
-              ("| training | defense | protected | chosen epoch | oracle peak | final | train acc (protected) "
+              ("| training | defense | learner | protected | chosen epoch | oracle peak | final | train acc (protected) "
                "| protected balanced | protected AUC | clean | clean balanced | clean AUC | effect | wall s |"),
-              "| " + " | ".join(["---"] * 14) + " |"]
+              "| " + " | ".join(["---"] * 15) + " |"]
     for c in cert["cells"]:
         p, k = c["protected"], c.get("clean") or {}
         wall = p.get("wall_s") or 0.0
         epoch = p.get("selected_epoch")
         lines.append("| " + " | ".join([
-            c["training"], c["defense"], _pct(p.get("acc"), p.get("acc_std")),
+            c["training"], c["defense"], (c.get("attacker") or {}).get("learner", ""), _pct(p.get("acc"), p.get("acc_std")),
             "" if epoch is None else (str(epoch) if isinstance(epoch, int) else "/".join(map(str, epoch))),
             _pct(p["peak_acc"], p.get("peak_acc_std")), _pct(p["final_acc"], p.get("final_acc_std")),
             _pct(p.get("train_acc")), _pct(p.get("balanced_acc"), p.get("balanced_acc_std")), _auc(p.get("auc")),
@@ -188,7 +188,7 @@ def report_markdown(cert: dict) -> str:
         guard = p.get("overfitting_guard") or {}
         if guard.get("fired"):
             lines.append(f"|  | ↳ catastrophic overfitting guard fired in epoch(s) {guard['fired_epochs']}: "
-                         "the epoch before was kept |" + " |" * 12)
+                         "the epoch before was kept |" + " |" * 13)
     lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
                    "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "
                    "over the classes with positives and negatives in the test set.")]

@@ -4,6 +4,9 @@ Loads the protected training folder, the clean test folder and (optionally) the 
 folder; checks that their class maps agree; trains the grid of cells (training regime x defense x
 seed) on the protected data and the clean baselines; scores them (:mod:`verify.certificate`); writes
 ``certificate.json``, ``report.md``, ``curves.png`` and ``samples.png``; returns the certificate.
+Each cell is one attacker (:class:`verify.attacker.Attacker`: learner, regime, defense, resolution,
+seed) on one training set; :func:`plan_cells` lists them, :class:`verify.cells.CellRunner` reuses,
+caches, trains and saves them, and :func:`score_cells` turns them into the certificate's cells.
 
 **Resumable.** Every finished cell is saved at once in ``<report>/cells/`` (:class:`verify.store.CellStore`,
 one small JSON file per cell, written atomically and named by the hash of everything that determines
@@ -71,15 +74,17 @@ from perturbations.errors import ConfigError, InputError
 
 from . import defenses as defense_registry
 from . import distributed
+from .attacker import plan_attackers
+from .cells import Cell, CellRunner, RunClock, _count, _duration, _pct
 from .certificate import build_certificate, cell_entry, chance_level, save_certificate, summarize_runs
 from .data import TensorSet, check_same_classes, find_overlap, load_folder
 from .metrics import score_basis
-from .grid import DEFAULT_DEFENSES, DEFAULT_TRAININGS, breakers_report, build_grid, recorded_method
+from .grid import DEFAULT_DEFENSES, DEFAULT_TRAININGS, Grid, breakers_report, build_grid, recorded_method
 from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
 from .relabel import Labelling, RelabelSpec, parse_relabel
 from .report import write_report
-from .store import CACHE_VERSION, BaselineCache, CellStore, cell_key, default_cache_dir
-from .train import CellResult, resolve_device, train_cell
+from .store import CACHE_VERSION, BaselineCache, CellStore, default_cache_dir
+from .train import CellResult, resolve_device
 from .uncertainty import bootstrap_interval, split_validation
 
 __all__ = [
@@ -178,83 +183,65 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def plan_cells(grid_: Grid, recipe: Recipe, seeds: Sequence[int], with_clean: bool,
+               baseline_per_defense: bool = False) -> list[Cell]:
+    """The cells to train, in order: per regime its clean baseline(s) (``with_clean``: under no
+    defense, or under each of its defenses with ``baseline_per_defense``), then its protected cells;
+    the clean ERM reference of the headline first when the grid has no ERM regime; every seed of a
+    pair after the other. Labels ``[i/N] role regime/defense seed S``."""
+    regimes = grid_.regimes
+    pairs: list[tuple[str, Training, defense_registry.Defense]] = []  # (role, training, defense)
+    erm, no_defense = parse_trainings("erm", recipe)[0], defense_registry.get("none")
+    if with_clean and erm not in regimes:  # the headline's reference: clean ERM, no defense
+        pairs.append(("clean", erm, no_defense))
+    for t in regimes:
+        if with_clean:
+            for d in ([d for tt, d in grid_.pairs if tt == t] if baseline_per_defense else [no_defense]):
+                pairs.append(("clean", t, d))
+        pairs += [("protected", t, d) for tt, d in grid_.pairs if tt == t]
+    total = len(pairs) * len(seeds)
+    out: list[Cell] = []
+    for role, t, d in pairs:
+        for a in plan_attackers([(t, d)], recipe, seeds):
+            out.append(Cell(role, a, f"[{len(out) + 1}/{total}] {role} {a.name} seed {a.seed}"))
+    return out
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 07 min``."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-class RunClock:
-    """The whole grid's progress: cells done of all, time elapsed, and an estimate of the time left.
-
-    ``cells``: ``(key, weight)`` per cell of the grid, ``key[0]`` its training regime and ``weight``
-    the relative cost of its epochs (1 for ERM, 1 + attack steps for adversarial training; every
-    cell of a run trains the same epochs). The estimate sums, over the cells not done, the mean
-    seconds of the cells of the same regime trained in this run, else the mean seconds per weight
-    of all trained cells times the cell's weight; None before any cell trained. Reused and cached
-    cells count as done and add no time. ``parallel`` (Ray: cells train at once): the sum is scaled
-    by the wall time over the trained seconds."""
-
-    def __init__(self, cells: Sequence[tuple[tuple, float]], parallel: bool = False) -> None:
-        self.weights = dict(cells)
-        self.pending = set(self.weights)
-        self.trained: dict[Any, list[tuple[float, float]]] = {}  # regime -> (seconds, weight) trained here
-        self.parallel = parallel
-        self.started = time.perf_counter()
-
-    @property
-    def total(self) -> int:
-        return len(self.weights)
-
-    @property
-    def done(self) -> int:
-        return self.total - len(self.pending)
-
-    def finish(self, key: tuple, trained_s: float | None = None) -> None:
-        """Cell ``key`` is there: trained in ``trained_s`` seconds, or (None) reused or cached."""
-        if key not in self.pending:
-            return
-        self.pending.discard(key)
-        if trained_s is not None:
-            self.trained.setdefault(key[0], []).append((float(trained_s), self.weights[key]))
-
-    def remaining_s(self) -> float | None:
-        """Estimated seconds until every cell is done (None: no cell trained yet)."""
-        if not self.pending:
-            return 0.0
-        runs = [r for v in self.trained.values() for r in v]
-        if not runs:
-            return None
-        spent = sum(s for s, _ in runs)
-        per_unit = spent / sum(w for _, w in runs)
-        left = 0.0
-        for key in self.pending:
-            same = self.trained.get(key[0])
-            left += sum(s for s, _ in same) / len(same) if same else per_unit * self.weights[key]
-        if self.parallel and spent > 0:
-            left *= min(1.0, (time.perf_counter() - self.started) / spent)
-        return left
-
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.started
-        if not self.pending:
-            return f"verify: {self.total}/{self.total} cells done in {_duration(elapsed)}"
-        left = self.remaining_s()
-        estimate = ("estimate after the first trained cell" if left is None
-                    else f"about {_duration(left)} left if the rest train")
-        return f"verify: {self.done}/{self.total} cells done, {_duration(elapsed)} elapsed, {estimate}"
+def score_cells(grid_: Grid, plan: Sequence[Cell], outcomes: dict[int, tuple[CellResult, bool]], test: TensorSet,
+                metric: str, score_chance: float, baseline_per_defense: bool = False,
+                ) -> tuple[list[dict], dict | None, tuple[float, float] | None]:
+    """The certificate's cells (each with its attacker and effect), the clean ERM reference and the
+    headline's bootstrap interval, from the trained ``plan`` (``outcomes``: position -> (result, cached))."""
+    protected_runs: dict[tuple[str, str], list[CellResult]] = {}
+    clean_runs: dict[tuple[str, str], list[CellResult]] = {}
+    clean_cached: dict[tuple[str, str], list[bool]] = {}
+    attackers: dict[tuple[str, str], dict] = {}
+    for i, c in enumerate(plan):
+        result, cached = outcomes[i]
+        key = (c.attacker.regime.name, c.attacker.defense.name)
+        if c.role == "clean":
+            clean_runs.setdefault(key, []).append(result)
+            clean_cached.setdefault(key, []).append(cached)
+        else:
+            protected_runs.setdefault(key, []).append(result)
+            attackers.setdefault(key, c.attacker.spec())
+    cells = []
+    for t, d in grid_.pairs:
+        base_d = d.name if baseline_per_defense else "none"
+        cells.append(cell_entry(
+            t.name, d.name, protected_runs[(t.name, d.name)], clean_runs.get((t.name, base_d)), score_chance,
+            baseline_defense=base_d, clean_cached=clean_cached.get((t.name, base_d)),
+            extra={"eps": t.eps if t.adversarial else None, "attacker": attackers[(t.name, d.name)]}, metric=metric,
+        ))
+    reference_runs = clean_runs.get(("erm", "none"))
+    if not reference_runs:
+        return cells, None, None
+    reference = summarize_runs(reference_runs, clean_cached.get(("erm", "none")))
+    interval = bootstrap_interval([r.test_pred for r in reference_runs],
+                                  [[r.test_pred for r in protected_runs[(t.name, d.name)]] for t, d in grid_.pairs],
+                                  test.y.tolist(), metric, score_chance)
+    log.debug("verify: reference %s, interval %s", reference.get("acc"), interval)
+    return cells, reference, interval
 
 
 def verify_sets(
@@ -348,174 +335,26 @@ def verify_sets(
         log.info("verify: %s", note)
         say(f"note: {note}")
 
-    plan: list[tuple[str, Training, defense_registry.Defense]] = []  # (role, training, defense)
-    erm, no_defense = parse_trainings("erm", recipe)[0], defense_registry.get("none")
-    if clean is not None and erm not in regimes:  # the headline's reference: clean ERM, no defense
-        plan.append(("clean", erm, no_defense))
-    for t in regimes:
-        if clean is not None:
-            for d in ([d for tt, d in grid_.pairs if tt == t] if baseline_per_defense else [no_defense]):
-                plan.append(("clean", t, d))
-        for tt, d in grid_.pairs:
-            if tt == t:
-                plan.append(("protected", t, d))
-    total = len(plan) * len(seed_list)
-    log.info("verify: %s tier, %d cells x %d seed(s) on %s", recipe.tier, len(plan), len(seed_list), dev)
-
-    labels_id = labelling.fingerprint if labelling is not None else "original"  # for the files' readers
-    protected_runs: dict[tuple[str, str], list[CellResult]] = {}
-    clean_runs: dict[tuple[str, str], list[CellResult]] = {}
-    clean_cached: dict[tuple[str, str], list[bool]] = {}
-
-    def saved_cell(role: str, t: Training, d: defense_registry.Defense, seed: int,
-                   label: str) -> tuple[CellResult, bool] | None:
-        """The cell as a finished earlier run saved it in the report's cells: (result, from cache)."""
-        data = clean if role == "clean" else protected
-        assert data is not None
-        key = cell_key(data, test, recipe, t, d, seed, role=role, val=val)
-        # Rank 0 decides (files shared by all processes must not be read half-written) and tells the others.
-        saved = distributed.broadcast_object(store.get(key) if main and not fresh else None)
-        if saved is None:
-            return None
-        result, meta = saved
-        store.reused += 1
-        if role == "clean" and cache.root is not None:
-            # count the lookup the original run made, so the certificate matches an uninterrupted run
-            cache.hits += meta.get("baseline_cache") == "hit"
-            cache.misses += meta.get("baseline_cache") == "miss"
-        log.info("%s: reused from %s (accuracy %.3f)", label, store.root, result.acc)
-        say(f"{label}: finished before, reused (accuracy {_pct(result.acc)} at epoch {result.selected_epoch}, "
-            f"final {_pct(result.final_acc)})")
-        clock.finish((t.name, role, d.name, seed))
-        say(clock.line())
-        return result, bool(meta.get("cached", False))
-
-    def cached_baseline(role: str, t: Training, d: defense_registry.Defense, seed: int,
-                        label: str) -> tuple[CellResult | None, str | None]:
-        """A clean baseline from the cache: (result or None, the lookup: "hit", "miss" or None)."""
-        if role != "clean" or fresh:
-            return None, None
-        assert clean is not None
-        hit = distributed.broadcast_object(cache.get(cell_key(clean, test, recipe, t, d.name, seed, val=val))
-                                           if main else None)
-        lookup = None if cache.root is None else ("hit" if hit is not None else "miss")
-        if hit is not None:
-            log.info("%s: clean baseline from cache (accuracy %.3f)", label, hit.acc)
-            say(f"{label}: cached clean baseline, accuracy {_pct(hit.acc)} at epoch {hit.selected_epoch}")
-        return hit, lookup
-
-    def trained_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str,
-                     result: CellResult) -> None:
-        """Count, cache (a clean baseline) and report a cell that has just been trained."""
-        store.trained += 1
-        data = clean if role == "clean" else protected
-        assert data is not None
-        if role == "clean" and main:
-            cache.put(cell_key(data, test, recipe, t, d.name, seed, val=val), result, {
-                "clean_root": str(data.root), "tier": recipe.tier, "training": t.name, "defense": d.name,
-                "seed": seed, "labels": labels_id})
-        log.info("%s: accuracy %.3f (epoch %s) final %.3f (%.0f s)", label, result.acc, result.selected_epoch,
-                 result.final_acc, result.wall_s)
-        if lines or (bars and engine == "ray"):  # no bars for cells trained elsewhere: one line each
-            medical = ""
-            if metric == "balanced_accuracy" and result.balanced_acc is not None:
-                auc = "n/a" if result.auc is None else f"{result.auc:.3f}"
-                medical = f", balanced {_pct(result.balanced_acc)}, AUC {auc}"
-            guard = (f", catastrophic overfitting in epoch {result.guard_fired_epoch}: kept epoch "
-                     f"{result.guard_fired_epoch - 1}" if result.guard_fired_epoch else "")
-            say(f"{label}: accuracy {_pct(result.acc)} at epoch {result.selected_epoch} (chosen on validation), "
-                f"final {_pct(result.final_acc)}, train {_pct(result.train_acc)}{medical}{guard} ({result.wall_s:.0f} s)")
-
-    def save_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, result: CellResult,
-                  cached: bool, lookup: str | None) -> None:
-        """Save a cell in the report's cells as soon as it is there."""
-        if main:
-            data = clean if role == "clean" else protected
-            assert data is not None
-            store.put(cell_key(data, test, recipe, t, d, seed, role=role, val=val), result, {
-                "role": role, "tier": recipe.tier, "training": t.name, "defense": d.name, "seed": seed,
-                "cached": cached, "baseline_cache": lookup, "train_root": str(data.root),
-                "test_root": str(test.root), "labels": labels_id})
-        clock.finish((t.name, role, d.name, seed), None if cached else result.wall_s)
-        say(clock.line())
-
-    def run_cell(role: str, t: Training, d: defense_registry.Defense, seed: int, label: str) -> tuple[CellResult, bool]:
-        """One cell here: reused from the report's cells, else from the baseline cache (clean), else
-        trained; saved in the report's cells as soon as it is there. Returns (result, from cache)."""
-        reused = saved_cell(role, t, d, seed, label)
-        if reused is not None:
-            return reused
-        result, lookup = cached_baseline(role, t, d, seed, label)
-        cached = result is not None
-        if result is None:
-            data = clean if role == "clean" else protected
-            assert data is not None
-            if lines:  # no bar shows that it started
-                cell_recipe = recipe.for_training(t)
-                say(f"{label}: training {cell_recipe.model} ({_count(cell_recipe.epochs, 'epoch')} on "
-                    f"{_count(len(data), 'image')})")
-            result = train_cell(data, test, recipe, t, d, seed, dev, progress=True if bars else (
-                progress if callable(progress) else False), label=label, val=val)
-            trained_cell(role, t, d, seed, label, result)
-        save_cell(role, t, d, seed, result, cached, lookup)
-        return result, cached
-
-    grid: list[tuple[str, Training, defense_registry.Defense, int, str]] = []  # ... seed, label; plan order
-    for role, t, d in plan:
-        for seed in seed_list:
-            grid.append((role, t, d, seed, f"[{len(grid) + 1}/{total}] {role} {t.name}/{d.name} seed {seed}"))
-    clock = RunClock([((t.name, role, d.name, seed),
-                       (1.0 + recipe.attack(t).get("steps", 0)) * recipe.for_training(t).epochs / recipe.epochs)
-                      for role, t, d, seed, _ in grid], parallel=engine == "ray")
-    n_clean = sum(role == "clean" for role, *_ in grid)
+    cells_plan = plan_cells(grid_, recipe, seed_list, clean is not None, baseline_per_defense)
+    total = len(cells_plan)
+    log.info("verify: %s tier, %d cells x %d seed(s) on %s", recipe.tier, total // len(seed_list), len(seed_list), dev)
+    clock = RunClock([(c.clock_key, (1.0 + recipe.attack(c.attacker.regime).get("steps", 0))
+                       * recipe.for_training(c.attacker.regime).epochs / recipe.epochs) for c in cells_plan],
+                     parallel=engine == "ray")
+    n_clean = sum(c.role == "clean" for c in cells_plan)
     learners = f"{recipe.model}, {_count(recipe.epochs, 'epoch')}"
     at = next((recipe.for_training(t) for t in regimes if t.adversarial), recipe)
     if (at.model, at.epochs) != (recipe.model, recipe.epochs):
         learners += f" (adversarial training: {at.model}, {_count(at.epochs, 'epoch')})"
     say(f"verify: {total} cells ({n_clean} clean baseline(s), {total - n_clean} protected), tier {recipe.tier}, "
         f"{learners} each, on {dev}" + (" (Ray tasks)" if engine == "ray" else ""))
-    outcomes: dict[int, tuple[CellResult, bool]] = {}  # plan position -> (result, from cache)
-    try:
-        if engine == "ray":
-            from .ray_cells import run_grid
-
-            run_grid(grid, outcomes, saved_cell, cached_baseline, trained_cell, save_cell,
-                     {"protected": protected, "clean": clean}, test, recipe, dev, val)
-        else:
-            for i, (role, t, d, seed, label) in enumerate(grid):
-                outcomes[i] = run_cell(role, t, d, seed, label)
-    except KeyboardInterrupt:
-        if store.root is not None and main:  # every cell that finished is saved
-            log.warning("verify interrupted: %d of %d cells are saved in %s", len(outcomes), total, store.root)
-            say(f"verify: {len(outcomes)} of {total} cells are saved in {store.root}; the same command resumes")
-        raise
-    for i, (role, t, d, _, _) in enumerate(grid):
-        result, cached = outcomes[i]
-        if role == "clean":
-            clean_runs.setdefault((t.name, d.name), []).append(result)
-            clean_cached.setdefault((t.name, d.name), []).append(cached)
-        else:
-            protected_runs.setdefault((t.name, d.name), []).append(result)
-
-    cells = []
-    for t, d in grid_.pairs:
-        base_d = d.name if baseline_per_defense else "none"
-        base = clean_runs.get((t.name, base_d))
-        cells.append(cell_entry(
-            t.name, d.name, protected_runs[(t.name, d.name)], base, score_chance, baseline_defense=base_d,
-            clean_cached=clean_cached.get((t.name, base_d)),
-            extra={"eps": t.eps if t.adversarial else None}, metric=metric,
-        ))
-    reference_runs = clean_runs.get(("erm", "none"))
-    reference = summarize_runs(reference_runs, clean_cached.get(("erm", "none"))) if reference_runs else None
-    interval = None
-    if reference_runs:
-        field = "balanced_acc" if metric == "balanced_accuracy" else "acc"
-        cells_runs = [protected_runs[(t.name, d.name)] for t, d in grid_.pairs]
-        interval = bootstrap_interval([r.test_pred for r in reference_runs],
-                                      [[r.test_pred for r in runs] for runs in cells_runs], test.y.tolist(),
-                                      metric, score_chance)
-        log.debug("verify: reference %s %.4f, interval %s", field, getattr(reference_runs[0], field), interval)
+    labels_id = labelling.fingerprint if labelling is not None else "original"  # for the files' readers
+    runner = CellRunner(sets={"protected": protected, "clean": clean}, test=test, val=val, recipe=recipe, device=dev,
+                        cache=cache, store=store, fresh=fresh, labels_id=labels_id, say=say, lines=lines, bars=bars,
+                        progress=progress if callable(progress) else False, engine=engine, metric=metric, clock=clock)
+    outcomes = runner.run_all(cells_plan)
+    cells, reference, interval = score_cells(grid_, cells_plan, outcomes, test, metric, score_chance,
+                                             baseline_per_defense)
     data = {"train": protected.describe(), "test": test.describe(), "validation": val.describe()}
     if clean is not None:
         data["clean"] = clean.describe()

@@ -273,6 +273,75 @@ def _tqdm_progress(label: str, total: int):
     return tqdm(total=total, desc=label, unit="ep", leave=True, dynamic_ncols=True)
 
 
+def _build_learner(train: TensorSet, recipe: Recipe, training: Training, seed: int) -> nn.Module:
+    """The cell's network, initialised from ``seed`` (the global RNG is left as it was): the regime's
+    pretrained learner (:mod:`verify.learners`) or ``recipe.model`` from scratch, with the training
+    images' normalisation where the recipe asks for it."""
+    c, h, w = train.x.shape[1:]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if training.learner is not None:  # a pretrained backbone with a new head (verify.learners)
+            from .learners import build_learner
+
+            model = build_learner(training.learner, train.num_classes, int(c))
+        else:
+            model = create_model(recipe.model, train.num_classes, in_channels=int(c), image_size=int(max(h, w)))
+    if recipe.normalize:
+        if hasattr(model, "set_normalization"):
+            xf = train.x.float().div(255)
+            model.set_normalization(tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()))
+        else:
+            log.warning("model %s has no normalisation prefix; recipe.normalize ignored", recipe.model)
+    return model
+
+
+def _selection_set(val: TensorSet | None, x_test: Tensor, y_test: Tensor, recipe: Recipe,
+                   dev: torch.device) -> tuple[Tensor, Tensor]:
+    """The images that choose the epoch, on ``dev``: ``val`` (None: the test images, the oracle),
+    capped at ``recipe.eval_subset`` images (a fixed keyed subset) where that is set."""
+    if val is not None:
+        x_val = val.x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y_val = val.y.to(dev, non_blocking=True)
+    else:
+        x_val, y_val = x_test, y_test
+    if recipe.eval_subset is not None and recipe.eval_subset < x_val.shape[0]:
+        g_eval = torch.Generator().manual_seed(_subseed(0, "eval-subset"))
+        sub = torch.randperm(x_val.shape[0], generator=g_eval)[: recipe.eval_subset].sort().values.to(dev)
+        x_val, y_val = x_val[sub].contiguous(memory_format=torch.channels_last), y_val[sub]
+    return x_val, y_val
+
+
+def _result(training: str, defense: str, seed: int, evals: list[EvalResult | None], val_evals: list[EvalResult],
+            best_epoch: int, epoch_s: list[float], train_acc: float, train_loss: float, started: float, n: int,
+            n_test_set: int, n_test: int, dev: torch.device, selection: str, n_val: int, guard_acc: list[float],
+            guard_fired: int | None) -> CellResult:
+    """The cell's :class:`CellResult`: the numbers at the selected epoch (``best_epoch``, 0-based),
+    the oracle peaks over the test evaluations (each metric at its own epoch), and the curves on the
+    test set where it was scored (None elsewhere)."""
+    full = [i for i, e in enumerate(evals) if e is not None]
+    curve = [None if e is None else e.accuracy for e in evals]
+    curve_bal = [None if e is None else e.balanced_accuracy for e in evals]
+    curve_auc = [None if e is None else e.auc for e in evals]
+    peak_epoch = max(full, key=lambda i: curve[i])
+    peak_bal_epoch = max(full, key=lambda i: curve_bal[i])
+    aucs = [curve_auc[i] for i in full if curve_auc[i] is not None]
+    chosen = evals[best_epoch]
+    assert chosen is not None and chosen.pred is not None
+    return CellResult(
+        training=training, defense=defense, seed=seed, curve=curve, final_acc=curve[-1],
+        peak_acc=curve[peak_epoch], peak_epoch=peak_epoch + 1, train_acc=train_acc, train_loss=train_loss,
+        wall_s=time.perf_counter() - started, epochs=len(evals), epoch_s=epoch_s,
+        curve_n=[0 if e is None else n_test for e in evals], n_train=n, n_test=n_test_set, device=str(dev),
+        curve_balanced=curve_bal, curve_auc=curve_auc,
+        final_balanced_acc=curve_bal[-1], peak_balanced_acc=curve_bal[peak_bal_epoch],
+        peak_balanced_epoch=peak_bal_epoch + 1, final_auc=curve_auc[-1], peak_auc=max(aucs) if aucs else None,
+        selected_epoch=best_epoch + 1, acc=chosen.accuracy, balanced_acc=chosen.balanced_accuracy, auc=chosen.auc,
+        selection=selection, n_val=n_val,
+        val_curve=[e.accuracy for e in val_evals], val_curve_balanced=[e.balanced_accuracy for e in val_evals],
+        test_pred=chosen.pred.cpu().tolist(), guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
+    )
+
+
 def train_cell(
     train: TensorSet,
     test: TensorSet,
@@ -318,20 +387,7 @@ def train_cell(
     g_def = torch.Generator().manual_seed(_subseed(seed, "defense" + tag))
     g_att = torch.Generator(device=dev).manual_seed(_subseed(seed, "attack" + tag))
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if training.learner is not None:  # a pretrained backbone with a new head (verify.learners)
-            from .learners import build_learner
-
-            model = build_learner(training.learner, num_classes, int(c))
-        else:
-            model = create_model(recipe.model, num_classes, in_channels=int(c), image_size=int(max(h, w)))
-    if recipe.normalize:
-        if hasattr(model, "set_normalization"):
-            xf = train.x.float().div(255)
-            model.set_normalization(tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()))
-        else:
-            log.warning("model %s has no normalisation prefix; recipe.normalize ignored", recipe.model)
+    model = _build_learner(train, recipe, training, seed)
     model = distributed.convert_batchnorm(model, dev)  # SyncBatchNorm under torchrun on GPUs
     model = model.to(dev, memory_format=torch.channels_last).train()
     net = model  # what the attacks differentiate (never the DDP wrapper: they take input gradients only)
@@ -388,14 +444,7 @@ def train_cell(
     n_test = x_test.shape[0]
     if val is not None:
         check_same_classes(val.classes, train.classes, "validation", "train")
-        x_val = val.x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y_val = val.y.to(dev, non_blocking=True)
-    else:
-        x_val, y_val = x_test, y_test
-    if recipe.eval_subset is not None and recipe.eval_subset < x_val.shape[0]:
-        g_eval = torch.Generator().manual_seed(_subseed(0, "eval-subset"))
-        sub = torch.randperm(x_val.shape[0], generator=g_eval)[: recipe.eval_subset].sort().values.to(dev)
-        x_val, y_val = x_val[sub].contiguous(memory_format=torch.channels_last), y_val[sub]
+    x_val, y_val = _selection_set(val, x_test, y_test, recipe, dev)
     test_every_epoch = recipe.eval_subset is None or n_test <= recipe.eval_subset  # small test sets: every epoch
     val_is_test = x_val is x_test
     # The epoch is chosen by the metric the score will use on this test set.
@@ -519,27 +568,6 @@ def train_cell(
         if bar is not None:
             bar.close()
 
-    # The reported numbers at the selected epoch; the oracle peaks over the test evaluations, each
-    # metric at its own epoch; curves on the test set where it was scored (None elsewhere).
-    full = [i for i, e in enumerate(evals) if e is not None]
-    curve = [None if e is None else e.accuracy for e in evals]
-    curve_bal = [None if e is None else e.balanced_accuracy for e in evals]
-    curve_auc = [None if e is None else e.auc for e in evals]
-    peak_epoch = max(full, key=lambda i: curve[i])
-    peak_bal_epoch = max(full, key=lambda i: curve_bal[i])
-    aucs = [curve_auc[i] for i in full if curve_auc[i] is not None]
-    chosen = evals[best_epoch]
-    assert chosen is not None and chosen.pred is not None
-    return CellResult(
-        training=training.name, defense=dfn.name, seed=seed, curve=curve, final_acc=curve[-1],
-        peak_acc=curve[peak_epoch], peak_epoch=peak_epoch + 1, train_acc=train_acc, train_loss=train_loss,
-        wall_s=time.perf_counter() - started, epochs=len(evals), epoch_s=epoch_s,
-        curve_n=[0 if e is None else n_test for e in evals], n_train=n, n_test=len(test), device=str(dev),
-        curve_balanced=curve_bal, curve_auc=curve_auc,
-        final_balanced_acc=curve_bal[-1], peak_balanced_acc=curve_bal[peak_bal_epoch],
-        peak_balanced_epoch=peak_bal_epoch + 1, final_auc=curve_auc[-1], peak_auc=max(aucs) if aucs else None,
-        selected_epoch=best_epoch + 1, acc=chosen.accuracy, balanced_acc=chosen.balanced_accuracy, auc=chosen.auc,
-        selection="validation" if val is not None else "test", n_val=int(x_val.shape[0]),
-        val_curve=[e.accuracy for e in val_evals], val_curve_balanced=[e.balanced_accuracy for e in val_evals],
-        test_pred=chosen.pred.cpu().tolist(), guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
-    )
+    return _result(training.name, dfn.name, seed, evals, val_evals, best_epoch, epoch_s, train_acc, train_loss,
+                   started, n, len(test), n_test, dev, "validation" if val is not None else "test", int(x_val.shape[0]),
+                   guard_acc, guard_fired)

@@ -20,3 +20,16 @@ def test_every_option_is_in_the_cli_reference(name):
     missing = [opt for p in command.params if isinstance(p, click.Option) and not p.hidden
                for opt in p.opts if opt.startswith("--") and opt not in ("--help",) and opt not in REFERENCE]
     assert not missing, f"protect {name}: README's CLI reference lacks {missing}"
+
+
+def test_every_import_of_the_python_api_section_resolves():
+    import importlib
+    import re
+
+    api = README[README.index("## Python API"):README.index("## Methods")]
+    imports = re.findall(r"^from ([\w.]+) import ([\w, ]+?)\s*(?:#.*)?$", api, flags=re.M)
+    assert len(imports) >= 4
+    for module, names in imports:
+        mod = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(mod, name), f"README's Python API imports {name} from {module}, which has no such name"

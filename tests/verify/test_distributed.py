@@ -31,6 +31,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    import verify.cells as vcells
     import verify.run as vrun
     from verify.recipes import get_recipe
 
@@ -49,13 +50,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # the same call again: rank 0 finds every cell saved and tells rank 1 (whose own report folder
         # is empty), so both skip the same cells; a rank deciding alone would deadlock or crash DDP
         trained: list[str] = []
-        real = vrun.train_cell
+        real = vcells.train_cell
 
         def counting(*args, **kwargs):
             trained.append(kwargs.get("label", ""))
             return real(*args, **kwargs)
 
-        vrun.train_cell = counting
+        vcells.train_cell = counting
         again = vrun.verify_sets(train, test, train, **kw)
         Path(out, f"rank{rank}.json").write_text(json.dumps(
             {"world": distributed.world(), "rank": distributed.rank(), "cells": cert["cells"], "device": cert["device"],

@@ -90,3 +90,9 @@ def test_the_certificate_records_the_backbone_and_missing_weights_fail_in_one_li
     assert entry["learner"]["kind"] == "probe" and entry["learner"]["backbone"] == "random:tiny"
     assert [(c["training"], c["defense"]) for c in cert["cells"]] == [("probe:random:tiny", "none"),
                                                                        ("probe:random:tiny", "grayscale")]
+    # every cell records its whole attacker, and the best attacker carries it too
+    assert cert["cells"][1]["attacker"] == {"learner": "probe:random:tiny", "learner_kind": "probe",
+                                            "regime": "probe:random:tiny", "norm": None, "eps": None,
+                                            "defense": "grayscale", "resolution": "native"}
+    best = cert["verdict"]["best_attacker"]
+    assert best["attacker"]["defense"] == best["defense"] and best["attacker"]["learner_kind"] == "probe"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import verify.cells as vcells
 import verify.run as vrun
 
 from perturbations.errors import ConfigError, InputError
@@ -43,7 +44,7 @@ def _map(tmp_path: Path, blob: object | str, name: str = "map.json") -> Path:
 
 
 class FakeTrainer:
-    """Stands in for verify.run.train_cell: records what each cell was given and returns fixed
+    """Stands in for verify.cells.train_cell: records what each cell was given and returns fixed
     accuracies (clean 0.9, protected 0.7; balanced accuracy 0.85 and 0.65, AUC 0.95 and 0.75) without
     training anything."""
 
@@ -69,7 +70,7 @@ class FakeTrainer:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTrainer:
     trainer = FakeTrainer()
-    monkeypatch.setattr(vrun, "train_cell", trainer)
+    monkeypatch.setattr(vcells, "train_cell", trainer)
     return trainer
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import verify.certificate as vcert
+import verify.cells as vcells
 import verify.run as vrun
 from perturbations.errors import ConfigError, InputError, ProtectError
 from verify.certificate import load_certificate
@@ -49,11 +50,11 @@ def _shortcut(clean: Path, dst: Path, amplitude: int = 48) -> Path:
 
 
 class Counter:
-    """Wraps verify.run.train_cell and records (role label, training, defense) of each real training."""
+    """Wraps verify.cells.train_cell and records (role label, training, defense) of each real training."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
-        self.real = vrun.train_cell
+        self.real = vcells.train_cell
 
     def __call__(self, *args, **kwargs):
         self.calls.append(kwargs.get("label", ""))
@@ -115,7 +116,7 @@ def test_clean_baseline_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     protected = _shortcut(clean, tmp_path / "protected")
     monkeypatch.setenv("PROTECT_CACHE", str(tmp_path / "cache"))  # the default cache_dir
     counter = Counter()
-    monkeypatch.setattr(vrun, "train_cell", counter)
+    monkeypatch.setattr(vcells, "train_cell", counter)
     recipe = get_recipe("quick", epochs=1, batch_size=8)
     kw = {"tier": recipe, "trainings": "erm", "defenses": "none,grayscale", "device": "cpu",
           "report_dir": False, "progress": False, "seeds": 1}
@@ -154,7 +155,7 @@ def test_errors_are_one_line_and_early(tmp_path: Path, monkeypatch: pytest.Monke
     def no_training(*a, **k):
         raise AssertionError("training started before the inputs were checked")
 
-    monkeypatch.setattr(vrun, "train_cell", no_training)
+    monkeypatch.setattr(vcells, "train_cell", no_training)
     cases = [
         ({"defenses": "none,sharpen"}, ConfigError, "unknown defense 'sharpen'"),
         ({"trainings": "erm,pgd"}, ConfigError, "unknown training regime 'pgd'"),
@@ -230,7 +231,7 @@ def test_interrupted_run_resumes_with_only_the_missing_cells(tmp_path: Path, mon
                                    progress=False, **kw)
 
     counter = Counter()
-    monkeypatch.setattr(vrun, "train_cell", counter)
+    monkeypatch.setattr(vcells, "train_cell", counter)
     report = tmp_path / "report"
     run = {"report_dir": report, "cache_dir": tmp_path / "cache", **kw}
     with pytest.raises(KeyboardInterrupt):
@@ -278,13 +279,13 @@ def test_progress_lines_without_a_terminal_and_bars_with_one(tmp_path: Path, mon
     test = load_folder(SAMPLES / "test", max_per_class=2).select_classes(CLASSES)
     recipe = get_recipe("quick", epochs=1, batch_size=4)
     seen = []
-    real = vrun.train_cell
+    real = vcells.train_cell
 
     def spy(*args, **kwargs):
         seen.append(kwargs["progress"])
         return real(*args, **{**kwargs, "progress": False})
 
-    monkeypatch.setattr(vrun, "train_cell", spy)
+    monkeypatch.setattr(vcells, "train_cell", spy)
     kw = {"tier": recipe, "trainings": "erm", "defenses": "none,grayscale", "device": "cpu", "cache_dir": False,
           "seeds": 1}
     monkeypatch.setattr(vrun, "_stderr_is_terminal", lambda: False)
@@ -413,7 +414,7 @@ def test_small_training_sets_default_to_three_seeds(tmp_path: Path, monkeypatch:
     clean = _copy("train", tmp_path / "clean", 4)
     test = _copy("test", tmp_path / "test", 4)
     counter = Counter()
-    monkeypatch.setattr(vrun, "train_cell", counter)
+    monkeypatch.setattr(vcells, "train_cell", counter)
     cert = vrun.verify_folder(_shortcut(clean, tmp_path / "protected"), test, clean,
                               tier=get_recipe("quick", epochs=1, batch_size=4), trainings="erm", defenses="none",
                               device="cpu", report_dir=False, cache_dir=False, progress=False)
