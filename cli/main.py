@@ -189,7 +189,9 @@ def _print_summary(s: Any) -> None:
                + (f"; pruned {s.pruned} orphaned output(s)" if s.pruned else "")
                + (f"; {s.unread} file(s) not read (see the warnings)" if s.unread else ""))
     if s.psnr_mean is not None:
-        click.echo(f"  fidelity: mean PSNR {s.psnr_mean:.2f} dB, mean SSIM {s.ssim_mean:.3f}")
+        click.echo(f"  fidelity: mean PSNR {s.psnr_mean:.2f} dB, mean SSIM {s.ssim_mean:.3f}"
+                   + ("" if s.delta_e_mean is None else f", mean low-frequency colour difference dE {s.delta_e_mean:.2f}"
+                      " (2.3 is just noticeable)"))
     click.echo(f"  parameters: {format_params(s.params, skip=('size_rule',))}")
     for note in s.notes:
         click.echo(f"  note: {note}")
@@ -224,7 +226,9 @@ def inspect(out_dir: str, record_dir: str | None, check: bool, key: str | None, 
             click.echo(f"  classes ({info['label_source']}): {', '.join(info['class_map'])}")
         if info["psnr_mean"] is not None:
             click.echo(f"  fidelity: PSNR mean {info['psnr_mean']:.2f} dB (min {info['psnr_min']:.2f}), "
-                       f"SSIM mean {info['ssim_mean']:.3f} (min {info['ssim_min']:.3f})")
+                       f"SSIM mean {info['ssim_mean']:.3f} (min {info['ssim_min']:.3f})"
+                       + ("" if info.get("delta_e_mean") is None else
+                          f", low-frequency colour dE mean {info['delta_e_mean']:.2f} (max {info['delta_e_max']:.2f})"))
         if info.get("max_delta_max") is not None:
             click.echo(f"  as written: largest change {info['max_delta_max']} level(s)"
                        + (f"; JPEG quality {info['quality_min']}" + (f"-{info['quality_max']}" if info["quality_max"] != info["quality_min"] else "")

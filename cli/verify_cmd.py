@@ -137,7 +137,9 @@ def _print_certificate(cert: dict) -> None:
     ref = verdict.get("reference") or {}
     if best:
         what = "balanced accuracy" if balanced else "accuracy"
-        click.echo(f"best attacker: {best.get('training')} + {best.get('defense')}, {_pct(best.get(field)).strip()} % "
+        learner = (best.get("attacker") or {}).get("learner")
+        click.echo(f"best attacker: {best.get('training')} + {best.get('defense')}"
+                   + (f" ({learner})" if learner else "") + f", {_pct(best.get(field)).strip()} % "
                    f"{what}" + (f" (clean reference, plain training: {_pct(ref.get(field)).strip()} %)" if ref else ""))
         small = verdict.get("smallest_effect") or {}
         if small.get("effect") is not None:

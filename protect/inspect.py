@@ -72,6 +72,8 @@ def inspect_run(out_dir: str | os.PathLike, record_dir: str | os.PathLike | None
         "psnr_min": min((f.psnr for f in files), default=None),
         "ssim_mean": _mean(f.ssim for f in files),
         "ssim_min": min((f.ssim for f in files), default=None),
+        "delta_e_mean": _mean(f.delta_e for f in files if f.delta_e is not None),
+        "delta_e_max": max((f.delta_e for f in files if f.delta_e is not None), default=None),
         **_as_written(files),
     }
     if keyring is not None:

@@ -102,6 +102,8 @@ class Summary:
     warnings: list[str] = field(default_factory=list)
     psnr_mean: float | None = None
     ssim_mean: float | None = None
+    #: mean over the images of their low-frequency CIELAB dE (None when no image has one)
+    delta_e_mean: float | None = None
     seconds: float = 0.0
     fit_seconds: float = 0.0
     fit_report: dict[str, Any] = field(default_factory=dict)
@@ -656,6 +658,8 @@ def _finish(summary: Summary, record: RunRecord, run: _Run, dataset: Dataset, ou
     if values:
         summary.psnr_mean = round(sum(v.psnr for v in values) / len(values), 3)
         summary.ssim_mean = round(sum(v.ssim for v in values) / len(values), 5)
+        des = [v.delta_e for v in values if v.delta_e is not None]
+        summary.delta_e_mean = round(sum(des) / len(des), 3) if des else None
     jpeg = sum(1 for v in values if v.output.lower().endswith((".jpg", ".jpeg")))
     if jpeg:
         quality = "each input's own quality" if options.jpeg_quality is None else f"quality {options.jpeg_quality}"

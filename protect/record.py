@@ -94,13 +94,17 @@ class Entry(NamedTuple):
     deps: str
     psnr: float
     ssim: float
+    #: mean low-frequency CIELAB dE (:func:`protect.fidelity.delta_e`); None in records written before it
+    delta_e: float | None = None
 
     @classmethod
     def parse(cls, line: str) -> "Entry | None":
         try:
             item = json.loads(line)
+            de = item.get("delta_e")
             return cls(line.rstrip("\n"), item["path"], item["output"], item["input_sha256"], item["output_sha256"],
-                       item.get("label"), item.get("deps", ""), float(item["psnr"]), float(item["ssim"]))
+                       item.get("label"), item.get("deps", ""), float(item["psnr"]), float(item["ssim"]),
+                       None if de is None else float(de))
         except (ValueError, KeyError, TypeError):
             return None
 

@@ -9,7 +9,8 @@ and the largest change of the file as written (a lossy output, JPEG or HEIF, is 
 its bytes the way inputs are; a lossless one holds exactly the protected pixels), write atomically,
 hash the output. Pixels are released as soon as their file is written.
 
-Each journal line (and manifest entry) holds ``psnr``, ``ssim``, ``max_delta`` (largest absolute
+Each journal line (and manifest entry) holds ``psnr``, ``ssim``, ``delta_e`` (mean low-frequency
+CIELAB colour difference, :func:`protect.fidelity.delta_e`), ``max_delta`` (largest absolute
 change of any value, in the image's levels, as written), and ``quality`` / ``subsampling`` (what a
 lossy output was encoded with; null for lossless outputs).
 
@@ -36,7 +37,7 @@ import torch
 import perturbations
 from perturbations import Keyring, Perturbation
 
-from .fidelity import max_delta, measure
+from .fidelity import delta_e, max_delta, measure
 from .imageio import LOSSY, Decoded, ImageError, decode, encode_pixels, lossy_settings
 from .record import Entry
 from .safefs import Tree, UnsafePath
@@ -326,13 +327,14 @@ class Context:
                     return [Result("fail", it.task.rel, reason=str(exc)) for it in items]
                 q = q.contiguous(memory_format=torch.channels_last)  # the layout of v and of the files
                 # a lossless output holds exactly q: measured here, batched; a lossy one once written
-                fid: list[tuple[float, float, int] | None] = [None] * len(items)
+                fid: list[tuple[float, float, int, float] | None] = [None] * len(items)
                 exact = [i for i, it in enumerate(items) if self._out_format(it) not in LOSSY]
                 if exact:
                     vs, qs = (v, q) if len(exact) == len(items) else (v[exact], q[exact])
                     ps, ss = measure(vs, qs, levels)
+                    des = delta_e(vs, qs, levels)
                     for j, (i, m) in enumerate(zip(exact, max_delta(vs, qs))):
-                        fid[i] = (ps[j], ss[j], m)
+                        fid[i] = (ps[j], ss[j], m, des[j])
                     del vs, qs
             out = q.permute(0, 2, 3, 1).cpu().numpy()  # N x H x W x C, each image contiguous
             del q
@@ -347,8 +349,9 @@ class Context:
     def _out_format(self, item: _Item) -> str:
         return "PNG" if self.spec.out_format == "png" else item.decoded.format
 
-    def _measure_written(self, data: bytes, fmt: str, ref: torch.Tensor, levels: int) -> tuple[float, float, int]:
-        """PSNR, SSIM and largest change of the encoded file ``data`` against the input ``ref``
+    def _measure_written(self, data: bytes, fmt: str, ref: torch.Tensor,
+                         levels: int) -> tuple[float, float, int, float]:
+        """PSNR, SSIM, largest change and low-frequency dE of the encoded file ``data`` against the input ``ref``
         (1 x C x H x W on the compute device), decoded as an input would be."""
         back = decode(data, fmt, self.spec.max_pixels).pixels
         if back.shape != (ref.shape[2], ref.shape[3], ref.shape[1]):
@@ -358,10 +361,10 @@ class Context:
             w = torch.from_numpy(back.astype(np.int32) if back.dtype == np.uint16 else back)
         w = w.permute(2, 0, 1)[None].to(ref.device)
         ps, ss = measure(ref, w, levels)
-        return ps[0], ss[0], max_delta(ref, w)[0]
+        return ps[0], ss[0], max_delta(ref, w)[0], delta_e(ref, w, levels)[0]
 
     def _write(self, item: _Item, pixels: np.ndarray, ref: torch.Tensor, levels: int,
-               fid: tuple[float, float, int] | None) -> Result:
+               fid: tuple[float, float, int, float] | None) -> Result:
         task, dec = item.task, item.decoded
         fmt = self._out_format(item)
         quality, subsampling = lossy_settings(fmt, dec.meta, self.spec.jpeg_quality)
@@ -377,13 +380,13 @@ class Context:
         except (ImageError, OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return Result("fail", task.rel, reason=f"cannot write output: {reason}")
-        out_sha, p, s = hashlib.sha256(data).hexdigest(), round(fid[0], 3), round(fid[1], 5)
+        out_sha, p, s, de = hashlib.sha256(data).hexdigest(), round(fid[0], 3), round(fid[1], 5), round(fid[3], 3)
         line = json.dumps({
             "path": task.rel, "output": task.out_rel, "label": task.label_name, "input_sha256": item.in_sha,
-            "output_sha256": out_sha, "psnr": p, "ssim": s, "max_delta": int(fid[2]), "quality": quality,
+            "output_sha256": out_sha, "psnr": p, "ssim": s, "delta_e": de, "max_delta": int(fid[2]), "quality": quality,
             "subsampling": subsampling, "notes": dec.notes, "deps": self.spec.deps,
         }, sort_keys=True)
-        entry = Entry(line, task.rel, task.out_rel, item.in_sha, out_sha, task.label_name, self.spec.deps, p, s)
+        entry = Entry(line, task.rel, task.out_rel, item.in_sha, out_sha, task.label_name, self.spec.deps, p, s, de)
         return Result("done", task.rel, entry=entry, notes=tuple(dec.notes))
 
 

@@ -173,3 +173,29 @@ def test_estimator_is_exact_on_pillow_files(quality):
     im.save(buf, "JPEG", quality=quality)
     with Image.open(buf) as back:
         assert estimate_jpeg_quality(back.quantization) == quality
+
+
+def test_delta_e_is_recorded_per_image_and_summarised(tmp_path, keyring):
+    from protect.fidelity import delta_e
+
+    inp = photo_folder(tmp_path / "in", quality=90)
+    out = tmp_path / "out"
+    summary = run(inp, out, keyring, jpeg_quality=80)
+    rows = entries(out)
+    for rel, e in rows.items():  # measured on the written JPEG against the decoded input
+        a, b = (torch.from_numpy(np.ascontiguousarray(decode(p.read_bytes(), "JPEG").pixels)).permute(2, 0, 1)[None]
+                for p in (inp / rel, out / rel))
+        assert e["delta_e"] == pytest.approx(delta_e(a, b, 255)[0], abs=2e-3) and e["delta_e"] > 0
+    values = [e["delta_e"] for e in rows.values()]
+    assert summary.delta_e_mean == pytest.approx(sum(values) / len(values), abs=1e-3)
+    info = inspect_run(out)
+    assert info["delta_e_max"] == max(values) and info["delta_e_mean"] == pytest.approx(summary.delta_e_mean, abs=1e-3)
+    # a record written before dE existed reads as None, not as 0
+    journal = out.parent / (out.name + ".protect") / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    old = [lines[0]] + [json.dumps({k: v for k, v in json.loads(line).items() if k != "delta_e"}, sort_keys=True)
+                        for line in lines[1:]]
+    journal.write_text("\n".join(old) + "\n")
+    (out.parent / (out.name + ".protect") / "manifest.json").unlink()
+    info = inspect_run(out)
+    assert info["delta_e_mean"] is None and info["delta_e_max"] is None and info["psnr_mean"] is not None

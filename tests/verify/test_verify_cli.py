@@ -122,6 +122,8 @@ def test_verify_a_folder_of_dicom_files(tmp_path: Path) -> None:
     cert = json.loads((tmp_path / "report" / "certificate.json").read_text())
     assert cert["data"]["train"]["shape"] == [1, 64, 64] and cert["data"]["train"]["count"] == 6
     assert len(cert["cells"]) == 1 and len(cert["cells"][0]["protected"]["curve"]) == 2  # erm/none, 2 epochs
+    assert cert["cells"][0]["attacker"]["learner"] == "fastcnn"
+    assert "best attacker: erm + none (fastcnn), " in done.stdout, done.stdout  # who attacked, in the summary
 
     (tmp_path / "train" / "b" / "CT_small.dcm").write_bytes(_dicom("CT_small.dcm"))
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
