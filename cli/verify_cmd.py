@@ -27,7 +27,7 @@ import click
                    "paper: the CUDA paper's recipe.")
 @click.option("--training", "trainings", help="Regimes, e.g. erm,linf,l2 (linf4 = 4/255; l2@EPS); with --defenses, "
                                                "their full product.  [default: erm with every default defense, and linf]")
-@click.option("--defenses", help="Breakers, e.g. none,grayscale,jpeg10,ueraser,coin.  [default: none,grayscale,jpeg10 "
+@click.option("--defenses", help="Breakers, e.g. none,grayscale,jpeg10,jpeg75,ueraser,coin (jpegQ: any JPEG quality).  [default: none,grayscale,jpeg10 "
                                  "and the breakers published against the method]")
 @click.option("--method", help="The method that protected PROTECTED_DIR (default: read from its run record "
                                "PROTECTED_DIR.protect): the default grid adds its published breakers.")

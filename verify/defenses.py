@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import ClassVar
 
 import kornia
@@ -44,8 +45,23 @@ def available() -> list[str]:
     return _DEFENSES.names()
 
 
+#: ``jpegQ``: a JPEG round trip at quality Q (1-95): ``jpeg10`` is ISS's breaker, ``jpeg75`` /
+#: ``jpeg90`` what a platform does to a published photo.
+_JPEG_NAME = re.compile(r"jpeg(\d{1,2})")
+
+
+def _jpeg_quality(name: str) -> int | None:
+    """Q of a ``jpegQ`` name (Q in 1..95), else None."""
+    m = _JPEG_NAME.fullmatch(name)
+    return int(m.group(1)) if m and 1 <= int(m.group(1)) <= 95 else None
+
+
 def get(name: str, **kwargs: object) -> Defense:
-    """An instance of the defense registered as ``name``, built with ``kwargs``."""
+    """An instance of the defense registered as ``name``, built with ``kwargs``; ``jpegQ`` is the
+    JPEG round trip at quality Q (1-95)."""
+    quality = _jpeg_quality(name)
+    if quality is not None and name not in _DEFENSES:
+        return Jpeg(quality=quality, **kwargs)  # type: ignore[arg-type]
     cls = _DEFENSES.lookup(name)
     try:
         return cls(**kwargs)
@@ -62,8 +78,9 @@ def parse_list(spec: str) -> list[str]:
     for name in names:
         if not name:
             raise ConfigError(f"empty entry in defense list {spec!r}")
-        if name not in _DEFENSES:
-            raise ConfigError(f"unknown defense '{name}'; available: {', '.join(available())}")
+        if name not in _DEFENSES and _jpeg_quality(name) is None:
+            raise ConfigError(f"unknown defense '{name}'; available: {', '.join(available())} "
+                              "(and jpegQ for a JPEG round trip at any quality Q in 1..95, e.g. jpeg75)")
         if name not in out:
             out.append(name)
     return out
@@ -147,7 +164,9 @@ class Grayscale(Defense):
 
 @register
 class Jpeg(Defense):
-    """ISS JPEG: real Pillow encode/decode round trip at ``quality`` (default 10); C = 1 as mode L."""
+    """JPEG: a real Pillow encode/decode round trip at ``quality`` (Pillow's default 4:2:0 chroma
+    subsampling for colour); C = 1 as mode L. Registered as ``jpeg10`` (ISS's breaker, quality 10);
+    ``jpegQ`` names any other quality (``jpeg75``, ``jpeg90``: what platforms do to published photos)."""
 
     name, static = "jpeg10", True
     source = "Liu et al., Image Shortcut Squeezing: Countering Perturbative Availability Poisons with Compression, ICML 2023"
@@ -156,6 +175,10 @@ class Jpeg(Defense):
         if not 1 <= int(quality) <= 95:
             raise ConfigError(f"JPEG quality must be in 1..95, got {quality}")
         self.quality = int(quality)
+        if self.quality != 10:  # its own name (cell keys and the certificate tell the qualities apart)
+            self.name = f"jpeg{self.quality}"
+            self.source = ("JPEG re-encoding at a publishing quality, as platforms do to uploaded photos; "
+                           "quality 10 is ISS's breaker (Liu et al., ICML 2023)")
 
     def _apply(self, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         arr = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -421,3 +421,18 @@ def test_ueraser_plasma_draws_use_its_trainers_ranges(monkeypatch) -> None:
     intensity = out[:, 0, 0, 0]
     assert torch.equal(out, intensity.view(n, 1, 1, 1).expand_as(out))
     assert intensity.min() >= 0.5 and intensity.max() <= 1.0 and intensity.min() < 0.52 and intensity.max() > 0.98
+
+
+def test_jpeg_at_any_quality_is_its_own_defense() -> None:
+    """jpegQ is the Pillow round trip at quality Q, named as given: publishing qualities (75, 90)
+    change the images less than ISS's 10, and each quality is a different cell (own name, own key)."""
+    assert defenses.parse_list("none,jpeg75,jpeg90,jpeg75") == ["none", "jpeg75", "jpeg90"]
+    d75, d90 = defenses.get("jpeg75"), defenses.get("jpeg90")
+    assert (d75.name, d75.quality, d90.name, defenses.get("jpeg10").name) == ("jpeg75", 75, "jpeg90", "jpeg10")
+    x = smooth_batch(n=2)
+    changes = [float((run(name, x)[0] - x).abs().mean()) for name in ("jpeg10", "jpeg75", "jpeg90")]
+    assert changes[0] > changes[1] > changes[2] > 0
+    torch.testing.assert_close(run("jpeg75", x)[0], run("jpeg10", x, quality=75)[0])
+    for bad in ("jpeg0", "jpeg96", "jpegx"):
+        with pytest.raises(ConfigError):
+            defenses.parse_list(bad)
