@@ -10,7 +10,10 @@ import click
 
 @click.command()
 @click.argument("protected_dir", type=click.Path(file_okay=False))
-@click.option("--test", "test_dir", required=True, type=click.Path(file_okay=False), help="Clean test images (same classes: class sub-folders or --test-labels).")
+@click.option("--test", "test_dir", type=click.Path(file_okay=False), help="Clean test images (same classes: class sub-folders or --test-labels); or --holdout.")
+@click.option("--holdout", type=float, metavar="F",
+              help="With --clean and no --test: hold out a keyed, stratified share F (e.g. 0.2) of the clean images "
+                   "as the test set; their protected copies leave the training set.")
 @click.option("--clean", "clean_dir", type=click.Path(file_okay=False), help="Clean training images: trains the baselines and gives the score.")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), metavar="CSV",
               help="CSV 'path,label' for protected and clean folders without class sub-folders (the file given "
@@ -54,7 +57,7 @@ import click
                    "(and the clean-baseline cache).")
 @click.option("--json", "as_json", is_flag=True, help="Print the certificate as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv: str | None,
+def verify(protected_dir: str, test_dir: str | None, holdout: float | None, clean_dir: str | None, labels_csv: str | None,
            test_labels_csv: str | None, relabel: str | None, tier: str, trainings: str | None,
            defenses: str | None, method: str | None, seeds: int | None, val_dir: str | None, allow_overlap: bool, model: str | None,
            epochs: int | None, device: str, engine: str, report_dir: str | None, baseline_per_defense: bool,
@@ -85,7 +88,7 @@ def verify(protected_dir: str, test_dir: str, clean_dir: str | None, labels_csv:
         cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
         max_per_class=max_per_class, progress=not (quiet or as_json), fresh=fresh, relabel=relabel,
         labels_csv=labels_csv, test_labels_csv=test_labels_csv, engine=engine, val_dir=val_dir,
-        allow_overlap=allow_overlap, method=method,
+        allow_overlap=allow_overlap, method=method, holdout=holdout,
     )
     if not distributed.is_main():  # under torchrun only rank 0 reports
         return

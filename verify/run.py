@@ -85,7 +85,7 @@ from .relabel import Labelling, RelabelSpec, parse_relabel
 from .report import write_report
 from .store import CACHE_VERSION, BaselineCache, CellStore, default_cache_dir
 from .train import CellResult, resolve_device
-from .uncertainty import bootstrap_interval, split_validation
+from .uncertainty import bootstrap_interval, split_holdout, split_validation
 
 __all__ = [
     "CACHE_VERSION",
@@ -265,6 +265,7 @@ def verify_sets(
     val: TensorSet | None = None,
     allow_overlap: bool = False,
     method: str | None = None,
+    holdout: dict | None = None,
 ) -> dict:
     """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files and
     keeps no finished cells; ``cache_dir=False`` disables the baseline cache). ``relabel``: a
@@ -273,7 +274,9 @@ def verify_sets(
     :func:`verify.uncertainty.split_validation`; the rest of ``test`` is then what is scored).
     ``allow_overlap``: accept a test image whose pixels are also in a training set (else InputError).
     ``method``: the method that protected the data; with the default grid (``trainings`` and
-    ``defenses`` None) its published breakers join the grid (:mod:`verify.grid`)."""
+    ``defenses`` None) its published breakers join the grid (:mod:`verify.grid`). ``holdout``: how
+    the test set was held out of the clean images (:func:`verify.uncertainty.split_holdout`'s info),
+    recorded in the certificate's ``data``."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
     _check_engine(engine)
@@ -355,7 +358,9 @@ def verify_sets(
     outcomes = runner.run_all(cells_plan)
     cells, reference, interval = score_cells(grid_, cells_plan, outcomes, test, metric, score_chance,
                                              baseline_per_defense)
-    data = {"train": protected.describe(), "test": test.describe(), "validation": val.describe()}
+    data: dict[str, Any] = {"train": protected.describe(), "test": test.describe(), "validation": val.describe()}
+    if holdout is not None:
+        data["holdout"] = holdout
     if clean is not None:
         data["clean"] = clean.describe()
     device_name = str(dev)
@@ -430,7 +435,7 @@ def check_options(
 
 def verify_folder(
     protected_dir: str | os.PathLike,
-    test_dir: str | os.PathLike,
+    test_dir: str | os.PathLike | None,
     clean_dir: str | os.PathLike | None = None,
     tier: str | Recipe = "quick",
     trainings: str | Sequence[str] | None = None,
@@ -452,6 +457,7 @@ def verify_folder(
     val_dir: str | os.PathLike | None = None,
     allow_overlap: bool = False,
     method: str | None = None,
+    holdout: float | None = None,
 ) -> dict:
     """Certify how much a protected folder takes away from models trained on it.
 
@@ -493,12 +499,25 @@ def verify_folder(
             clean folder; by default that is refused (InputError naming the file).
         method: the method that protected the folder (default: the run record beside it, if any);
             the default grid adds the breakers published against it (:mod:`verify.grid`).
+        holdout: with ``clean_dir`` and no ``test_dir``: a keyed, stratified fraction of the clean
+            images becomes the test set and their protected copies leave the training set
+            (:func:`verify.uncertainty.split_holdout`), so one folder and its originals certify.
 
     Returns the certificate dict (schema ``protect.certificate/1``). Raises ConfigError for unknown
     tiers, regimes, defenses, models or devices, InputError for unusable folders (missing, empty,
     unlabelled, mixed sizes, class folders that differ), all one-line messages.
     """
     # Validate the options before spending time on loading.
+    if holdout is not None:
+        if test_dir is not None:
+            raise ConfigError("--holdout makes the test set from --clean: leave out --test (or --holdout)")
+        if clean_dir is None:
+            raise ConfigError("--holdout needs the clean originals (--clean DIR): their held-out share is the test set")
+        if not 0 < float(holdout) < 1:
+            raise ConfigError(f"--holdout must lie between 0 and 1 (e.g. 0.2), got {holdout}")
+    elif test_dir is None:
+        raise ConfigError("give the clean test images (--test DIR), or --holdout F with --clean to hold out a "
+                          "share of the originals")
     recipe = check_options(tier, trainings, defenses, seeds, model=model, epochs=epochs, device=device, engine=engine,
                            method=method)
     spec = parse_relabel(relabel) if isinstance(relabel, (str, os.PathLike)) else relabel  # a bad map fails early
@@ -516,7 +535,8 @@ def verify_folder(
     protected_dir = Path(protected_dir)
     protected = load("protected", protected_dir, labels_csv, max_per_class=max_per_class)
     labelling = spec.resolve(protected.classes) if isinstance(spec, RelabelSpec) else spec  # before the other sets
-    test = load("test", test_dir, test_labels_csv, classes=protected.classes, expected_name="protected")
+    test = None if test_dir is None else load("test", test_dir, test_labels_csv, classes=protected.classes,
+                                              expected_name="protected")
     val = None
     if val_dir is not None:
         val = load("validation", val_dir, test_labels_csv, classes=protected.classes, expected_name="protected")
@@ -527,6 +547,13 @@ def verify_folder(
         if len(clean) != len(protected):
             log.warning("clean folder has %d images, protected folder %d: the baseline trains on a "
                         "different amount of data", len(clean), len(protected))
+    held: dict | None = None
+    if holdout is not None:
+        assert clean is not None
+        clean, protected, test, held = split_holdout(clean, protected, float(holdout))
+        loaded.append(f"verify: held out {held['test_images']} of the clean images as the test set "
+                      f"({100 * float(holdout):g} % of each class); {held['protected_removed']} protected copies of "
+                      f"them left the training set")
     if progress is True and os.environ.get("RANK", "0") == "0":
         for line in loaded:
             print(line, file=sys.stderr, flush=True)
@@ -540,7 +567,7 @@ def verify_folder(
         protected, test, clean, tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds,
         device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
         progress=progress, fresh=fresh, relabel=labelling, engine=engine, val=val, allow_overlap=allow_overlap,
-        method=method if method is not None else recorded_method(protected_dir),
+        method=method if method is not None else recorded_method(protected_dir), holdout=held,
     )
     if out is not None:
         cert["report_dir"] = str(out)

@@ -27,7 +27,7 @@ import torch
 
 from .data import TensorSet
 
-__all__ = ["BOOTSTRAP_REPLICATES", "VAL_FRACTION", "bootstrap_interval", "split_validation"]
+__all__ = ["BOOTSTRAP_REPLICATES", "VAL_FRACTION", "bootstrap_interval", "split_holdout", "split_validation"]
 
 #: Fraction of the test images that chooses the epoch when no validation folder is given.
 VAL_FRACTION = 0.2
@@ -62,6 +62,42 @@ def split_validation(test: TensorSet, fraction: float = VAL_FRACTION) -> tuple[T
     chosen = torch.zeros(len(test), dtype=torch.bool)
     chosen[torch.tensor(val_idx, dtype=torch.int64)] = True
     return test.subset(chosen.nonzero().flatten()), test.subset((~chosen).nonzero().flatten())
+
+
+def _stem(rel: str) -> str:
+    """``"cat/img1.jpg"`` -> ``"cat/img1"``: an image's path without its extension."""
+    head, _, name = rel.rpartition("/")
+    base = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    return f"{head}/{base}" if head else base
+
+
+def split_holdout(clean: TensorSet, protected: TensorSet, fraction: float) -> tuple[TensorSet, TensorSet, TensorSet, dict]:
+    """``(clean training, protected training, test, info)``: a keyed, stratified ``fraction`` of
+    each class of ``clean`` (rounded, at least 1 of a class with 2 or more images, never all of it)
+    becomes the test set, and those images (matched by path without extension) leave both training
+    sets. ``info``: what the certificate records. ValueError for a fraction outside (0, 1)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--holdout must lie in (0, 1), e.g. 0.2; got {fraction}")
+    if not clean.rels or not protected.rels:
+        raise ValueError("--holdout needs the images' paths (folders loaded with load_folder)")
+    test_idx: list[int] = []
+    for k in range(clean.num_classes):
+        members = (clean.y == k).nonzero().flatten().tolist()
+        m = len(members)
+        if m < 2:
+            continue
+        take = min(m - 1, max(1, round(fraction * m)))
+        ranked = sorted(members, key=lambda i: hashlib.sha256(f"protect.holdout/{_stem(clean.rels[i])}".encode()).digest())
+        test_idx += ranked[:take]
+    held = {_stem(clean.rels[i]) for i in test_idx}
+    chosen = torch.zeros(len(clean), dtype=torch.bool)
+    chosen[torch.tensor(sorted(test_idx), dtype=torch.int64)] = True
+    keep_p = [i for i, r in enumerate(protected.rels) if _stem(r) not in held]
+    info = {"fraction": fraction, "test_images": len(test_idx), "clean_training": len(clean) - len(test_idx),
+            "protected_removed": len(protected) - len(keep_p), "protected_training": len(keep_p),
+            "matched_by": "path without extension"}
+    return (clean.subset((~chosen).nonzero().flatten()), protected.subset(keep_p),
+            clean.subset(chosen.nonzero().flatten()), info)
 
 
 def _metric_values(pred: np.ndarray, y: np.ndarray, weights: np.ndarray, metric: str, k: int) -> np.ndarray:
