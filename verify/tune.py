@@ -280,7 +280,7 @@ def _baselines_at_chance(cert: dict) -> bool:
 
 def tune_folder(
     in_dir: str | Path,
-    test_dir: str | Path,
+    test_dir: str | Path | None,
     keyring: Keyring,
     candidates: Sequence[str | Candidate] | None = None,
     *,
@@ -299,6 +299,7 @@ def tune_folder(
     test_labels_csv: str | Path | None = None,
     apply_to: str | Path | None = None,
     progress: Callable[[str], Any] | None = None,
+    holdout: float | None = None,
 ) -> dict:
     """Search ``candidates`` on a subset of ``in_dir`` (see module doc); returns the tune report.
 
@@ -312,8 +313,20 @@ def tune_folder(
     (loaded: labels, classes, image size) and ``apply_to``. A run that fails later, before its
     report is written, removes what it created (the tune folder when it made it, the subset, the
     candidates' folders and records); a tune folder that was there before is kept with what it held.
-    An interrupted run (Ctrl-C) keeps its work, so the same command resumes."""
-    in_path, test_path = Path(in_dir), Path(test_dir)
+    An interrupted run (Ctrl-C) keeps its work, so the same command resumes.
+
+    ``holdout`` (with ``test_dir`` None): every candidate is certified with ``protect verify
+    --holdout``: a keyed share of the staged subset's originals is its test set and their protected
+    copies leave its training set (:func:`verify.uncertainty.split_holdout`)."""
+    if holdout is not None:
+        if test_dir is not None:
+            raise ConfigError("--holdout makes the test set from the input images: leave out --test (or --holdout)")
+        if not 0 < float(holdout) < 1:
+            raise ConfigError(f"--holdout must lie between 0 and 1 (e.g. 0.2), got {holdout}")
+    elif test_dir is None:
+        raise ConfigError("give the clean test images (--test DIR), or --holdout F to hold out a share of the "
+                          "input images")
+    in_path, test_path = Path(in_dir), (None if test_dir is None else Path(test_dir))
     if min_psnr is not None and not (math.isfinite(min_psnr) and min_psnr > 0):
         raise ConfigError(f"--min-psnr must be a positive number of dB, got {min_psnr}")
     if per_class is not None and per_class < 1:
@@ -330,7 +343,8 @@ def tune_folder(
     labels = Path(labels_csv) if labels_csv else None
     test_labels = Path(test_labels_csv) if test_labels_csv else None
     subset = _pick_subset(in_path, per_class, labels)
-    test_counts = _check_test(test_path, test_labels, in_path, labels, subset)
+    test_counts = (_check_test(test_path, test_labels, in_path, labels, subset) if test_path is not None
+                   else _holdout_counts(subset, float(holdout)))
     if apply_to is not None:
         _check_apply(in_path, Path(apply_to))
     say = progress or (lambda text: None)
@@ -347,7 +361,8 @@ def tune_folder(
         clean = _stage_subset(make(report / "subset"), subset, labels)
         result = _search(chosen_cands, clean, report, make, keyring, test_path, test_labels, subset, test_counts,
                          in_path, min_psnr=min_psnr, per_class=per_class, tier=tier, trainings=trainings,
-                         defenses=defenses, seeds=seeds, epochs=epochs, device=device, workers=workers, say=say)
+                         defenses=defenses, seeds=seeds, epochs=epochs, device=device, workers=workers, say=say,
+                         holdout=holdout)
         _write_report(result, report)
     except Exception:
         _remove(created)
@@ -378,11 +393,17 @@ def _write_report(result: dict, report: Path) -> None:
     _plot(result, report / "frontier.png")
 
 
+def _holdout_counts(subset: Subset, fraction: float) -> dict:
+    """The test counts ``--holdout fraction`` gives on the staged subset (as split_holdout rounds)."""
+    per = {c: (min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0) for c, n in subset.counts.items()}
+    return {"per_class": per, "total": sum(per.values()), "holdout": fraction}
+
+
 def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: Callable[[Path], Path],
-            keyring: Keyring, test_path: Path, test_labels: Path | None, subset: Subset, test_counts: dict,
+            keyring: Keyring, test_path: Path | None, test_labels: Path | None, subset: Subset, test_counts: dict,
             in_path: Path, *, min_psnr: float | None, per_class: int | None, tier: str, trainings: str,
             defenses: str, seeds: int, epochs: int | None, device: str, workers: int | None,
-            say: Callable[[str], Any]) -> dict:
+            say: Callable[[str], Any], holdout: float | None = None) -> dict:
     """Protect and certify every candidate on the staged subset ``clean``; the tune report."""
     before = _previous_rows(report / "tune.json")
     rows: list[dict] = []
@@ -421,7 +442,7 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
             try:
                 cert = verify_folder(out, test_path, clean, tier=tier, trainings=trainings, defenses=defenses,
                                      seeds=seeds, epochs=epochs, device=device, test_labels_csv=test_labels,
-                                     report_dir=make(report / f"verify-{tag}"), progress=False)
+                                     report_dir=make(report / f"verify-{tag}"), progress=False, holdout=holdout)
                 verified = True
             except (ConfigError, InputError) as exc:
                 if not verified:  # the first certification: a bad test folder or attacker grid, for all
@@ -445,7 +466,8 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
                 say(f"  PSNR {summary.psnr_mean:.1f} dB, score {row['score']:.2f}")
         rows.append(row)
     return {
-        "schema": "protect.tune/1", "in_dir": str(in_path.resolve()), "test_dir": str(test_path.resolve()),
+        "schema": "protect.tune/1", "in_dir": str(in_path.resolve()),
+        "test_dir": None if test_path is None else str(test_path.resolve()), "holdout": holdout,
         "test_labels": str(test_labels.resolve()) if test_labels is not None else None,
         "subset": str(clean), "per_class": per_class, "subset_counts": subset.describe(), "test_counts": test_counts,
         "min_psnr": min_psnr, "tier": tier, "trainings": trainings,
@@ -480,6 +502,8 @@ def subset_text(result: dict) -> str:
     test = result.get("test_counts")
     if test:
         text += f"; test set {test['total']} images"
+        if test.get("holdout") is not None:
+            text += f" held out of it (--holdout {test['holdout']:g}; their protected copies do not train)"
     return text
 
 

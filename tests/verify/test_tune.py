@@ -290,3 +290,21 @@ def test_tune_scores_on_a_test_folder_labelled_by_a_csv(tmp_path, samples, test_
     cert = json.loads(next((tmp_path / "train.tune").glob("verify-*/certificate.json")).read_text())
     assert cert["data"]["test"]["count"] + cert["data"]["validation"]["count"] == 12  # 2 of them choose the epoch
     assert cert["data"]["validation"]["per_class"] == [1, 1]
+
+
+def test_tune_with_holdout_certifies_on_held_out_originals(tmp_path, test_key):
+    """--holdout F and no --test: each candidate is certified on a keyed share of the subset's
+    originals, whose protected copies do not train; --holdout with --test is refused in one line."""
+    train = stripes(tmp_path / "train", 12, 0)
+    args = ["tune", str(train), "--holdout", "0.25", "--key", test_key, "--epochs", "2", "--workers", "1",
+            "--device", "cpu", "--candidate", "cuda", "--json"]
+    result = CliRunner().invoke(cli, args, env={"PROTECT_KEY": None})
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["test_dir"] is None and report["holdout"] == 0.25
+    assert report["test_counts"]["per_class"] == {"horizontal": 3, "vertical": 3}
+    cert = json.loads(next((tmp_path / "train.tune").glob("verify-*/certificate.json")).read_text())
+    held = cert["data"]["holdout"]
+    assert held["test_images"] == 6 and held["protected_removed"] == 6 and cert["data"]["train"]["count"] == 18
+    refused = CliRunner().invoke(cli, args[:-1] + ["--test", str(train)], env={"PROTECT_KEY": None})
+    assert refused.exit_code != 0 and "leave out --test" in str(refused.exception)
