@@ -19,6 +19,8 @@ from .common import setup_logging, with_key
 @click.option("--holdout", type=float, metavar="F",
               help="No test folder: certify each candidate with a keyed share F (e.g. 0.2) of the subset's "
                    "originals held out as its test set (protect verify --holdout).")
+@click.option("--resolution", metavar="R|native",
+              help="Train the attackers at R x R (as protect verify --resolution): subsets of mixed sizes certify.")
 @with_key
 @click.option("--min-psnr", type=float, help="Fidelity floor in dB: candidates below it are not certified or chosen.")
 @click.option("--candidate", "candidates", multiple=True, metavar="METHOD[:NAME=VALUE,...]",
@@ -44,7 +46,7 @@ from .common import setup_logging, with_key
               help="Protect the whole IN_DIR into OUT_DIR with the chosen candidate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the tune report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def tune(in_dir: str, test_dir: str | None, holdout: float | None, key: str | None, key_file: str | None, min_psnr: float | None,
+def tune(in_dir: str, test_dir: str | None, holdout: float | None, resolution: str | None, key: str | None, key_file: str | None, min_psnr: float | None,
          candidates: tuple[str, ...], per_class: int, surrogate: str, tier: str, trainings: str, defenses: str,
          seeds: int, epochs: int | None, labels_csv: str | None, test_labels_csv: str | None, device: str,
          workers: int | None, report_dir: str | None, apply_to: str | None, as_json: bool, quiet: bool) -> None:
@@ -66,7 +68,7 @@ def tune(in_dir: str, test_dir: str | None, holdout: float | None, key: str | No
                          per_class=per_class, surrogate=surrogate, tier=tier, trainings=trainings,
                          defenses=defenses, seeds=seeds, epochs=epochs, device=device, workers=workers,
                          report_dir=report_dir, labels_csv=labels_csv, test_labels_csv=test_labels_csv,
-                         apply_to=apply_to, progress=say, holdout=holdout)
+                         apply_to=apply_to, progress=say, holdout=holdout, resolution=resolution)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -39,6 +39,10 @@ import click
 @click.option("--val", "val_dir", type=click.Path(file_okay=False),
               help="Validation images (same classes) that choose each cell's epoch.  [default: a keyed 20% of the "
                    "test images; the rest is scored]")
+@click.option("--resolution", metavar="R|native",
+              help="Train every attacker at R x R: each image's shorter side resized to R (bilinear, antialiased) "
+                   "and centre-cropped, as attackers' pipelines do, so folders of mixed sizes certify.  [default: native, "
+                   "the images as they are]")
 @click.option("--allow-overlap", is_flag=True,
               help="Accept test images whose pixels are also in the protected or clean folder (refused by default).")
 @click.option("--model", help="Override the tier's surrogate model (e.g. resnet18, resnet20, fastcnn).")
@@ -59,7 +63,7 @@ import click
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def verify(protected_dir: str, test_dir: str | None, holdout: float | None, clean_dir: str | None, labels_csv: str | None,
            test_labels_csv: str | None, relabel: str | None, tier: str, trainings: str | None,
-           defenses: str | None, method: str | None, seeds: int | None, val_dir: str | None, allow_overlap: bool, model: str | None,
+           defenses: str | None, method: str | None, seeds: int | None, val_dir: str | None, resolution: str | None, allow_overlap: bool, model: str | None,
            epochs: int | None, device: str, engine: str, report_dir: str | None, baseline_per_defense: bool,
            max_per_class: int | None, no_cache: bool, fresh: bool, as_json: bool, quiet: bool) -> None:
     """Certify PROTECTED_DIR: train surrogates on it and measure clean test accuracy.
@@ -88,7 +92,7 @@ def verify(protected_dir: str, test_dir: str | None, holdout: float | None, clea
         cache_dir=False if no_cache else None, baseline_per_defense=baseline_per_defense,
         max_per_class=max_per_class, progress=not (quiet or as_json), fresh=fresh, relabel=relabel,
         labels_csv=labels_csv, test_labels_csv=test_labels_csv, engine=engine, val_dir=val_dir,
-        allow_overlap=allow_overlap, method=method, holdout=holdout,
+        allow_overlap=allow_overlap, method=method, holdout=holdout, resolution=resolution,
     )
     if not distributed.is_main():  # under torchrun only rank 0 reports
         return

@@ -67,9 +67,15 @@ class Cell:
 def train_attacker(data: TensorSet, test: TensorSet, recipe: Recipe, attacker: Attacker,
                    device: str | torch.device, progress: Any = None, label: str | None = None,
                    val: TensorSet | None = None) -> CellResult:
-    """Train ``attacker`` on ``data`` and score it on ``test`` (epoch chosen on ``val``): one cell."""
+    """Train ``attacker`` on ``data`` and score it on ``test`` (epoch chosen on ``val``): one cell.
+    An attacker at a resolution R trains on sets loaded at R x R (:func:`verify.data.load_folder`'s
+    ``resolution``); ValueError for sets of another size."""
     if attacker.resolution != "native":
-        raise NotImplementedError(f"attacker resolution {attacker.resolution!r}: only the data's own size trains today")
+        size = int(attacker.resolution)
+        for what, s in (("training", data), ("test", test), ("validation", val)):
+            if s is not None and tuple(s.x.shape[2:]) != (size, size):
+                raise ValueError(f"attacker at {size} px, but the {what} set is {tuple(s.x.shape[2:])}: load it at "
+                                 f"that resolution")
     return train_cell(data, test, recipe, attacker.regime, attacker.defense, attacker.seed, device,
                       progress=progress, label=label, val=val)
 

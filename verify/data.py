@@ -154,15 +154,41 @@ def _to_array(img: Image.Image) -> np.ndarray:
     return _pixels(img)
 
 
-def _read(entry: ImageEntry) -> tuple[str, np.ndarray]:
-    """(sha256 of the file bytes, H x W x C uint8 array) for one image."""
+#: How verify brings an image to an attacker's resolution R (torchvision's Resize(R) then CenterCrop(R)).
+RESIZE_RULE = ("shorter side to R (the longer side truncated as torchvision's Resize does), bilinear with "
+               "antialiasing (Pillow); centre crop R x R; JPEGs decoded at the smallest DCT scale that keeps "
+               "at least 2R pixels on each side")
+
+
+def resize_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """``arr`` (H x W x C uint8) resized so its shorter side is ``size`` (bilinear, antialiased;
+    the longer side ``int(size * long / short)``) and centre-cropped to ``size x size``: what
+    torchvision's ``Resize(size)`` and ``CenterCrop(size)`` do to a PIL image."""
+    h, w, c = arr.shape
+    if (h, w) != (size, size):
+        if h <= w:
+            nh, nw = size, int(size * w / h)
+        else:
+            nh, nw = int(size * h / w), size
+        if (nh, nw) != (h, w):
+            img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+            arr = _pixels(img.resize((nw, nh), Image.Resampling.BILINEAR))
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        arr = arr[top:top + size, left:left + size]
+    return np.ascontiguousarray(arr)
+
+
+def _read(entry: ImageEntry, resolution: int | None = None) -> tuple[str, np.ndarray]:
+    """(sha256 of the file bytes, H x W x C uint8 array) for one image; with ``resolution`` R, the
+    image brought to R x R (:data:`RESIZE_RULE`), never held at full size when it is a JPEG."""
     try:
         data = entry.path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read image {entry.rel}: {exc.strerror or exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     if entry.format == DICOM:
-        return digest, _read_dicom(entry.rel, data)
+        arr = _read_dicom(entry.rel, data)
+        return digest, (arr if resolution is None else resize_crop(arr, resolution))
     if data[128:132] == b"DICM":  # the DICOM magic, under another extension
         raise InputError(f"cannot decode image {entry.rel}: the content is DICOM; rename the file to .dcm")
     try:
@@ -171,10 +197,14 @@ def _read(entry: ImageEntry) -> tuple[str, np.ndarray]:
         except UnidentifiedImageError:  # extension does not match the content
             img = Image.open(io.BytesIO(data))
         with img:
+            if resolution is not None and img.format == "JPEG":  # decode at a reduced DCT scale
+                img.draft(None, (2 * resolution, 2 * resolution))
             img.load()
             if img.format in ("JPEG", "WEBP", "TIFF"):  # formats that carry EXIF orientation
                 img = ImageOps.exif_transpose(img)
             arr = _to_array(img)
+        if resolution is not None:
+            arr = resize_crop(arr, resolution)
     except UnidentifiedImageError:
         raise InputError(f"cannot decode image {entry.rel}: not an image Pillow can read "
                          "(unknown format or a damaged header)") from None
@@ -278,6 +308,7 @@ def load_folder(
     name: str | None = None,
     expected_name: str = "expected",
     workers: int | None = None,
+    resolution: int | None = None,
 ) -> TensorSet:
     """Decode every labelled image under ``root`` into a :class:`TensorSet`.
 
@@ -287,11 +318,17 @@ def load_folder(
     ``class folders differ: <expected_name> has [...], <name> has [...]``). ``max_per_class``: keep
     the first N images of each class in sorted path order (quick subsets; the hash covers only
     the kept images). ``name`` labels this folder in messages (default: the folder's name).
-    ``workers``: decoding threads (default ``min(16, 2 * cpu_count)``).
+    ``workers``: decoding threads (default ``min(16, 2 * cpu_count)``). ``resolution``: bring every
+    image to R x R as an attacker's pipeline does (:data:`RESIZE_RULE`), so folders of mixed sizes
+    and orientations load, held in memory at R x R only (a mix of grey and colour images loads as
+    colour); the hash covers the rule and R.
 
     Raises InputError for a missing, empty or unlabelled folder, fewer than two classes,
-    undecodable images, or images whose size or channel count differs from the first image.
+    undecodable images, or (without ``resolution``) images whose size or channel count differs
+    from the first image.
     """
+    if resolution is not None and (isinstance(resolution, bool) or int(resolution) < 8):
+        raise InputError(f"resolution must be at least 8 pixels, got {resolution}")
     root = Path(root)
     name = name or root.name or str(root)
     ds = _discover(root, labels_csv)
@@ -323,18 +360,23 @@ def load_folder(
 
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_read, entries, chunksize=64))
+        results = list(pool.map(lambda e: _read(e, resolution), entries, chunksize=64))
+    if resolution is not None and len({r[1].shape[2] for r in results}) > 1:  # grey among colour: as colour
+        results = [(d, a if a.shape[2] == 3 else np.repeat(a, 3, axis=2)) for d, a in results]
 
     first_shape = results[0][1].shape
     x = np.empty((len(entries), *first_shape), dtype=np.uint8)
     h = hashlib.sha256()
     h.update(b"protect.verify.data/1\0")
     h.update(("\0".join(ds.classes) + "\0\0").encode())
+    if resolution is not None:
+        h.update(f"resolution {int(resolution)}: {RESIZE_RULE}\0".encode())
     for i, (entry, (digest, arr)) in enumerate(zip(entries, results)):
         if arr.shape != first_shape:
             raise InputError(
                 f"image {entry.rel} in {name} is {_describe(arr)}, but {entries[0].rel} is "
-                f"{_describe(results[0][1])}: all images must share one size and channel count"
+                f"{_describe(results[0][1])}: all images must share one size and channel count "
+                f"(or train the attacker at one resolution: --resolution 64)"
             )
         x[i] = arr
         h.update(f"{entry.rel}\0{entry.label}\0{digest}\n".encode())

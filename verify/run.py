@@ -77,7 +77,7 @@ from . import distributed
 from .attacker import plan_attackers
 from .cells import Cell, CellRunner, RunClock, _count, _duration, _pct
 from .certificate import build_certificate, cell_entry, chance_level, save_certificate, summarize_runs
-from .data import TensorSet, check_same_classes, find_overlap, load_folder
+from .data import RESIZE_RULE, TensorSet, check_same_classes, find_overlap, load_folder
 from .metrics import score_basis
 from .grid import DEFAULT_DEFENSES, DEFAULT_TRAININGS, Grid, breakers_report, build_grid, recorded_method
 from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
@@ -184,7 +184,7 @@ def _stderr_is_terminal() -> bool:
 
 
 def plan_cells(grid_: Grid, recipe: Recipe, seeds: Sequence[int], with_clean: bool,
-               baseline_per_defense: bool = False) -> list[Cell]:
+               baseline_per_defense: bool = False, resolution: str = "native") -> list[Cell]:
     """The cells to train, in order: per regime its clean baseline(s) (``with_clean``: under no
     defense, or under each of its defenses with ``baseline_per_defense``), then its protected cells;
     the clean ERM reference of the headline first when the grid has no ERM regime; every seed of a
@@ -202,7 +202,7 @@ def plan_cells(grid_: Grid, recipe: Recipe, seeds: Sequence[int], with_clean: bo
     total = len(pairs) * len(seeds)
     out: list[Cell] = []
     for role, t, d in pairs:
-        for a in plan_attackers([(t, d)], recipe, seeds):
+        for a in plan_attackers([(t, d)], recipe, seeds, resolution):
             out.append(Cell(role, a, f"[{len(out) + 1}/{total}] {role} {a.name} seed {a.seed}"))
     return out
 
@@ -266,6 +266,7 @@ def verify_sets(
     allow_overlap: bool = False,
     method: str | None = None,
     holdout: dict | None = None,
+    resolution: int | None = None,
 ) -> dict:
     """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files and
     keeps no finished cells; ``cache_dir=False`` disables the baseline cache). ``relabel``: a
@@ -276,7 +277,9 @@ def verify_sets(
     ``method``: the method that protected the data; with the default grid (``trainings`` and
     ``defenses`` None) its published breakers join the grid (:mod:`verify.grid`). ``holdout``: how
     the test set was held out of the clean images (:func:`verify.uncertainty.split_holdout`'s info),
-    recorded in the certificate's ``data``."""
+    recorded in the certificate's ``data``. ``resolution``: the size R the sets were loaded at
+    (:func:`verify.data.load_folder`'s ``resolution``; None: their own size), recorded in every
+    attacker and in the certificate."""
     started = time.perf_counter()
     recipe = get_recipe(tier, model=model, epochs=epochs)
     _check_engine(engine)
@@ -338,7 +341,8 @@ def verify_sets(
         log.info("verify: %s", note)
         say(f"note: {note}")
 
-    cells_plan = plan_cells(grid_, recipe, seed_list, clean is not None, baseline_per_defense)
+    cells_plan = plan_cells(grid_, recipe, seed_list, clean is not None, baseline_per_defense,
+                            "native" if resolution is None else str(int(resolution)))
     total = len(cells_plan)
     log.info("verify: %s tier, %d cells x %d seed(s) on %s", recipe.tier, total // len(seed_list), len(seed_list), dev)
     clock = RunClock([(c.clock_key, (1.0 + recipe.attack(c.attacker.regime).get("steps", 0))
@@ -369,6 +373,8 @@ def verify_sets(
     if distributed.world() > 1:
         device_name += f" x {distributed.world()} processes (DDP)"
     extra: dict[str, Any] = {
+        "resolution": ({"size": "native", "rule": "the images as they are"} if resolution is None
+                       else {"size": int(resolution), "rule": RESIZE_RULE}),
         "breakers": breakers_report(grid_),
         "baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits, "misses": cache.misses},
         "batchnorm": distributed.batchnorm_mode(dev),
@@ -397,6 +403,19 @@ def verify_sets(
         log.info("verify: report written to %s", out)
     say(f"verify: finished in {_duration(time.perf_counter() - started)}")
     return cert
+
+
+def _parse_resolution(resolution: int | str | None) -> int | None:
+    """``None`` / ``"native"`` -> None (the images' own size); an integer R >= 8 -> R (ConfigError else)."""
+    if resolution is None or (isinstance(resolution, str) and resolution.strip().lower() == "native"):
+        return None
+    try:
+        size = int(str(resolution).strip())
+    except ValueError:
+        size = 0
+    if isinstance(resolution, bool) or size < 8:
+        raise ConfigError(f"--resolution must be a size in pixels (at least 8, e.g. 64) or native, got {resolution!r}")
+    return size
 
 
 def check_options(
@@ -458,6 +477,7 @@ def verify_folder(
     allow_overlap: bool = False,
     method: str | None = None,
     holdout: float | None = None,
+    resolution: int | str | None = None,
 ) -> dict:
     """Certify how much a protected folder takes away from models trained on it.
 
@@ -502,12 +522,17 @@ def verify_folder(
         holdout: with ``clean_dir`` and no ``test_dir``: a keyed, stratified fraction of the clean
             images becomes the test set and their protected copies leave the training set
             (:func:`verify.uncertainty.split_holdout`), so one folder and its originals certify.
+        resolution: the attacker's training size R: every image is brought to R x R as an attacker's
+            pipeline does (shorter side to R, centre crop; :data:`verify.data.RESIZE_RULE`), so
+            folders of mixed sizes and orientations certify; None or ``"native"``: the images as
+            they are (one size).
 
     Returns the certificate dict (schema ``protect.certificate/1``). Raises ConfigError for unknown
     tiers, regimes, defenses, models or devices, InputError for unusable folders (missing, empty,
     unlabelled, mixed sizes, class folders that differ), all one-line messages.
     """
     # Validate the options before spending time on loading.
+    size = _parse_resolution(resolution)
     if holdout is not None:
         if test_dir is not None:
             raise ConfigError("--holdout makes the test set from --clean: leave out --test (or --holdout)")
@@ -527,7 +552,7 @@ def verify_folder(
 
     def load(name: str, root: str | os.PathLike, csv: str | os.PathLike | None, **kw: Any) -> TensorSet:
         t0 = time.perf_counter()
-        data = load_folder(root, csv, name=name, **kw)
+        data = load_folder(root, csv, name=name, resolution=size, **kw)
         loaded.append(f"verify: loaded the {name} folder {root}: {_count(len(data), 'image')} in "
                       f"{len(data.classes)} classes ({_duration(time.perf_counter() - t0)})")
         return data
@@ -567,7 +592,7 @@ def verify_folder(
         protected, test, clean, tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds,
         device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
         progress=progress, fresh=fresh, relabel=labelling, engine=engine, val=val, allow_overlap=allow_overlap,
-        method=method if method is not None else recorded_method(protected_dir), holdout=held,
+        method=method if method is not None else recorded_method(protected_dir), holdout=held, resolution=size,
     )
     if out is not None:
         cert["report_dir"] = str(out)

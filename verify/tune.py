@@ -203,12 +203,16 @@ def _check_candidates(cands: Sequence[Candidate], keyring: Keyring) -> None:
 
 
 def _check_test(test_path: Path, test_labels_csv: Path | None, in_path: Path, labels_csv: Path | None,
-                subset: Subset) -> dict:
+                subset: Subset, same_size: bool = True) -> dict:
     """Load the test folder (labels, the training classes, one image size with the training images:
     the first image of each training class is decoded) before anything is staged; returns its counts."""
     from .data import load_folder
 
-    test = load_folder(test_path, test_labels_csv, classes=subset.classes, name="test", expected_name="training")
+    test = load_folder(test_path, test_labels_csv, classes=subset.classes, name="test", expected_name="training",
+                       resolution=None if same_size else 32)
+    if not same_size:  # the attackers bring every image to their resolution: sizes may differ
+        counts = dict(zip(test.classes, test.counts()))
+        return {"per_class": counts, "total": len(test)}
     first = load_folder(in_path, labels_csv, max_per_class=1, name="training")
     if first.x.shape[1:] != test.x.shape[1:]:
         (ct, ht, wt), (ci, hi, wi) = test.x.shape[1:], first.x.shape[1:]
@@ -300,6 +304,7 @@ def tune_folder(
     apply_to: str | Path | None = None,
     progress: Callable[[str], Any] | None = None,
     holdout: float | None = None,
+    resolution: int | str | None = None,
 ) -> dict:
     """Search ``candidates`` on a subset of ``in_dir`` (see module doc); returns the tune report.
 
@@ -317,7 +322,8 @@ def tune_folder(
 
     ``holdout`` (with ``test_dir`` None): every candidate is certified with ``protect verify
     --holdout``: a keyed share of the staged subset's originals is its test set and their protected
-    copies leave its training set (:func:`verify.uncertainty.split_holdout`)."""
+    copies leave its training set (:func:`verify.uncertainty.split_holdout`). ``resolution``: the
+    attackers train at R x R (``protect verify --resolution``), so subsets of mixed sizes certify."""
     if holdout is not None:
         if test_dir is not None:
             raise ConfigError("--holdout makes the test set from the input images: leave out --test (or --holdout)")
@@ -343,8 +349,9 @@ def tune_folder(
     labels = Path(labels_csv) if labels_csv else None
     test_labels = Path(test_labels_csv) if test_labels_csv else None
     subset = _pick_subset(in_path, per_class, labels)
-    test_counts = (_check_test(test_path, test_labels, in_path, labels, subset) if test_path is not None
-                   else _holdout_counts(subset, float(holdout)))
+    sized = resolution is not None and str(resolution).strip().lower() != "native"
+    test_counts = (_check_test(test_path, test_labels, in_path, labels, subset, same_size=not sized)
+                   if test_path is not None else _holdout_counts(subset, float(holdout)))
     if apply_to is not None:
         _check_apply(in_path, Path(apply_to))
     say = progress or (lambda text: None)
@@ -362,7 +369,7 @@ def tune_folder(
         result = _search(chosen_cands, clean, report, make, keyring, test_path, test_labels, subset, test_counts,
                          in_path, min_psnr=min_psnr, per_class=per_class, tier=tier, trainings=trainings,
                          defenses=defenses, seeds=seeds, epochs=epochs, device=device, workers=workers, say=say,
-                         holdout=holdout)
+                         holdout=holdout, resolution=resolution)
         _write_report(result, report)
     except Exception:
         _remove(created)
@@ -403,7 +410,7 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
             keyring: Keyring, test_path: Path | None, test_labels: Path | None, subset: Subset, test_counts: dict,
             in_path: Path, *, min_psnr: float | None, per_class: int | None, tier: str, trainings: str,
             defenses: str, seeds: int, epochs: int | None, device: str, workers: int | None,
-            say: Callable[[str], Any], holdout: float | None = None) -> dict:
+            say: Callable[[str], Any], holdout: float | None = None, resolution: int | str | None = None) -> dict:
     """Protect and certify every candidate on the staged subset ``clean``; the tune report."""
     before = _previous_rows(report / "tune.json")
     rows: list[dict] = []
@@ -442,7 +449,8 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
             try:
                 cert = verify_folder(out, test_path, clean, tier=tier, trainings=trainings, defenses=defenses,
                                      seeds=seeds, epochs=epochs, device=device, test_labels_csv=test_labels,
-                                     report_dir=make(report / f"verify-{tag}"), progress=False, holdout=holdout)
+                                     report_dir=make(report / f"verify-{tag}"), progress=False, holdout=holdout,
+                                     resolution=resolution)
                 verified = True
             except (ConfigError, InputError) as exc:
                 if not verified:  # the first certification: a bad test folder or attacker grid, for all
@@ -468,6 +476,7 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
     return {
         "schema": "protect.tune/1", "in_dir": str(in_path.resolve()),
         "test_dir": None if test_path is None else str(test_path.resolve()), "holdout": holdout,
+        "resolution": resolution,
         "test_labels": str(test_labels.resolve()) if test_labels is not None else None,
         "subset": str(clean), "per_class": per_class, "subset_counts": subset.describe(), "test_counts": test_counts,
         "min_psnr": min_psnr, "tier": tier, "trainings": trainings,

@@ -296,8 +296,8 @@ def test_tune_with_holdout_certifies_on_held_out_originals(tmp_path, test_key):
     """--holdout F and no --test: each candidate is certified on a keyed share of the subset's
     originals, whose protected copies do not train; --holdout with --test is refused in one line."""
     train = stripes(tmp_path / "train", 12, 0)
-    args = ["tune", str(train), "--holdout", "0.25", "--key", test_key, "--epochs", "2", "--workers", "1",
-            "--device", "cpu", "--candidate", "cuda", "--json"]
+    args = ["tune", str(train), "--holdout", "0.25", "--resolution", "24", "--key", test_key, "--epochs", "2",
+            "--workers", "1", "--device", "cpu", "--candidate", "cuda", "--json"]
     result = CliRunner().invoke(cli, args, env={"PROTECT_KEY": None})
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -305,6 +305,7 @@ def test_tune_with_holdout_certifies_on_held_out_originals(tmp_path, test_key):
     assert report["test_counts"]["per_class"] == {"horizontal": 3, "vertical": 3}
     cert = json.loads(next((tmp_path / "train.tune").glob("verify-*/certificate.json")).read_text())
     held = cert["data"]["holdout"]
+    assert cert["resolution"]["size"] == 24 and cert["data"]["train"]["shape"][1:] == [24, 24]
     assert held["test_images"] == 6 and held["protected_removed"] == 6 and cert["data"]["train"]["count"] == 18
     refused = CliRunner().invoke(cli, args[:-1] + ["--test", str(train)], env={"PROTECT_KEY": None})
     assert refused.exit_code != 0 and "leave out --test" in str(refused.exception)
