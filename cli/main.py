@@ -94,6 +94,9 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Largest image accepted (decompression-bomb guard).")
 @click.option("--allow-reprotect", is_flag=True, help="Protect images that are already the output of a protect run (refused otherwise).")
+@click.option("--preview", type=click.IntRange(min=1), metavar="N",
+              help="Protect only N images (spread over the folder) into a temporary folder and write a "
+                   "before/after/difference sheet OUT_DIR.preview.png; nothing is written to OUT_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or warnings.")
 def images(inputs: tuple[str, ...], out_dir: str, key: str | None, key_file: str | None, method: str, labels_csv: str | None,
@@ -103,7 +106,7 @@ def images(inputs: tuple[str, ...], out_dir: str, key: str | None, key_file: str
            extra: tuple[str, ...],
            out_format: str, jpeg_quality: int | None, device: str, batch_size: int, workers: int | None, memory: str | None,
            engine: str, record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None,
-           allow_reprotect: bool, as_json: bool,
+           allow_reprotect: bool, preview: int | None, as_json: bool,
            quiet: bool) -> None:
     """Protect every image under IN_DIR (or the image FILEs given) into OUT_DIR (same names, same formats)."""
     from protect import ProtectOptions, load_keyring, protect_folder
@@ -132,8 +135,26 @@ def images(inputs: tuple[str, ...], out_dir: str, key: str | None, key_file: str
         return tqdm(total=total, unit="img", desc="protect", disable=quiet or as_json or None,
                     file=sys.stderr, dynamic_ncols=True)
 
+    source = inputs[0] if len(inputs) == 1 and os.path.isdir(inputs[0]) else list(inputs)
+    if preview is not None:
+        from protect.preview import preview_folder
+
+        try:
+            shown = preview_folder(source, out_dir, keyring, options, preview)
+        finally:
+            options.fit_progress.close()  # type: ignore[union-attr]
+        if as_json:
+            _echo_json(shown)
+            return
+        click.echo(f"preview: {len(shown['images'])} image(s) protected with {shown['method']}"
+                   + (f" (fitted on these {len(shown['images'])} only; the whole run fits on every image)"
+                      if shown["fitted_on"] else ""))
+        click.echo(f"  fidelity: mean PSNR {shown['psnr_mean']:.2f} dB, mean SSIM {shown['ssim_mean']:.3f}, mean "
+                   f"low-frequency colour difference dE {shown['delta_e_mean']:.2f} (2.3 is just noticeable)")
+        click.echo(f"  sheet: {shown['sheet']} (original, protected, difference x8, 1:1 centre crops)")
+        click.echo(f"  nothing was written to {out_dir}: run the same command without --preview to protect the folder")
+        return
     try:
-        source = inputs[0] if len(inputs) == 1 and os.path.isdir(inputs[0]) else list(inputs)
         summary = protect_folder(source, out_dir, keyring, options, on_start=bar)
     finally:
         options.fit_progress.close()  # type: ignore[union-attr]
