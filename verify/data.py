@@ -58,6 +58,9 @@ class TensorSet:
         root: the folder the images came from.
         sha256: hex fingerprint of the relative paths, class names and file bytes.
         rels: relative POSIX path of each image, in order (sorted).
+        source_sha256: the same fingerprint without the resolution the images were brought to
+            (empty: equal to ``sha256``), so what depends on which images these are (the validation
+            split) is the same at every attacker resolution.
     """
 
     x: torch.Tensor
@@ -66,6 +69,12 @@ class TensorSet:
     root: Path
     sha256: str
     rels: list[str] = field(default_factory=list)
+    source_sha256: str = ""
+
+    @property
+    def content_id(self) -> str:
+        """Which images, labels and paths these are, whatever their resolution."""
+        return self.source_sha256 or self.sha256
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -92,7 +101,12 @@ class TensorSet:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         h = hashlib.sha256(f"{self.sha256}/subset/".encode() + ",".join(map(str, idx.tolist())).encode())
         rels = [self.rels[i] for i in idx.tolist()] if self.rels else []
-        return TensorSet(self.x[idx].contiguous(), self.y[idx].clone(), list(self.classes), self.root, h.hexdigest(), rels)
+        source = ""
+        if self.source_sha256:
+            source = hashlib.sha256(f"{self.source_sha256}/subset/".encode()
+                                    + ",".join(map(str, idx.tolist())).encode()).hexdigest()
+        return TensorSet(self.x[idx].contiguous(), self.y[idx].clone(), list(self.classes), self.root, h.hexdigest(),
+                         rels, source)
 
     def select_classes(self, names: Sequence[str]) -> TensorSet:
         """Only the images of the classes ``names``, relabelled ``0..len(names)-1`` in sorted name order."""
@@ -369,6 +383,7 @@ def load_folder(
     h = hashlib.sha256()
     h.update(b"protect.verify.data/1\0")
     h.update(("\0".join(ds.classes) + "\0\0").encode())
+    source = h.copy() if resolution is not None else None  # the same images at their own size
     if resolution is not None:
         h.update(f"resolution {int(resolution)}: {RESIZE_RULE}\0".encode())
     for i, (entry, (digest, arr)) in enumerate(zip(entries, results)):
@@ -379,8 +394,12 @@ def load_folder(
                 f"(or train the attacker at one resolution: --resolution 64)"
             )
         x[i] = arr
-        h.update(f"{entry.rel}\0{entry.label}\0{digest}\n".encode())
+        line = f"{entry.rel}\0{entry.label}\0{digest}\n".encode()
+        h.update(line)
+        if source is not None:
+            source.update(line)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([e.label for e in entries], dtype=torch.int64)
     log.info("loaded %d images (%s) from %s", len(entries), _describe(results[0][1]), root)
-    return TensorSet(xt, y, list(ds.classes), ds.root, h.hexdigest(), [e.rel for e in entries])
+    return TensorSet(xt, y, list(ds.classes), ds.root, h.hexdigest(), [e.rel for e in entries],
+                     source.hexdigest() if source is not None else "")

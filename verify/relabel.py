@@ -110,7 +110,9 @@ class Labelling:
         index = {name: i for i, name in enumerate(attacker)}
         lut = torch.tensor([index[self.mapping[c]] for c in data.classes], dtype=torch.int64)
         sha = hashlib.sha256(f"{data.sha256}/relabel/{self.fingerprint}".encode()).hexdigest()
-        return TensorSet(data.x, lut[data.y], attacker, data.root, sha, list(data.rels))
+        source = (hashlib.sha256(f"{data.source_sha256}/relabel/{self.fingerprint}".encode()).hexdigest()
+                  if data.source_sha256 else "")
+        return TensorSet(data.x, lut[data.y], attacker, data.root, sha, list(data.rels), source)
 
     def describe_source(self) -> str:
         """The source in words: the file's path, or ``random:N (seed S)``."""

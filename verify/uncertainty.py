@@ -50,7 +50,7 @@ def split_validation(test: TensorSet, fraction: float = VAL_FRACTION) -> tuple[T
     set always gives the same split."""
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}")
-    g = torch.Generator().manual_seed(_seed(f"val-split/{test.sha256}"))
+    g = torch.Generator().manual_seed(_seed(f"val-split/{test.content_id}"))  # the same at every resolution
     val_idx: list[int] = []
     for k in range(test.num_classes):
         members = (test.y == k).nonzero().flatten()

@@ -75,3 +75,14 @@ def test_verify_at_a_resolution_records_it_in_every_attacker(tmp_path: Path) -> 
     assert cert["resolution"]["size"] == 32 and "centre crop" in cert["resolution"]["rule"]
     assert all(c["attacker"]["resolution"] == "32" for c in cert["cells"])
     assert cert["data"]["train"]["shape"] == [3, 32, 32] and cert["data"]["holdout"]["test_images"] == 4
+
+
+def test_the_validation_split_is_the_same_at_every_resolution(tmp_path: Path) -> None:
+    from verify.uncertainty import split_validation
+
+    root = mixed_folder(tmp_path / "photos", per_class=8)
+    s32, s48 = load_folder(root, resolution=32), load_folder(root, resolution=48)
+    assert s32.sha256 != s48.sha256 and s32.content_id == s48.content_id
+    assert split_validation(s32)[0].rels == split_validation(s48)[0].rels
+    native = load_folder(KODAK.parent / "cifar10" / "test")  # a native load: its content is its hash
+    assert native.content_id == native.sha256 and native.source_sha256 == ""
