@@ -45,8 +45,13 @@ def test_attackers_are_values_and_the_plan_is_the_grid_times_the_seeds() -> None
     assert plan[0] == dataclasses.replace(plan[1], seed=0)
 
 
-def test_other_resolutions_are_refused_until_they_are_built() -> None:
+def test_an_attacker_at_a_resolution_refuses_sets_of_another_size() -> None:
+    import torch
+
+    from verify.data import TensorSet
+
     quick = get_recipe("quick", epochs=1)
     a = dataclasses.replace(Attacker.of(parse_training("erm", quick), defenses.get("none"), quick), resolution="64")
-    with pytest.raises(NotImplementedError):
-        train_attacker(None, None, quick, a, "cpu")  # type: ignore[arg-type]
+    s = TensorSet(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), ["a", "b"], None, "x")
+    with pytest.raises(ValueError, match="64 px"):
+        train_attacker(s, s, quick, a, "cpu")

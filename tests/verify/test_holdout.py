@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cli.main import main
 from verify.data import load_folder
 from verify.recipes import get_recipe
 from verify.run import verify_folder
@@ -53,7 +51,7 @@ def test_the_split_is_keyed_stratified_and_matched_by_path(tmp_path: Path) -> No
         split_holdout(clean, prot, 1.0)
 
 
-def test_verify_with_holdout_records_it_and_refuses_bad_combinations(tmp_path: Path) -> None:
+def test_verify_with_holdout_records_it_and_refuses_bad_combinations(tmp_path: Path, capsys) -> None:
     clean_dir, prot_dir = folders(tmp_path)
     cert = verify_folder(prot_dir, None, clean_dir, tier=get_recipe("quick", epochs=1, batch_size=8),
                          trainings="erm", defenses="none", seeds=1, device="cpu", report_dir=False,
@@ -61,12 +59,13 @@ def test_verify_with_holdout_records_it_and_refuses_bad_combinations(tmp_path: P
     held = cert["data"]["holdout"]
     assert held["test_images"] == 9 and held["protected_training"] == 21 and cert["data"]["train"]["count"] == 21
     assert cert["data"]["test"]["count"] + cert["data"]["validation"]["count"] == 9
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "cli.main", "verify", str(prot_dir), "--no-cache", "-q"]
+    base = ["verify", str(prot_dir), "--no-cache", "-q"]
     for extra, words in ((["--clean", str(clean_dir), "--holdout", "0.3", "--test", str(clean_dir)], "leave out --test"),
                          (["--holdout", "0.3"], "--holdout needs the clean originals"),
                          (["--clean", str(clean_dir), "--holdout", "1.5"], "between 0 and 1"),
                          (["--clean", str(clean_dir)], "--holdout F")):
-        done = subprocess.run(base + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode != 0 and words in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+        with pytest.raises(SystemExit) as exit_:
+            main(base + extra)  # the console entry point: one line, a non-zero status, before any loading
+        err = capsys.readouterr().err
+        assert exit_.value.code != 0 and words in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
