@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--sets", default="breast,pneumonia")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--phases", default="erm")
+    ap.add_argument("--seeds", type=int, help="attacker seeds per cell (default: verify's, 3 under 2,000 images)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     work = args.work
@@ -111,6 +112,8 @@ def main() -> None:
                     cmd = [*CLI, "verify", "--quiet", str(work / f"{set_name}-{method}"), "--test", str(test),
                            "--clean", str(train), "--tier", "quick", "--report", str(report), "--training", training,
                            "--defenses", defenses, *OVERLAP.get(set_name, [])]
+                    if args.seeds is not None:
+                        cmd += ["--seeds", str(args.seeds)]
                     if (train.parent / "val").is_dir():  # MedMNIST's own validation split chooses the epochs
                         cmd += ["--val", str(train.parent / "val")]
                     run(cmd, env)

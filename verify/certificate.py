@@ -233,6 +233,7 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
             "curve_balanced_acc": [_r(a) for a in r.curve_balanced] if r.curve_balanced else None,
             "curve_auc": [_r(a) for a in r.curve_auc] if r.curve_auc else None,
             "guard_pgd_acc": [_r(a) for a in r.guard_pgd_acc] or None, "guard_fired_epoch": r.guard_fired_epoch,
+            "guard_fgsm_acc": [_r(a) for a in r.guard_fgsm_acc] or None,
         }
         if cached is not None:
             entry["cached"] = bool(cached[i])

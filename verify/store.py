@@ -117,7 +117,12 @@ def _read(path: Path, key: str, what: str) -> dict | None:
         blob = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(blob, dict) or blob.get("key") != key:
             raise ValueError("key mismatch")
-        CellResult.from_dict(blob["result"])  # validates the fields
+        result = CellResult.from_dict(blob["result"])  # validates the fields
+        if result.guard_fired_epoch is not None and not result.guard_fgsm_acc:
+            # the catastrophic-overfitting guard of before 2026-12-03 fired on a fall of PGD accuracy
+            # alone and stopped the cell: a weaker attacker than today's; it trains again
+            log.info("%s %s: trained under the old catastrophic-overfitting rule; training it again", what, path)
+            return None
         return blob
     except FileNotFoundError:
         return None

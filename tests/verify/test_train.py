@@ -251,8 +251,9 @@ def test_attack_model_mode_and_gradient_clipping_follow_the_recipe(train3, test3
     assert modes == [False] * steps and clips == [0.01] * steps
     modes.clear(), clips.clear()
     res = train_cell(tr, te, get_recipe("quick", epochs=1, batch_size=8), "linf", "none", seed=0)
-    # fast AT: the training attacks in train mode, then the catastrophic-overfitting guard's PGD in eval mode
-    assert modes == [True] * steps + [False] and clips == [] and len(res.guard_pgd_acc) == 1
+    # fast AT: the training attacks in train mode, then the catastrophic-overfitting guard's FGSM and PGD in eval mode
+    assert modes == [True] * steps + [False, False] and clips == [] and len(res.guard_pgd_acc) == 1
+    assert len(res.guard_fgsm_acc) == 1
 
 
 def test_bad_inputs(train3, test3) -> None:
@@ -283,24 +284,50 @@ def test_the_epoch_is_chosen_on_validation_and_scored_on_the_test_set(train3, te
     assert sum(int(p == y) for p, y in zip(res.test_pred, te.y.tolist())) == round(res.acc * len(te))
 
 
-def test_the_catastrophic_overfitting_guard_keeps_the_epoch_before_a_collapse(train3, test3, monkeypatch) -> None:
-    """Fast AT: when the PGD accuracy on a training batch falls by more than 0.2 after an epoch, the
-    weights of the epoch before are restored and training stops (Wong et al. 2020)."""
+def test_the_catastrophic_overfitting_guard_restores_the_epoch_before_and_goes_on_with_pgd(
+        train3, test3, monkeypatch) -> None:
+    """Fast AT: when the gap between FGSM and PGD accuracy on a training batch grows by more than
+    0.2 after an epoch (catastrophic overfitting), the weights of the epoch before are restored and
+    the remaining epochs train with PGD-2; PGD and FGSM accuracy falling together (a model that
+    stops fitting error-minimising noise) is not an alarm, and nothing stops early."""
     import verify.train as vtrain
 
     tr, te = _tiny(train3, test3)
     r = get_recipe("quick", epochs=4, batch_size=8)
-    falls = iter([0.5, 0.55, 0.1, 0.6])  # epoch 3 collapses
-    monkeypatch.setattr(vtrain, "_pgd_accuracy", lambda *a, **k: next(falls))
+    seen: list[str] = []
+    real_pgd = vtrain.attacks.pgd
+    monkeypatch.setattr(vtrain.attacks, "pgd", lambda *a, **k: (seen.append(f"pgd{k.get('steps')}"), real_pgd(*a, **k))[1])
+    collapse = iter([(0.5, 0.45), (0.55, 0.5), (0.9, 0.1), (0.6, 0.5)])  # epoch 3: FGSM up, PGD down
+    monkeypatch.setattr(vtrain, "_guard_accuracy", lambda *a, **k: next(collapse))
     fired = train_cell(tr, te, r, "linf", "none", seed=0)
-    assert fired.guard_fired_epoch == 3 and fired.guard_pgd_acc == [0.5, 0.55, 0.1] and fired.epochs == 2
-    assert len(fired.curve) == len(fired.val_curve) == 2 and fired.selected_epoch in (1, 2)
-    steady = iter([0.5, 0.45, 0.4, 0.42])  # falls of less than 0.2: no alarm
-    monkeypatch.setattr(vtrain, "_pgd_accuracy", lambda *a, **k: next(steady))
+    assert fired.guard_fired_epoch == 3 and fired.epochs == 4 and fired.guard_pgd_acc == [0.45, 0.5, 0.1]
+    assert fired.guard_fgsm_acc == [0.5, 0.55, 0.9]  # measured until it fired
+    assert "pgd2" in seen  # the last epoch trained with PGD-2
+    assert fired.curve[2] == fired.curve[1]  # epoch 3's score is that of the restored epoch-2 weights
+    seen.clear()
+    together = iter([(0.7, 0.65), (0.68, 0.66), (0.45, 0.44), (0.4, 0.38)])  # both fall: no alarm
+    monkeypatch.setattr(vtrain, "_guard_accuracy", lambda *a, **k: next(together))
     res = train_cell(tr, te, r, "linf", "none", seed=0)
-    assert res.guard_fired_epoch is None and res.epochs == 4
-    assert fired.curve == res.curve[:2]  # the kept weights are epoch 2's, as trained without the alarm
+    assert res.guard_fired_epoch is None and res.epochs == 4 and "pgd2" not in seen
+    assert fired.curve[:2] == res.curve[:2]  # the same training up to the alarm
     assert train_cell(tr, te, r, "erm", "none", seed=0).guard_pgd_acc == []  # ERM has no guard
+
+
+def test_cells_stopped_by_the_old_guard_train_again(tmp_path) -> None:
+    """A saved cell or cached baseline that the pre-2026-12-03 guard stopped (fired, no FGSM record)
+    is not reused."""
+    from verify.store import BaselineCache, CellStore
+
+    base = dict(training="linf", defense="none", seed=0, curve=[0.3], final_acc=0.3, peak_acc=0.3, peak_epoch=1,
+                train_acc=0.3, train_loss=1.0, wall_s=1.0, epochs=1, epoch_s=[1.0], curve_n=[10], n_train=10,
+                n_test=10, device="cpu")
+    old = CellResult(**base, guard_pgd_acc=[0.6, 0.3], guard_fired_epoch=2)
+    new = CellResult(**base, guard_pgd_acc=[0.6, 0.3], guard_fired_epoch=2, guard_fgsm_acc=[0.6, 0.9])
+    store, cache = CellStore(tmp_path / "cells"), BaselineCache(tmp_path / "cache")
+    store.put("a" * 64, old, {})
+    store.put("b" * 64, new, {})
+    cache.put("c" * 64, old)
+    assert store.get("a" * 64) is None and store.get("b" * 64) is not None and cache.get("c" * 64) is None
 
 
 def test_l2_budgets_scale_with_the_image_size() -> None:
