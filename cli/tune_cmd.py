@@ -19,8 +19,9 @@ from .common import setup_logging, with_key
 @click.option("--holdout", type=float, metavar="F",
               help="No test folder: certify each candidate with a keyed share F (e.g. 0.2) of the subset's "
                    "originals held out as its test set (protect verify --holdout).")
-@click.option("--resolution", metavar="R|native",
-              help="Train the attackers at R x R (as protect verify --resolution): subsets of mixed sizes certify.")
+@click.option("--resolution", metavar="R,...|native",
+              help="Attacker resolutions (as protect verify --resolution): subsets of mixed sizes certify; each "
+                   "candidate's score is its lowest resolution's.")
 @with_key
 @click.option("--min-psnr", type=float, help="Fidelity floor in dB: candidates below it are not certified or chosen.")
 @click.option("--candidate", "candidates", multiple=True, metavar="METHOD[:NAME=VALUE,...]",

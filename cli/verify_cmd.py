@@ -39,10 +39,11 @@ import click
 @click.option("--val", "val_dir", type=click.Path(file_okay=False),
               help="Validation images (same classes) that choose each cell's epoch.  [default: a keyed 20% of the "
                    "test images; the rest is scored]")
-@click.option("--resolution", metavar="R|native",
-              help="Train every attacker at R x R: each image's shorter side resized to R (bilinear, antialiased) "
-                   "and centre-cropped, as attackers' pipelines do, so folders of mixed sizes certify.  [default: native, "
-                   "the images as they are]")
+@click.option("--resolution", metavar="R,...|native",
+              help="Attacker resolutions: train every attacker at each R x R (the shorter side resized to R, bilinear, "
+                   "antialiased, then centre-cropped, as attackers' pipelines do; folders of mixed sizes certify) "
+                   "and/or native; the headline is the lowest resolution's score.  [default: quick 32,64 where they "
+                   "downscale, plus native for one size up to 64 px; standard 224 likewise]")
 @click.option("--allow-overlap", is_flag=True,
               help="Accept test images whose pixels are also in the protected or clean folder (refused by default).")
 @click.option("--model", help="Override the tier's surrogate model (e.g. resnet18, resnet20, fastcnn).")
@@ -117,8 +118,9 @@ def _print_certificate(cert: dict) -> None:
                    f"({', '.join(labelling['classes'])}); chance, baselines and scores use them")
     balanced = cert.get("score_metric") == "balanced_accuracy"
     field = "balanced_acc" if balanced else "acc"
-    click.echo(f"{'training':<10} {'defense':<10} {'protected':>9} {'epoch':>5} {'peak*':>6} {'balanced':>8} "
-               f"{'AUC':>5} {'clean':>6} {'effect':>6}")
+    multi = len(cert.get("resolutions") or ()) > 1
+    click.echo(f"{'training':<10} {'defense':<10} " + (f"{'res':>6} " if multi else "")
+               + f"{'protected':>9} {'epoch':>5} {'peak*':>6} {'balanced':>8} {'AUC':>5} {'clean':>6} {'effect':>6}")
     for cell in cert["cells"]:
         clean = cell.get("clean") or {}
         prot = cell["protected"]
@@ -126,7 +128,8 @@ def _print_certificate(cert: dict) -> None:
         auc = prot.get("auc")
         epoch = prot.get("selected_epoch")
         epoch = "-" if epoch is None else (str(epoch) if isinstance(epoch, int) else "/".join(map(str, epoch)))
-        click.echo(f"{cell['training']:<10} {cell['defense']:<10} {_pct(prot.get('acc')):>9} {epoch:>5} "
+        res = f"{(cell.get('attacker') or {}).get('resolution', 'native'):>6} " if multi else ""
+        click.echo(f"{cell['training']:<10} {cell['defense']:<10} {res}{_pct(prot.get('acc')):>9} {epoch:>5} "
                    f"{_pct(prot.get('peak_acc')):>6} {_pct(prot.get('balanced_acc')):>8} "
                    f"{'  -  ' if auc is None else f'{auc:.3f}':>5} {_pct(clean.get(field)):>6} "
                    f"{'  -' if effect is None else f'{effect:6.2f}'}")
@@ -145,12 +148,23 @@ def _print_certificate(cert: dict) -> None:
     if best:
         what = "balanced accuracy" if balanced else "accuracy"
         learner = (best.get("attacker") or {}).get("learner")
+        res = (best.get("attacker") or {}).get("resolution")
         click.echo(f"best attacker: {best.get('training')} + {best.get('defense')}"
-                   + (f" ({learner})" if learner else "") + f", {_pct(best.get(field)).strip()} % "
+                   + (f" ({learner}{'' if res in (None, 'native') else f' at {res} px'})" if learner else "")
+                   + f", {_pct(best.get(field)).strip()} % "
                    f"{what}" + (f" (clean reference, plain training: {_pct(ref.get(field)).strip()} %)" if ref else ""))
         small = verdict.get("smallest_effect") or {}
         if small.get("effect") is not None:
             click.echo(f"smallest effect: {small['training']} + {small['defense']}, effect {small['effect']:.2f}")
+        for p in verdict.get("per_resolution") or []:
+            pb = p.get("best_attacker") or {}
+            score_text = "-" if p.get("score") is None else f"{p['score']:.2f}"
+            click.echo(f"at {p['resolution']}{'' if p['resolution'] == 'native' else ' px'}: score {score_text}, "
+                       f"best {pb.get('training')} + {pb.get('defense')} "
+                       f"{_pct(pb.get(field)).strip()} % against clean "
+                       f"{_pct(p.get('reference_balanced' if balanced else 'reference')).strip()} %"
+                       + (f" (left out: {p['excluded']})" if p.get("excluded") else "")
+                       + (" <- headline" if p["resolution"] == verdict.get("resolution") else ""))
         if verdict.get("score") is not None:
             ci = verdict.get("interval")
             ci_text = f" (95% interval {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""

@@ -369,6 +369,9 @@ def verdict_sentence(v: dict) -> str:
     b = v["best_attacker"]
     ref = v.get("reference") or {}
     who = f"{b['training']} training with defense {b['defense']}"
+    res = (b.get("attacker") or {}).get("resolution")
+    if res and res != "native":
+        who += f" at {res} px"
     if v.get("score_metric") == "balanced_accuracy" and b.get("balanced_acc") is not None:
         what, got, base = "balanced accuracy", b["balanced_acc"], ref.get("balanced_acc")
         chance = (f"chance {100 * v['score_chance']:.1f}% = 1/K for balanced accuracy on this imbalanced "

@@ -40,7 +40,7 @@ from perturbations.errors import InputError
 from protect.discover import Dataset, ImageEntry, class_names, discover, read_label_csv
 from protect.imageio import DICOM, ImageError, decode
 
-__all__ = ["TensorSet", "check_same_classes", "find_overlap", "load_folder"]
+__all__ = ["TensorSet", "check_same_classes", "find_overlap", "image_sizes", "load_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,51 @@ def _discover(root: Path, labels_csv: str | os.PathLike | None) -> Dataset:
     return Dataset(ds.root, entries, classes, ds.skipped, "csv")
 
 
+def _first_per_class(entries: Sequence[ImageEntry], n: int) -> list[ImageEntry]:
+    """The first ``n`` entries of each class, in the entries' (sorted path) order."""
+    kept: list[ImageEntry] = []
+    per: dict[int, int] = {}
+    for e in entries:
+        if per.get(e.label, 0) < n:  # type: ignore[arg-type]
+            per[e.label] = per.get(e.label, 0) + 1  # type: ignore[index]
+            kept.append(e)
+    return kept
+
+
+def _header_size(entry: ImageEntry) -> tuple[int, int] | None:
+    """(width, height) as displayed (EXIF orientation applied) from the file's header, or None when
+    it cannot be read that way (DICOM, a damaged or unknown file: :func:`load_folder` reports those)."""
+    if entry.format == DICOM:
+        return None
+    try:
+        with Image.open(entry.path) as img:
+            w, h = img.size
+            if img.format in ("JPEG", "WEBP", "TIFF") and img.getexif().get(0x0112) in (5, 6, 7, 8):
+                w, h = h, w  # rotated by 90 degrees when displayed
+            return int(w), int(h)
+    except Exception:  # noqa: BLE001 - any unreadable header: unknown here, reported by load_folder
+        return None
+
+
+def image_sizes(root: str | os.PathLike, labels_csv: str | os.PathLike | None = None,
+                max_per_class: int | None = None, workers: int | None = None) -> list[tuple[int, int]] | None:
+    """The displayed (width, height) of every labelled image :func:`load_folder` would load, read from
+    the file headers (nothing decoded: milliseconds per 12-megapixel JPEG), or None when any size
+    cannot be read that way (a DICOM folder, a damaged file) or the folder cannot be listed."""
+    try:
+        ds = _discover(Path(root), labels_csv)
+    except (InputError, OSError):
+        return None
+    entries = [e for e in ds.entries if e.label is not None]
+    if max_per_class is not None and max_per_class >= 1:
+        entries = _first_per_class(entries, max_per_class)
+    if not entries:
+        return None
+    with ThreadPoolExecutor(max_workers=workers or min(16, 2 * (os.cpu_count() or 1))) as pool:
+        sizes = list(pool.map(_header_size, entries, chunksize=64))
+    return None if any(s is None for s in sizes) else sizes  # type: ignore[return-value]
+
+
 def load_folder(
     root: str | os.PathLike,
     labels_csv: str | os.PathLike | None = None,
@@ -359,13 +404,7 @@ def load_folder(
     if max_per_class is not None:
         if max_per_class < 1:
             raise InputError(f"max_per_class must be >= 1, got {max_per_class}")
-        kept: list[ImageEntry] = []
-        per: dict[int, int] = {}
-        for e in entries:  # entries are sorted by relative path
-            if per.get(e.label, 0) < max_per_class:  # type: ignore[arg-type]
-                per[e.label] = per.get(e.label, 0) + 1  # type: ignore[index]
-                kept.append(e)
-        entries = kept
+        entries = _first_per_class(entries, max_per_class)
     if not entries:
         raise InputError(f"{name} folder {root} has no labelled images")
     empty = [c for i, c in enumerate(ds.classes) if not any(e.label == i for e in entries)]

@@ -55,16 +55,31 @@ def _balanced(cert: dict) -> bool:
     return cert.get("score_metric") == "balanced_accuracy"
 
 
+def _row(c: dict, multi: bool) -> str:
+    """A cell's row name: its training, and its attacker resolution when there are several."""
+    if not multi:
+        return c["training"]
+    res = (c.get("attacker") or {}).get("resolution", "native")
+    return f"{c['training']} @ {res}" + ("" if res == "native" else " px")
+
+
+def _multi(cert: dict) -> bool:
+    return len(cert.get("resolutions") or ()) > 1
+
+
 def _cell_lookup(cert: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    """Rows (trainings, one per attacker resolution when there are several), defenses, and the cells by both."""
     trainings: list[str] = []
     defenses: list[str] = []
     cells: dict[tuple[str, str], dict] = {}
+    multi = _multi(cert)
     for c in cert["cells"]:
-        if c["training"] not in trainings:
-            trainings.append(c["training"])
+        row = _row(c, multi)
+        if row not in trainings:
+            trainings.append(row)
         if c["defense"] not in defenses:
             defenses.append(c["defense"])
-        cells[(c["training"], c["defense"])] = c
+        cells[(row, c["defense"])] = c
     return trainings, defenses, cells
 
 
@@ -127,6 +142,21 @@ def report_markdown(cert: dict) -> str:
     if labels:
         lines += [labels, ""]
     lines += ["**Verdict.** " + v.get("summary", ""), ""]
+    if v.get("per_resolution"):
+        lines += ["| attacker resolution | score (95 % interval) | best attacker | its accuracy | clean reference |",
+                  "| --- | --- | --- | --- | --- |"]
+        for p in v["per_resolution"]:
+            b = p.get("best_attacker") or {}
+            ci = p.get("interval")
+            score_text = _score(p.get("score")) + (f" ({ci[0]:.2f} to {ci[1]:.2f})" if ci else "")
+            if p.get("excluded"):
+                score_text += f"; left out: {p['excluded']}"
+            key = "balanced_acc" if _balanced(cert) else "acc"
+            ref = p.get("reference_balanced") if _balanced(cert) else p.get("reference")
+            res = p["resolution"] + ("" if p["resolution"] == "native" else " px")
+            lines.append(f"| {res}{' (headline)' if p['resolution'] == v.get('resolution') else ''} | {score_text} | "
+                         f"{b.get('training')} / {b.get('defense')} | {_pct(b.get(key))} | {_pct(ref)} |")
+        lines.append("")
     for warning in cert.get("warnings", []):
         lines += [f"**Warning:** {warning}.", ""]
     balanced = _balanced(cert)
@@ -178,7 +208,8 @@ def report_markdown(cert: dict) -> str:
         wall = p.get("wall_s") or 0.0
         epoch = p.get("selected_epoch")
         lines.append("| " + " | ".join([
-            c["training"], c["defense"], (c.get("attacker") or {}).get("learner", ""), _pct(p.get("acc"), p.get("acc_std")),
+            _row(c, _multi(cert)), c["defense"], (c.get("attacker") or {}).get("learner", ""),
+            _pct(p.get("acc"), p.get("acc_std")),
             "" if epoch is None else (str(epoch) if isinstance(epoch, int) else "/".join(map(str, epoch))),
             _pct(p["peak_acc"], p.get("peak_acc_std")), _pct(p["final_acc"], p.get("final_acc_std")),
             _pct(p.get("train_acc")), _pct(p.get("balanced_acc"), p.get("balanced_acc_std")), _auc(p.get("auc")),

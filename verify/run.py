@@ -77,7 +77,7 @@ from . import distributed
 from .attacker import plan_attackers
 from .cells import Cell, CellRunner, RunClock, _count, _duration, _pct
 from .certificate import build_certificate, cell_entry, chance_level, save_certificate, summarize_runs
-from .data import RESIZE_RULE, TensorSet, check_same_classes, find_overlap, load_folder
+from .data import RESIZE_RULE, TensorSet, check_same_classes, find_overlap, image_sizes, load_folder
 from .metrics import score_basis
 from .grid import DEFAULT_DEFENSES, DEFAULT_TRAININGS, Grid, breakers_report, build_grid, recorded_method
 from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
@@ -85,7 +85,8 @@ from .relabel import Labelling, RelabelSpec, parse_relabel
 from .report import write_report
 from .store import CACHE_VERSION, BaselineCache, CellStore, default_cache_dir
 from .train import CellResult, resolve_device
-from .uncertainty import bootstrap_interval, split_holdout, split_validation
+from .resolutions import combine_resolutions, default_resolutions, excluded_reason, parse_resolutions, resolution_label
+from .uncertainty import bootstrap_interval, bootstrap_min_interval, split_holdout, split_validation
 
 __all__ = [
     "CACHE_VERSION",
@@ -209,9 +210,11 @@ def plan_cells(grid_: Grid, recipe: Recipe, seeds: Sequence[int], with_clean: bo
 
 def score_cells(grid_: Grid, plan: Sequence[Cell], outcomes: dict[int, tuple[CellResult, bool]], test: TensorSet,
                 metric: str, score_chance: float, baseline_per_defense: bool = False,
-                ) -> tuple[list[dict], dict | None, tuple[float, float] | None]:
-    """The certificate's cells (each with its attacker and effect), the clean ERM reference and the
-    headline's bootstrap interval, from the trained ``plan`` (``outcomes``: position -> (result, cached))."""
+                ) -> tuple[list[dict], dict | None, tuple[float, float] | None, tuple | None]:
+    """The certificate's cells (each with its attacker and effect), the clean ERM reference, the
+    headline's bootstrap interval and the predictions it was drawn from (``(reference, cells)``, for
+    the joint interval over resolutions), from the trained ``plan`` (``outcomes``: position ->
+    (result, cached))."""
     protected_runs: dict[tuple[str, str], list[CellResult]] = {}
     clean_runs: dict[tuple[str, str], list[CellResult]] = {}
     clean_cached: dict[tuple[str, str], list[bool]] = {}
@@ -235,13 +238,13 @@ def score_cells(grid_: Grid, plan: Sequence[Cell], outcomes: dict[int, tuple[Cel
         ))
     reference_runs = clean_runs.get(("erm", "none"))
     if not reference_runs:
-        return cells, None, None
+        return cells, None, None, None
     reference = summarize_runs(reference_runs, clean_cached.get(("erm", "none")))
-    interval = bootstrap_interval([r.test_pred for r in reference_runs],
-                                  [[r.test_pred for r in protected_runs[(t.name, d.name)]] for t, d in grid_.pairs],
-                                  test.y.tolist(), metric, score_chance)
+    group = ([r.test_pred for r in reference_runs],
+             [[r.test_pred for r in protected_runs[(t.name, d.name)]] for t, d in grid_.pairs])
+    interval = bootstrap_interval(*group, test.y.tolist(), metric, score_chance)
     log.debug("verify: reference %s, interval %s", reference.get("acc"), interval)
-    return cells, reference, interval
+    return cells, reference, interval, group
 
 
 def verify_sets(
@@ -267,6 +270,7 @@ def verify_sets(
     method: str | None = None,
     holdout: dict | None = None,
     resolution: int | None = None,
+    _collect: dict | None = None,
 ) -> dict:
     """:func:`verify_folder` on data already in memory (``report_dir=None`` writes no files and
     keeps no finished cells; ``cache_dir=False`` disables the baseline cache). ``relabel``: a
@@ -360,8 +364,8 @@ def verify_sets(
                         cache=cache, store=store, fresh=fresh, labels_id=labels_id, say=say, lines=lines, bars=bars,
                         progress=progress if callable(progress) else False, engine=engine, metric=metric, clock=clock)
     outcomes = runner.run_all(cells_plan)
-    cells, reference, interval = score_cells(grid_, cells_plan, outcomes, test, metric, score_chance,
-                                             baseline_per_defense)
+    cells, reference, interval, group = score_cells(grid_, cells_plan, outcomes, test, metric, score_chance,
+                                                    baseline_per_defense)
     data: dict[str, Any] = {"train": protected.describe(), "test": test.describe(), "validation": val.describe()}
     if holdout is not None:
         data["holdout"] = holdout
@@ -375,6 +379,8 @@ def verify_sets(
     extra: dict[str, Any] = {
         "resolution": ({"size": "native", "rule": "the images as they are"} if resolution is None
                        else {"size": int(resolution), "rule": RESIZE_RULE}),
+        "resolutions": [{"size": "native", "rule": "the images as they are"} if resolution is None
+                        else {"size": int(resolution), "rule": RESIZE_RULE}],
         "breakers": breakers_report(grid_),
         "baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits, "misses": cache.misses},
         "batchnorm": distributed.batchnorm_mode(dev),
@@ -395,6 +401,9 @@ def verify_sets(
         score_metric=metric, score_chance=score_chance, reference=reference, interval=interval,
         labelling=labelling.describe(originals[0].classes) if labelling is not None else None,
     )
+    if _collect is not None:  # one resolution of several (verify_resolutions): the caller writes
+        _collect.update(group=group, test=test, metric=metric, score_chance=score_chance, originals=originals)
+        return cert
     if report_dir is not None and main:
         out = Path(report_dir)
         say(f"verify: writing the certificate and report to {out}")
@@ -405,17 +414,47 @@ def verify_sets(
     return cert
 
 
-def _parse_resolution(resolution: int | str | None) -> int | None:
-    """``None`` / ``"native"`` -> None (the images' own size); an integer R >= 8 -> R (ConfigError else)."""
-    if resolution is None or (isinstance(resolution, str) and resolution.strip().lower() == "native"):
-        return None
-    try:
-        size = int(str(resolution).strip())
-    except ValueError:
-        size = 0
-    if isinstance(resolution, bool) or size < 8:
-        raise ConfigError(f"--resolution must be a size in pixels (at least 8, e.g. 64) or native, got {resolution!r}")
-    return size
+def _verify_resolutions(sizes: Sequence[int | None], load_sets: Any, options: dict, out: Path | None,
+                        progress: bool | Any) -> dict:
+    """:func:`verify_sets` at each attacker resolution in turn (one resolution's sets in memory at a
+    time; every cell saved in the one report's ``cells/``), then one certificate with the headline
+    over resolutions (:func:`verify.resolutions.combine_resolutions`) and its joint interval."""
+    started = time.perf_counter()
+    main = distributed.is_main()
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress is True and main else (lambda text: None)
+    certs: list[dict] = []
+    collected: list[dict] = []
+    for i, size in enumerate(sizes):
+        say(f"verify: attacker resolution {resolution_label(size)}"
+            + ("" if size is None else f" x {size}") + f" ({i + 1} of {len(sizes)})")
+        protected, test, val, clean, held, labelling = load_sets(size)
+        assert test is not None
+        info: dict = {}
+        certs.append(verify_sets(protected, test, clean, relabel=labelling, val=val, holdout=held, resolution=size,
+                                 _collect=info, **options))
+        scored = info.pop("test")  # the test images scored (without the validation share)
+        info["rels"], info["y"] = list(scored.rels), scored.y.tolist()
+        info["originals"] = info["originals"] if i == len(sizes) - 1 else None  # samples.png: the largest size
+        collected.append(info)
+        del protected, test, val, clean
+    interval = None
+    groups = [c["group"] for c in collected]
+    same_images = all(c["rels"] == collected[0]["rels"] and c["y"] == collected[0]["y"] for c in collected)
+    usable = [g for g, cert in zip(groups, certs) if g is not None and cert["verdict"].get("score") is not None
+              and excluded_reason(cert["verdict"]) is None]
+    if usable and same_images and collected[0]["rels"]:
+        interval = bootstrap_min_interval(usable, collected[0]["y"], collected[0]["metric"],
+                                          collected[0]["score_chance"])
+    elif usable and not same_images:
+        log.warning("verify: the scored test images differ between resolutions: no joint interval")
+    cert = combine_resolutions(certs, sizes, interval, time.perf_counter() - started)
+    if out is not None and main:
+        say(f"verify: writing the certificate and report to {out}")
+        save_certificate(cert, out / "certificate.json")
+        originals = collected[-1]["originals"]
+        write_report(cert, out, clean=originals[1], protected=originals[0])
+    say(f"verify: finished {len(sizes)} resolutions in {_duration(time.perf_counter() - started)}")
+    return cert
 
 
 def check_options(
@@ -522,17 +561,20 @@ def verify_folder(
         holdout: with ``clean_dir`` and no ``test_dir``: a keyed, stratified fraction of the clean
             images becomes the test set and their protected copies leave the training set
             (:func:`verify.uncertainty.split_holdout`), so one folder and its originals certify.
-        resolution: the attacker's training size R: every image is brought to R x R as an attacker's
-            pipeline does (shorter side to R, centre crop; :data:`verify.data.RESIZE_RULE`), so
-            folders of mixed sizes and orientations certify; None or ``"native"``: the images as
-            they are (one size).
+        resolution: the attacker resolutions (:mod:`verify.resolutions`): sizes R and/or
+            ``"native"`` (``"32,64"``, ``64``, ``[32, None]``); at each R every image is brought to
+            R x R as an attacker's pipeline does (shorter side to R, centre crop;
+            :data:`verify.data.RESIZE_RULE`), so folders of mixed sizes and orientations certify.
+            Several: the grid is trained at each and the headline is the lowest resolution's score
+            (``verdict.per_resolution``). None: the tier's default for the images' sizes
+            (:func:`verify.resolutions.default_resolutions`; CIFAR-sized images: native only).
 
     Returns the certificate dict (schema ``protect.certificate/1``). Raises ConfigError for unknown
     tiers, regimes, defenses, models or devices, InputError for unusable folders (missing, empty,
     unlabelled, mixed sizes, class folders that differ), all one-line messages.
     """
     # Validate the options before spending time on loading.
-    size = _parse_resolution(resolution)
+    sizes = parse_resolutions(resolution)
     if holdout is not None:
         if test_dir is not None:
             raise ConfigError("--holdout makes the test set from --clean: leave out --test (or --holdout)")
@@ -546,54 +588,75 @@ def verify_folder(
     recipe = check_options(tier, trainings, defenses, seeds, model=model, epochs=epochs, device=device, engine=engine,
                            method=method)
     spec = parse_relabel(relabel) if isinstance(relabel, (str, os.PathLike)) else relabel  # a bad map fails early
-    # The loading phase's lines (the cells' come from verify_sets; under torchrun rank 0 alone prints)
-    # are held until every folder loaded, so a refused folder stays one line on stderr.
-    loaded: list[str] = []
-
-    def load(name: str, root: str | os.PathLike, csv: str | os.PathLike | None, **kw: Any) -> TensorSet:
-        t0 = time.perf_counter()
-        data = load_folder(root, csv, name=name, resolution=size, **kw)
-        loaded.append(f"verify: loaded the {name} folder {root}: {_count(len(data), 'image')} in "
-                      f"{len(data.classes)} classes ({_duration(time.perf_counter() - t0)})")
-        return data
-
     protected_dir = Path(protected_dir)
-    protected = load("protected", protected_dir, labels_csv, max_per_class=max_per_class)
-    labelling = spec.resolve(protected.classes) if isinstance(spec, RelabelSpec) else spec  # before the other sets
-    test = None if test_dir is None else load("test", test_dir, test_labels_csv, classes=protected.classes,
-                                              expected_name="protected")
-    val = None
-    if val_dir is not None:
-        val = load("validation", val_dir, test_labels_csv, classes=protected.classes, expected_name="protected")
-    clean = None
-    if clean_dir is not None:
-        clean = load("clean", clean_dir, labels_csv, classes=protected.classes, expected_name="protected",
-                     max_per_class=max_per_class)
-        if len(clean) != len(protected):
-            log.warning("clean folder has %d images, protected folder %d: the baseline trains on a "
-                        "different amount of data", len(clean), len(protected))
-    held: dict | None = None
-    if holdout is not None:
-        assert clean is not None
-        clean, protected, test, held = split_holdout(clean, protected, float(holdout))
-        loaded.append(f"verify: held out {held['test_images']} of the clean images as the test set "
-                      f"({100 * float(holdout):g} % of each class); {held['protected_removed']} protected copies of "
-                      f"them left the training set")
-    if progress is True and os.environ.get("RANK", "0") == "0":
-        for line in loaded:
-            print(line, file=sys.stderr, flush=True)
+    if sizes is None or (None in sizes and len(sizes) > 1):  # read the sizes from the headers, nothing decoded
+        header_sizes = image_sizes(protected_dir, labels_csv, max_per_class)
+        if sizes is None:
+            sizes = default_resolutions(recipe.tier, header_sizes)
+        elif header_sizes is not None and len(set(header_sizes)) > 1:  # before any resolution trains
+            shown = sorted(set(header_sizes))[:2]
+            raise InputError(f"--resolution native needs images of one size, but {protected_dir} holds "
+                             f"{len(set(header_sizes))} sizes ({shown[0][0]}x{shown[0][1]}, {shown[1][0]}x{shown[1][1]}, "
+                             "...): leave native out (e.g. --resolution 32,64)")
     if report_dir is None:
         out: Path | None = _default_report_dir(protected_dir)
     elif report_dir is False:
         out = None
     else:
         out = Path(report_dir)  # type: ignore[arg-type]
-    cert = verify_sets(
-        protected, test, clean, tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds,
-        device=device, report_dir=out, cache_dir=cache_dir, baseline_per_defense=baseline_per_defense,
-        progress=progress, fresh=fresh, relabel=labelling, engine=engine, val=val, allow_overlap=allow_overlap,
-        method=method if method is not None else recorded_method(protected_dir), holdout=held, resolution=size,
-    )
+
+    def load_sets(size: int | None) -> tuple[TensorSet, TensorSet | None, TensorSet | None, TensorSet | None,
+                                             dict | None, Labelling | None]:
+        # The loading phase's lines (the cells' come from verify_sets; under torchrun rank 0 alone
+        # prints) are held until every folder loaded, so a refused folder stays one line on stderr.
+        loaded: list[str] = []
+
+        def load(name: str, root: str | os.PathLike, csv: str | os.PathLike | None, **kw: Any) -> TensorSet:
+            t0 = time.perf_counter()
+            data = load_folder(root, csv, name=name, resolution=size, **kw)
+            at = "" if size is None else f" at {size} x {size}"
+            loaded.append(f"verify: loaded the {name} folder {root}{at}: {_count(len(data), 'image')} in "
+                          f"{len(data.classes)} classes ({_duration(time.perf_counter() - t0)})")
+            return data
+
+        protected = load("protected", protected_dir, labels_csv, max_per_class=max_per_class)
+        labelling = spec.resolve(protected.classes) if isinstance(spec, RelabelSpec) else spec  # before the other sets
+        test = None if test_dir is None else load("test", test_dir, test_labels_csv, classes=protected.classes,
+                                                  expected_name="protected")
+        val = None
+        if val_dir is not None:
+            val = load("validation", val_dir, test_labels_csv, classes=protected.classes, expected_name="protected")
+        clean = None
+        if clean_dir is not None:
+            clean = load("clean", clean_dir, labels_csv, classes=protected.classes, expected_name="protected",
+                         max_per_class=max_per_class)
+            if len(clean) != len(protected):
+                log.warning("clean folder has %d images, protected folder %d: the baseline trains on a "
+                            "different amount of data", len(clean), len(protected))
+        held: dict | None = None
+        if holdout is not None:
+            assert clean is not None
+            clean, protected, test, held = split_holdout(clean, protected, float(holdout))
+            loaded.append(f"verify: held out {held['test_images']} of the clean images as the test set "
+                          f"({100 * float(holdout):g} % of each class); {held['protected_removed']} protected copies "
+                          "of them left the training set")
+        if progress is True and os.environ.get("RANK", "0") == "0":
+            for line in loaded:
+                print(line, file=sys.stderr, flush=True)
+        return protected, test, val, clean, held, labelling
+
+    options: dict[str, Any] = dict(
+        tier=recipe, trainings=trainings, defenses=defenses, seeds=seeds, device=device, report_dir=out,
+        cache_dir=cache_dir, baseline_per_defense=baseline_per_defense, progress=progress, fresh=fresh,
+        allow_overlap=allow_overlap, engine=engine,
+        method=method if method is not None else recorded_method(protected_dir))
+    if len(sizes) == 1:
+        protected, test, val, clean, held, labelling = load_sets(sizes[0])
+        assert test is not None
+        cert = verify_sets(protected, test, clean, relabel=labelling, val=val, holdout=held, resolution=sizes[0],
+                           **options)
+    else:
+        cert = _verify_resolutions(sizes, load_sets, options, out, progress)
     if out is not None:
         cert["report_dir"] = str(out)
     return cert

@@ -27,7 +27,8 @@ import torch
 
 from .data import TensorSet
 
-__all__ = ["BOOTSTRAP_REPLICATES", "VAL_FRACTION", "bootstrap_interval", "split_holdout", "split_validation"]
+__all__ = ["BOOTSTRAP_REPLICATES", "VAL_FRACTION", "bootstrap_interval", "bootstrap_min_interval", "split_holdout",
+           "split_validation"]
 
 #: Fraction of the test images that chooses the epoch when no validation folder is given.
 VAL_FRACTION = 0.2
@@ -131,30 +132,54 @@ def bootstrap_interval(
     ``metric``: ``"accuracy"`` or ``"balanced_accuracy"``. Replicates where the reference is not
     above chance count as a score of 0 (no protection can be shown). None when any predictions are
     missing (results of older versions) or have the wrong length."""
+    return bootstrap_min_interval([(reference, cells)], y, metric, chance, replicates, level)
+
+
+def bootstrap_min_interval(
+    groups: Sequence[tuple[Sequence[Sequence[int]], Sequence[Sequence[Sequence[int]]]]],
+    y: Sequence[int],
+    metric: str,
+    chance: float,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """95 % interval of the lowest of several scores measured on the same test images: ``groups``
+    holds one ``(reference, cells)`` pair per attacker resolution (as :func:`bootstrap_interval`'s
+    arguments, every prediction list in the order of ``y``). Every replicate draws one resample of
+    the test images (and of the seeds) and applies it to every group, so the interval is of the
+    headline itself, the minimum over groups, not a minimum of separate intervals. None when any
+    predictions are missing or have the wrong length."""
     labels = np.asarray(y, dtype=np.int64)
     n = labels.shape[0]
-    runs = [reference, *cells]
-    if n == 0 or not reference or any(len(r) != len(reference) for r in runs) \
-            or any(len(p) != n for r in runs for p in r):
+    if n == 0 or not groups:
         return None
+    seeds = len(groups[0][0])
+    for reference, cells in groups:
+        runs = [reference, *cells]
+        if not reference or not cells or any(len(r) != seeds for r in runs) or any(len(p) != n for r in runs for p in r):
+            return None
     k = int(labels.max()) + 1
-    rng = np.random.default_rng(_seed(f"bootstrap/{n}/{len(cells)}/{len(reference)}"))
+    label = f"bootstrap/{n}/{len(groups[0][1])}/{seeds}" if len(groups) == 1 else \
+        f"bootstrap/{n}/{'+'.join(str(len(c)) for _, c in groups)}/{seeds}"
+    rng = np.random.default_rng(_seed(label))
     # multiplicities of a stratified resample: per class, multinomial over its members
     weights = np.zeros((replicates, n), dtype=np.float32)
     for c in range(k):
         members = np.flatnonzero(labels == c)
         if members.size:
             weights[:, members] = rng.multinomial(members.size, np.full(members.size, 1 / members.size), size=replicates)
-    seeds = len(reference)
     pick = rng.integers(0, seeds, size=(replicates, seeds)) if seeds > 1 else np.zeros((replicates, 1), dtype=np.int64)
 
     def value(per_seed: Sequence[Sequence[int]]) -> np.ndarray:
         by_seed = np.stack([_metric_values(np.asarray(p), labels, weights, metric, k) for p in per_seed])  # S x B
         return by_seed[pick, np.arange(replicates)[:, None]].mean(1)
 
-    ref = value(reference)
-    best = np.max(np.stack([value(c) for c in cells]), axis=0)
-    margin = ref - chance
-    scores = np.where(margin > 1e-9, (ref - best) / np.where(margin > 1e-9, margin, 1.0), 0.0)
+    per_group = []
+    for reference, cells in groups:
+        ref = value(reference)
+        best = np.max(np.stack([value(c) for c in cells]), axis=0)
+        margin = ref - chance
+        per_group.append(np.where(margin > 1e-9, (ref - best) / np.where(margin > 1e-9, margin, 1.0), 0.0))
+    scores = np.min(np.stack(per_group), axis=0)
     lo, hi = np.quantile(scores, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
