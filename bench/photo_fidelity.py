@@ -1,6 +1,6 @@
 """Fidelity on photos as a person sees it: every method on the Kodak photos, side by side.
 
-    python bench/photo_fidelity.py [--configs default,uc16,uc8,uc4,cuda-clusters] [--work /dev/shm/protect-fidelity]
+    python bench/photo_fidelity.py [--configs default,uc16,uc8,uc4,cuda-clusters,uc16-de2,cuda-clusters-de2] [--work /dev/shm/protect-fidelity]
 
 Protects the 16 Kodak photos of ``../shared/data/kodak`` (768x512 and 512x768 PNG, one flat,
 unlabelled folder, as a photographer has them) once per configuration with ``protect images
@@ -29,6 +29,9 @@ CONFIGS: dict[str, list[str]] = {
     "uc8": ["--method", "uc", "--surrogate", "cifar-resnet20", "--eps", "8/255"],
     "uc4": ["--method", "uc", "--surrogate", "cifar-resnet20", "--eps", "4/255"],
     "cuda-clusters": ["--method", "cuda", "--clusters", "4", "--surrogate", "cifar-resnet20"],
+    # the fidelity floor: each image's change scaled back until its dE is at most 2
+    "uc16-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--max-delta-e", "2"],
+    "cuda-clusters-de2": ["--method", "cuda", "--clusters", "4", "--surrogate", "cifar-resnet20", "--max-delta-e", "2"],
 }
 
 

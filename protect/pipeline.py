@@ -75,6 +75,7 @@ class ProtectOptions:
     strict: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int | None = None  # None: each JPEG's own quality and subsampling ("auto")
+    max_delta_e: float | None = None  # fidelity floor: no image's low-frequency dE above it (None: off)
     progress: bool = True
     allow_reprotect: bool = False
     on_phase: Callable[[str], Any] | None = None
@@ -170,6 +171,9 @@ def _check_options(options: ProtectOptions) -> None:
         raise ConfigError("JPEG quality must be in 1..100")
     if options.max_pixels < 1:
         raise ConfigError("--max-pixels must be >= 1")
+    if options.max_delta_e is not None and not options.max_delta_e > 0:
+        raise ConfigError(f"--max-delta-e must be above 0 (e.g. 2.0, about a just-noticeable colour difference), "
+                          f"got {options.max_delta_e:g}")
     if options.engine not in ENGINES:
         raise ConfigError(f"unknown engine '{options.engine}'; use {' or '.join(ENGINES)}")
     if options.engine == "ray":
@@ -292,6 +296,7 @@ def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
         "key_fingerprint": keyring.fingerprint(),
         "out_format": options.out_format,
         "jpeg_quality": options.jpeg_quality,
+        "max_delta_e": options.max_delta_e,
         "in_dir": str(in_path.resolve()),
     }
     if files_given:
@@ -576,7 +581,8 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
         core = state_digest({k: v for k, v in state_dict.items() if k not in method.per_image_state})
         deps = deps_digest({"method": method_cls.name, "params": _stable_params(method), "state": core,
                             "out_format": options.out_format, "jpeg_quality": options.jpeg_quality,
-                            "compute": "exact" if method.exact else device.type})
+                            "compute": "exact" if method.exact else device.type,
+                            **({"max_delta_e": options.max_delta_e} if options.max_delta_e is not None else {})})
         classes = dataset.classes
         tasks = []
         for e, fmt, out_rel in zip(dataset.entries, formats, out_rels):
@@ -585,7 +591,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
             tasks.append(Task(e.rel, fmt, out_rel, e.label, classes[e.label] if e.label is not None else None, prev))
         spec = Spec(method_cls.name, params, state_dict, keyring, str(dataset.root), str(out_path.resolve()),
                     options.out_format, options.jpeg_quality, options.max_pixels, options.batch_size,
-                    options.overwrite, str(device), deps, memory)
+                    options.overwrite, str(device), deps, memory, options.max_delta_e)
         engine = _engine(options, spec, workers, len(tasks))
         summary.workers = engine.workers
 

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 JOURNAL, MANIFEST, STATE = "journal.jsonl", "manifest.json", "state.pt"
 #: Header fields that must match for a run to resume into an existing record.
-MATCHING = ("format_version", "method", "params", "class_map", "key_fingerprint", "out_format", "jpeg_quality")
+MATCHING = ("format_version", "method", "params", "class_map", "key_fingerprint", "out_format", "jpeg_quality",
+            "max_delta_e")
 
 
 def default_record_dir(out_dir: Path) -> Path:

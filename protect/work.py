@@ -37,7 +37,7 @@ import torch
 import perturbations
 from perturbations import Keyring, Perturbation
 
-from .fidelity import delta_e, max_delta, measure
+from .fidelity import delta_e, limit_delta_e, max_delta, measure
 from .imageio import LOSSY, Decoded, ImageError, decode, encode_pixels, lossy_settings
 from .record import Entry
 from .safefs import Tree, UnsafePath
@@ -93,6 +93,7 @@ class Spec:
     device: str
     deps: str
     budget_bytes: int
+    max_delta_e: float | None = None  # the fidelity floor (--max-delta-e): None, no limit
 
 
 class Result(NamedTuple):
@@ -325,6 +326,12 @@ class Context:
                     q = self.method.protect_levels(v, labels, [it.task.rel for it in items], levels)
                 except perturbations.InputError as exc:  # e.g. an image the fitted state does not know
                     return [Result("fail", it.task.rel, reason=str(exc)) for it in items]
+                if self.spec.max_delta_e is not None:  # the fidelity floor: scale back what shows
+                    q, scales = limit_delta_e(v, q, levels, self.spec.max_delta_e)
+                    for it, sc in zip(items, scales):
+                        if sc < 1.0:
+                            it.decoded.notes.append(f"change scaled to {sc:.3f} for --max-delta-e "
+                                                    f"{self.spec.max_delta_e:g}")
                 q = q.contiguous(memory_format=torch.channels_last)  # the layout of v and of the files
                 # a lossless output holds exactly q: measured here, batched; a lossy one once written
                 fid: list[tuple[float, float, int, float] | None] = [None] * len(items)

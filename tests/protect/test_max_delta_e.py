@@ -1,0 +1,71 @@
+"""The fidelity floor --max-delta-e: every image's low-frequency colour difference ends within it,
+by scaling the method's own change back toward the original, and nothing else moves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from protect.fidelity import LIMIT_STEPS, delta_e, limit_delta_e
+
+KODAK = Path(__file__).resolve().parents[2] / "samples" / "kodak"
+
+
+def test_limit_scales_each_image_back_within_the_limit_and_keeps_the_methods_invariants() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, 64, 96), generator=g, dtype=torch.int32).to(torch.uint8)
+    blotch = torch.zeros(3, 3, 64, 96, dtype=torch.int32)
+    blotch[0, 1, 10:40, 20:70] = 40  # a strong green blotch: far above the limit
+    blotch[1, :, :, :] = torch.randint(-1, 2, (3, 64, 96), generator=g)  # faint grain: within it
+    blotch[2, 0, ::2, ::3] = -25  # sparse, strong
+    q = (x.to(torch.int32) + blotch).clamp(0, 255).to(torch.uint8)
+    before = delta_e(x, q, 255)
+    out, scales = limit_delta_e(x, q, 255, 1.0)
+    after = delta_e(x, out, 255)
+    assert before[0] > 1.0 and before[1] <= 1.0 and before[2] > 1.0
+    assert scales[1] == 1.0 and torch.equal(out[1], q[1])  # within the limit: untouched
+    for i in (0, 2):
+        assert after[i] <= 1.0 and 0 < scales[i] < 1 and (scales[i] * LIMIT_STEPS).is_integer()
+        # one step more would break the limit: the largest scale that fits
+        k = round(scales[i] * LIMIT_STEPS) + 1
+        nxt = (x[i:i + 1].float() + (q[i:i + 1].float() - x[i:i + 1].float()) * k / LIMIT_STEPS).round().clamp(0, 255)
+        assert delta_e(x[i:i + 1], nxt.to(torch.uint8), 255)[0] > 1.0
+    d_old, d_new = q.to(torch.int32) - x.to(torch.int32), out.to(torch.int32) - x.to(torch.int32)
+    assert torch.all(d_new.abs() <= d_old.abs()) and torch.all(d_new * d_old >= 0)  # never further, never across
+    assert torch.all(d_new[d_old == 0] == 0)  # sparsity kept
+    same, ones = limit_delta_e(x, q, 255, 100.0)
+    assert same is q and ones == [1.0, 1.0, 1.0]
+
+
+def test_protect_images_respects_max_delta_e_per_image(tmp_path: Path, test_key: str) -> None:
+    from cli.main import cli
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for f in sorted(KODAK.glob("*.png"))[:2]:
+        Image.open(f).convert("RGB").resize((192, 128)).save(src / f.name)
+    runner = CliRunner()
+    base = ["images", "--key", test_key, "--json", "--quiet", "--method", "cuda", "--clusters", "2",
+            "--surrogate", "random:tiny"]
+    free = json.loads(runner.invoke(cli, [*base, str(src), str(tmp_path / "free")]).output)
+    capped = runner.invoke(cli, [*base, "--max-delta-e", "1.5", str(src), str(tmp_path / "capped")])
+    assert capped.exit_code == 0, capped.output
+    summary = json.loads(capped.output)
+    assert free["delta_e_mean"] > 1.5 and summary["delta_e_mean"] <= 1.5 + 1e-6
+    journal = [json.loads(line) for line in (tmp_path / "capped.protect" / "journal.jsonl").read_text().splitlines()
+               if line.strip().startswith("{") and '"path"' in line]
+    assert journal and all(e["delta_e"] <= 1.5 + 1e-6 for e in journal)
+    assert any("--max-delta-e" in n for e in journal for n in e["notes"])
+    # the input is untouched, a rerun resumes, another limit is a changed setting
+    again = runner.invoke(cli, [*base, "--max-delta-e", "1.5", str(src), str(tmp_path / "capped")])
+    assert again.exit_code == 0 and json.loads(again.output)["skipped"] == 2
+    other = runner.invoke(cli, [*base, "--max-delta-e", "3", str(src), str(tmp_path / "capped")])
+    assert other.exit_code != 0 and "max_delta_e" in str(other.exception)  # one line at the console entry point
+    bad = runner.invoke(cli, [*base, "--max-delta-e", "0", str(src), str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "--max-delta-e" in str(bad.exception) and not (tmp_path / "bad").exists()
