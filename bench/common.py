@@ -26,6 +26,17 @@ def env_for(work: Path) -> dict[str, str]:
             "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
+def stage_kodak(work: Path) -> Path:
+    """A fresh ``work`` folder holding ``work/photos``: a copy of the 16 Kodak photos, one flat,
+    unlabelled folder as a photographer has them."""
+    shutil.rmtree(work, ignore_errors=True)
+    photos = work / "photos"
+    photos.mkdir(parents=True)
+    for f in sorted((SHARED / "kodak").glob("*.png")):
+        shutil.copyfile(f, photos / f.name)
+    return photos
+
+
 def run(cmd: list[str], env: dict[str, str]) -> float:
     """Run ``cmd`` (stdout discarded); its wall time in seconds."""
     print("$", " ".join(cmd), flush=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CLI, ROOT, SHARED, env_for  # noqa: E402
+from bench.common import CLI, ROOT, env_for, stage_kodak  # noqa: E402
 
 
 def low_frequency_delta_e(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,11 +46,7 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="more `protect images` options (after --)")
     args = ap.parse_args()
 
-    shutil.rmtree(args.work, ignore_errors=True)
-    photos = args.work / "photos"
-    photos.mkdir(parents=True)
-    for f in sorted((SHARED / "kodak").glob("*.png")):
-        shutil.copyfile(f, photos / f.name)
+    photos = stage_kodak(args.work)
     out = args.work / "photos-protected"
     env = env_for(args.work)
     cmd = [*CLI, "images", "--json", "--quiet", *args.extra, str(photos), str(out)]

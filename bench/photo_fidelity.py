@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CLI, SHARED, env_for  # noqa: E402
+from bench.common import CLI, env_for, stage_kodak  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {
     "default": [],  # what a user gets with no --method on an unlabelled folder
@@ -40,11 +40,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--work", type=Path, default=Path("/dev/shm/protect-fidelity"))
     args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
-    photos = args.work / "photos"
-    photos.mkdir(parents=True)
-    for f in sorted((SHARED / "kodak").glob("*.png")):
-        shutil.copyfile(f, photos / f.name)
+    photos = stage_kodak(args.work)
     env = env_for(args.work)
     rows = []
     for name in args.configs.split(","):

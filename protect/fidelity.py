@@ -261,30 +261,35 @@ def max_delta(x: torch.Tensor, q: torch.Tensor) -> list[int]:
 LIMIT_STEPS = 64
 
 
-def limit_delta_e(x: torch.Tensor, q: torch.Tensor, levels: int, limit: float) -> tuple[torch.Tensor, list[float]]:
+def limit_delta_e(x: torch.Tensor, q: torch.Tensor, levels: int,
+                  limit: float) -> tuple[torch.Tensor, list[float], list[float]]:
     """The fidelity floor of ``--max-delta-e``: each protected image of ``q`` whose low-frequency dE
     (:func:`delta_e`) against its original in ``x`` exceeds ``limit`` becomes
     ``round(x + s * (q - x))`` with the largest scale ``s = k / LIMIT_STEPS`` that keeps it within the
     limit (``s = 0``: the original). Every method's invariants survive: no value moves further or
     in another direction than the method moved it, unchanged values stay unchanged, and the
-    result is in [0, levels]. Returns the images (a new tensor only when any was scaled) and each
-    image's scale. dE is nearly linear in ``s`` for the changes protection makes, so the linear
-    estimate of ``s`` is checked and moved by a step or two; dE is float arithmetic, so on another
-    machine a scale on the edge of the limit may differ by one step."""
+    result is in [0, levels]. Returns the images (a new tensor only when any was scaled), each
+    image's scale and each returned image's dE (so a caller need not measure it again). dE is
+    nearly linear in ``s`` for the changes protection makes, so the linear estimate of ``s`` is
+    checked and moved by a step or two; dE is float arithmetic, so on another machine a scale on
+    the edge of the limit may differ by one step."""
     des = delta_e(x, q, levels)
     scales = [1.0] * len(des)
     over = [i for i, d in enumerate(des) if d > limit]
     if not over:
-        return q, scales
+        return q, scales, des
     out = q.clone()
     for i in over:
         xi, di = x[i:i + 1], (q[i:i + 1].to(torch.int32) - x[i:i + 1].to(torch.int32)).float()
+        measured: dict[int, float] = {0: 0.0}  # k -> dE of the image scaled by k / LIMIT_STEPS
 
         def scaled(k: int) -> torch.Tensor:
             return (xi.float() + di * (k / LIMIT_STEPS)).round_().clamp_(0, levels).to(q.dtype)
 
         def fits(k: int) -> bool:
-            return k == 0 or delta_e(xi, scaled(k), levels)[0] <= limit
+            if k not in measured:
+                measured[k] = delta_e(xi, scaled(k), levels)[0]
+            return measured[k] <= limit
 
         k = max(0, min(LIMIT_STEPS - 1, int(LIMIT_STEPS * limit / des[i])))
         while k > 0 and not fits(k):
@@ -292,5 +297,5 @@ def limit_delta_e(x: torch.Tensor, q: torch.Tensor, levels: int, limit: float) -
         while k + 1 < LIMIT_STEPS and fits(k + 1):
             k += 1
         out[i:i + 1] = scaled(k)
-        scales[i] = k / LIMIT_STEPS
-    return out, scales
+        scales[i], des[i] = k / LIMIT_STEPS, measured[k]
+    return out, scales, des

@@ -326,8 +326,9 @@ class Context:
                     q = self.method.protect_levels(v, labels, [it.task.rel for it in items], levels)
                 except perturbations.InputError as exc:  # e.g. an image the fitted state does not know
                     return [Result("fail", it.task.rel, reason=str(exc)) for it in items]
+                known_des: list[float] | None = None  # each image's dE when the floor measured it
                 if self.spec.max_delta_e is not None:  # the fidelity floor: scale back what shows
-                    q, scales = limit_delta_e(v, q, levels, self.spec.max_delta_e)
+                    q, scales, known_des = limit_delta_e(v, q, levels, self.spec.max_delta_e)
                     for it, sc in zip(items, scales):
                         if sc < 1.0:
                             it.decoded.notes.append(f"change scaled to {sc:.3f} for --max-delta-e "
@@ -339,7 +340,7 @@ class Context:
                 if exact:
                     vs, qs = (v, q) if len(exact) == len(items) else (v[exact], q[exact])
                     ps, ss = measure(vs, qs, levels)
-                    des = delta_e(vs, qs, levels)
+                    des = delta_e(vs, qs, levels) if known_des is None else [known_des[i] for i in exact]
                     for j, (i, m) in enumerate(zip(exact, max_delta(vs, qs))):
                         fid[i] = (ps[j], ss[j], m, des[j])
                     del vs, qs

@@ -39,7 +39,7 @@ from .data import RESIZE_RULE
 from perturbations.errors import ConfigError
 
 __all__ = ["TIER_RESOLUTIONS", "combine_resolutions", "default_resolutions", "excluded_reason", "parse_resolutions",
-           "resolution_label"]
+           "resolution_entry", "resolution_label"]
 
 #: Per tier: the attacker resolutions of the default grid and the largest native size trained as is.
 TIER_RESOLUTIONS: dict[str, tuple[tuple[int, ...], int]] = {
@@ -109,7 +109,8 @@ def default_resolutions(tier: str, sizes: Sequence[tuple[int, int]] | None) -> l
     return out
 
 
-def _entry(size: int | None) -> dict:
+def resolution_entry(size: int | None) -> dict:
+    """The certificate's record of one attacker resolution: its size (or ``"native"``) and rule."""
     return {"size": "native", "rule": NATIVE_RULE} if size is None else {"size": int(size), "rule": RESIZE_RULE}
 
 
@@ -183,8 +184,8 @@ def combine_resolutions(certs: Sequence[dict], sizes: Sequence[int | None],
             f"{'-' if p['score'] is None else format(p['score'], '.2f')}"
             + (f" (left out: {p['excluded']})" if p["excluded"] else "") for p in per) + "."
     out["cells"] = cells
-    out["resolution"] = _entry(sizes[head_i])
-    out["resolutions"] = [_entry(s) for s in sizes]
+    out["resolution"] = resolution_entry(sizes[head_i])
+    out["resolutions"] = [resolution_entry(s) for s in sizes]
     out["data"] = {**certs[head_i]["data"], "by_resolution": {resolution_label(s): c["data"]
                                                               for s, c in zip(sizes, certs)}}
     warnings: list[str] = []

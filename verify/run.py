@@ -77,7 +77,7 @@ from . import distributed
 from .attacker import plan_attackers
 from .cells import Cell, CellRunner, RunClock, _count, _duration, _pct
 from .certificate import build_certificate, cell_entry, chance_level, save_certificate, summarize_runs
-from .data import RESIZE_RULE, TensorSet, check_same_classes, find_overlap, image_sizes, load_folder
+from .data import TensorSet, check_same_classes, find_overlap, image_sizes, load_folder
 from .metrics import score_basis
 from .grid import DEFAULT_DEFENSES, DEFAULT_TRAININGS, Grid, breakers_report, build_grid, recorded_method
 from .recipes import PAPER_REFERENCE, Recipe, Training, fit_to_data, get_recipe, parse_trainings, reference_differences
@@ -85,7 +85,8 @@ from .relabel import Labelling, RelabelSpec, parse_relabel
 from .report import write_report
 from .store import CACHE_VERSION, BaselineCache, CellStore, default_cache_dir
 from .train import CellResult, resolve_device
-from .resolutions import combine_resolutions, default_resolutions, excluded_reason, parse_resolutions, resolution_label
+from .resolutions import (combine_resolutions, default_resolutions, excluded_reason, parse_resolutions,
+                          resolution_entry, resolution_label)
 from .uncertainty import bootstrap_interval, bootstrap_min_interval, split_holdout, split_validation
 
 __all__ = [
@@ -377,10 +378,8 @@ def verify_sets(
     if distributed.world() > 1:
         device_name += f" x {distributed.world()} processes (DDP)"
     extra: dict[str, Any] = {
-        "resolution": ({"size": "native", "rule": "the images as they are"} if resolution is None
-                       else {"size": int(resolution), "rule": RESIZE_RULE}),
-        "resolutions": [{"size": "native", "rule": "the images as they are"} if resolution is None
-                        else {"size": int(resolution), "rule": RESIZE_RULE}],
+        "resolution": resolution_entry(resolution),
+        "resolutions": [resolution_entry(resolution)],
         "breakers": breakers_report(grid_),
         "baseline_cache": {"dir": str(cache.root) if cache.root else None, "hits": cache.hits, "misses": cache.misses},
         "batchnorm": distributed.batchnorm_mode(dev),
@@ -440,8 +439,7 @@ def _verify_resolutions(sizes: Sequence[int | None], load_sets: Any, options: di
     interval = None
     groups = [c["group"] for c in collected]
     same_images = all(c["rels"] == collected[0]["rels"] and c["y"] == collected[0]["y"] for c in collected)
-    usable = [g for g, cert in zip(groups, certs) if g is not None and cert["verdict"].get("score") is not None
-              and excluded_reason(cert["verdict"]) is None]
+    usable = [g for g, cert in zip(groups, certs) if g is not None and excluded_reason(cert["verdict"]) is None]
     if usable and same_images and collected[0]["rels"]:
         interval = bootstrap_min_interval(usable, collected[0]["y"], collected[0]["metric"],
                                           collected[0]["score_chance"])

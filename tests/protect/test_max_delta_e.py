@@ -26,8 +26,9 @@ def test_limit_scales_each_image_back_within_the_limit_and_keeps_the_methods_inv
     blotch[2, 0, ::2, ::3] = -25  # sparse, strong
     q = (x.to(torch.int32) + blotch).clamp(0, 255).to(torch.uint8)
     before = delta_e(x, q, 255)
-    out, scales = limit_delta_e(x, q, 255, 1.0)
+    out, scales, reported = limit_delta_e(x, q, 255, 1.0)
     after = delta_e(x, out, 255)
+    assert reported == after  # the dE it returns is the returned images' own
     assert before[0] > 1.0 and before[1] <= 1.0 and before[2] > 1.0
     assert scales[1] == 1.0 and torch.equal(out[1], q[1])  # within the limit: untouched
     for i in (0, 2):
@@ -39,8 +40,8 @@ def test_limit_scales_each_image_back_within_the_limit_and_keeps_the_methods_inv
     d_old, d_new = q.to(torch.int32) - x.to(torch.int32), out.to(torch.int32) - x.to(torch.int32)
     assert torch.all(d_new.abs() <= d_old.abs()) and torch.all(d_new * d_old >= 0)  # never further, never across
     assert torch.all(d_new[d_old == 0] == 0)  # sparsity kept
-    same, ones = limit_delta_e(x, q, 255, 100.0)
-    assert same is q and ones == [1.0, 1.0, 1.0]
+    same, ones, des = limit_delta_e(x, q, 255, 100.0)
+    assert same is q and ones == [1.0, 1.0, 1.0] and des == before
 
 
 def test_protect_images_respects_max_delta_e_per_image(tmp_path: Path, test_key: str) -> None:
