@@ -55,7 +55,22 @@ image instead: no dark frame, but weaker (quick tier on 10k CIFAR-10: 33.9 % cle
 after training on reflect-padded CUDA data vs 23.5 % with zero padding, clean 71.5 %; command and
 table in docs/BENCHMARKS.md). The default is therefore ``"zero"``.
 
-Large images are convolved in row strips (a ``k // 2`` row halo), so the working memory is the
+Resolution (``reference``): the paper convolves at the size it trains at. A photo protected at
+768 px and downscaled 4x by the attacker's pipeline loses most of the filter: a 9-px filter becomes
+a sub-pixel blur (measured: CIFAR-10 upscaled to 128 px, the attacker training at 32 px, 0.385
+against 0.67 protected at 32 px). With ``reference = R`` the same keyed ``k x k`` integer filter is
+applied *dilated*: taps ``s = round(min(h, w) / R)`` pixels apart. A dilated filter commutes with
+downscaling by ``s``: for any resampling that is a linear, shift-invariant prefilter ``g`` followed
+by taking every ``s``-th pixel, ``D_s(g * (F dilated by s) * x) = F * D_s(g * x)``, because
+``(F dilated by s)`` shifts by whole multiples of ``s``, which subsampling turns into the paper's
+one-pixel shifts. So an attacker who downscales to ``R`` px (by box, bilinear or bicubic with
+antialiasing) sees the paper's filter applied to the image he would have seen unprotected; non-integer
+factors and crops make this approximate, not exact. The cost is at the full size: a dilated filter
+leaves faint offset copies (ghosts ``s`` px apart), so ``reference`` trades fidelity at the owner's
+size for strength at the attacker's; docs/BENCHMARKS.md ("Photos") has both. Exactness is untouched:
+the same integer taps, the same sums.
+
+Large images are convolved in row strips (a ``dilation * (k // 2)`` row halo), so the working memory is the
 float32 sums of one image plus a strip, never several float copies of a photo.
 """
 
@@ -162,39 +177,43 @@ def _ieee_onednn() -> Iterator[None]:
         conv.fp32_precision = old
 
 
-def _depthwise(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+def _depthwise(x: torch.Tensor, planes: torch.Tensor, dilation: int = 1) -> torch.Tensor:
     """'valid' depthwise convolution of ``x`` (N x P x H x W) with one ``k x k`` filter per plane
-    (``planes``: P x k x k). The kernel is free to sum in any order: the sums are exact."""
+    (``planes``: P x k x k), taps ``dilation`` pixels apart. The kernel is free to sum in any order:
+    the sums are exact."""
     k = planes.shape[-1]
     w = planes.to(x.device, torch.float32).view(-1, 1, k, k)
     if x.device.type == "cuda":
         # cuDNN may pick transform-based algorithms or TF32: use the direct native kernel.
         with torch.backends.cudnn.flags(enabled=False):
-            return F.conv2d(x, w, groups=x.shape[1])
+            return F.conv2d(x, w, groups=x.shape[1], dilation=dilation)
     with _ieee_onednn():
-        return F.conv2d(x, w, groups=x.shape[1])
+        return F.conv2d(x, w, groups=x.shape[1], dilation=dilation)
 
 
-def _conv8(v: torch.Tensor, filters: torch.Tensor, r0: int, r1: int, mode: str) -> torch.Tensor:
+def _conv8(v: torch.Tensor, filters: torch.Tensor, r0: int, r1: int, mode: str, dilation: int = 1) -> torch.Tensor:
     """Rows ``r0 .. r1`` of image ``i`` of the 8-bit-valued ``v`` (N x C x H x W) convolved with the
-    integer ``filters[i]`` (N x k x k): exact integer sums in float32 (see module doc)."""
+    integer ``filters[i]`` (N x k x k), taps ``dilation`` apart: exact integer sums in float32
+    (see module doc)."""
     n, c = v.shape[:2]
-    x = _padded(v, r0, r1, filters.shape[-1] // 2, mode)
+    x = _padded(v, r0, r1, dilation * (filters.shape[-1] // 2), mode)
     if n == 1:  # one (large) image: channels-last is what oneDNN runs fast
-        return _depthwise(x.contiguous(memory_format=torch.channels_last), filters.expand(c, -1, -1))
+        return _depthwise(x.contiguous(memory_format=torch.channels_last), filters.expand(c, -1, -1), dilation)
     # a batch of small images: every plane of every image is one group of a single convolution
-    out = _depthwise(x.reshape(1, n * c, *x.shape[2:]), filters.repeat_interleave(c, dim=0))
+    out = _depthwise(x.reshape(1, n * c, *x.shape[2:]), filters.repeat_interleave(c, dim=0), dilation)
     return out.view(n, c, r1 - r0, v.shape[-1])
 
 
-def _sums(v: torch.Tensor, filters: torch.Tensor, r0: int, r1: int, mode: str, levels: int) -> torch.Tensor:
+def _sums(v: torch.Tensor, filters: torch.Tensor, r0: int, r1: int, mode: str, levels: int,
+          dilation: int = 1) -> torch.Tensor:
     """Exact weighted sums for rows ``r0 .. r1``: float32 for 8-bit values, float64 for 16-bit ones
     (each 8-bit half convolved exactly, then recombined)."""
     if levels <= 255:
-        return _conv8(v, filters, r0, r1, mode)
+        return _conv8(v, filters, r0, r1, mode, dilation)
     hi = torch.div(v, 256, rounding_mode="floor")
     lo = v - hi * 256
-    return _conv8(hi, filters, r0, r1, mode).double().mul_(256).add_(_conv8(lo, filters, r0, r1, mode).double())
+    return (_conv8(hi, filters, r0, r1, mode, dilation).double().mul_(256)
+            .add_(_conv8(lo, filters, r0, r1, mode, dilation).double()))
 
 
 def _strips(h: int, w: int, c: int) -> list[tuple[int, int]]:
@@ -285,27 +304,37 @@ def convolve_normalise(x: torch.Tensor, filters: torch.Tensor, padding: str = "z
     return _protect(v, integer_filters(filters), padding, levels, quantise=False, rescale=check_rescale(rescale))
 
 
+def dilation_for(h: int, w: int, reference: int | None) -> int:
+    """Tap spacing of the filter for an ``h x w`` image: ``round(min(h, w) / reference)`` (at least 1),
+    so that after the attacker's downscale to ``reference`` px the filter is the paper's (module doc);
+    1 without a reference."""
+    if reference is None:
+        return 1
+    return max(1, int(min(h, w) / reference + 0.5))
+
+
 def _protect(v: torch.Tensor, filters: torch.Tensor, padding: str, levels: int, quantise: bool,
-             dtype: torch.dtype | None = None, rescale: str = "peak") -> torch.Tensor:
-    """Image ``i`` of ``v`` convolved with the integer ``filters[i]``, divided by its maximum and
-    (``rescale``, module doc) multiplied by the input's maximum; quantised to ``levels`` in
-    ``dtype`` when ``quantise``, else float32 in [0, 1]."""
+             dtype: torch.dtype | None = None, rescale: str = "peak", reference: int | None = None) -> torch.Tensor:
+    """Image ``i`` of ``v`` convolved with the integer ``filters[i]`` (dilated for ``reference``),
+    divided by its maximum and (``rescale``, module doc) multiplied by the input's maximum; quantised
+    to ``levels`` in ``dtype`` when ``quantise``, else float32 in [0, 1]."""
     n, c, h, w = v.shape
-    mode = _padding_for(padding, h, w, filters.shape[-1] // 2)
+    dil = dilation_for(h, w, reference)
+    mode = _padding_for(padding, h, w, dil * (filters.shape[-1] // 2))
 
     def finish(y: torch.Tensor) -> torch.Tensor:
         return quantise_levels(y, levels, dtype or v.dtype) if quantise else y
 
     if c * h * w <= STRIP_VALUES:
         tops = _rescale_tops(v, levels, rescale)
-        a = _sums(v, filters, 0, h, mode, levels)
+        a = _sums(v, filters, 0, h, mode, levels, dil)
         return finish(_normalised(a, a.amax(dim=(1, 2, 3), keepdim=True).clamp_min_(1.0), tops))
     # Large images: one at a time, strip by strip; the exact sums are the only full-size float copy.
     out = torch.empty(v.shape, dtype=dtype if quantise else torch.float32, device=v.device)
     for i in range(n):
         a = torch.empty(1, c, h, w, dtype=torch.float32 if levels <= 255 else torch.float64, device=v.device)
         for r0, r1 in _strips(h, w, c):
-            a[:, :, r0:r1] = _sums(v[i:i + 1], filters[i:i + 1], r0, r1, mode, levels)
+            a[:, :, r0:r1] = _sums(v[i:i + 1], filters[i:i + 1], r0, r1, mode, levels, dil)
         peak = a.amax().clamp_min(1.0)  # all-zero images stay zero
         top = _rescale_tops(v[i:i + 1], levels, rescale)
         for r0, r1 in _strips(h, w, c):
@@ -339,6 +368,11 @@ class CUDA(Perturbation):
         rescale: ``"auto"`` (default: the paper's ``"peak"`` for 8-bit images, ``"input"`` for deeper
             ones), ``"peak"`` (divide by the image's maximum: its maximum becomes the top of the grid)
             or ``"input"`` (the output keeps the input image's maximum and range); see module doc.
+        reference: the attacker's resolution (shorter side, px) the filter is defined at: each image's
+            filter taps are ``round(min(h, w) / reference)`` pixels apart, so that after a downscale to
+            ``reference`` px the attacker sees the paper's ``k x k`` filter (module doc, "Resolution");
+            ``filter_size``/``blur`` then default to the paper's setting for ``reference``.
+            ``None`` (default): the filter acts at the image's own pixels, as in the paper.
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] and returns the same; labels ``(N,)``.
     """
@@ -380,8 +414,13 @@ class CUDA(Perturbation):
         surrogate: str | None = None,
         surrogate_weights: str | None = None,
         rescale: str = "auto",
+        reference: int | None = None,
     ) -> None:
         super().__init__(keyring)
+        if reference is not None and (int(reference) != reference or not 8 <= int(reference) <= 4096):
+            raise ConfigError(f"cuda: reference must be a resolution in pixels from 8 to 4096, got {reference}")
+        #: Resolution (px, shorter side) the filter is defined at; ``None``: at the image's own size.
+        self.reference = None if reference is None else int(reference)
         self.rescale = check_rescale(rescale)
         if padding == "faithful":
             padding = "zero"
@@ -421,7 +460,7 @@ class CUDA(Perturbation):
 
     # -- fitting ---------------------------------------------------------------------------
     def _resolve(self, side: int) -> None:
-        k = defaults_for_side(side)[0]
+        k = defaults_for_side(side if self.reference is None else self.reference)[0]
         if self.filter_size is None:
             self.filter_size = k
         if self.blur is None:
@@ -524,11 +563,12 @@ class CUDA(Perturbation):
              levels: int, passthrough: torch.Tensor, quantise: bool, dtype: torch.dtype | None) -> torch.Tensor:
         chosen = self._chosen(ids, v.shape[0])
         if chosen is None:
-            return _protect(v, weights[labels], self.padding, levels, quantise, dtype, self.rescale)
+            return _protect(v, weights[labels], self.padding, levels, quantise, dtype, self.rescale, self.reference)
         out = passthrough.clone()
         pick = torch.tensor(chosen, device=v.device)
         if pick.any():
-            out[pick] = _protect(v[pick], weights[labels[pick]], self.padding, levels, quantise, dtype, self.rescale)
+            out[pick] = _protect(v[pick], weights[labels[pick]], self.padding, levels, quantise, dtype, self.rescale,
+                                 self.reference)
         return out
 
     def apply(
@@ -565,9 +605,12 @@ class CUDA(Perturbation):
             "rescale": self.rescale,
             "rescale_rule": "8-bit images: peak; deeper ones: input (keep their maximum)"
             if self.rescale == "auto" else "given",
-            "size_rule": f"auto (shorter side < {LARGE_IMAGE_SIDE}px: k=3, blur=0.3; else k=9, blur=0.06)"
+            "reference": self.reference,
+            "size_rule": ("auto (" + ("" if self.reference is None else f"at the reference {self.reference}px: ")
+                          + f"shorter side < {LARGE_IMAGE_SIDE}px: k=3, blur=0.3; else k=9, blur=0.06)"
+                          + ("" if self.reference is None else "; taps round(shorter side / reference) px apart"))
             if self.auto
-            else "given",
+            else ("given" if self.reference is None else "given; taps round(shorter side / reference) px apart"),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -75,7 +75,8 @@ def test_registered_with_paper_defaults() -> None:
     assert perturbations.get("cuda") is CUDA
     assert CUDA.defaults() == {"num_classes": None, "filter_size": None, "blur": None, "padding": "zero",
                                "mix": 1.0, "universal": False, "clusters": None, "surrogate": None,
-                               "surrogate_weights": None, "rescale": "auto"}
+                               "surrogate_weights": None, "rescale": "auto",
+                               "reference": None}
 
 
 @pytest.mark.parametrize("side,expected", [(28, (3, 0.3)), (32, (3, 0.3)), (127, (3, 0.3)), (128, (9, 0.06)), (224, (9, 0.06))])
@@ -374,7 +375,8 @@ def test_state_round_trip() -> None:
     [({"filter_size": 4}, "odd"), ({"filter_size": 0}, "odd"), ({"blur": 0.0}, "blur"), ({"blur": 1.5}, "blur"),
      ({"mix": 0.0}, "mix"), ({"mix": 1.2}, "mix"), ({"padding": "wrap"}, "padding"),
      ({"num_classes": 0}, "num_classes"),
-     ({"rescale": "max"}, "rescale must be one of auto, peak, input"), ({"rescale": None}, "rescale")],
+     ({"rescale": "max"}, "rescale must be one of auto, peak, input"), ({"rescale": None}, "rescale"),
+     ({"reference": 4}, "reference must be"), ({"reference": 32.5}, "reference must be")],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -404,3 +406,80 @@ def test_convolve_normalise_identity_filter() -> None:
     # any float input is taken at 16-bit precision
     xf = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(convolve_normalise(xf, ident), xf / xf.amax(dim=(1, 2, 3), keepdim=True), atol=2e-5)
+
+
+# -- reference resolution: dilated filters --------------------------------------------------------
+def dilated(filt: np.ndarray, s: int) -> np.ndarray:
+    """``filt`` (k x k) with taps ``s`` apart: a ``s (k - 1) + 1`` square filter, zeros in between."""
+    k = filt.shape[0]
+    out = np.zeros((s * (k - 1) + 1,) * 2, dtype=filt.dtype)
+    out[::s, ::s] = filt
+    return out
+
+
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+@pytest.mark.parametrize("h,w,s", [(97, 128, 3), (128, 96, 3), (40, 33, 1), (70, 64, 2)])
+def test_reference_is_the_exact_dilated_filter(padding: str, h: int, w: int, s: int) -> None:
+    """With ``reference=32`` each image is convolved with its class filter dilated by
+    round(shorter side / 32), exactly (an independent int64 convolution with the zero-stuffed filter)."""
+    m = fitted(reference=32, padding=padding, side=h)
+    assert (m.filter_size, m.blur) == (3, 0.3)  # the paper's setting for the reference, not for h
+    v = (batch(2, h=h, w=w, seed=3) * 255).round().to(torch.uint8)
+    y = torch.tensor([2, 7])
+    got = m.protect_levels(v, y).numpy().astype(np.int64)
+    ints = integer_filters(m.filters).numpy()
+    for i in range(2):
+        want = quantised(exact_reference(v[i].numpy(), dilated(ints[int(y[i])], s), padding), 255)
+        assert np.array_equal(got[i], want)
+
+
+def test_reference_at_its_own_size_changes_nothing() -> None:
+    """At the reference size (dilation 1) the output is byte for byte the paper's CUDA."""
+    x = batch(4, h=32, w=40, seed=1)
+    y = torch.tensor([0, 3, 5, 9])
+    assert torch.equal(fitted(reference=32).apply(x, y), fitted().apply(x, y))
+    assert fitted(reference=32).params()["reference"] == 32 and fitted().params()["reference"] is None
+
+
+def _unit_peak(t: torch.Tensor) -> torch.Tensor:
+    return t / t.amax(dim=(1, 2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+def test_attacker_downscale_sees_the_papers_filter(padding: str) -> None:
+    """The reason for ``reference``: downscaling the protected 128-px image 4x (box filter) gives the
+    paper's CUDA of the downscaled clean image (up to each image's peak normalisation), while the
+    unreferenced 9-px filter at 128 px leaves something else."""
+    x = batch(3, h=128, w=128, seed=2)
+    y = torch.tensor([1, 4, 6])
+    ref = fitted(reference=32, padding=padding, side=128)
+    small = torch.nn.functional.avg_pool2d(x, 4)
+    paper = CUDA(KEY, filter_size=3, blur=0.3, padding=padding).fit(FitData(10, list(range(10)), [(32, 32)] * 10))
+    assert torch.equal(paper.filters, ref.filters)
+    want = _unit_peak(paper.apply(small, y))
+    got = _unit_peak(torch.nn.functional.avg_pool2d(ref.apply(x, y), 4))
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # reflection differs at the border
+    assert torch.allclose(_unit_peak(got[inner]), _unit_peak(want[inner]), atol=1e-5)
+    if padding == "zero":
+        assert torch.allclose(got, want, atol=1e-5)
+    # bilinear with antialiasing (what resize pipelines use) commutes as well, away from the border
+    bil = _unit_peak(torch.nn.functional.interpolate(ref.apply(x, y), size=32, mode="bilinear", antialias=True))
+    want_bil = _unit_peak(paper.apply(torch.nn.functional.interpolate(x, size=32, mode="bilinear",
+                                                                      antialias=True).clamp(0, 1), y))
+    core = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    assert float((_unit_peak(bil[core]) - _unit_peak(want_bil[core])).abs().max()) < 2e-3
+    plain = fitted(side=128, padding=padding)  # k=9 at 128 px: not the paper's filter after the resize
+    off = _unit_peak(torch.nn.functional.avg_pool2d(plain.apply(x, y), 4))
+    gap = float((_unit_peak(got[inner]) - _unit_peak(want[inner])).abs().mean())
+    assert float((_unit_peak(off[inner]) - _unit_peak(want[inner])).abs().mean()) > 20 * gap + 1e-2
+
+
+def test_reference_in_strips_equals_one_piece(monkeypatch) -> None:
+    import perturbations.cuda as cuda_mod
+
+    m = fitted(reference=16, side=96)
+    v = (batch(2, h=96, w=50, seed=5) * 255).round().to(torch.uint8)  # dilation 6: an 6-row halo
+    y = torch.tensor([4, 8])
+    whole = m.protect_levels(v, y)
+    monkeypatch.setattr(cuda_mod, "STRIP_VALUES", 50 * 3 * 5)  # 5-row strips, narrower than the halo
+    assert torch.equal(m.protect_levels(v, y), whole)
