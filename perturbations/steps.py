@@ -8,13 +8,14 @@ does not clamp ``x + delta`` to [0, 1]; the caller does, since it holds ``x``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l2_step", "linf_ascent", "per_sample_norm", "project_l2", "project_linf", "random_flip_crop", "signed_step"]
+__all__ = ["l2_step", "linf_ascent", "per_sample_norm", "project_l2", "project_linf", "random_flip_crop", "random_rescale",
+           "signed_step"]
 
 
 def per_sample_norm(t: Tensor) -> Tensor:
@@ -64,6 +65,47 @@ def linf_ascent(loss: Callable[[Tensor], Tensor], x: Tensor, rho: float, steps: 
         a = signed_step(a.detach(), g, step, rho, ascent=True)
         a = (x + a).clamp(0, 1) - x
     return (x + a).detach()
+
+
+def parse_size_range(value: str | int | Sequence[int] | None, what: str) -> tuple[int, int] | None:
+    """``"32-64"``, ``"32"``, ``48`` or ``(32, 64)`` as ``(lo, hi)`` pixels (8 <= lo <= hi <= 4096);
+    ``None``/``""``/``"off"``: None. ValueError with a one-line message otherwise."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        return None
+    try:
+        if isinstance(value, str):
+            parts = [int(p) for p in value.replace(",", "-").split("-")]
+        elif isinstance(value, (int, float)):
+            parts = [int(value)] if int(value) == value else []
+        else:
+            parts = [int(p) for p in value]
+    except (TypeError, ValueError):
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 8 <= parts[0] <= parts[1] <= 4096:
+        raise ValueError(f"{what} must be a size range in pixels such as 32-64 (8 to 4096), got {value!r}")
+    return parts[0], parts[1]
+
+
+def random_rescale(x: Tensor, gen: torch.Generator, full: int, lo: int, hi: int, groups: int = 4) -> Tensor:
+    """What an attacker's resize does to a perturbation made at ``x``'s size ``S`` and applied to
+    photos of about ``full`` px: ``x`` is upsampled bilinearly to ``full`` (as the protection is
+    applied), shrunk with antialiasing to a random size in ``[lo, hi]`` (drawn from ``gen``, one per
+    group of the batch) as the attacker's pipeline does, and brought back to ``S`` for the surrogate.
+    Differentiable; the same shape as ``x``."""
+    n, _, h, w = x.shape
+    full = max(full, h, w)
+    sides = torch.randint(lo, hi + 1, (max(1, min(groups, n)),), generator=gen).tolist()
+    parts = []
+    for i, chunk in enumerate(x.chunk(len(sides))):
+        y = chunk if full <= max(h, w) else F.interpolate(chunk, size=(full * h // max(h, w), full * w // max(h, w)),
+                                                         mode="bilinear", align_corners=False)
+        r = min(sides[i], full)
+        size = (max(1, r * h // max(h, w)), max(1, r * w // max(h, w)))
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False, antialias=True)
+        parts.append(F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=size[0] > h))
+    return torch.cat(parts)
 
 
 def random_flip_crop(x: Tensor, gen: torch.Generator) -> Tensor:

@@ -24,6 +24,10 @@ Fit (needs no labels):
    cluster's members (the reference trains every generator on the whole dataset) and the
    surrogate stays in eval mode (the reference reads it with BatchNorm in train mode, so a batch's
    statistics leak into the perturbation).
+   With ``resize="LO-HI"`` every loss first passes ``x + delta`` through the attacker's resize
+   (upsampled to the photos' size as applied, shrunk to a keyed random size in [LO, HI] with
+   antialiasing, back to ``S``), so ``delta`` is optimised for what survives the downscale an
+   attacker's training pipeline makes (measured in docs/BENCHMARKS.md, "Photos").
 4. Optimisation sees a keyed sample of the images (``samples``; default all that fit in the fit
    memory, at most 20,000) at the surrogate's input size ``S x S``; ``delta_k`` is defined there.
 
@@ -53,7 +57,7 @@ from .clustering import derangement
 from .errors import ConfigError, InputError
 from .keyring import Keyring
 from .nets import keyed_init
-from .steps import linf_ascent, random_flip_crop, signed_step
+from .steps import linf_ascent, parse_size_range, random_flip_crop, random_rescale, signed_step
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,13 @@ class UnlearnableClusters(AdditivePerturbation):
         augment: optimise through random flips and crops (default True).
         epochs, lr: generator mode: epochs over each cluster's members (default 50) and Adam's rate
             (default 1e-4, the paper's).
+        resize: ``"LO-HI"`` (e.g. ``"32-64"``; default off): optimise through the attacker's resize
+            (:func:`~perturbations.steps.random_rescale`): the perturbation, upsampled to the photos'
+            median shorter side as it is applied, is shrunk to a keyed random size in [LO, HI] px
+            before the surrogate sees it, so what survives a downscale to the attacker's resolution is
+            what is optimised (an expectation over resizes, on top of ``augment``'s flips and crops).
+            Without it the fine, pixel-level pattern that wins at the surrogate's size is averaged
+            away by an attacker who trains smaller than the photos.
         robust: radius ``rho_a`` of robust perturbations (default 0: off): every step pulls towards
             the target from the worst point within ``rho_a`` of ``x + delta`` (``robust_steps`` PGD
             steps pushing the features away from the target, default 3), after robust
@@ -155,8 +166,15 @@ class UnlearnableClusters(AdditivePerturbation):
         lr: float = 1e-4,
         robust: float | str = 0.0,
         robust_steps: int = 3,
+        resize: str | None = None,
     ) -> None:
         super().__init__(keyring)
+        try:
+            self.resize = parse_size_range(resize, "uc: resize")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        #: Side (px) the perturbation is upsampled to inside the optimisation (with ``resize``), from fit.
+        self.resize_from: int | None = None
         self.eps = parse_fraction(eps, "uc: eps")
         if not 0.0 < self.eps <= 1.0:
             raise ConfigError(f"uc: eps must be in (0, 1], got {eps}")
@@ -186,6 +204,11 @@ class UnlearnableClusters(AdditivePerturbation):
         s = self.clusters.surrogate(data.device)
         h, w = s.input_size
         keep = self.samples or max(1, min(MAX_SAMPLES, data.memory // (3 * h * w)))
+        if self.resize is not None:
+            sides = sorted(min(a, b) for a, b in data.sizes) or [max(h, w)]
+            # the photos' typical size, capped: beyond 4x the attacker's largest size the up-then-down
+            # operator no longer changes (and the batch would not fit the fit memory)
+            self.resize_from = max(h, w, min(sides[len(sides) // 2], 4 * max(self.resize[1], h, w)))
         feats, where, images, kept_at = self.clusters.features(data, keep=keep)
         assign = self.clusters.cluster(feats, where, list(data.ids))
         of = dict(zip(where, assign.tolist()))
@@ -213,6 +236,8 @@ class UnlearnableClusters(AdditivePerturbation):
         return torch.cat(picks)
 
     def _loss(self, s: Any, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.resize is not None and self.resize_from is not None:
+            x = random_rescale(x, gen, self.resize_from, *self.resize)
         if self.augment:
             x = random_flip_crop(x, gen)
         return kl_to_target(s.features(x), target).sum()
@@ -294,6 +319,9 @@ class UnlearnableClusters(AdditivePerturbation):
         out = self.clusters.report()
         if self.final_loss is not None:
             out["final_mean_kl"] = round(self.final_loss, 6)
+        if self.resize is not None and self.resize_from is not None:
+            out["optimised_through"] = (f"upsampling to {self.resize_from} px, then the attacker's resize to "
+                                        f"{self.resize[0]}-{self.resize[1]} px")
         return out
 
     def notes(self) -> list[str]:
@@ -338,7 +366,8 @@ class UnlearnableClusters(AdditivePerturbation):
     def params(self) -> dict[str, Any]:
         return {**self.clusters.params(), "eps": self.eps, "mode": self.mode, "steps": self.steps,
                 "batch": self.batch, "samples": self.samples, "augment": self.augment,
-                "epochs": self.epochs, "lr": self.lr, "robust": self.robust, "robust_steps": self.robust_steps}
+                "epochs": self.epochs, "lr": self.lr, "robust": self.robust, "robust_steps": self.robust_steps,
+                "resize": None if self.resize is None else f"{self.resize[0]}-{self.resize[1]}"}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.deltas is None or self.targets is None:
