@@ -32,6 +32,12 @@ CONFIGS: dict[str, list[str]] = {
     # the fidelity floor: each image's change scaled back until its dE is at most 2
     "uc16-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--max-delta-e", "2"],
     "cuda-clusters-de2": ["--method", "cuda", "--clusters", "4", "--surrogate", "cifar-resnet20", "--max-delta-e", "2"],
+    # resize-aware variants (optimised through / defined for the attacker's downscale)
+    "uc16-resize": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64"],
+    "uc16-resize-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64",
+                        "--max-delta-e", "2"],
+    "cuda-clusters-ref32": ["--method", "cuda", "--clusters", "4", "--surrogate", "cifar-resnet20",
+                            "--param", "reference=32"],
 }
 
 
