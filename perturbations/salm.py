@@ -18,7 +18,12 @@ surrogate's training error on the perturbed data falls below ``stop_error`` or `
 3. for every batch, ``steps`` signed-gradient steps of size ``step_size`` that *minimise* the loss
    with respect to ``delta``, moving only the masked pixels (the model in eval mode).
 
-``mask_ratio = 1`` is plain sample-wise error-minimising noise.
+``mask_ratio = 1`` is plain sample-wise error-minimising noise. With ``jpeg="LO-HI"`` the surrogate
+trains on, and the noise steps see, ``x + delta`` after a differentiable JPEG round trip at a keyed
+random quality in [LO, HI] (:func:`~perturbations.steps.random_jpeg`): the shortcut is then made of
+what a platform's re-encoding keeps. With ``budget="jnd"`` the noise is applied weighted by each
+image's perceptual budget (:mod:`perturbations.masking`), and the surrogate and the noise steps see
+it so weighted.
 
 Sizes: the noise is computed at one working size (the median image size, scaled down so its longer
 side is at most ``max_side``; MedMNIST and CIFAR stay at their size) with the dataset's channels
@@ -51,8 +56,9 @@ from .base import FitData, parse_fraction, parse_robust
 from .clustering import ClusterTable
 from .errors import ConfigError, InputError
 from .keyring import Keyring
+from .masking import budget_weights
 from .nets import TinyConvNet, cifar_resnet, keyed_init
-from .steps import linf_ascent, random_flip_crop, signed_step
+from .steps import linf_ascent, parse_quality_range, random_flip_crop, random_jpeg, signed_step
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +136,13 @@ class SALM(AdditivePerturbation):
             summed saliency, each image's map normalised to sum 1, recomputed every round: every
             image of a class is perturbed at the same positions, a more consistent shortcut; the
             count per image is the same).
+        budget: ``"flat"`` (default: ``eps`` everywhere) or ``"jnd"``: each pixel's change at most
+            ``jnd_scale`` just-noticeable differences of its image (:mod:`perturbations.masking`).
+        jnd_scale: with ``budget="jnd"``: JNDs allowed per pixel (default 1).
+        jpeg: ``"LO-HI"`` JPEG qualities (e.g. ``"75-95"``; default off): the surrogate's training
+            and the noise steps go through a differentiable JPEG round trip at a keyed random quality
+            in [LO, HI] per image (before the flips and crops), as a platform re-encodes a published
+            file; the sparse noise is then optimised for what survives it.
 
     Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] with labels and ids (relative paths).
     """
@@ -179,8 +192,16 @@ class SALM(AdditivePerturbation):
         robust_steps: int = 5,
         init: str = "classwise",
         mask_scope: str = "image",
+        jpeg: str | None = None,
+        budget: str = "flat",
+        jnd_scale: float = 1.0,
     ) -> None:
         super().__init__(keyring)
+        self._init_budget(budget, jnd_scale)
+        try:
+            self.jpeg = parse_quality_range(jpeg, "salm: jpeg")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.eps = parse_fraction(eps, "salm: eps")
         self.step_size = parse_fraction(step_size, "salm: step_size")
         if not 0.0 < self.eps <= 1.0:
@@ -245,12 +266,26 @@ class SALM(AdditivePerturbation):
             raise ConfigError("salm: none of the images could be read for fitting")
         return torch.cat(xs), where
 
+    def _weigh(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``delta`` as it will be applied to images ``x``: weighted by their perceptual budget
+        with ``budget="jnd"``, else itself."""
+        if self.budget != "jnd":
+            return delta
+        return delta * budget_weights(x.detach() * 255, 255, self.eps, self.jnd_scale).to(delta.device)
+
+    def _view(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """What the attacker trains on: the published file's JPEG round trip (``jpeg``), then the
+        random flips and crops (``augment``); ``x`` itself with neither."""
+        if self.jpeg is not None:
+            x = random_jpeg(x, gen, *self.jpeg)
+        return random_flip_crop(x, gen) if self.augment else x
+
     def _grad_x(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 gen: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-        """Gradient of the summed loss with respect to the input (through a random flip and crop
-        when ``gen`` is given), and the largest per-image loss."""
+        """Gradient of the summed loss with respect to the input (through :meth:`_view` when ``gen``
+        is given), and the largest per-image loss."""
         x = x.detach().requires_grad_(True)
-        losses = F.cross_entropy(model(random_flip_crop(x, gen) if gen is not None else x), y, reduction="none")
+        losses = F.cross_entropy(model(self._view(x, gen) if gen is not None else x), y, reduction="none")
         (g,) = torch.autograd.grad(losses.sum(), x)
         return g, float(losses.detach().max())
 
@@ -290,8 +325,8 @@ class SALM(AdditivePerturbation):
             d = d * mask
             for _ in range(self.steps):
                 # robust noise: the loss is lowered at the worst point within `robust` of x + delta
-                point = self._adversarial(model, (xb + d).clamp(0, 1), yb, rgen)
-                g, worst = self._grad_x(model, point, yb, gen if self.augment else None)
+                point = self._adversarial(model, (xb + self._weigh(d, xb)).clamp(0, 1), yb, rgen)
+                g, worst = self._grad_x(model, point, yb, gen if self.augment or self.jpeg else None)
                 if worst < self.inner_stop:  # every image of the batch is already learnt with confidence
                     break
                 d = signed_step(d, g, self.step_size, self.eps) * mask
@@ -322,7 +357,7 @@ class SALM(AdditivePerturbation):
         model.eval()
         wrong = 0
         for i in range(0, x.shape[0], 512):
-            logits = model((x[i:i + 512] + delta[i:i + 512]).clamp(0, 1).to(dev))
+            logits = model((x[i:i + 512] + self._weigh(delta[i:i + 512], x[i:i + 512])).clamp(0, 1).to(dev))
             wrong += int((logits.argmax(1).cpu() != y[i:i + 512]).sum())
         return wrong / max(1, x.shape[0])
 
@@ -351,8 +386,8 @@ class SALM(AdditivePerturbation):
             model.train()
             for _ in range(self.train_steps):
                 b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
-                xb = (x[b] + delta[b]).clamp(0, 1).to(dev)
-                xb = random_flip_crop(xb, gen) if self.augment else xb
+                xb = (x[b] + self._weigh(delta[b], x[b])).clamp(0, 1).to(dev)
+                xb = self._view(xb, gen)
                 xb = self._adversarial(model, xb, y[b].to(dev), rgen)  # adversarial training when robust
                 loss = F.cross_entropy(model(xb), y[b].to(dev))
                 opt.zero_grad()
@@ -424,11 +459,16 @@ class SALM(AdditivePerturbation):
                 "max_side": self.max_side, "lr": self.lr,
                 "inner_stop": self.inner_stop, "augment": self.augment,
                 "robust": self.robust, "robust_steps": self.robust_steps, "init": self.init, "mask_scope": self.mask_scope,
+                "jpeg": None if self.jpeg is None else f"{self.jpeg[0]}-{self.jpeg[1]}",
+                "budget": self.budget, "jnd_scale": self.jnd_scale,
                 "working_size": list(self.size) if self.size else None}
 
     def fit_report(self) -> dict[str, Any]:
-        return {"rounds": self.history, "stopped_early": bool(self.history)
-                and self.history[-1]["train_error"] < self.stop_error}
+        out = {"rounds": self.history, "stopped_early": bool(self.history)
+               and self.history[-1]["train_error"] < self.stop_error}
+        if self.jpeg is not None:
+            out["optimised_through_jpeg"] = f"quality {self.jpeg[0]}-{self.jpeg[1]}"
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.model is None or self.noise is None or self.size is None:

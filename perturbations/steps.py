@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l2_step", "linf_ascent", "per_sample_norm", "project_l2", "project_linf", "random_flip_crop", "random_rescale",
-           "signed_step"]
+__all__ = ["l2_step", "linf_ascent", "parse_quality_range", "parse_size_range", "per_sample_norm", "project_l2",
+           "project_linf", "random_flip_crop", "random_jpeg", "random_rescale", "signed_step"]
 
 
 def per_sample_norm(t: Tensor) -> Tensor:
@@ -67,8 +67,9 @@ def linf_ascent(loss: Callable[[Tensor], Tensor], x: Tensor, rho: float, steps: 
     return (x + a).detach()
 
 
-def parse_size_range(value: str | int | Sequence[int] | None, what: str) -> tuple[int, int] | None:
-    """``"32-64"``, ``"32"``, ``48`` or ``(32, 64)`` as ``(lo, hi)`` pixels (8 <= lo <= hi <= 4096);
+def _parse_int_range(value: str | int | Sequence[int] | None, what: str, low: int, high: int,
+                     kind: str, example: str) -> tuple[int, int] | None:
+    """``"A-B"``, ``"A"``, ``A`` or ``(A, B)`` as ``(a, b)`` with ``low <= a <= b <= high``;
     ``None``/``""``/``"off"``: None. ValueError with a one-line message otherwise."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
         return None
@@ -83,17 +84,48 @@ def parse_size_range(value: str | int | Sequence[int] | None, what: str) -> tupl
         parts = []
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2 or not 8 <= parts[0] <= parts[1] <= 4096:
-        raise ValueError(f"{what} must be a size range in pixels such as 32-64 (8 to 4096), got {value!r}")
+    if len(parts) != 2 or not low <= parts[0] <= parts[1] <= high:
+        raise ValueError(f"{what} must be {kind} such as {example} ({low} to {high}), got {value!r}")
     return parts[0], parts[1]
 
 
-def random_rescale(x: Tensor, gen: torch.Generator, full: int, lo: int, hi: int, groups: int = 4) -> Tensor:
+def parse_size_range(value: str | int | Sequence[int] | None, what: str) -> tuple[int, int] | None:
+    """``"32-64"``, ``"32"``, ``48`` or ``(32, 64)`` as ``(lo, hi)`` pixels (8 <= lo <= hi <= 4096);
+    ``None``/``""``/``"off"``: None. ValueError with a one-line message otherwise."""
+    return _parse_int_range(value, what, 8, 4096, "a size range in pixels", "32-64")
+
+
+def parse_quality_range(value: str | int | Sequence[int] | None, what: str) -> tuple[int, int] | None:
+    """``"75-95"``, ``"85"`` or ``(75, 95)`` as ``(lo, hi)`` JPEG qualities (1 <= lo <= hi <= 100);
+    ``None``/``""``/``"off"``: None. ValueError with a one-line message otherwise."""
+    return _parse_int_range(value, what, 1, 100, "a JPEG quality range", "75-95")
+
+
+def random_jpeg(x: Tensor, gen: torch.Generator, lo: int, hi: int) -> Tensor:
+    """A JPEG round trip at a random quality in ``[lo, hi]`` per image (drawn from ``gen``), as a
+    platform re-encodes a published photo: kornia's differentiable codec (Reich et al., WACV 2024;
+    libjpeg's quality tables, 4:2:0 chroma subsampling, 8x8 blocks; its rounding is a smooth
+    approximation, so gradients pass). Grey (``C = 1``) images are coded as luma only. ``N x C x H x W``
+    in [0, 1], the same shape back."""
+    from kornia.enhance import jpeg_codec_differentiable
+
+    n, c = x.shape[:2]
+    q = torch.randint(lo, hi + 1, (n,), generator=gen).to(device=x.device, dtype=torch.float32)
+    rgb = x.clamp(0, 1) if c == 3 else x.clamp(0, 1).expand(-1, 3, -1, -1) if c == 1 else None
+    if rgb is None:
+        raise ValueError(f"random_jpeg: needs 1 or 3 channels, got {c}")
+    out = jpeg_codec_differentiable(rgb.float(), q).to(x.dtype)
+    return out if c == 3 else out.mean(1, keepdim=True)
+
+
+def random_rescale(x: Tensor, gen: torch.Generator, full: int, lo: int, hi: int, groups: int = 4,
+                   publish: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """What an attacker's resize does to a perturbation made at ``x``'s size ``S`` and applied to
     photos of about ``full`` px: ``x`` is upsampled bilinearly to ``full`` (as the protection is
-    applied), shrunk with antialiasing to a random size in ``[lo, hi]`` (drawn from ``gen``, one per
-    group of the batch) as the attacker's pipeline does, and brought back to ``S`` for the surrogate.
-    Differentiable; the same shape as ``x``."""
+    applied), passed through ``publish`` there when given (e.g. :func:`random_jpeg`: what a platform
+    does to the full-size file), shrunk with antialiasing to a random size in ``[lo, hi]`` (drawn from
+    ``gen``, one per group of the batch) as the attacker's pipeline does, and brought back to ``S``
+    for the surrogate. Differentiable; the same shape as ``x``."""
     n, _, h, w = x.shape
     full = max(full, h, w)
     sides = torch.randint(lo, hi + 1, (max(1, min(groups, n)),), generator=gen).tolist()
@@ -101,6 +133,8 @@ def random_rescale(x: Tensor, gen: torch.Generator, full: int, lo: int, hi: int,
     for i, chunk in enumerate(x.chunk(len(sides))):
         y = chunk if full <= max(h, w) else F.interpolate(chunk, size=(full * h // max(h, w), full * w // max(h, w)),
                                                          mode="bilinear", align_corners=False)
+        if publish is not None:
+            y = publish(y)
         r = min(sides[i], full)
         size = (max(1, r * h // max(h, w)), max(1, r * w // max(h, w)))
         y = F.interpolate(y, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -27,7 +27,13 @@ Fit (needs no labels):
    With ``resize="LO-HI"`` every loss first passes ``x + delta`` through the attacker's resize
    (upsampled to the photos' size as applied, shrunk to a keyed random size in [LO, HI] with
    antialiasing, back to ``S``), so ``delta`` is optimised for what survives the downscale an
-   attacker's training pipeline makes (measured in docs/BENCHMARKS.md, "Photos").
+   attacker's training pipeline makes (measured in docs/BENCHMARKS.md, "Photos"). With
+   ``jpeg="LO-HI"`` it also passes a differentiable JPEG round trip at a keyed random quality in
+   [LO, HI] (:func:`~perturbations.steps.random_jpeg`), where the file is published: at the
+   photos' size with ``resize`` (before the attacker's downscale), else at ``S``; so a platform's
+   re-encoding at quality 75-95 finds the perturbation already shaped to survive it. With
+   ``budget="jnd"`` every loss sees ``x + w(x) * delta``, ``w`` the images' perceptual weights
+   (:mod:`perturbations.masking`), as they will be applied.
 4. Optimisation sees a keyed sample of the images (``samples``; default all that fit in the fit
    memory, at most 20,000) at the surrogate's input size ``S x S``; ``delta_k`` is defined there.
 
@@ -56,8 +62,10 @@ from .clustered import MIN_FIT_IMAGES, TABLE_KEYS, SurrogateClusters
 from .clustering import derangement
 from .errors import ConfigError, InputError
 from .keyring import Keyring
+from .masking import budget_weights
 from .nets import keyed_init
-from .steps import linf_ascent, parse_size_range, random_flip_crop, random_rescale, signed_step
+from .steps import (linf_ascent, parse_quality_range, parse_size_range, random_flip_crop, random_jpeg, random_rescale,
+                    signed_step)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,17 @@ class UnlearnableClusters(AdditivePerturbation):
             what is optimised (an expectation over resizes, on top of ``augment``'s flips and crops).
             Without it the fine, pixel-level pattern that wins at the surrogate's size is averaged
             away by an attacker who trains smaller than the photos.
+        budget: ``"flat"`` (default: ``eps`` everywhere, the paper's) or ``"jnd"``: each pixel's
+            change at most ``jnd_scale`` just-noticeable differences of the image it is applied to
+            (:mod:`perturbations.masking`: less in flat mid-bright regions such as sky and skin, up
+            to ``eps`` in dark and textured ones); the optimisation sees the weighted perturbation.
+        jnd_scale: with ``budget="jnd"``: JNDs allowed per pixel (default 1).
+        jpeg: ``"LO-HI"`` JPEG qualities (e.g. ``"75-95"``; default off): optimise through a
+            differentiable JPEG round trip at a keyed random quality in [LO, HI] per image
+            (:func:`~perturbations.steps.random_jpeg`), applied where the file is published (at the
+            photos' size with ``resize``, else at the surrogate's), so the part of the perturbation a
+            platform's re-encoding keeps is what is optimised. The written file itself is unchanged
+            (the tool's own output quality is ``--quality``).
         robust: radius ``rho_a`` of robust perturbations (default 0: off): every step pulls towards
             the target from the worst point within ``rho_a`` of ``x + delta`` (``robust_steps`` PGD
             steps pushing the features away from the target, default 3), after robust
@@ -167,10 +186,15 @@ class UnlearnableClusters(AdditivePerturbation):
         robust: float | str = 0.0,
         robust_steps: int = 3,
         resize: str | None = None,
+        jpeg: str | None = None,
+        budget: str = "flat",
+        jnd_scale: float = 1.0,
     ) -> None:
         super().__init__(keyring)
+        self._init_budget(budget, jnd_scale)
         try:
             self.resize = parse_size_range(resize, "uc: resize")
+            self.jpeg = parse_quality_range(jpeg, "uc: jpeg")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         #: Side (px) the perturbation is upsampled to inside the optimisation (with ``resize``), from fit.
@@ -236,11 +260,24 @@ class UnlearnableClusters(AdditivePerturbation):
         return torch.cat(picks)
 
     def _loss(self, s: Any, x: torch.Tensor, target: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        publish = None
+        if self.jpeg is not None:
+            lo, hi = self.jpeg
+            publish = lambda z: random_jpeg(z, gen, lo, hi)  # noqa: E731
         if self.resize is not None and self.resize_from is not None:
-            x = random_rescale(x, gen, self.resize_from, *self.resize)
+            x = random_rescale(x, gen, self.resize_from, *self.resize, publish=publish)
+        elif publish is not None:
+            x = publish(x)
         if self.augment:
             x = random_flip_crop(x, gen)
         return kl_to_target(s.features(x), target).sum()
+
+    def _weigh(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``delta`` as it will be applied to images ``x`` (float in [0, 1]): weighted by their
+        perceptual budget with ``budget="jnd"``, else itself."""
+        if self.budget != "jnd":
+            return delta
+        return delta * budget_weights(x.detach() * 255, 255, self.eps, self.jnd_scale)
 
     def _worst(self, s: Any, point: torch.Tensor, target: torch.Tensor, rgen: torch.Generator) -> torch.Tensor:
         """``point`` (carrying its gradient) moved to the worst place within ``robust`` for the
@@ -264,7 +301,7 @@ class UnlearnableClusters(AdditivePerturbation):
             x = images[pos].to(dev).float().div_(255)
             c = member[pos].to(dev)
             delta.requires_grad_(True)
-            point = self._worst(s, (x + delta[c]).clamp(0, 1), target_logits[c], rgen)
+            point = self._worst(s, (x + self._weigh(delta[c], x)).clamp(0, 1), target_logits[c], rgen)
             loss = self._loss(s, point, target_logits[c], gen)
             (grad,) = torch.autograd.grad(loss, delta)
             alpha = eps * 0.25 * (1.0 - step / self.steps) + eps / 100
@@ -301,7 +338,8 @@ class UnlearnableClusters(AdditivePerturbation):
                         x = images[pos].to(dev).float().div_(255)
                         delta = eps * g(z)
                         target = target_logits[c].expand(pos.numel(), -1)
-                        loss = self._loss(s, self._worst(s, (x + delta).clamp(0, 1), target, rgen), target, gen)
+                        point = (x + self._weigh(delta, x)).clamp(0, 1)
+                        loss = self._loss(s, self._worst(s, point, target, rgen), target, gen)
                         opt.zero_grad()
                         (loss / pos.numel()).backward()
                         opt.step()
@@ -322,6 +360,8 @@ class UnlearnableClusters(AdditivePerturbation):
         if self.resize is not None and self.resize_from is not None:
             out["optimised_through"] = (f"upsampling to {self.resize_from} px, then the attacker's resize to "
                                         f"{self.resize[0]}-{self.resize[1]} px")
+        if self.jpeg is not None:
+            out["optimised_through_jpeg"] = f"quality {self.jpeg[0]}-{self.jpeg[1]}"
         return out
 
     def notes(self) -> list[str]:
@@ -367,7 +407,9 @@ class UnlearnableClusters(AdditivePerturbation):
         return {**self.clusters.params(), "eps": self.eps, "mode": self.mode, "steps": self.steps,
                 "batch": self.batch, "samples": self.samples, "augment": self.augment,
                 "epochs": self.epochs, "lr": self.lr, "robust": self.robust, "robust_steps": self.robust_steps,
-                "resize": None if self.resize is None else f"{self.resize[0]}-{self.resize[1]}"}
+                "resize": None if self.resize is None else f"{self.resize[0]}-{self.resize[1]}",
+                "jpeg": None if self.jpeg is None else f"{self.jpeg[0]}-{self.jpeg[1]}",
+                "budget": self.budget, "jnd_scale": self.jnd_scale}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.deltas is None or self.targets is None:
