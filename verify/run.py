@@ -322,6 +322,10 @@ def verify_sets(
             _check_overlap(val, {"protected": protected, "clean": clean}, "validation")
     if val is None:
         val, test = split_validation(test)
+        if not len(val):  # every class has a single test image: none can be held back
+            raise ConfigError(f"the {len(test)} test images hold fewer than 2 of every class, so none can be kept "
+                              "apart to choose each cell's epoch: give at least 2 test images of a class (a larger "
+                              "--holdout or test folder) or a validation folder with --val")
         say(f"verify: {len(val)} of the {len(val) + len(test)} test images choose each cell's epoch (validation), "
             f"the other {len(test)} are scored")
     if clean is not None:

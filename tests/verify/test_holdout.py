@@ -69,3 +69,16 @@ def test_verify_with_holdout_records_it_and_refuses_bad_combinations(tmp_path: P
         err = capsys.readouterr().err
         assert exit_.value.code != 0 and words in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_holdout_too_small_to_choose_epochs_is_one_line_before_training(tmp_path: Path, capsys) -> None:
+    """Two images per class and --holdout 0.2: one test image per class, none left to choose each
+    cell's epoch on; a one-line error before any training, not an internal error after it."""
+    clean_dir, prot_dir = folders(tmp_path, per_class=2)
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", str(prot_dir), "--clean", str(clean_dir), "--holdout", "0.2", "--no-cache", "-q",
+              "--training", "erm", "--defenses", "none", "--report", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert exit_.value.code != 0 and "fewer than 2 of every class" in err and "--val" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "report").exists()  # no debris
