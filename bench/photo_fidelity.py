@@ -38,6 +38,11 @@ CONFIGS: dict[str, list[str]] = {
                         "--max-delta-e", "2"],
     "cuda-clusters-ref32": ["--method", "cuda", "--clusters", "4", "--surrogate", "cifar-resnet20",
                             "--param", "reference=32"],
+    # perceptual budget: each pixel's change at most one just-noticeable difference (perturbations.masking)
+    "uc16-jnd": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "budget=jnd"],
+    "uc16-jnd2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "budget=jnd", "--param", "jnd_scale=2"],
+    "uc16-resize-jnd": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64",
+                        "--param", "budget=jnd"],
 }
 
 

@@ -8,6 +8,12 @@ values, so the bound holds), averages it over channels for grey images (or repea
 colour images), and quantises it to whole levels within ``floor(eps * levels)``: the output is
 ``clamp(v + round(delta * levels), 0, levels)`` in exact integer arithmetic, so the bound holds in
 the written 8-bit, 16-bit or DICOM file and pixels where ``delta`` is zero keep their exact value.
+
+With ``budget="jnd"`` each pixel's change is further multiplied by the image's own perceptual
+weight (:func:`perturbations.masking.budget_weights`: at most ``jnd_scale`` just-noticeable
+differences, computed from the unprotected pixels) and rounded towards the same grid, so flat,
+mid-bright regions change less than dark or textured ones; the bound, the exactness and the
+untouched pixels hold as before.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 
 from .base import Perturbation
 from .errors import ConfigError
+from .masking import budget_weights, parse_budget
 
 #: Values of resized perturbations kept per process (a cache across batches of one size).
 CACHE_VALUES = 1 << 26
@@ -40,6 +47,29 @@ class AdditivePerturbation(Perturbation):
     #: Keep resized perturbations between batches (worth it when many images share one).
     cache_resized: ClassVar[bool] = False
     eps: float
+    #: ``"flat"`` (the bound ``eps`` everywhere) or ``"jnd"`` (see the module doc).
+    budget: str = "flat"
+    #: With ``budget="jnd"``: at most this many just-noticeable differences per pixel.
+    jnd_scale: float = 1.0
+
+    def _init_budget(self, budget: str | None, jnd_scale: float | str) -> None:
+        """Validate and set ``budget`` and ``jnd_scale`` (ConfigError with a one-line message)."""
+        try:
+            self.budget = parse_budget(budget, f"{self.name}: budget")
+            self.jnd_scale = float(jnd_scale)
+        except ValueError as exc:
+            raise ConfigError(str(exc) if "budget" in str(exc) else
+                              f"{self.name}: jnd_scale must be a number, got {jnd_scale!r}") from None
+        if not 0.0 < self.jnd_scale <= 100.0:
+            raise ConfigError(f"{self.name}: jnd_scale must be in (0, 100], got {jnd_scale}")
+
+    def _masked(self, d: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
+        """``d`` (integer levels, ``C x H x W``) weighted by the perceptual budget of image ``v``
+        (the unprotected pixels, ``C x H x W``) when ``budget="jnd"``, else ``d`` itself."""
+        if self.budget != "jnd":
+            return d
+        m = budget_weights(v[None], levels, self.eps, self.jnd_scale)[0]
+        return (d.to(torch.float32) * m).round_().to(d.dtype)
 
     @abstractmethod
     def _indices(self, ids: Sequence[str] | None, n: int) -> list[int]:
@@ -93,7 +123,7 @@ class AdditivePerturbation(Perturbation):
         out = torch.empty_like(v)
         wide = torch.int16 if levels <= 255 else torch.int32
         for i, k in enumerate(self._indices(ids, n)):
-            d = self._delta_levels(k, c, h, w, levels, v.device)
+            d = self._masked(self._delta_levels(k, c, h, w, levels, v.device), v[i], levels)
             out[i] = (v[i].to(wide) + d).clamp_(0, levels).to(v.dtype)
         return out
 
@@ -106,5 +136,6 @@ class AdditivePerturbation(Perturbation):
         n, c, h, w = x.shape
         out = torch.empty_like(x)
         for i, k in enumerate(self._indices(ids, n)):
-            out[i] = (x[i] + self._delta_levels(k, c, h, w, 255, x.device).to(x.dtype) / 255).clamp_(0, 1)
+            d = self._masked(self._delta_levels(k, c, h, w, 255, x.device), x[i].mul(255).round(), 255)
+            out[i] = (x[i] + d.to(x.dtype) / 255).clamp_(0, 1)
         return out

@@ -1,0 +1,133 @@
+"""The verify cost on a folder of large photos: 1,000 12-megapixel JPEGs certified at 64 px.
+
+    python bench/cost_photos.py [--count 1000] [--resolution 64] [--work bench/out/cost_photos]
+        [--skip-protect] [--verify-args "..."]
+
+Data (made here once; the photos are synthetic stand-ins for a photographer's folder, never
+committed): each of the 16 Kodak photos (../shared/data/kodak, 768x512 or 512x768) gives
+``count / 16`` variants, one class folder per source photo: a keyed crop of 85-100 % of the photo,
+a keyed horizontal flip, resized bicubic to 12 megapixels (4000x3000, or 3000x4000 for the portrait
+sources) and written as quality-90 4:2:0 JPEG, as a camera does.
+
+Then, timed and with the peak resident memory of each command (GNU time's maximum RSS, the largest
+process of the command's tree):
+1. ``protect images`` (the method's defaults; ``--method cuda``) of the whole folder;
+2. ``protect verify OUT --clean IN --holdout 0.2 --resolution R`` at the quick tier (its default
+   grid; a keyed 20 % of the clean photos is the test set, their protected copies leave the training
+   set): issue 19's cost target is this command within 15 minutes on 2 CPU cores with a peak of at
+   most 2 GiB.
+Results: ``WORK/result.json``; the wall times, peak memory and the certificate's score are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import CLI, KEY, ROOT, SHARED, env_for  # noqa: E402
+
+BIG = (4000, 3000)
+
+
+def _draw(name: str, i: int) -> tuple[float, float, float, bool]:
+    """Keyed crop fraction, crop offsets (0-1) and flip for variant ``i`` of photo ``name``."""
+    d = hashlib.sha256(f"{KEY}/cost/{name}/{i}".encode()).digest()
+    return 0.85 + 0.15 * d[0] / 255, d[1] / 255, d[2] / 255, bool(d[3] % 2)
+
+
+def _make(args: tuple[Path, Path, int]) -> None:
+    src, dst, i = args
+    out = dst / src.stem / f"{src.stem}-{i:04d}.jpg"
+    if out.exists():
+        return
+    img = Image.open(src).convert("RGB")
+    frac, oy, ox, flip = _draw(src.name, i)
+    w, h = img.size
+    cw, ch = round(w * frac), round(h * frac)
+    left, top = round((w - cw) * ox), round((h - ch) * oy)
+    img = img.crop((left, top, left + cw, top + ch))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    size = BIG if w >= h else BIG[::-1]
+    tmp = out.with_suffix(".tmp")
+    img.resize(size, Image.Resampling.BICUBIC).save(tmp, "JPEG", quality=90, subsampling=2)
+    tmp.rename(out)
+
+
+def stage(dst: Path, count: int) -> Path:
+    sources = sorted((SHARED / "kodak").glob("*.png"))
+    jobs = []
+    for k, src in enumerate(sources):
+        (dst / src.stem).mkdir(parents=True, exist_ok=True)
+        per = count // len(sources) + (1 if k < count % len(sources) else 0)
+        jobs.extend((src, dst, i) for i in range(per))
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(_make, jobs, chunksize=8))
+    return dst
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, int, str]:
+    """Run ``cmd`` under GNU time: wall seconds, peak RSS in bytes, stdout."""
+    print("$", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode:
+        sys.stderr.write(p.stderr[-3000:])
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
+    return wall, peak, p.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--resolution", default="64")
+    ap.add_argument("--method", default="cuda")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "cost_photos")
+    ap.add_argument("--skip-protect", action="store_true", help="reuse WORK/out from an earlier run")
+    ap.add_argument("--verify-args", default="", help="extra arguments for protect verify")
+    args = ap.parse_args()
+    work = args.work
+    env = env_for(work)
+    t = time.perf_counter()
+    src = stage(work / f"photos{args.count}", args.count)
+    stage_s = time.perf_counter() - t
+    files = sorted(src.rglob("*.jpg"))
+    in_bytes = sum(f.stat().st_size for f in files)
+    out = work / f"out{args.count}-{args.method}"
+    result: dict = {"count": len(files), "input_bytes": in_bytes, "staging_s": round(stage_s, 1),
+                    "cpu_count": os.cpu_count()}
+    if not args.skip_protect:
+        wall, peak, _ = timed([*CLI, "images", "--quiet", "--method", args.method, "--overwrite", str(src), str(out)],
+                              env)
+        result["protect"] = {"wall_s": round(wall, 1), "peak_bytes": peak, "images_per_second": round(len(files) / wall, 2)}
+    report = work / f"report{args.count}-{args.method}"
+    cmd = [*CLI, "verify", "--json", "--quiet", "--fresh", "--no-cache", str(out), "--clean", str(src),
+           "--holdout", "0.2", "--resolution", args.resolution, "--tier", "quick", "--report", str(report),
+           *shlex.split(args.verify_args)]
+    wall, peak, stdout = timed(cmd, env)
+    cert = json.loads(stdout)
+    v = cert["verdict"]
+    result["verify"] = {"wall_s": round(wall, 1), "peak_bytes": peak, "command": " ".join(cmd[2:]),
+                        "cells": len(cert.get("cells", [])), "score": v.get("score"), "interval": v.get("interval"),
+                        "best_attacker": v.get("best_attacker")}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(f"verify: {wall / 60:.1f} min, peak {peak / 2**30:.2f} GiB (target: <= 15 min, <= 2 GiB)")
+
+
+if __name__ == "__main__":
+    main()
