@@ -5,9 +5,11 @@
 
 Data (made here once; the photos are synthetic stand-ins for a photographer's folder, never
 committed): each of the 16 Kodak photos (../shared/data/kodak, 768x512 or 512x768) gives
-``count / 16`` variants, one class folder per source photo: a keyed crop of 85-100 % of the photo,
-a keyed horizontal flip, resized bicubic to 12 megapixels (4000x3000, or 3000x4000 for the portrait
-sources) and written as quality-90 4:2:0 JPEG, as a camera does.
+``count / 16`` variants, one class folder per source photo: a keyed crop of 60-100 % of each side,
+a keyed horizontal flip and brightness (0.8-1.2), resized bicubic to 12 megapixels (4000x3000, or
+3000x4000 for the portrait sources) and written as quality-90 4:2:0 JPEG, as a camera does (the
+variants differ enough that no two are the same image at the attacker's 64 px, which verify's
+overlap check would refuse).
 
 Then, timed and with the peak resident memory of each command (GNU time's maximum RSS, the largest
 process of the command's tree):
@@ -33,7 +35,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import CLI, KEY, ROOT, SHARED, env_for  # noqa: E402
@@ -41,10 +43,10 @@ from bench.common import CLI, KEY, ROOT, SHARED, env_for  # noqa: E402
 BIG = (4000, 3000)
 
 
-def _draw(name: str, i: int) -> tuple[float, float, float, bool]:
-    """Keyed crop fraction, crop offsets (0-1) and flip for variant ``i`` of photo ``name``."""
+def _draw(name: str, i: int) -> tuple[float, float, float, bool, float]:
+    """Keyed crop fraction, crop offsets (0-1), flip and brightness for variant ``i`` of ``name``."""
     d = hashlib.sha256(f"{KEY}/cost/{name}/{i}".encode()).digest()
-    return 0.85 + 0.15 * d[0] / 255, d[1] / 255, d[2] / 255, bool(d[3] % 2)
+    return 0.6 + 0.4 * d[0] / 255, d[1] / 255, d[2] / 255, bool(d[3] % 2), 0.8 + 0.4 * d[4] / 255
 
 
 def _make(args: tuple[Path, Path, int]) -> None:
@@ -53,13 +55,14 @@ def _make(args: tuple[Path, Path, int]) -> None:
     if out.exists():
         return
     img = Image.open(src).convert("RGB")
-    frac, oy, ox, flip = _draw(src.name, i)
+    frac, oy, ox, flip, bright = _draw(src.name, i)
     w, h = img.size
     cw, ch = round(w * frac), round(h * frac)
     left, top = round((w - cw) * ox), round((h - ch) * oy)
     img = img.crop((left, top, left + cw, top + ch))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = ImageEnhance.Brightness(img).enhance(bright)
     size = BIG if w >= h else BIG[::-1]
     tmp = out.with_suffix(".tmp")
     img.resize(size, Image.Resampling.BICUBIC).save(tmp, "JPEG", quality=90, subsampling=2)
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "cost_photos")
     ap.add_argument("--skip-protect", action="store_true", help="reuse WORK/out from an earlier run")
     ap.add_argument("--verify-args", default="", help="extra arguments for protect verify")
+    ap.add_argument("--no-verify", action="store_true", help="only stage and protect")
     args = ap.parse_args()
     work = args.work
     env = env_for(work)
@@ -114,6 +118,13 @@ def main() -> None:
         wall, peak, _ = timed([*CLI, "images", "--quiet", "--method", args.method, "--overwrite", str(src), str(out)],
                               env)
         result["protect"] = {"wall_s": round(wall, 1), "peak_bytes": peak, "images_per_second": round(len(files) / wall, 2)}
+    if args.no_verify:
+        (work / "result-protect.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
+    if args.skip_protect and (work / "result-protect.json").exists():
+        result.update({k: v for k, v in json.loads((work / "result-protect.json").read_text()).items()
+                       if k == "protect"})
     report = work / f"report{args.count}-{args.method}"
     cmd = [*CLI, "verify", "--json", "--quiet", "--fresh", "--no-cache", str(out), "--clean", str(src),
            "--holdout", "0.2", "--resolution", args.resolution, "--tier", "quick", "--report", str(report),

@@ -31,6 +31,7 @@ CONFIGS: dict[str, list[str]] = {
     "uc16-jpeg": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "jpeg=75-95"],
     "uc8": ["--method", "uc", "--surrogate", "cifar-resnet20", "--eps", "8/255"],
     "uc8-jpeg": ["--method", "uc", "--surrogate", "cifar-resnet20", "--eps", "8/255", "--param", "jpeg=75-95"],
+    "uc16-jnd": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "budget=jnd"],
     "cuda": ["--method", "cuda"],
     "salm": ["--method", "salm"],
     "salm-jpeg": ["--method", "salm", "--param", "jpeg=75-95"],

@@ -43,6 +43,9 @@ CONFIGS: dict[str, list[str]] = {
     "uc16-jnd2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "budget=jnd", "--param", "jnd_scale=2"],
     "uc16-resize-jnd": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64",
                         "--param", "budget=jnd"],
+    "uc16-jnd-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "budget=jnd", "--max-delta-e", "2"],
+    "uc16-resize-jnd-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64",
+                            "--param", "budget=jnd", "--max-delta-e", "2"],
 }
 
 

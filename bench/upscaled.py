@@ -48,6 +48,9 @@ CONFIGS: dict[str, list[str]] = {
     "uc16-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--max-delta-e", "2"],
     "uc16-resize-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64",
                         "--max-delta-e", "2"],
+    # the perceptual budget (at most one JND per pixel) under the same floor: less to scale back
+    "uc16-resize-jnd-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64",
+                            "--param", "budget=jnd", "--max-delta-e", "2"],
 }
 SIZE = 128
 SHORT = 96

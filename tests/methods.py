@@ -51,3 +51,22 @@ def fit_data(x: torch.Tensor, labels: list[int], ids: list[str], num_classes: in
 
     return FitData(num_classes, labels, [tuple(x.shape[-2:])] * len(ids), ids, batches, memory=1 << 28,
                    channels=x.shape[1])
+
+
+def pil_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """A real (Pillow) JPEG round trip of ``N x C x H x W`` images in [0, 1] (C = 1 or 3, 8-bit,
+    Pillow's default 4:2:0 for colour): what a platform does to a published file."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for im in x:
+        buf = io.BytesIO()
+        a = (im * 255).round().byte().numpy()
+        Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(buf, "JPEG", quality=quality)
+        buf.seek(0)
+        b = torch.from_numpy(np.asarray(Image.open(buf)).copy()).float() / 255
+        out.append(b[None] if b.ndim == 2 else b.permute(2, 0, 1))
+    return torch.stack(out)

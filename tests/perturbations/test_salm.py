@@ -17,7 +17,7 @@ import perturbations.salm as salm_mod
 from perturbations import FitData, Keyring
 from perturbations.errors import ConfigError, InputError
 from perturbations.salm import build_classifier, saliency_mask
-from tests.methods import fit_data
+from tests.methods import fit_data, pil_jpeg
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "breastmnist" / "train"
 FAST = dict(rounds=2, steps=3, train_steps=3, batch=32, surrogate="tiny")
@@ -222,8 +222,6 @@ def test_jpeg_aware_noise_stays_error_minimising_after_a_real_reencoding(data):
     much faster than the re-encoded clean images (mean loss over steps 10-40, protected / clean, both
     re-encoded: 0.487-0.507 over keys 4-8, the plain noise 0.48-0.62; on 28-px BreastMNIST the gain
     over the plain noise is small). Deterministic under the key; recorded in params and the report."""
-    import io
-
     from perturbations.nets import keyed_init
 
     x8, ids, labels = data
@@ -232,18 +230,9 @@ def test_jpeg_aware_noise_stays_error_minimising_after_a_real_reencoding(data):
     method = perturbations.get("salm")(Keyring.from_seed(4), **kw).fit(_fit_data(x8, ids, labels))
     assert method.params()["jpeg"] == "75-75" and method.fit_report()["optimised_through_jpeg"] == "quality 75-75"
 
-    def reencoded(t: torch.Tensor) -> torch.Tensor:
-        out = []
-        for im in t:
-            buf = io.BytesIO()
-            Image.fromarray((im[0] * 255).round().byte().numpy()).save(buf, "JPEG", quality=75)
-            buf.seek(0)
-            out.append(torch.from_numpy(np.asarray(Image.open(buf)).copy())[None].float() / 255)
-        return torch.stack(out)
-
     x = x8.float() / 255
     losses = {}
-    for name, inputs in (("clean", reencoded(x)), ("protected", reencoded(method.apply(x, y, ids)))):
+    for name, inputs in (("clean", pil_jpeg(x, 75)), ("protected", pil_jpeg(method.apply(x, y, ids), 75))):
         net = keyed_init(build_classifier("tiny", 2, 1), torch.Generator().manual_seed(13))
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         gen = torch.Generator().manual_seed(14)

@@ -47,21 +47,6 @@ def test_linf_ascent_raises_the_loss_within_the_ball_and_the_range():
     assert torch.equal(torch.rand(3, generator=untouched), torch.rand(3, generator=torch.Generator().manual_seed(2)))
 
 
-def _pil_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for im in x:
-        buf = io.BytesIO()
-        Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()).save(buf, "JPEG", quality=quality)
-        buf.seek(0)
-        out.append(torch.from_numpy(np.asarray(Image.open(buf)).copy()).permute(2, 0, 1).float() / 255)
-    return torch.stack(out)
-
-
 def test_random_jpeg_is_a_differentiable_stand_in_for_the_real_codec():
     """kornia's codec at quality Q lands close to Pillow's JPEG at Q (measured on the Kodak crop:
     mean |kornia - Pillow| is 0.32x the codec's own change at Q = 75, 0.50x at 95), passes
@@ -73,6 +58,7 @@ def test_random_jpeg_is_a_differentiable_stand_in_for_the_real_codec():
     from PIL import Image
 
     from perturbations.steps import parse_quality_range, random_jpeg
+    from tests.methods import pil_jpeg
 
     assert parse_quality_range("75-95", "q") == (75, 95) and parse_quality_range(85, "q") == (85, 85)
     assert parse_quality_range("off", "q") is None
@@ -83,7 +69,7 @@ def test_random_jpeg_is_a_differentiable_stand_in_for_the_real_codec():
     img = np.asarray(Image.open(kodak).convert("RGB"))[:256, :256]
     x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
     for q in (75, 95):
-        real = _pil_jpeg(x, q)
+        real = pil_jpeg(x, q)
         ours = random_jpeg(x, torch.Generator().manual_seed(0), q, q)
         own = float((real - x).abs().mean())
         assert float((ours - real).abs().mean()) < 0.6 * own, q

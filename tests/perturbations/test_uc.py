@@ -14,7 +14,7 @@ import perturbations
 from perturbations import FitData, Keyring
 from perturbations.errors import ConfigError, InputError
 from perturbations.uc import kl_to_target
-from tests.methods import fit_data
+from tests.methods import fit_data, pil_jpeg
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "cifar10" / "train"
 SURROGATE = "cifar-resnet20"  # bundled weights: offline
@@ -238,19 +238,6 @@ def test_random_rescale_and_size_ranges():
     assert float(random_rescale(board, g(), 128, 32, 32).abs().max()) < 0.2
 
 
-def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """A real (Pillow) JPEG round trip of 8-bit RGB images in [0, 1]."""
-    import io
-
-    out = []
-    for im in x:
-        buf = io.BytesIO()
-        Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()).save(buf, "JPEG", quality=quality)
-        buf.seek(0)
-        out.append(torch.from_numpy(np.asarray(Image.open(buf)).copy()).permute(2, 0, 1).float() / 255)
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 def test_jpeg_optimises_for_what_survives_a_platforms_reencoding(data, seed):
     """Written files re-encoded by Pillow at quality 75: the perturbation optimised through the
@@ -267,8 +254,8 @@ def test_jpeg_optimises_for_what_survives_a_platforms_reencoding(data, seed):
         s = m.clusters.surrogate("cpu")
         target = m.clusters.means[m.targets][torch.tensor(m.cluster_of(ids))]
         with torch.no_grad():
-            before = kl_to_target(s.features(_jpeg(x, 75)), target).mean()
-            after = kl_to_target(s.features(_jpeg(m.apply(x, None, ids), 75)), target).mean()
+            before = kl_to_target(s.features(pil_jpeg(x, 75)), target).mean()
+            after = kl_to_target(s.features(pil_jpeg(m.apply(x, None, ids), 75)), target).mean()
         drops[name] = float(before - after)
         if name == "aware":
             assert m.params()["jpeg"] == "75-75" and m.fit_report()["optimised_through_jpeg"] == "quality 75-75"

@@ -1,0 +1,90 @@
+"""SALM on real chest X-rays at their own size, the attacker training at 128 px (issue 19's medical target).
+
+    python bench/chest_xray.py [--methods salm] [--seeds 3] [--resolution 128] [--table-only]
+
+Data: ``../shared/data/chest_xray512`` (Kermany paediatric chest X-rays, NORMAL / PNEUMONIA, grey
+JPEG, longer side 512 px; train 150 / 300, test 40 / 80; its README says where they come from).
+Per method: ``protect images`` of the training X-rays at their own size (PSNR / SSIM from the
+summary), then ``protect verify --resolution R --seeds N`` at the quick tier with its default grid
+for the method, against the test X-rays, with the clean training X-rays as the baseline (balanced
+accuracy, the class imbalance is 1:2). Target: headline score >= 0.5 over 3 seeds at 128 px.
+Results: ``bench/out/chest_xray/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import CLI, ROOT, SHARED, env_for  # noqa: E402
+
+DATA = SHARED / "chest_xray512"
+METHODS: dict[str, list[str]] = {
+    "salm": ["--method", "salm"],
+    "salm-jpeg": ["--method", "salm", "--param", "jpeg=75-95"],
+    "cuda": ["--method", "cuda"],
+}
+
+
+def _json(cmd: list[str], env: dict) -> dict:
+    print("$", " ".join(cmd), flush=True)
+    return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="salm")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--resolution", default="128")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "chest_xray")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    work = args.work
+    env = env_for(work)
+    names = args.methods.split(",")
+    for name in [] if args.table_only else names:
+        result = work / f"{name}.json"
+        if result.exists():
+            continue
+        out = work / name
+        t0 = time.perf_counter()
+        summary = _json([*CLI, "images", "--json", "--quiet", "--overwrite", *METHODS[name], str(DATA / "train"),
+                         str(out)], env)
+        protect_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cert = _json([*CLI, "verify", "--json", "--quiet", "--fresh", str(out), "--test", str(DATA / "test"),
+                      "--clean", str(DATA / "train"), "--resolution", args.resolution, "--seeds", str(args.seeds),
+                      "--tier", "quick", "--report", str(work / f"report-{name}")], env)
+        v = cert["verdict"]
+        result.write_text(json.dumps({
+            "method": name, "args": METHODS[name], "psnr": summary.get("psnr_mean"), "ssim": summary.get("ssim_mean"),
+            "protect_s": round(protect_s, 1), "verify_s": round(time.perf_counter() - t0, 1),
+            "score": v.get("score"), "interval": v.get("interval"), "best_attacker": v.get("best_attacker"),
+            "cells": [{"training": c["training"], "defense": c["defense"], "effect": c.get("effect"),
+                       "balanced_acc": c["protected"].get("balanced_acc"),
+                       "clean_balanced_acc": (c.get("clean") or {}).get("balanced_acc")} for c in cert["cells"]],
+        }, indent=1))
+    print("| method | PSNR / SSIM | headline score (95 % interval) | best attacker | cells: effect |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        f = work / f"{name}.json"
+        if not f.exists():
+            continue
+        r = json.loads(f.read_text())
+        ci = r.get("interval") or [None, None]
+        b = r.get("best_attacker") or {}
+        cells = ", ".join(f"{c['training']}/{c['defense']} {'-' if c['effect'] is None else format(c['effect'], '.2f')}"
+                          for c in r["cells"])
+        score = "-" if r["score"] is None else f"{r['score']:.2f}"
+        interval = "" if ci[0] is None else f" ({ci[0]:.2f} to {ci[1]:.2f})"
+        print(f"| {name} | {r['psnr']:.1f} dB / {r['ssim']:.3f} | {score}{interval} | "
+              f"{b.get('training')}/{b.get('defense')} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
