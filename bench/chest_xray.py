@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CLI, ROOT, SHARED, env_for  # noqa: E402
+from bench.common import CLI, ROOT, SHARED, env_for, run_json  # noqa: E402
 
 DATA = SHARED / "chest_xray512"
 METHODS: dict[str, list[str]] = {
@@ -29,11 +28,6 @@ METHODS: dict[str, list[str]] = {
     "salm-jpeg": ["--method", "salm", "--param", "jpeg=75-95"],
     "cuda": ["--method", "cuda"],
 }
-
-
-def _json(cmd: list[str], env: dict) -> dict:
-    print("$", " ".join(cmd), flush=True)
-    return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
 
 
 def main() -> None:
@@ -53,11 +47,11 @@ def main() -> None:
             continue
         out = work / name
         t0 = time.perf_counter()
-        summary = _json([*CLI, "images", "--json", "--quiet", "--overwrite", *METHODS[name], str(DATA / "train"),
+        summary = run_json([*CLI, "images", "--json", "--quiet", "--overwrite", *METHODS[name], str(DATA / "train"),
                          str(out)], env)
         protect_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cert = _json([*CLI, "verify", "--json", "--quiet", "--fresh", str(out), "--test", str(DATA / "test"),
+        cert = run_json([*CLI, "verify", "--json", "--quiet", "--fresh", str(out), "--test", str(DATA / "test"),
                       "--clean", str(DATA / "train"), "--resolution", args.resolution, "--seeds", str(args.seeds),
                       "--tier", "quick", "--report", str(work / f"report-{name}")], env)
         v = cert["verdict"]

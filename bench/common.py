@@ -37,6 +37,12 @@ def stage_kodak(work: Path) -> Path:
     return photos
 
 
+def run_json(cmd: list[str], env: dict[str, str]) -> dict:
+    """Run ``cmd`` (a ``--json`` command of the CLI) and return what it printed, parsed."""
+    print("$", " ".join(cmd), flush=True)
+    return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+
+
 def run(cmd: list[str], env: dict[str, str]) -> float:
     """Run ``cmd`` (stdout discarded); its wall time in seconds."""
     print("$", " ".join(cmd), flush=True)
@@ -45,12 +51,12 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
-def stage_subset(dst: Path, per_class: int = 1000) -> Path:
-    """The first ``per_class`` training images of each CIFAR-10 class, copied to ``dst`` once."""
+def stage_subset(dst: Path, per_class: int = 1000, split: str = "train") -> Path:
+    """The first ``per_class`` images of each CIFAR-10 class of ``split``, copied to ``dst`` once."""
     if not dst.exists():
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        for cls in sorted((CIFAR / "train").iterdir()):
+        for cls in sorted((CIFAR / split).iterdir()):
             (tmp / cls.name).mkdir(parents=True)
             for f in sorted(cls.glob("*.png"))[:per_class]:
                 shutil.copyfile(f, tmp / cls.name / f.name)

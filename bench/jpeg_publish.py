@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CIFAR, CLI, ROOT, env_for  # noqa: E402
+from bench.common import CLI, ROOT, env_for, run_json, stage_subset  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {
     "uc16": ["--method", "uc", "--surrogate", "cifar-resnet20"],
@@ -38,25 +37,6 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-def stage(dst: Path, split: str, per_class: int) -> Path:
-    """The first ``per_class`` images of every class of CIFAR-10 ``split``, copied once."""
-    if dst.exists():
-        return dst
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for cls in sorted((CIFAR / split).iterdir()):
-        (tmp / cls.name).mkdir(parents=True)
-        for f in sorted(cls.glob("*.png"))[:per_class]:
-            shutil.copyfile(f, tmp / cls.name / f.name)
-    tmp.rename(dst)
-    return dst
-
-
-def _json(cmd: list[str], env: dict) -> dict:
-    print("$", " ".join(cmd), flush=True)
-    return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-
-
 def measure(name: str, train: Path, test: Path, defenses: str, work: Path, env: dict) -> None:
     result = work / f"{name}.json"
     if result.exists():
@@ -64,12 +44,12 @@ def measure(name: str, train: Path, test: Path, defenses: str, work: Path, env: 
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = _json([*CLI, "images", "--json", "--quiet", *CONFIGS[name], str(train), str(out)], env)
+    summary = run_json([*CLI, "images", "--json", "--quiet", *CONFIGS[name], str(train), str(out)], env)
     protect_s = time.perf_counter() - t0
     report = work / f"report-{name}"
     shutil.rmtree(report, ignore_errors=True)
     t0 = time.perf_counter()
-    cert = _json([*CLI, "verify", "--json", "--quiet", str(out), "--test", str(test), "--clean", str(train),
+    cert = run_json([*CLI, "verify", "--json", "--quiet", str(out), "--test", str(test), "--clean", str(train),
                   "--training", "erm", "--defenses", defenses, "--seeds", "1", "--report", str(report)], env)
     result.write_text(json.dumps({
         "config": name, "args": CONFIGS[name], "psnr": summary.get("psnr_mean"), "ssim": summary.get("ssim_mean"),
@@ -96,8 +76,8 @@ def main() -> None:
     defenses = args.defenses.split(",")
     if not args.table_only:
         work.mkdir(parents=True, exist_ok=True)
-        train = stage(work / "data" / "train", "train", args.per_class)
-        test = stage(work / "data" / "test", "test", args.test_per_class)
+        train = stage_subset(work / "data" / "train", args.per_class)
+        test = stage_subset(work / "data" / "test", args.test_per_class, split="test")
         for name in names:
             measure(name, train, test, args.defenses, work, env)
     print("| config | PSNR / SSIM / dE | " + " | ".join(f"{d}: score (acc / clean)" for d in defenses)

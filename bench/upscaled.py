@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CIFAR, CLI, KEY, ROOT, env_for  # noqa: E402
+from bench.common import CIFAR, CLI, KEY, ROOT, env_for, run_json  # noqa: E402
 from verify.data import resize_crop  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {
@@ -91,11 +90,6 @@ def stage_at(src: Path, dst: Path, size: int) -> Path:
     return dst
 
 
-def _json(cmd: list[str], env: dict) -> dict:
-    print("$", " ".join(cmd), flush=True)
-    return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-
-
 def measure(name: str, setting: str, train: Path, test: Path, clean: Path, resolution: str,
             work: Path, env: dict) -> None:
     """Protect ``train`` with config ``name`` and certify it at ``resolution``; one JSON result."""
@@ -104,10 +98,10 @@ def measure(name: str, setting: str, train: Path, test: Path, clean: Path, resol
         return
     out = work / f"{name}-{setting}"
     t0 = time.perf_counter()
-    summary = _json([*CLI, "images", "--json", "--quiet", *CONFIGS[name], str(train), str(out)], env)
+    summary = run_json([*CLI, "images", "--json", "--quiet", *CONFIGS[name], str(train), str(out)], env)
     protect_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cert = _json([*CLI, "verify", "--json", "--quiet", str(out), "--test", str(test), "--clean", str(clean),
+    cert = run_json([*CLI, "verify", "--json", "--quiet", str(out), "--test", str(test), "--clean", str(clean),
                   "--resolution", resolution, "--training", "erm", "--defenses", "none", "--seeds", "1",
                   "--report", str(work / f"report-{name}-{setting}")], env)
     v = cert["verdict"]

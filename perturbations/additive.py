@@ -63,6 +63,22 @@ class AdditivePerturbation(Perturbation):
         if not 0.0 < self.jnd_scale <= 100.0:
             raise ConfigError(f"{self.name}: jnd_scale must be in (0, 100], got {jnd_scale}")
 
+    def _weights(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Perceptual weights (``N x 1 x H x W``) of float images ``x`` in [0, 1] with
+        ``budget="jnd"``, else None."""
+        if self.budget != "jnd":
+            return None
+        return budget_weights(x.detach() * 255, 255, self.eps, self.jnd_scale)
+
+    def _weigh(self, delta: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``delta`` as it will be applied to float images ``x``: weighted by their perceptual
+        budget with ``budget="jnd"`` (``weights``: :meth:`_weights` of ``x``, when already
+        computed), else ``delta`` itself. What the optimising methods see during their fit."""
+        if self.budget != "jnd":
+            return delta
+        w = self._weights(x) if weights is None else weights
+        return delta * w.to(delta.device)
+
     def _masked(self, d: torch.Tensor, v: torch.Tensor, levels: int) -> torch.Tensor:
         """``d`` (integer levels, ``C x H x W``) weighted by the perceptual budget of image ``v``
         (the unprotected pixels, ``C x H x W``) when ``budget="jnd"``, else ``d`` itself."""

@@ -56,9 +56,8 @@ from .base import FitData, parse_fraction, parse_robust
 from .clustering import ClusterTable
 from .errors import ConfigError, InputError
 from .keyring import Keyring
-from .masking import budget_weights
 from .nets import TinyConvNet, cifar_resnet, keyed_init
-from .steps import linf_ascent, parse_quality_range, random_flip_crop, random_jpeg, signed_step
+from .steps import linf_ascent, parse_quality_range, random_flip_crop, random_jpeg, range_text, signed_step
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +265,6 @@ class SALM(AdditivePerturbation):
             raise ConfigError("salm: none of the images could be read for fitting")
         return torch.cat(xs), where
 
-    def _weigh(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``delta`` as it will be applied to images ``x``: weighted by their perceptual budget
-        with ``budget="jnd"``, else itself."""
-        if self.budget != "jnd":
-            return delta
-        return delta * budget_weights(x.detach() * 255, 255, self.eps, self.jnd_scale).to(delta.device)
-
     def _view(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """What the attacker trains on: the published file's JPEG round trip (``jpeg``), then the
         random flips and crops (``augment``); ``x`` itself with neither."""
@@ -323,9 +315,10 @@ class SALM(AdditivePerturbation):
             else:
                 mask = top_positions(per_class[y[b]].to(dev), self.mask_ratio)
             d = d * mask
+            weights = self._weights(xb)  # the batch's images do not change during its steps
             for _ in range(self.steps):
                 # robust noise: the loss is lowered at the worst point within `robust` of x + delta
-                point = self._adversarial(model, (xb + self._weigh(d, xb)).clamp(0, 1), yb, rgen)
+                point = self._adversarial(model, (xb + self._weigh(d, xb, weights)).clamp(0, 1), yb, rgen)
                 g, worst = self._grad_x(model, point, yb, gen if self.augment or self.jpeg else None)
                 if worst < self.inner_stop:  # every image of the batch is already learnt with confidence
                     break
@@ -459,7 +452,7 @@ class SALM(AdditivePerturbation):
                 "max_side": self.max_side, "lr": self.lr,
                 "inner_stop": self.inner_stop, "augment": self.augment,
                 "robust": self.robust, "robust_steps": self.robust_steps, "init": self.init, "mask_scope": self.mask_scope,
-                "jpeg": None if self.jpeg is None else f"{self.jpeg[0]}-{self.jpeg[1]}",
+                "jpeg": range_text(self.jpeg),
                 "budget": self.budget, "jnd_scale": self.jnd_scale,
                 "working_size": list(self.size) if self.size else None}
 
@@ -467,7 +460,7 @@ class SALM(AdditivePerturbation):
         out = {"rounds": self.history, "stopped_early": bool(self.history)
                and self.history[-1]["train_error"] < self.stop_error}
         if self.jpeg is not None:
-            out["optimised_through_jpeg"] = f"quality {self.jpeg[0]}-{self.jpeg[1]}"
+            out["optimised_through_jpeg"] = f"quality {range_text(self.jpeg)}"
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

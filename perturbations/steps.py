@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["l2_step", "linf_ascent", "parse_quality_range", "parse_size_range", "per_sample_norm", "project_l2",
-           "project_linf", "random_flip_crop", "random_jpeg", "random_rescale", "signed_step"]
+           "project_linf", "random_flip_crop", "random_jpeg", "random_rescale", "range_text", "signed_step"]
 
 
 def per_sample_norm(t: Tensor) -> Tensor:
@@ -87,6 +87,11 @@ def _parse_int_range(value: str | int | Sequence[int] | None, what: str, low: in
     if len(parts) != 2 or not low <= parts[0] <= parts[1] <= high:
         raise ValueError(f"{what} must be {kind} such as {example} ({low} to {high}), got {value!r}")
     return parts[0], parts[1]
+
+
+def range_text(value: tuple[int, int] | None) -> str | None:
+    """``(32, 64)`` -> ``"32-64"`` (what the parsers read back); None stays None."""
+    return None if value is None else f"{value[0]}-{value[1]}"
 
 
 def parse_size_range(value: str | int | Sequence[int] | None, what: str) -> tuple[int, int] | None:

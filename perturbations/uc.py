@@ -62,10 +62,9 @@ from .clustered import MIN_FIT_IMAGES, TABLE_KEYS, SurrogateClusters
 from .clustering import derangement
 from .errors import ConfigError, InputError
 from .keyring import Keyring
-from .masking import budget_weights
 from .nets import keyed_init
 from .steps import (linf_ascent, parse_quality_range, parse_size_range, random_flip_crop, random_jpeg, random_rescale,
-                    signed_step)
+                    range_text, signed_step)
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +271,6 @@ class UnlearnableClusters(AdditivePerturbation):
             x = random_flip_crop(x, gen)
         return kl_to_target(s.features(x), target).sum()
 
-    def _weigh(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``delta`` as it will be applied to images ``x`` (float in [0, 1]): weighted by their
-        perceptual budget with ``budget="jnd"``, else itself."""
-        if self.budget != "jnd":
-            return delta
-        return delta * budget_weights(x.detach() * 255, 255, self.eps, self.jnd_scale)
-
     def _worst(self, s: Any, point: torch.Tensor, target: torch.Tensor, rgen: torch.Generator) -> torch.Tensor:
         """``point`` (carrying its gradient) moved to the worst place within ``robust`` for the
         perturbation (the farthest from its target); ``point`` itself when ``robust`` is 0."""
@@ -359,9 +351,9 @@ class UnlearnableClusters(AdditivePerturbation):
             out["final_mean_kl"] = round(self.final_loss, 6)
         if self.resize is not None and self.resize_from is not None:
             out["optimised_through"] = (f"upsampling to {self.resize_from} px, then the attacker's resize to "
-                                        f"{self.resize[0]}-{self.resize[1]} px")
+                                        f"{range_text(self.resize)} px")
         if self.jpeg is not None:
-            out["optimised_through_jpeg"] = f"quality {self.jpeg[0]}-{self.jpeg[1]}"
+            out["optimised_through_jpeg"] = f"quality {range_text(self.jpeg)}"
         return out
 
     def notes(self) -> list[str]:
@@ -407,8 +399,7 @@ class UnlearnableClusters(AdditivePerturbation):
         return {**self.clusters.params(), "eps": self.eps, "mode": self.mode, "steps": self.steps,
                 "batch": self.batch, "samples": self.samples, "augment": self.augment,
                 "epochs": self.epochs, "lr": self.lr, "robust": self.robust, "robust_steps": self.robust_steps,
-                "resize": None if self.resize is None else f"{self.resize[0]}-{self.resize[1]}",
-                "jpeg": None if self.jpeg is None else f"{self.jpeg[0]}-{self.jpeg[1]}",
+                "resize": range_text(self.resize), "jpeg": range_text(self.jpeg),
                 "budget": self.budget, "jnd_scale": self.jnd_scale}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -164,6 +164,25 @@ def test_rho_one_is_dense_error_minimising_noise(data, monkeypatch):
     assert float((dense.noise_of(ids) != 0).float().mean()) > 0.9
 
 
+def _fresh_loss(inputs: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean training loss over steps 10-40 of a fresh keyed ``tiny`` network (SGD 0.05, batches of
+    16 from a fixed generator): how fast a new model learns ``inputs``."""
+    from perturbations.nets import keyed_init
+
+    net = keyed_init(build_classifier("tiny", 2, 1), torch.Generator().manual_seed(13))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(14)
+    seen = []
+    for _ in range(40):
+        b = torch.randint(len(y), (16,), generator=gen)
+        loss = F.cross_entropy(net(inputs[b]), y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append(float(loss.detach()))
+    return sum(seen[10:]) / 30
+
+
 @pytest.mark.parametrize("start", [dict(init="uniform", augment=False), dict()], ids=["em-paper", "defaults"])
 def test_noise_is_error_minimising(data, start):
     """A fresh network trained on the protected images reaches a lower training loss than the same
@@ -172,8 +191,6 @@ def test_noise_is_error_minimising(data, start):
     0.48, 0.54, 0.44; the defaults (class-wise start, augmentation) 0.47, 0.42, 0.51, 0.43, 0.46 with
     2 threads and 0.47, 0.42, 0.51, 0.44, 0.36 with 1 thread at ATEN_CPU_CAPABILITY=default,
     ONEDNN_MAX_CPU_ISA=SSE41; asserted < 0.8."""
-    from perturbations.nets import keyed_init
-
     x8, ids, labels = data
     method = perturbations.get("salm")(Keyring.from_seed(4), mask_ratio=0.1, rounds=4, steps=10, train_steps=10,
                                        batch=32, surrogate="tiny", **start)
@@ -181,20 +198,7 @@ def test_noise_is_error_minimising(data, start):
     x = x8.float() / 255
     y = torch.tensor(labels)
     xp = method.apply(x, y, ids)
-    losses = {}
-    for name, inputs in (("clean", x), ("protected", xp)):
-        net = keyed_init(build_classifier("tiny", 2, 1), torch.Generator().manual_seed(13))
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        gen = torch.Generator().manual_seed(14)
-        seen = []
-        for _ in range(40):
-            b = torch.randint(len(ids), (16,), generator=gen)
-            loss = F.cross_entropy(net(inputs[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            seen.append(float(loss.detach()))
-        losses[name] = sum(seen[10:]) / 30
+    losses = {"clean": _fresh_loss(x, y), "protected": _fresh_loss(xp, y)}
     assert losses["protected"] < 0.8 * losses["clean"], losses
 
 
@@ -222,8 +226,6 @@ def test_jpeg_aware_noise_stays_error_minimising_after_a_real_reencoding(data):
     much faster than the re-encoded clean images (mean loss over steps 10-40, protected / clean, both
     re-encoded: 0.487-0.507 over keys 4-8, the plain noise 0.48-0.62; on 28-px BreastMNIST the gain
     over the plain noise is small). Deterministic under the key; recorded in params and the report."""
-    from perturbations.nets import keyed_init
-
     x8, ids, labels = data
     y = torch.tensor(labels)
     kw = dict(mask_ratio=0.1, rounds=4, steps=10, train_steps=10, batch=32, surrogate="tiny", jpeg="75")
@@ -231,20 +233,7 @@ def test_jpeg_aware_noise_stays_error_minimising_after_a_real_reencoding(data):
     assert method.params()["jpeg"] == "75-75" and method.fit_report()["optimised_through_jpeg"] == "quality 75-75"
 
     x = x8.float() / 255
-    losses = {}
-    for name, inputs in (("clean", pil_jpeg(x, 75)), ("protected", pil_jpeg(method.apply(x, y, ids), 75))):
-        net = keyed_init(build_classifier("tiny", 2, 1), torch.Generator().manual_seed(13))
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        gen = torch.Generator().manual_seed(14)
-        seen = []
-        for _ in range(40):
-            b = torch.randint(len(ids), (16,), generator=gen)
-            loss = F.cross_entropy(net(inputs[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            seen.append(float(loss.detach()))
-        losses[name] = sum(seen[10:]) / 30
+    losses = {"clean": _fresh_loss(pil_jpeg(x, 75), y), "protected": _fresh_loss(pil_jpeg(method.apply(x, y, ids), 75), y)}
     assert losses["protected"] < 0.7 * losses["clean"], losses
     again = perturbations.get("salm")(Keyring.from_seed(4), **kw).fit(_fit_data(x8, ids, labels))
     assert torch.equal(again.noise_of(ids), method.noise_of(ids))
