@@ -190,17 +190,19 @@ class FastCNN(Classifier):
     multiply-adds per 32x32 image. On the 10k CIFAR-10 subset with the quick recipe (2 CPU cores)
     it reaches 67 % clean test accuracy in about 70 s of training; ``fastcnn_wide`` (32/64/128/256)
     reaches 71.5 % in about 165 s, and verify's ``vgg3`` (``widths=(32, 64, 128), convs=2,
-    pool_last=True``) about 75 % at 2.5x the cost of ``fastcnn_wide``. Inputs >= 8 px, any channel
+    pool_last=True``) about 75 % at 2.5x the cost of ``fastcnn_wide``. ``stem_stride``: the stride of
+    the first convolution (verify's learners use 2 from 64 px up). Inputs >= 8 px, any channel
     count."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64, 128),
-                 convs: int = 1, pool_last: bool = False) -> None:
+                 convs: int = 1, pool_last: bool = False, stem_stride: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
         for i, w in enumerate(widths):
             for j in range(convs):
-                layers += [conv3x3(c if j == 0 else w, w), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                stride = stem_stride if i == j == 0 else 1
+                layers += [conv3x3(c if j == 0 else w, w, stride), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             if pool_last or i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             c = w

@@ -219,8 +219,10 @@ class CellRunner:
             if self.metric == "balanced_accuracy" and result.balanced_acc is not None:
                 auc = "n/a" if result.auc is None else f"{result.auc:.3f}"
                 medical = f", balanced {_pct(result.balanced_acc)}, AUC {auc}"
-            guard = (f", catastrophic overfitting in epoch {result.guard_fired_epoch}: back to epoch "
-                     f"{result.guard_fired_epoch - 1}, the rest with PGD-2" if result.guard_fired_epoch else "")
+            back = (result.guard_restored_epoch if result.guard_restored_epoch is not None
+                    else (result.guard_fired_epoch or 1) - 1)
+            guard = (f", catastrophic overfitting by epoch {result.guard_fired_epoch}: back to epoch "
+                     f"{back}, the rest with PGD-2" if result.guard_fired_epoch else "")
             self.say(f"{cell.label}: accuracy {_pct(result.acc)} at epoch {result.selected_epoch} (chosen on "
                      f"validation), final {_pct(result.final_acc)}, train {_pct(result.train_acc)}{medical}{guard} "
                      f"({result.wall_s:.0f} s)")

@@ -216,7 +216,10 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
     out["curve_auc"] = _mean_curve([r.curve_auc for r in runs], length)
     fired = [r.guard_fired_epoch for r in runs if r.guard_fired_epoch is not None]
     if any(r.guard_pgd_acc for r in runs):
-        out["overfitting_guard"] = {"fired_epochs": fired, "fired": bool(fired)}
+        out["overfitting_guard"] = {"fired_epochs": fired, "fired": bool(fired),
+                                    "restored_epochs": [r.guard_restored_epoch for r in runs
+                                                        if r.guard_fired_epoch is not None],
+                                    "every": max((r.guard_every or 1) for r in runs)}
     out["wall_s"] = _r(sum(r.wall_s for r in runs), 2)
     out["per_seed"] = []
     for i, r in enumerate(runs):
@@ -234,6 +237,7 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
             "curve_auc": [_r(a) for a in r.curve_auc] if r.curve_auc else None,
             "guard_pgd_acc": [_r(a) for a in r.guard_pgd_acc] or None, "guard_fired_epoch": r.guard_fired_epoch,
             "guard_fgsm_acc": [_r(a) for a in r.guard_fgsm_acc] or None,
+            "guard_restored_epoch": r.guard_restored_epoch, "guard_every": r.guard_every,
         }
         if cached is not None:
             entry["cached"] = bool(cached[i])

@@ -218,8 +218,10 @@ def report_markdown(cert: dict) -> str:
         ]) + " |")
         guard = p.get("overfitting_guard") or {}
         if guard.get("fired"):
-            lines.append(f"|  | ↳ catastrophic overfitting guard fired in epoch(s) {guard['fired_epochs']}: "
-                         "back to the epoch before, the rest trained with PGD-2 |" + " |" * 13)
+            back = guard.get("restored_epochs")
+            lines.append(f"|  | ↳ catastrophic overfitting guard fired by epoch(s) {guard['fired_epochs']}: "
+                         + (f"back to epoch(s) {back}" if back and None not in back else "back to the last check")
+                         + ", the rest trained with PGD-2 |" + " |" * 13)
     lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
                    "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "
                    "over the classes with positives and negatives in the test set.")]

@@ -47,9 +47,10 @@ __all__ = ["CACHE_VERSION", "CELL_SCHEMA", "BaselineCache", "CellStore", "cell_k
 log = logging.getLogger(__name__)
 
 #: Format version in every key. 2: results carry balanced accuracy and AUC; 3: the epoch chosen on
-#: validation and the test predictions. Files of older versions are never looked up again, so cells
-#: and baselines saved by older versions train again.
-CACHE_VERSION = 3
+#: validation and the test predictions; 4: the overfitting guard checks every k epochs and, when it
+#: fires, trains the epochs since its last passing check again. Files of older versions are never
+#: looked up again, so cells and baselines saved by older versions train again.
+CACHE_VERSION = 4
 
 
 def _versions() -> dict[str, str | None]:

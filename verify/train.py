@@ -78,9 +78,11 @@ class CellResult:
     its own epoch; AUC is None where no class had positives and negatives).
 
     ``guard_pgd_acc`` / ``guard_fgsm_acc``: under fast AT, the PGD and the FGSM-RS accuracy on a
-    fixed training batch after every epoch (the catastrophic-overfitting guard);
-    ``guard_fired_epoch``: the epoch where the FGSM-PGD gap grew by more than :data:`CO_DROP` (the
-    weights of the epoch before were restored and the rest trained with PGD-2), else None.
+    fixed training batch at every check of the catastrophic-overfitting guard (after the first
+    epoch, then every ``guard_every`` epochs); ``guard_fired_epoch``: the epoch where the FGSM-PGD
+    gap had grown by more than :data:`CO_DROP` since the last check, else None;
+    ``guard_restored_epoch``: the epoch training went back to (the last check that passed; the
+    epochs after it were trained again with PGD-2).
     ``epochs`` is the number of epochs the result comes from.
     """
 
@@ -119,6 +121,8 @@ class CellResult:
     guard_pgd_acc: list[float] = field(default_factory=list)
     guard_fired_epoch: int | None = None
     guard_fgsm_acc: list[float] = field(default_factory=list)
+    guard_restored_epoch: int | None = None
+    guard_every: int | None = None
 
     @property
     def has_medical_metrics(self) -> bool:
@@ -154,16 +158,26 @@ ProgressFn = Callable[[EpochInfo], None]
 
 #: The catastrophic-overfitting guard of fast AT. Catastrophic overfitting is the model becoming
 #: robust to the single FGSM step it trains on while PGD breaks it (Wong et al. 2020, who watch PGD
-#: accuracy on a training batch). After every epoch the guard measures, on CO_BATCH fixed training
+#: accuracy on a training batch). At every check the guard measures, on CO_BATCH fixed training
 #: images, the accuracy under the training attack (FGSM-RS) and under PGD (CO_STEPS steps of eps/4);
-#: it fires when their gap grows by more than CO_DROP from one epoch to the next. A fall of PGD
+#: it fires when their gap grows by more than CO_DROP from one check to the next. A fall of PGD
 #: accuracy alone is not it: on error-minimising noise both fall together as the model stops
 #: fitting the noise (a guard on PGD alone stopped such a cell after 2 of 40 epochs, which made the
-#: protection look stronger). When it fires, the weights of the epoch before are restored and the
-#: remaining epochs train with PGD-2 (2 steps of eps/2, random start), which does not overfit this
-#: way; stopping instead would leave an attacker trained too little, and a certificate too kind.
-CO_BATCH, CO_STEPS, CO_DROP = 256, 5, 0.2
+#: protection look stronger). When it fires, training goes back to the last check that passed
+#: (weights, optimiser and schedule; the epochs since are dropped from the curves and from epoch
+#: selection) and trains those and the remaining epochs with PGD-2 (2 steps of eps/2, random start),
+#: which does not overfit this way; stopping instead would leave an attacker trained too little, and
+#: a certificate too kind. A check costs about (CO_STEPS + 1) x CO_BATCH gradient passes, an epoch of
+#: fast AT 2 per training image: the guard checks after the first epoch and then every k epochs, k
+#: the smallest that keeps its cost within CO_SHARE of training's (every epoch from 3,072 images up;
+#: on 800 images, where checking every epoch doubled the cell's cost, every 4th).
+CO_BATCH, CO_STEPS, CO_DROP, CO_SHARE = 256, 5, 0.2, 0.25
 CO_FALLBACK = {"method": "pgd", "steps": 2}
+
+
+def guard_every(n_train: int, n_guard: int = CO_BATCH) -> int:
+    """Epochs between two checks of the catastrophic-overfitting guard on ``n_train`` images."""
+    return max(1, math.ceil((CO_STEPS + 1) * n_guard / (CO_SHARE * 2 * max(1, n_train))))
 
 
 def _guard_accuracy(net: nn.Module, x: Tensor, y: Tensor, attack: dict, g: torch.Generator,
@@ -182,6 +196,17 @@ def _guard_accuracy(net: nn.Module, x: Tensor, y: Tensor, attack: dict, g: torch
             return (float((net(xf).argmax(1) == y).float().mean()), float((net(xa).argmax(1) == y).float().mean()))
     finally:
         net.train(was_training)
+
+
+def _copy_state(state: object) -> object:
+    """A detached copy of a ``state_dict`` (tensors cloned, containers copied)."""
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _copy_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy_state(v) for v in state)
+    return state
 
 
 def _subseed(seed: int, purpose: str) -> int:
@@ -328,7 +353,8 @@ def _selection_set(val: TensorSet | None, x_test: Tensor, y_test: Tensor, recipe
 def _result(training: str, defense: str, seed: int, evals: list[EvalResult | None], val_evals: list[EvalResult],
             best_epoch: int, epoch_s: list[float], train_acc: float, train_loss: float, started: float, n: int,
             n_test_set: int, n_test: int, dev: torch.device, selection: str, n_val: int, guard_acc: list[float],
-            guard_fired: int | None, guard_fgsm: list[float] | None = None) -> CellResult:
+            guard_fired: int | None, guard_fgsm: list[float] | None = None, guard_restored: int | None = None,
+            every: int | None = None) -> CellResult:
     """The cell's :class:`CellResult`: the numbers at the selected epoch (``best_epoch``, 0-based),
     the oracle peaks over the test evaluations (each metric at its own epoch), and the curves on the
     test set where it was scored (None elsewhere)."""
@@ -353,7 +379,7 @@ def _result(training: str, defense: str, seed: int, evals: list[EvalResult | Non
         selection=selection, n_val=n_val,
         val_curve=[e.accuracy for e in val_evals], val_curve_balanced=[e.balanced_accuracy for e in val_evals],
         test_pred=chosen.pred.cpu().tolist(), guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
-        guard_fgsm_acc=list(guard_fgsm or []),
+        guard_fgsm_acc=list(guard_fgsm or []), guard_restored_epoch=guard_restored, guard_every=every,
     )
 
 
@@ -471,7 +497,9 @@ def train_cell(
     guard_acc: list[float] = []
     guard_fgsm: list[float] = []
     guard_fired: int | None = None
-    prev_state: dict | None = None
+    guard_restored: int | None = None
+    checkpoint: dict | None = None  # the state at the last check that passed
+    every = guard_every(n, min(CO_BATCH, n)) if guard else None
     if guard:
         g_guard = torch.Generator().manual_seed(_subseed(seed, "co-guard"))
         gi = torch.randperm(n, generator=g_guard)[: min(CO_BATCH, n)].to(dev)
@@ -488,7 +516,9 @@ def train_cell(
     epoch_s: list[float] = []
     train_acc = train_loss = 0.0
     try:
-        for epoch in range(recipe.epochs):
+        epoch = -1
+        while epoch + 1 < recipe.epochs:
+            epoch += 1
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=g_data)
             stats = torch.zeros(3, device=dev)  # loss sum, correct, seen (exact in float32 up to 2^24 images)
@@ -541,21 +571,32 @@ def train_cell(
                 raise ConfigError(
                     f"cell {label}: training diverged (loss {train_loss}) in epoch {epoch + 1}; lower the learning rate"
                 )
-            if guard and guard_fired is None:
+            if guard and guard_fired is None and (epoch == 0 or (epoch + 1) % every == 0):
                 fg, pg = _guard_accuracy(net, x_guard, y_guard, attack, g_guard_att, autocast)
                 guard_fgsm.append(fg)
                 guard_acc.append(pg)
                 if len(guard_acc) > 1 and (fg - pg) - (guard_fgsm[-2] - guard_acc[-2]) > CO_DROP:
-                    guard_fired = epoch + 1
-                    log.warning("%s: catastrophic overfitting in epoch %d (on a training batch FGSM %.2f -> %.2f, PGD "
+                    assert checkpoint is not None
+                    guard_fired, guard_restored = epoch + 1, checkpoint["epoch"] + 1
+                    log.warning("%s: catastrophic overfitting by epoch %d (on a training batch FGSM %.2f -> %.2f, PGD "
                                 "%.2f -> %.2f): back to epoch %d, the rest with PGD-2", label, epoch + 1,
-                                guard_fgsm[-2], fg, guard_acc[-2], pg, epoch)
-                    assert prev_state is not None
-                    net.load_state_dict(prev_state)
+                                guard_fgsm[-2], fg, guard_acc[-2], pg, guard_restored)
+                    net.load_state_dict(checkpoint["net"])
+                    opt.load_state_dict(checkpoint["opt"])
+                    sched.load_state_dict(checkpoint["sched"])
+                    best_val, best_epoch, best_state = checkpoint["best"]
+                    del evals[guard_restored:], val_evals[guard_restored:], epoch_s[guard_restored:]
+                    epoch = checkpoint["epoch"]
+                    checkpoint = None
+                    if bar is not None:
+                        bar.n = guard_restored
+                        bar.refresh()
                     fallback = dict(attack, **CO_FALLBACK, step_size=attack["eps"] / 2)
                     attack.clear()
                     attack.update(fallback)
-                prev_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                    continue
+                checkpoint = {"epoch": epoch, "net": _copy_state(net.state_dict()),
+                              "opt": _copy_state(opt.state_dict()), "sched": sched.state_dict(), "best": None}
             last = epoch == recipe.epochs - 1
             ev_val = evaluate_metrics(net, x_val, y_val, recipe.eval_batch_size, autocast)
             val_evals.append(ev_val)
@@ -566,6 +607,8 @@ def train_cell(
                 best_val, best_epoch = ev_val.get(metric), epoch
                 best_state = None if ev is not None else {k: v.detach().clone() for k, v in net.state_dict().items()}
             evals.append(ev)
+            if checkpoint is not None and checkpoint["epoch"] == epoch:
+                checkpoint["best"] = (best_val, best_epoch, best_state)
             acc = (ev or ev_val).accuracy
             epoch_s.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
@@ -590,4 +633,4 @@ def train_cell(
 
     return _result(training.name, dfn.name, seed, evals, val_evals, best_epoch, epoch_s, train_acc, train_loss,
                    started, n, len(test), n_test, dev, "validation" if val is not None else "test", int(x_val.shape[0]),
-                   guard_acc, guard_fired, guard_fgsm)
+                   guard_acc, guard_fired, guard_fgsm, guard_restored, every)

@@ -162,3 +162,19 @@ def test_akamaster_resnet20_loads_and_classifies(tmp_path):
     assert isinstance(again.normalize, Normalize)
     with torch.no_grad():
         assert torch.equal(again(x), logits)
+
+
+@pytest.mark.parametrize("name", ["fastcnn", "fastcnn_wide", "fastcnn_xl"])
+def test_quick_learners_stride_their_first_convolution_from_64_px(name):
+    """From 64 px up the first convolution has stride 2: the feature maps after it are those of a
+    32-px input (the cost of a 32-px cell), and every input pixel still reaches the network."""
+    from verify.models import STEM_STRIDE_FROM
+
+    small, big = create_model(name, 5, image_size=STEM_STRIDE_FROM - 1), create_model(name, 5, image_size=64)
+    assert [m.stride for m in small.modules() if isinstance(m, torch.nn.Conv2d)][0] == (1, 1)
+    strides = [m.stride for m in big.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides[0] == (2, 2) and set(strides[1:]) == {(1, 1)}
+    assert big.features[0](torch.rand(1, 3, 64, 64)).shape == small.features[0](torch.rand(1, 3, 32, 32)).shape
+    x = torch.rand(1, 3, 64, 64, requires_grad=True)
+    big(x).sum().backward()
+    assert bool((x.grad != 0).all())  # a 3x3 kernel at stride 2 covers every pixel

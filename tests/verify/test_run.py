@@ -180,7 +180,8 @@ def test_small_sets_train_for_min_steps_and_the_certificate_says_so(tmp_path: Pa
 
     train = load_folder(SAMPLES / "train", max_per_class=20).select_classes(CLASSES)  # 40 images
     test = load_folder(SAMPLES / "test", max_per_class=5).select_classes(CLASSES)
-    recipe = get_recipe("quick", min_steps=30)  # 40 images -> batch 16, 2 steps per epoch -> 15 epochs
+    # 40 images, 30 steps in about 12 epochs -> batch 40 x 12 / 30 = 16, 2 steps per epoch -> 15 epochs
+    recipe = get_recipe("quick", min_steps=30, small_set_epochs=12)
     cert = vrun.verify_sets(train, test, tier=recipe, trainings="erm", defenses="none", device="cpu",
                             cache_dir=False, progress=False)
     assert cert["epochs"] == 15 and cert["recipe"]["batch_size"] == 16

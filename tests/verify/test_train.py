@@ -88,8 +88,12 @@ def test_small_training_sets_get_enough_steps() -> None:
     assert q.min_steps == 600 == get_recipe("standard").min_steps == get_recipe("paper").min_steps
     assert fit_to_data(q, 10_000) is q  # 78 batches x 10 epochs = 780 steps: unchanged
     small = fit_to_data(q, 200)
-    assert (small.batch_size, small.epochs) == (25, 75) and (200 // 25) * 75 >= 600
+    assert (small.batch_size, small.epochs) == (16, 50) and (200 // 16) * 50 >= 600
     assert "adapted to 200 training images" in small.description
+    # the steps take about small_set_epochs (24) passes: 800 images, batch 32, 24 epochs (not 100 and 75)
+    mid = fit_to_data(q, 800)
+    assert (mid.batch_size, mid.epochs, mid.at_epochs) == (32, 24, 40) and (800 // 32) * 24 >= 600
+    assert fit_to_data(q, 5000).batch_size == 128 and fit_to_data(q, 5000).epochs == 16  # 39 steps an epoch
     tiny = fit_to_data(q, 40)
     assert tiny.batch_size == 16 and (40 // 16) * tiny.epochs >= 600
     assert get_recipe("quick", epochs=3).min_steps is None  # explicit epochs are taken as given
@@ -99,7 +103,7 @@ def test_small_training_sets_get_enough_steps() -> None:
         r = get_recipe(tier)
         assert fit_to_data(r, 10_000) is r
         small = fit_to_data(r, 200)
-        assert small.batch_size == 25 and small.epochs * (200 // 25) >= 600 and "adapted to 200" in small.description
+        assert small.batch_size == 16 and small.epochs * (200 // 16) >= 600 and "adapted to 200" in small.description
     assert fit_to_data(get_recipe("paper", epochs=100), 200) == get_recipe("paper", epochs=100)  # explicit epochs
 
 
@@ -287,30 +291,69 @@ def test_the_epoch_is_chosen_on_validation_and_scored_on_the_test_set(train3, te
 def test_the_catastrophic_overfitting_guard_restores_the_epoch_before_and_goes_on_with_pgd(
         train3, test3, monkeypatch) -> None:
     """Fast AT: when the gap between FGSM and PGD accuracy on a training batch grows by more than
-    0.2 after an epoch (catastrophic overfitting), the weights of the epoch before are restored and
-    the remaining epochs train with PGD-2; PGD and FGSM accuracy falling together (a model that
-    stops fitting error-minimising noise) is not an alarm, and nothing stops early."""
+    0.2 after an epoch (catastrophic overfitting), training goes back to the epoch before and trains
+    that epoch and the rest with PGD-2; PGD and FGSM accuracy falling together (a model that stops
+    fitting error-minimising noise) is not an alarm, and nothing stops early."""
     import verify.train as vtrain
 
     tr, te = _tiny(train3, test3)
     r = get_recipe("quick", epochs=4, batch_size=8)
+    monkeypatch.setattr(vtrain, "guard_every", lambda *a: 1)  # a check after every epoch
     seen: list[str] = []
     real_pgd = vtrain.attacks.pgd
     monkeypatch.setattr(vtrain.attacks, "pgd", lambda *a, **k: (seen.append(f"pgd{k.get('steps')}"), real_pgd(*a, **k))[1])
-    collapse = iter([(0.5, 0.45), (0.55, 0.5), (0.9, 0.1), (0.6, 0.5)])  # epoch 3: FGSM up, PGD down
+    collapse = iter([(0.5, 0.45), (0.55, 0.5), (0.9, 0.1), (0.6, 0.5), (0.6, 0.5)])  # epoch 3: FGSM up, PGD down
     monkeypatch.setattr(vtrain, "_guard_accuracy", lambda *a, **k: next(collapse))
     fired = train_cell(tr, te, r, "linf", "none", seed=0)
-    assert fired.guard_fired_epoch == 3 and fired.epochs == 4 and fired.guard_pgd_acc == [0.45, 0.5, 0.1]
+    assert fired.guard_fired_epoch == 3 and fired.guard_restored_epoch == 2 and fired.guard_every == 1
+    assert fired.epochs == 4 and len(fired.val_curve) == 4 and fired.guard_pgd_acc == [0.45, 0.5, 0.1]
     assert fired.guard_fgsm_acc == [0.5, 0.55, 0.9]  # measured until it fired
-    assert "pgd2" in seen  # the last epoch trained with PGD-2
-    assert fired.curve[2] == fired.curve[1]  # epoch 3's score is that of the restored epoch-2 weights
+    assert "pgd2" in seen  # epochs 3-4 trained with PGD-2
     seen.clear()
     together = iter([(0.7, 0.65), (0.68, 0.66), (0.45, 0.44), (0.4, 0.38)])  # both fall: no alarm
     monkeypatch.setattr(vtrain, "_guard_accuracy", lambda *a, **k: next(together))
     res = train_cell(tr, te, r, "linf", "none", seed=0)
     assert res.guard_fired_epoch is None and res.epochs == 4 and "pgd2" not in seen
-    assert fired.curve[:2] == res.curve[:2]  # the same training up to the alarm
+    assert fired.curve[:2] == res.curve[:2] and fired.val_curve[:2] == res.val_curve[:2]  # the same up to the alarm
     assert train_cell(tr, te, r, "erm", "none", seed=0).guard_pgd_acc == []  # ERM has no guard
+
+
+def test_a_sparser_guard_goes_back_to_its_last_passing_check(train3, test3, monkeypatch) -> None:
+    """Checking every 2nd epoch (after epochs 1, 2, 4, 6): an alarm at epoch 4 sends training back
+    to epoch 2 (weights, optimiser and schedule), drops epochs 3-4 from the curves and from epoch
+    selection, and trains epochs 3-6 with PGD-2: six epochs in all, the first two as without it."""
+    import verify.train as vtrain
+
+    tr, te = _tiny(train3, test3)
+    r = get_recipe("quick", epochs=6, batch_size=8)
+    monkeypatch.setattr(vtrain, "guard_every", lambda *a: 2)
+    calls: list[int] = []
+    readings = iter([(0.5, 0.45), (0.55, 0.5), (0.95, 0.05)])  # checks after epochs 1, 2, 4: the third fires
+
+    def reading(*a, **k):
+        calls.append(1)
+        return next(readings)
+
+    monkeypatch.setattr(vtrain, "_guard_accuracy", reading)
+    fired = train_cell(tr, te, r, "linf", "none", seed=0)
+    assert len(calls) == 3 and fired.guard_fired_epoch == 4 and fired.guard_restored_epoch == 2
+    assert fired.epochs == 6 and len(fired.val_curve) == 6 and len(fired.epoch_s) == 6
+    monkeypatch.setattr(vtrain, "_guard_accuracy", lambda *a, **k: (0.5, 0.45))
+    quiet = train_cell(tr, te, r, "linf", "none", seed=0)
+    assert quiet.guard_fired_epoch is None and len(quiet.guard_pgd_acc) == 4  # after epochs 1, 2, 4, 6
+    assert fired.val_curve[:2] == quiet.val_curve[:2] and fired.val_curve[2:] != quiet.val_curve[2:]
+    assert 1 <= fired.selected_epoch <= 6
+
+
+def test_the_guard_costs_at_most_a_quarter_of_fast_at() -> None:
+    """A check is (CO_STEPS + 1) x CO_BATCH gradient passes, a fast-AT epoch 2 per image."""
+    from verify.train import CO_BATCH, CO_SHARE, CO_STEPS, guard_every
+
+    assert guard_every(10_000) == guard_every(3072) == 1 and guard_every(3071) == 2 and guard_every(800) == 4
+    for n in (20, 100, 800, 2000, 3000, 50_000):
+        k = guard_every(n, min(CO_BATCH, n))
+        assert (CO_STEPS + 1) * min(CO_BATCH, n) <= CO_SHARE * 2 * n * k  # within a quarter
+        assert k == 1 or (CO_STEPS + 1) * min(CO_BATCH, n) > CO_SHARE * 2 * n * (k - 1)  # and the smallest such k
 
 
 def test_cells_stopped_by_the_old_guard_train_again(tmp_path) -> None:
