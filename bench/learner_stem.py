@@ -13,45 +13,27 @@ and validation split), at 64 px, with the quick tier's small-set recipe:
   learner would show as a lower protected accuracy (a kinder certificate);
 - fast L-inf AT on ``cuda64`` (``fastcnn_wide`` against the same with the stride-2 stem).
 Variants alternate per seed. Results in ``WORK/stem.json``. (Run on 2026-12-04 before the stem
-became the default, with the strided learners registered here and ``fastcnn`` as the full one; the
-roles are now reversed in the code, the cells are the same.)
+became the default, with the strided learners registered here and ``fastcnn`` as the full one; now
+the full one is ``bench.small_sets``' full-resolution pair; the cells are the same.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import SHARED, env_for, protect_once  # noqa: E402
-from bench.small_sets import stage  # noqa: E402
-import verify.train as vtrain  # noqa: E402
-from perturbations.nets import FastCNN  # noqa: E402
+from bench.common import env_for, protect_once  # noqa: E402
+from bench.small_sets import FULL_RES, eval_sets, run_cell, stage, table  # noqa: E402
 from verify.data import load_folder, resize_crop  # noqa: E402
-from verify.models import register_model  # noqa: E402
 from verify.recipes import fit_to_data, get_recipe  # noqa: E402
-
-import dataclasses  # noqa: E402
-
-
-@register_model
-def fastcnn_full(num_classes: int, in_channels: int = 3, image_size: int = 32):
-    """``fastcnn`` without the stride-2 stem (every layer at the input's resolution)."""
-    return FastCNN(num_classes, in_channels)
-
-
-@register_model
-def fastcnn_wide_full(num_classes: int, in_channels: int = 3, image_size: int = 32):
-    return FastCNN(num_classes, in_channels, widths=(32, 64, 128, 256))
 
 
 def stage64(src: Path, dst: Path, side: int) -> Path:
@@ -84,22 +66,14 @@ def main() -> None:
         (prot / ".protect-done").touch()
     clean = load_folder(train_dir, resolution=r)
     cuda = load_folder(prot, classes=clean.classes, resolution=r)
-    test_all = load_folder(SHARED / "flowers128" / "test", classes=clean.classes, resolution=r)
-    perm = torch.randperm(len(test_all), generator=torch.Generator().manual_seed(19))
-    val, test = test_all.subset(perm[:200]), test_all.subset(perm[200:])
+    val, test = eval_sets(clean.classes, r)
     base = fit_to_data(get_recipe("quick"), len(clean))
     # stem2: the quick tier's own learners (strided from 64 px up); full: the same without the stem
-    variants = {"full": dataclasses.replace(base, model="fastcnn_full", at_model="fastcnn_wide_full"), "stem2": base}
+    variants = {"full": dataclasses.replace(base, **FULL_RES), "stem2": base}
     rows: list[dict] = []
 
     def cell(v: str, set_name: str, data, training: str, seed: int) -> None:
-        t = time.perf_counter()
-        res = vtrain.train_cell(data, test, variants[v], training, "none", seed=seed, val=val)
-        wall = time.perf_counter() - t
-        rows.append({"variant": v, "set": set_name, "training": training, "seed": seed, "acc": res.acc,
-                     "epoch": res.selected_epoch, "epochs": res.epochs, "wall_s": round(wall, 1)})
-        print(f"{v:5s} {set_name:6s} {training:4s} seed {seed}: {res.acc:.3f} at epoch {res.selected_epoch}/"
-              f"{res.epochs} ({wall:.0f} s)", flush=True)
+        run_cell(rows, v, variants[v], set_name, data, training, seed, test, val)
         (work / "stem.json").write_text(json.dumps({"resolution": r, "rows": rows}, indent=1))
 
     for seed in range(args.seeds):
@@ -110,17 +84,8 @@ def main() -> None:
     for seed in range(args.at_seeds):
         for v in (("stem2", "full") if seed % 2 == 0 else ("full", "stem2")):
             cell(v, "cuda64", cuda, "linf", seed)
-    print("\n| cells | full: acc (seeds) | stride-2 stem | wall full / stem (median) |\n|---|---:|---:|---:|")
-    for set_name, training in (("clean", "erm"), ("cuda64", "erm"), ("cuda64", "linf")):
-        got = {v: [x for x in rows if (x["variant"], x["set"], x["training"]) == (v, set_name, training)]
-               for v in variants}
-        if not all(got.values()):
-            continue
-        acc = {v: statistics.mean(x["acc"] for x in g) for v, g in got.items()}
-        rng = {v: f"{min(x['acc'] for x in g):.3f}-{max(x['acc'] for x in g):.3f}" for v, g in got.items()}
-        wall = {v: statistics.median(x["wall_s"] for x in g) for v, g in got.items()}
-        print(f"| {training} on {set_name} | {acc['full']:.3f} ({rng['full']}) | {acc['stem2']:.3f} ({rng['stem2']}) | "
-              f"{wall['full']:.0f} s / {wall['stem2']:.0f} s = {wall['full'] / wall['stem2']:.2f}x |")
+    table(rows, "full", "stem2", (("clean", "erm"), ("cuda64", "erm"), ("cuda64", "linf")),
+          "full: acc (seeds) | stride-2 stem | wall full / stem (median)")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,48 @@ def fastcnn_wide_nostem(num_classes: int, in_channels: int = 3, image_size: int 
     return FastCNN(num_classes, in_channels, widths=(32, 64, 128, 256))
 
 
+#: The full-resolution learners (``fastcnn`` and ``fastcnn_wide`` before their stride-2 stem).
+FULL_RES = {"model": "fastcnn_nostem", "at_model": "fastcnn_wide_nostem"}
+
+
+def eval_sets(classes: list[str], resolution: int) -> tuple:
+    """(validation, test): a keyed 200 of the flowers128 test photos choose the epoch, the rest score."""
+    test_all = load_folder(SHARED / "flowers128" / "test", classes=classes, resolution=resolution)
+    perm = torch.randperm(len(test_all), generator=torch.Generator().manual_seed(19))
+    return test_all.subset(perm[:200]), test_all.subset(perm[200:])
+
+
+def run_cell(rows: list[dict], variant: str, recipe, set_name: str, data, training: str, seed: int,
+             test, val) -> None:
+    """Train one cell (no defense), append its row to ``rows`` and print it."""
+    t = time.perf_counter()
+    res = vtrain.train_cell(data, test, recipe, training, "none", seed=seed, val=val)
+    wall = time.perf_counter() - t
+    rows.append({"variant": variant, "set": set_name, "training": training, "seed": seed, "acc": res.acc,
+                 "epoch": res.selected_epoch, "epochs": res.epochs, "wall_s": round(wall, 1),
+                 "guard_fired": res.guard_fired_epoch, "guard_every": res.guard_every})
+    print(f"{variant:6s} {set_name:6s} {training:4s} seed {seed}: {res.acc:.3f} at epoch "
+          f"{res.selected_epoch}/{res.epochs} ({wall:.0f} s)", flush=True)
+
+
+def table(rows: list[dict], a: str, b: str, cells: tuple[tuple[str, str], ...], header: str) -> None:
+    """The side-by-side table of variants ``a`` and ``b``: mean accuracy (range over seeds) and the
+    ratio of median wall times, one line per (set, training) of ``cells`` that both have."""
+    print(f"\n| cells | {header} |\n|---|---:|---:|---:|")
+    for set_name, training in cells:
+        got = {v: [x for x in rows if (x["variant"], x["set"], x["training"]) == (v, set_name, training)]
+               for v in (a, b)}
+        if not all(got.values()):
+            continue
+        acc = {v: statistics.mean(x["acc"] for x in g) for v, g in got.items()}
+        rng = {v: f"{min(x['acc'] for x in g):.3f}-{max(x['acc'] for x in g):.3f}" for v, g in got.items()}
+        wall = {v: statistics.median(x["wall_s"] for x in g) for v, g in got.items()}
+        print(f"| {training} on {set_name} | {acc[a]:.3f} ({rng[a]}) | {acc[b]:.3f} ({rng[b]}) | "
+              f"{wall[a]:.0f} s / {wall[b]:.0f} s = {wall[a] / wall[b]:.2f}x |")
+
+
 def recipes(n: int) -> dict:
-    q = dataclasses.replace(get_recipe("quick"), model="fastcnn_nostem", at_model="fastcnn_wide_nostem")
+    q = dataclasses.replace(get_recipe("quick"), **FULL_RES)
     now = fit_to_data(q, n)
     bs = min(q.batch_size, max(16, n // 8), n)  # the rule before 2026-12-04
     epochs = max(q.epochs, -(-q.min_steps // (n // bs)))
@@ -94,9 +134,7 @@ def main() -> None:
     r = args.resolution
     clean = load_folder(train_dir, resolution=r)
     cuda = load_folder(cuda_dir, classes=clean.classes, resolution=r)
-    test_all = load_folder(SHARED / "flowers128" / "test", classes=clean.classes, resolution=r)
-    perm = torch.randperm(len(test_all), generator=torch.Generator().manual_seed(19))
-    val, test = test_all.subset(perm[:200]), test_all.subset(perm[200:])
+    val, test = eval_sets(clean.classes, r)
     recs = recipes(len(clean))
     for name, rec in recs.items():
         print(f"{name}: batch {rec.batch_size}, {rec.epochs} epochs, AT {rec.at_epochs} epochs", flush=True)
@@ -106,14 +144,7 @@ def main() -> None:
 
     def cell(variant: str, data_name: str, data, training: str, seed: int) -> None:
         vtrain.guard_every = (lambda *a: 1) if variant == "before" else real_every
-        t = time.perf_counter()
-        res = vtrain.train_cell(data, test, recs[variant], training, "none", seed=seed, val=val)
-        wall = time.perf_counter() - t
-        rows.append({"variant": variant, "set": data_name, "training": training, "seed": seed, "acc": res.acc,
-                     "epoch": res.selected_epoch, "epochs": res.epochs, "wall_s": round(wall, 1),
-                     "guard_fired": res.guard_fired_epoch, "guard_every": res.guard_every})
-        print(f"{variant:6s} {data_name:5s} {training:4s} seed {seed}: {res.acc:.3f} at epoch "
-              f"{res.selected_epoch}/{res.epochs} ({wall:.0f} s)", flush=True)
+        run_cell(rows, variant, recs[variant], data_name, data, training, seed, test, val)
         out.write_text(json.dumps({"resolution": r, "n_train": len(clean), "n_val": len(val), "n_test": len(test),
                                    "recipes": {k: dataclasses.asdict(v) for k, v in recs.items()},
                                    "rows": rows}, indent=1, default=str))
@@ -127,18 +158,8 @@ def main() -> None:
         for v in (("now", "before") if seed % 2 == 0 else ("before", "now")):
             cell(v, "cuda", cuda, "linf", seed)
     vtrain.guard_every = real_every
-    print("\n| cells | before: acc (mean over seeds) | now | wall before / now (median) |")
-    print("|---|---:|---:|---:|")
-    for data_name, training in (("clean", "erm"), ("cuda", "erm"), ("cuda", "linf")):
-        got = {v: [x for x in rows if (x["variant"], x["set"], x["training"]) == (v, data_name, training)]
-               for v in recs}
-        if not all(got.values()):
-            continue
-        acc = {v: statistics.mean(x["acc"] for x in got[v]) for v in got}
-        spread = {v: f"{min(x['acc'] for x in got[v]):.3f}-{max(x['acc'] for x in got[v]):.3f}" for v in got}
-        wall = {v: statistics.median(x["wall_s"] for x in got[v]) for v in got}
-        print(f"| {training} on {data_name} | {acc['before']:.3f} ({spread['before']}) | {acc['now']:.3f} "
-              f"({spread['now']}) | {wall['before']:.0f} s / {wall['now']:.0f} s = {wall['before'] / wall['now']:.2f}x |")
+    table(rows, "before", "now", (("clean", "erm"), ("cuda", "erm"), ("cuda", "linf")),
+          "before: acc (mean over seeds) | now | wall before / now (median)")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ augmentation, defense, attack); weight init runs under ``torch.random.fork_rng``
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -196,17 +197,6 @@ def _guard_accuracy(net: nn.Module, x: Tensor, y: Tensor, attack: dict, g: torch
             return (float((net(xf).argmax(1) == y).float().mean()), float((net(xa).argmax(1) == y).float().mean()))
     finally:
         net.train(was_training)
-
-
-def _copy_state(state: object) -> object:
-    """A detached copy of a ``state_dict`` (tensors cloned, containers copied)."""
-    if isinstance(state, Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: _copy_state(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_copy_state(v) for v in state)
-    return state
 
 
 def _subseed(seed: int, purpose: str) -> int:
@@ -595,8 +585,8 @@ def train_cell(
                     attack.clear()
                     attack.update(fallback)
                     continue
-                checkpoint = {"epoch": epoch, "net": _copy_state(net.state_dict()),
-                              "opt": _copy_state(opt.state_dict()), "sched": sched.state_dict(), "best": None}
+                checkpoint = {"epoch": epoch, "net": copy.deepcopy(net.state_dict()),
+                              "opt": copy.deepcopy(opt.state_dict()), "sched": sched.state_dict(), "best": None}
             last = epoch == recipe.epochs - 1
             ev_val = evaluate_metrics(net, x_val, y_val, recipe.eval_batch_size, autocast)
             val_evals.append(ev_val)
