@@ -27,6 +27,9 @@ METHODS: dict[str, list[str]] = {
     "salm": ["--method", "salm"],
     "salm-jpeg": ["--method", "salm", "--param", "jpeg=75-95"],
     "cuda": ["--method", "cuda"],
+    "cuda-ref128": ["--method", "cuda", "--param", "reference=128"],
+    "cuda-ref128-k3": ["--method", "cuda", "--param", "reference=128", "--param", "filter_size=3",
+                       "--param", "blur=0.3"],
 }
 
 
