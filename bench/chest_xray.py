@@ -26,6 +26,7 @@ DATA = SHARED / "chest_xray512"
 METHODS: dict[str, list[str]] = {
     "salm": ["--method", "salm"],
     "salm-jpeg": ["--method", "salm", "--param", "jpeg=75-95"],
+    "salm-64": ["--method", "salm", "--param", "max_side=64"],
     "cuda": ["--method", "cuda"],
     "cuda-ref128": ["--method", "cuda", "--param", "reference=128"],
     "cuda-ref128-k3": ["--method", "cuda", "--param", "reference=128", "--param", "filter_size=3",
