@@ -1,7 +1,11 @@
 """What a photographer sees: protect the Kodak photos as one flat, unlabelled folder with the
 Quickstart's command (no --method: the label-free default, offline) and write before/after crops.
 
-    python bench/photo_crops.py [--out docs/img] [--work /dev/shm/protect-photos] [-- EXTRA OPTIONS]
+    python bench/photo_crops.py [--out docs/img] [--name photo-before-after] [--work /dev/shm/protect-photos] [-- EXTRA OPTIONS]
+
+``docs/img/photo-before-after.png`` is the default (UC under the photo floor --max-delta-e 2);
+``docs/img/photo-before-after-off.png`` is ``--name photo-before-after-off -- --max-delta-e off``
+(UC's whole 16/255 change, its colour blotches).
 
 Writes ``photo-before-after.png`` (for each of two photos: a 1:1 crop of the original, the same crop
 protected, their difference amplified 8x around grey, and both whole photos as 256-px thumbnails)
@@ -42,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm/protect-photos"))
+    ap.add_argument("--name", default="photo-before-after", help="file name of the sheet, without .png")
     ap.add_argument("--photos", default="kodim05,kodim15", help="two photos of the set, shown in the sheet")
     ap.add_argument("extra", nargs="*", help="more `protect images` options (after --)")
     args = ap.parse_args()
@@ -85,8 +90,8 @@ def main() -> None:
             sheet.paste(tile, (x, top + 16))
             x += tile.width + gap
     args.out.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out / "photo-before-after.png")
-    print(f"wrote {args.out / 'photo-before-after.png'}")
+    sheet.save(args.out / f"{args.name}.png")
+    print(f"wrote {args.out / f'{args.name}.png'}")
 
 
 if __name__ == "__main__":

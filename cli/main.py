@@ -51,6 +51,16 @@ def keygen(output: str | None) -> None:
                "protected images cannot be reproduced or extended", err=True)
 
 
+def _floor(value: str) -> float | str:
+    """``--max-delta-e``: a number, ``auto`` (the default) or ``off``."""
+    if value.lower() in ("auto", "off", "none"):
+        return "off" if value.lower() == "none" else value.lower()
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a number, 'auto' or 'off'", param_hint="--max-delta-e") from None
+
+
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
     from perturbations.base import parse_assignments
 
@@ -81,9 +91,10 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--param", "extra", multiple=True, metavar="NAME=VALUE", help="Any other method parameter; STAGE.NAME=VALUE for one stage of a composed method.")
 @click.option("--format", "out_format", type=click.Choice(["keep", "png"]), default="keep", show_default=True, help="Output format: keep each file's own, or write PNG.")
 @click.option("--jpeg-quality", type=int, help="Quality of JPEG outputs (default: each input's own quality and chroma subsampling, estimated from its tables; a given quality writes 4:4:4).")
-@click.option("--max-delta-e", type=float, metavar="DE",
+@click.option("--max-delta-e", metavar="DE|off", default="auto",
               help="Fidelity floor: scale back each image's change until its low-frequency colour difference "
-                   "(CIELAB dE, blurred) is at most DE (2.3 is about just noticeable); the scale is noted per image.")
+                   "(CIELAB dE, blurred) is at most DE (2.3 is about just noticeable); the scale is noted per image. "
+                   "Default: 2 for the photo default (no --method, no labels), off otherwise; off: no floor.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: the CPU cores; with --engine ray: the cluster's).")
@@ -107,7 +118,7 @@ def images(inputs: tuple[str, ...], out_dir: str, key: str | None, key_file: str
            surrogate: str | None, surrogate_weights: str | None, eps: str | None, mask_ratio: float | None,
            robust: str | None, state_from: str | None,
            extra: tuple[str, ...],
-           out_format: str, jpeg_quality: int | None, max_delta_e: float | None, device: str, batch_size: int,
+           out_format: str, jpeg_quality: int | None, max_delta_e: str, device: str, batch_size: int,
            workers: int | None, memory: str | None, engine: str, record_dir: str | None, overwrite: bool, prune: bool, strict: bool, max_pixels: int | None,
            allow_reprotect: bool, preview: int | None, as_json: bool,
            quiet: bool) -> None:
@@ -128,7 +139,7 @@ def images(inputs: tuple[str, ...], out_dir: str, key: str | None, key_file: str
         method=method, params=params, labels_csv=labels_csv, out_format=out_format, device=device,
         batch_size=batch_size, workers=workers, memory=parse_size(memory) if memory else None, engine=engine,
         record_dir=record_dir, state_from=state_from, fit_progress=_FitBars(quiet or as_json), overwrite=overwrite, prune=prune, strict=strict,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, jpeg_quality=jpeg_quality, max_delta_e=max_delta_e,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, jpeg_quality=jpeg_quality, max_delta_e=_floor(max_delta_e),
         progress=not quiet,
         allow_reprotect=allow_reprotect, on_phase=None if (quiet or as_json) else _phase_line,
     )

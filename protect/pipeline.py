@@ -36,6 +36,11 @@ from .work import Prev, Result, Spec, Task
 
 log = logging.getLogger(__name__)
 
+#: The fidelity floor of the photo default (label-free UC on a folder without labels): mean CIELAB
+#: dE of the blurred images at most 2, below the 2.3 of a just-noticeable difference (issue 19's
+#: target; on the Kodak photos UC then measures dE 1.93, SSIM 0.999, docs/BENCHMARKS.md).
+PHOTO_MAX_DELTA_E = 2.0
+
 #: Where the per-file work runs (``--engine``).
 ENGINES = ("local", "ray")
 
@@ -75,7 +80,10 @@ class ProtectOptions:
     strict: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int | None = None  # None: each JPEG's own quality and subsampling ("auto")
-    max_delta_e: float | None = None  # fidelity floor: no image's low-frequency dE above it (None: off)
+    #: fidelity floor: no image's low-frequency dE above it. ``"auto"`` (default): ``PHOTO_MAX_DELTA_E``
+    #: for the photo default (no method given, no labels: label-free UC), the recorded floor when a run
+    #: resumes or reuses ``--state``, else off; ``None`` or ``"off"``: off; a number: that floor.
+    max_delta_e: float | str | None = "auto"
     progress: bool = True
     allow_reprotect: bool = False
     on_phase: Callable[[str], Any] | None = None
@@ -171,7 +179,10 @@ def _check_options(options: ProtectOptions) -> None:
         raise ConfigError("JPEG quality must be in 1..100")
     if options.max_pixels < 1:
         raise ConfigError("--max-pixels must be >= 1")
-    if options.max_delta_e is not None and not options.max_delta_e > 0:
+    if isinstance(options.max_delta_e, str):
+        if options.max_delta_e not in ("auto", "off"):
+            raise ConfigError(f"--max-delta-e must be a number, 'auto' or 'off', got '{options.max_delta_e}'")
+    elif options.max_delta_e is not None and not options.max_delta_e > 0:
         raise ConfigError(f"--max-delta-e must be above 0 (e.g. 2.0, about a just-noticeable colour difference), "
                           f"got {options.max_delta_e:g}")
     if options.engine not in ENGINES:
@@ -274,6 +285,9 @@ def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
         method_note = f"the fitted {source.method} of {options.state_from} (--state)"
     else:
         method_name, given, method_note = _choose_method(options, dataset, record_dir)
+    floor, floor_note = _choose_floor(options, dataset, record_dir, source)
+    options = replace(options, max_delta_e=floor)
+    method_note = "; ".join(n for n in (method_note, floor_note) if n)
     method_cls = perturbations.get(method_name)
     formats = [e.format for e in dataset.entries]
     out_rels = [output_name(e.rel, f, options.out_format) for e, f in zip(dataset.entries, formats)]
@@ -442,6 +456,31 @@ def _choose_method(options: ProtectOptions, dataset: Dataset, record_dir: Path) 
     return "uc", options.params, "no labels found: the label-free method (--method or class sub-folders choose another)"
 
 
+def _choose_floor(options: ProtectOptions, dataset: Dataset, record_dir: Path,
+                  source: "_Source | None") -> tuple[float | None, str]:
+    """The fidelity floor (``--max-delta-e``) this run uses, and why when it was not given: the
+    photo default ``PHOTO_MAX_DELTA_E`` for the label-free default method (no ``--method``, no
+    labels, no earlier run), or the floor of the run resumed (its record) or reused (``--state``)."""
+    value = options.max_delta_e
+    if value is None or value == "off":
+        return None, ""
+    if value != "auto":
+        return float(value), ""
+    if source is not None:
+        return source.max_delta_e, ""
+    try:
+        previous = None if options.overwrite else RunRecord.find(record_dir)
+    except RecordError:
+        previous = None
+    if previous is not None and previous.header.get("method"):  # a rerun resumes as it was made
+        recorded = previous.header.get("max_delta_e")
+        return (None if recorded is None else float(recorded)), ""
+    if options.method or dataset.labelled:
+        return None, ""
+    return PHOTO_MAX_DELTA_E, (f"photo default --max-delta-e {PHOTO_MAX_DELTA_E:g}: no visible colour change; "
+                               "--max-delta-e off keeps the whole, visible, perturbation")
+
+
 def _protect_output_evidence(dataset: Dataset, in_path: Path, own_record: Path) -> str | None:
     """Why the input looks like a protect output, or None: a run record beside it (``IN.protect``),
     or a record beside it (any ``*.protect`` folder next to the input) whose outputs have the same
@@ -479,6 +518,7 @@ class _Source:
     state: dict[str, torch.Tensor]
     sha: str
     dataset: Dataset
+    max_delta_e: float | None = None
 
 
 def _state_source(options: ProtectOptions, keyring: Keyring, dataset: Dataset) -> _Source:
@@ -505,8 +545,9 @@ def _state_source(options: ProtectOptions, keyring: Keyring, dataset: Dataset) -
         entries = [replace(e, label=classes[dataset.classes[e.label]]) if e.label is not None else e
                    for e in dataset.entries]
         dataset = replace(dataset, entries=entries, classes=names)
+    floor = src.header.get("max_delta_e")
     return _Source(str(src.header.get("method")), dict(src.header.get("params") or {}), state,
-                   src.state_sha256() or "", dataset)
+                   src.state_sha256() or "", dataset, None if floor is None else float(floor))
 
 
 def _stable_params(method: Perturbation) -> dict[str, Any]:

@@ -4,6 +4,7 @@ folder holds (issue 17)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -105,6 +106,12 @@ def test_the_readme_photo_quickstart_works_offline_as_written(tmp_path, capsys, 
     assert "DSC_0002.NEF" in text and "camera RAW (.nef) is not read: export it to JPEG or TIFF" in text
     assert "1 file(s) not read" in text
     assert "notes.txt" not in text + err and ".DS_Store" not in text + err
+    # the photo default is invisible: the fidelity floor dE 2 holds for every photo, and says so
+    assert "photo default --max-delta-e 2" in text, text
+    journal = [json.loads(line) for line in
+               (tmp_path / "photos-protected.protect" / "journal.jsonl").read_text().splitlines()
+               if line.strip().startswith("{") and '"path"' in line]
+    assert journal and all(e["delta_e"] <= 2.0 + 1e-6 for e in journal if e.get("delta_e") is not None)
     # a non-terminal run is not silent: one line per phase on stderr
     for phase in ("found ", "method: uc", "fit: uc", "protect: "):
         assert phase in err, err

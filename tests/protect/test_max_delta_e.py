@@ -70,3 +70,44 @@ def test_protect_images_respects_max_delta_e_per_image(tmp_path: Path, test_key:
     assert other.exit_code != 0 and "max_delta_e" in str(other.exception)  # one line at the console entry point
     bad = runner.invoke(cli, [*base, "--max-delta-e", "0", str(src), str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--max-delta-e" in str(bad.exception) and not (tmp_path / "bad").exists()
+
+
+def test_the_photo_default_floor_is_two_only_for_the_label_free_default_and_follows_the_record(
+        tmp_path: Path, test_key: str) -> None:
+    """No --method and no labels (the photographer's folder): floor 2, recorded; ``off`` removes it;
+    a labelled folder or a chosen method has none; a rerun keeps what its record says."""
+    from cli.main import cli
+
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for f in sorted(KODAK.glob("*.png"))[:2]:
+        Image.open(f).convert("RGB").resize((96, 64)).save(flat / f.name)
+    runner = CliRunner()
+    base = ["images", "--key", test_key, "--json", "--quiet", "--surrogate", "random:tiny"]
+
+    def header(out: Path) -> dict:
+        return json.loads((out.parent / f"{out.name}.protect" / "journal.jsonl").read_text().splitlines()[0])["header"]
+
+    res = runner.invoke(cli, [*base, str(flat), str(tmp_path / "auto")])
+    assert res.exit_code == 0, res.output
+    assert header(tmp_path / "auto")["max_delta_e"] == 2.0
+    assert json.loads(res.output)["delta_e_mean"] <= 2.0 + 1e-6
+    off = runner.invoke(cli, [*base, "--max-delta-e", "off", str(flat), str(tmp_path / "off")])
+    assert off.exit_code == 0, off.output
+    assert header(tmp_path / "off")["max_delta_e"] is None
+    # the run made without a floor resumes as it was: no setting changed, nothing redone
+    again = runner.invoke(cli, [*base, str(flat), str(tmp_path / "off")])
+    assert again.exit_code == 0 and json.loads(again.output)["skipped"] == 2, again.output
+    named = runner.invoke(cli, [*base, "--method", "uc", str(flat), str(tmp_path / "auto")])  # same run, resumed
+    assert named.exit_code == 0 and json.loads(named.output)["skipped"] == 2, named.output
+    chosen = runner.invoke(cli, [*base, "--method", "uc", str(flat), str(tmp_path / "chosen")])
+    assert chosen.exit_code == 0 and header(tmp_path / "chosen")["max_delta_e"] is None
+    labelled = tmp_path / "labelled"
+    for i, f in enumerate(sorted(flat.iterdir())):
+        (labelled / f"c{i}").mkdir(parents=True)
+        (labelled / f"c{i}" / f.name).write_bytes(f.read_bytes())
+    lab = runner.invoke(cli, [*base[:-2], str(labelled), str(tmp_path / "lab")])
+    assert lab.exit_code == 0, lab.output
+    assert header(tmp_path / "lab")["max_delta_e"] is None
+    bad = runner.invoke(cli, [*base, "--max-delta-e", "lots", str(flat), str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--max-delta-e" in bad.output and not (tmp_path / "bad").exists()
