@@ -27,9 +27,11 @@ METHODS: dict[str, list[str]] = {
     "salm": ["--method", "salm"],
     "salm-jpeg": ["--method", "salm", "--param", "jpeg=75-95"],
     "salm-64": ["--method", "salm", "--param", "max_side=64"],
-    # dense error-minimising noise made at 64 px: the nearest-neighbour upscale to 512 px keeps it
-    # as 8x8 blocks, which the attacker's downscale to 128 px averages only 4x4 -> 2x2, not away
-    "em8-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "8/255", "--param", "max_side=64"],
+    # dense error-minimising noise made at 64 px, below the attacker's 128: the attacker's downscale
+    # keeps it (each working pixel is 2x2 pixels at 128 px). em16-64 enlarges it as 8x8 blocks
+    # (nearest); em8-64 as a smooth field (bilinear), without block edges
+    "em8-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "8/255", "--param", "max_side=64",
+               "--param", "upscale=bilinear"],
     "em16-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "16/255", "--param", "max_side=64"],
     "cuda": ["--method", "cuda"],
     "cuda-ref128": ["--method", "cuda", "--param", "reference=128"],

@@ -138,6 +138,10 @@ class SALM(AdditivePerturbation):
         budget: ``"flat"`` (default: ``eps`` everywhere) or ``"jnd"``: each pixel's change at most
             ``jnd_scale`` just-noticeable differences of its image (:mod:`perturbations.masking`).
         jnd_scale: with ``budget="jnd"``: JNDs allowed per pixel (default 1).
+        upscale: how the noise made at the working size is enlarged to a larger image: ``nearest``
+            (default: a sparse support stays sparse, each working pixel a block) or ``bilinear``
+            (dense noise only, ``mask_ratio = 1``: a smooth field without block edges; both keep
+            the bound, and both survive an attacker's downscale to the working size).
         jpeg: ``"LO-HI"`` JPEG qualities (e.g. ``"75-95"``; default off): the surrogate's training
             and the noise steps go through a differentiable JPEG round trip at a keyed random quality
             in [LO, HI] per image (before the flips and crops), as a platform re-encodes a published
@@ -194,6 +198,7 @@ class SALM(AdditivePerturbation):
         jpeg: str | None = None,
         budget: str = "flat",
         jnd_scale: float = 1.0,
+        upscale: str = "nearest",
     ) -> None:
         super().__init__(keyring)
         self._init_budget(budget, jnd_scale)
@@ -233,6 +238,12 @@ class SALM(AdditivePerturbation):
         if mask_scope not in MASK_SCOPES:
             raise ConfigError(f"salm: mask_scope must be one of {', '.join(MASK_SCOPES)}, got '{mask_scope}'")
         self.mask_scope = mask_scope
+        if upscale not in ("nearest", "bilinear"):
+            raise ConfigError(f"salm: upscale must be nearest or bilinear, got '{upscale}'")
+        if upscale == "bilinear" and self.mask_ratio < 1.0:
+            raise ConfigError("salm: upscale=bilinear spreads a sparse support over its neighbours; "
+                              "it needs dense noise (mask_ratio 1)")
+        self.resize_mode = upscale
         self._steps_spent = 0
         self.size: tuple[int, int] | None = None
         self.channels: int | None = None
@@ -453,7 +464,7 @@ class SALM(AdditivePerturbation):
                 "inner_stop": self.inner_stop, "augment": self.augment,
                 "robust": self.robust, "robust_steps": self.robust_steps, "init": self.init, "mask_scope": self.mask_scope,
                 "jpeg": range_text(self.jpeg),
-                "budget": self.budget, "jnd_scale": self.jnd_scale,
+                "budget": self.budget, "jnd_scale": self.jnd_scale, "upscale": self.resize_mode,
                 "working_size": list(self.size) if self.size else None}
 
     def fit_report(self) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def test_registered_with_labels_and_defaults():
                                     dict(surrogate="vgg"), dict(num_classes=1), dict(stop_error=1.0),
                                     dict(robust=-0.1), dict(robust=1.0), dict(robust_steps=0), dict(init="zeros"),
                                     dict(mask_scope="pixel"),
-                                    dict(jpeg="0"), dict(jpeg="90-80")])
+                                    dict(jpeg="0"), dict(jpeg="90-80"), dict(upscale="cubic"),
+                                    dict(upscale="bilinear")])
 def test_bad_arguments(kwargs):
     with pytest.raises(ConfigError):
         perturbations.get("salm")(Keyring.from_seed(0), **kwargs)
@@ -162,6 +163,29 @@ def test_rho_one_is_dense_error_minimising_noise(data, monkeypatch):
     plain = perturbations.get("salm")(Keyring.from_seed(3), mask_ratio=1.0, **FAST).fit(_fit_data(x8, ids, labels))
     assert torch.equal(dense.noise_of(ids), plain.noise_of(ids))
     assert float((dense.noise_of(ids) != 0).float().mean()) > 0.9
+
+
+def test_dense_noise_enlarges_smoothly_with_bilinear_upscale_and_keeps_the_bound(data):
+    """Noise made at a 14-px working size on 28-px images: ``nearest`` repeats each value as a 2x2
+    block, ``bilinear`` interpolates (no block edges: smaller steps between neighbours) from the same
+    fitted noise; both stay within eps on the integer grid and the same key gives the same output."""
+    x8, ids, labels = data
+    made = {}
+    for mode in ("nearest", "bilinear"):
+        m = perturbations.get("salm")(Keyring.from_seed(5), mask_ratio=1.0, max_side=14, upscale=mode, **FAST)
+        m.fit(_fit_data(x8, ids, labels))
+        assert m.params()["upscale"] == mode and m.params()["working_size"] == [14, 14]
+        made[mode] = (m, (m.protect_levels(x8, None, ids, 255).int() - x8.int()))
+    near, bil = made["nearest"][1], made["bilinear"][1]
+    assert torch.equal(made["nearest"][0].noise_of(ids), made["bilinear"][0].noise_of(ids))  # same fit
+    for d in (near, bil):
+        assert int(d.abs().max()) <= 8 and float((d != 0).float().mean()) > 0.5
+    inside = x8[..., 1:-1, 1:-1].gt(12) & x8[..., 1:-1, 1:-1].lt(243)  # away from clipping
+    step = lambda d: float((d[..., 1:-1, 2:] - d[..., 1:-1, 1:-1]).abs()[inside].float().mean())  # noqa: E731
+    assert step(bil) < 0.75 * step(near)
+    again = perturbations.get("salm")(Keyring.from_seed(5), mask_ratio=1.0, max_side=14, upscale="bilinear", **FAST)
+    again.fit(_fit_data(x8, ids, labels))
+    assert torch.equal(again.protect_levels(x8, None, ids, 255).int() - x8.int(), bil)
 
 
 def _fresh_loss(inputs: torch.Tensor, y: torch.Tensor) -> float:
