@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("cifar-resnet8", "cifar-resnet20", "cifar-resnet32", "cifar-resnet44", "cifar-resnet56", "tiny")
 TABLE_KEYS = ("table_hashes", "table_clusters", "noise")
-INITS = ("uniform", "classwise")
+INITS = ("uniform", "classwise", "tile")
 MASK_SCOPES = ("image", "class")
 
 
@@ -129,7 +129,12 @@ class SALM(AdditivePerturbation):
             non-robust noise.
         init: where the noise starts: ``classwise`` (default: one keyed +-eps sign pattern per class,
             masked per image, a class-consistent shortcut for the steps to refine; 0.34 against
-            0.28 on BreastMNIST) or ``uniform`` (the EM paper's).
+            0.28 on BreastMNIST), ``uniform`` (the EM paper's) or ``tile``: one keyed +-eps
+            ``tile x tile`` sign pattern per class, repeated over the working size. A pattern tied
+            to positions carries its class only while the images stay aligned; photos and X-rays
+            of mixed aspect ratios, resized and cropped by the attacker, lose that alignment, and a
+            repeated tile keeps its class in every local window (a stationary shortcut).
+        tile: side of the ``tile`` start in working pixels (default 4).
         mask_scope: whose saliency picks the masked positions: ``image`` (default, the paper's: each
             image's own top ``mask_ratio`` positions) or ``class`` (the top positions of the class's
             summed saliency, each image's map normalised to sum 1, recomputed every round: every
@@ -199,6 +204,7 @@ class SALM(AdditivePerturbation):
         budget: str = "flat",
         jnd_scale: float = 1.0,
         upscale: str = "nearest",
+        tile: int = 4,
     ) -> None:
         super().__init__(keyring)
         self._init_budget(budget, jnd_scale)
@@ -235,6 +241,9 @@ class SALM(AdditivePerturbation):
         if init not in INITS:
             raise ConfigError(f"salm: init must be one of {', '.join(INITS)}, got '{init}'")
         self.init = init
+        if int(tile) != tile or not 1 <= tile <= 64:
+            raise ConfigError(f"salm: tile must be an integer in 1..64, got {tile}")
+        self.tile = int(tile)
         if mask_scope not in MASK_SCOPES:
             raise ConfigError(f"salm: mask_scope must be one of {', '.join(MASK_SCOPES)}, got '{mask_scope}'")
         self.mask_scope = mask_scope
@@ -351,6 +360,14 @@ class SALM(AdditivePerturbation):
             patterns = torch.randint(0, 2, (self.num_classes, *x.shape[1:]),
                                      generator=self.keyring.generator("salm/classwise")).float().mul_(2).sub_(1)
             delta = patterns[y].mul_(self.eps)
+        elif self.init == "tile":
+            assert self.num_classes is not None
+            c, h, w = x.shape[1:]
+            t = self.tile
+            tiles = torch.randint(0, 2, (self.num_classes, c, t, t),
+                                  generator=self.keyring.generator("salm/tile")).float().mul_(2).sub_(1)
+            patterns = tiles.repeat(1, 1, -(-h // t), -(-w // t))[..., :h, :w]
+            delta = patterns[y].mul_(self.eps)
         else:
             delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(self.eps)
         return (x + delta).clamp(0, 1) - x
@@ -463,6 +480,7 @@ class SALM(AdditivePerturbation):
                 "max_side": self.max_side, "lr": self.lr,
                 "inner_stop": self.inner_stop, "augment": self.augment,
                 "robust": self.robust, "robust_steps": self.robust_steps, "init": self.init, "mask_scope": self.mask_scope,
+                "tile": self.tile,
                 "jpeg": range_text(self.jpeg),
                 "budget": self.budget, "jnd_scale": self.jnd_scale, "upscale": self.resize_mode,
                 "working_size": list(self.size) if self.size else None}

@@ -60,7 +60,7 @@ def test_registered_with_labels_and_defaults():
                                     dict(robust=-0.1), dict(robust=1.0), dict(robust_steps=0), dict(init="zeros"),
                                     dict(mask_scope="pixel"),
                                     dict(jpeg="0"), dict(jpeg="90-80"), dict(upscale="cubic"),
-                                    dict(upscale="bilinear")])
+                                    dict(upscale="bilinear"), dict(tile=0), dict(tile=2.5)])
 def test_bad_arguments(kwargs):
     with pytest.raises(ConfigError):
         perturbations.get("salm")(Keyring.from_seed(0), **kwargs)
@@ -186,6 +186,22 @@ def test_dense_noise_enlarges_smoothly_with_bilinear_upscale_and_keeps_the_bound
     again = perturbations.get("salm")(Keyring.from_seed(5), mask_ratio=1.0, max_side=14, upscale="bilinear", **FAST)
     again.fit(_fit_data(x8, ids, labels))
     assert torch.equal(again.protect_levels(x8, None, ids, 255).int() - x8.int(), bil)
+
+
+def test_tile_start_repeats_one_keyed_tile_per_class():
+    """``init="tile"``: every image of a class starts from the same +-eps tile repeated over the
+    working size (so any window of the tile's size holds the class), keyed, one tile per class."""
+    m = perturbations.get("salm")(Keyring.from_seed(7), num_classes=3, init="tile", tile=4, eps="8/255")
+    x = torch.full((6, 1, 22, 18), 0.5)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    d = m._start(x, y, torch.Generator().manual_seed(0))
+    assert d.abs().sub(8 / 255).abs().max() < 1e-6  # every pixel at +-eps
+    assert torch.equal(d[..., 4:, :], d[..., :-4, :]) and torch.equal(d[..., :, 4:], d[..., :, :-4])  # period 4
+    assert torch.equal(d[0], d[3]) and not torch.equal(d[0], d[1]) and not torch.equal(d[1], d[2])
+    again = perturbations.get("salm")(Keyring.from_seed(7), num_classes=3, init="tile", tile=4, eps="8/255")
+    assert torch.equal(again._start(x, y, torch.Generator().manual_seed(1)), d)  # the key, not the batch stream
+    other = perturbations.get("salm")(Keyring.from_seed(8), num_classes=3, init="tile", tile=4, eps="8/255")
+    assert not torch.equal(other._start(x, y, torch.Generator().manual_seed(0)), d)
 
 
 def _fresh_loss(inputs: torch.Tensor, y: torch.Tensor) -> float:
