@@ -27,15 +27,15 @@ METHODS: dict[str, list[str]] = {
     "salm": ["--method", "salm"],
     "salm-jpeg": ["--method", "salm", "--param", "jpeg=75-95"],
     "salm-64": ["--method", "salm", "--param", "max_side=64"],
-    # dense error-minimising noise made at 64 px, below the attacker's 128: the attacker's downscale
-    # keeps it (each working pixel is 2x2 pixels at 128 px). em16-64 enlarges it as 8x8 blocks
-    # (nearest); em8-64 as a smooth field (bilinear), without block edges
     # a stationary shortcut: one keyed 4x4 sign tile per class (8x8 px at the attacker's 128 px)
     # repeated over the image, which no aspect ratio, resize or crop misaligns
     "tile8-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "8/255", "--param", "max_side=64",
                  "--param", "init=tile", "--param", "upscale=bilinear"],
     "tile16-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "16/255", "--param", "max_side=64",
                   "--param", "init=tile", "--param", "upscale=bilinear"],
+    # dense error-minimising noise made at 64 px, below the attacker's 128: the attacker's downscale
+    # keeps it (each working pixel is 2x2 pixels at 128 px). em16-64 enlarges it as 8x8 blocks
+    # (nearest); em8-64 as a smooth field (bilinear), without block edges
     "em8-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "8/255", "--param", "max_side=64",
                "--param", "upscale=bilinear"],
     "em16-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "16/255", "--param", "max_side=64"],

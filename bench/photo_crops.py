@@ -90,8 +90,9 @@ def main() -> None:
             sheet.paste(tile, (x, top + 16))
             x += tile.width + gap
     args.out.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out / f"{args.name}.png")
-    print(f"wrote {args.out / f'{args.name}.png'}")
+    path = args.out / f"{args.name}.png"
+    sheet.save(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -279,13 +279,15 @@ def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
                              "the originals instead, or pass --allow-reprotect")
         reprotect_warning = f"the input looks like the output of a protect run ({reprotect}); protected again"
     source = _state_source(options, keyring, dataset) if options.state_from else None
-    method_note = ""
+    recorded = None  # the header of the run recorded at record_dir, read once for both choices
     if source is not None:
         method_name, given, dataset = source.method, source.params, source.dataset
         method_note = f"the fitted {source.method} of {options.state_from} (--state)"
     else:
-        method_name, given, method_note = _choose_method(options, dataset, record_dir)
-    floor, floor_note = _choose_floor(options, dataset, record_dir, source)
+        if not options.method or options.max_delta_e == "auto":
+            recorded = _recorded_header(record_dir)
+        method_name, given, method_note = _choose_method(options, dataset, record_dir, recorded)
+    floor, floor_note = _choose_floor(options, dataset, source, recorded)
     options = replace(options, max_delta_e=floor)
     method_note = "; ".join(n for n in (method_note, floor_note) if n)
     method_cls = perturbations.get(method_name)
@@ -438,29 +440,42 @@ def _remove_created(created: list[Path], record_dir: Path) -> None:
                 folder.rmdir()
 
 
-def _choose_method(options: ProtectOptions, dataset: Dataset, record_dir: Path) -> tuple[str, dict[str, Any], str]:
-    """The method, its parameters and why: the given one; else the method of the run recorded at
-    ``record_dir`` (a rerun resumes it); else CUDA for labelled images, label-free UC otherwise."""
-    if options.method:
-        return options.method, options.params, ""
+def _recorded_header(record_dir: Path) -> dict[str, Any] | None:
+    """The header of the run recorded at ``record_dir`` when it names a method, else None."""
     try:
         previous = RunRecord.find(record_dir)
     except RecordError:
-        previous = None  # unreadable: the run itself says why (or --overwrite replaces it)
-    if previous is not None and previous.header.get("method"):
-        name = str(previous.header["method"])
-        params = options.params or dict(previous.header.get("params") or {})
-        return name, params, f"the method recorded in {record_dir}"
+        return None  # unreadable: the run itself says why (or --overwrite replaces it)
+    return previous.header if previous is not None and previous.header.get("method") else None
+
+
+def _recorded_floor(header: dict[str, Any]) -> float | None:
+    """The fidelity floor a run record's header holds (None: none)."""
+    floor = header.get("max_delta_e")
+    return None if floor is None else float(floor)
+
+
+def _choose_method(options: ProtectOptions, dataset: Dataset, record_dir: Path,
+                   recorded: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
+    """The method, its parameters and why: the given one; else the method of the run recorded at
+    ``record_dir`` (its header ``recorded``: a rerun resumes it); else CUDA for labelled images,
+    label-free UC otherwise."""
+    if options.method:
+        return options.method, options.params, ""
+    if recorded is not None:
+        params = options.params or dict(recorded.get("params") or {})
+        return str(recorded["method"]), params, f"the method recorded in {record_dir}"
     if dataset.labelled:
         return "cuda", options.params, ""
     return "uc", options.params, "no labels found: the label-free method (--method or class sub-folders choose another)"
 
 
-def _choose_floor(options: ProtectOptions, dataset: Dataset, record_dir: Path,
-                  source: "_Source | None") -> tuple[float | None, str]:
+def _choose_floor(options: ProtectOptions, dataset: Dataset, source: "_Source | None",
+                  recorded: dict[str, Any] | None) -> tuple[float | None, str]:
     """The fidelity floor (``--max-delta-e``) this run uses, and why when it was not given: the
     photo default ``PHOTO_MAX_DELTA_E`` for the label-free default method (no ``--method``, no
-    labels, no earlier run), or the floor of the run resumed (its record) or reused (``--state``)."""
+    labels, no earlier run), or the floor of the run resumed (its header ``recorded``, unless
+    ``--overwrite``) or reused (``--state``)."""
     value = options.max_delta_e
     if value is None or value == "off":
         return None, ""
@@ -468,13 +483,8 @@ def _choose_floor(options: ProtectOptions, dataset: Dataset, record_dir: Path,
         return float(value), ""
     if source is not None:
         return source.max_delta_e, ""
-    try:
-        previous = None if options.overwrite else RunRecord.find(record_dir)
-    except RecordError:
-        previous = None
-    if previous is not None and previous.header.get("method"):  # a rerun resumes as it was made
-        recorded = previous.header.get("max_delta_e")
-        return (None if recorded is None else float(recorded)), ""
+    if recorded is not None and not options.overwrite:  # a rerun resumes as it was made
+        return _recorded_floor(recorded), ""
     if options.method or dataset.labelled:
         return None, ""
     return PHOTO_MAX_DELTA_E, (f"photo default --max-delta-e {PHOTO_MAX_DELTA_E:g}: no visible colour change; "
@@ -545,9 +555,8 @@ def _state_source(options: ProtectOptions, keyring: Keyring, dataset: Dataset) -
         entries = [replace(e, label=classes[dataset.classes[e.label]]) if e.label is not None else e
                    for e in dataset.entries]
         dataset = replace(dataset, entries=entries, classes=names)
-    floor = src.header.get("max_delta_e")
     return _Source(str(src.header.get("method")), dict(src.header.get("params") or {}), state,
-                   src.state_sha256() or "", dataset, None if floor is None else float(floor))
+                   src.state_sha256() or "", dataset, _recorded_floor(src.header))
 
 
 def _stable_params(method: Perturbation) -> dict[str, Any]:
