@@ -37,7 +37,7 @@ import torch
 import perturbations
 from perturbations import Keyring, Perturbation
 
-from .fidelity import delta_e, limit_delta_e, max_delta, measure
+from .fidelity import LIMIT_STEPS, delta_e, limit_delta_e, max_delta, measure
 from .imageio import LOSSY, Decoded, ImageError, decode, encode_pixels, lossy_settings
 from .record import Entry
 from .safefs import Tree, UnsafePath
@@ -371,6 +371,25 @@ class Context:
         ps, ss = measure(ref, w, levels)
         return ps[0], ss[0], max_delta(ref, w)[0], delta_e(ref, w, levels)[0]
 
+    def _within_floor_written(self, pixels: np.ndarray, dec: Decoded, fmt: str, ref: torch.Tensor, levels: int,
+                              floor: float, fid: tuple[float, float, int, float]
+                              ) -> tuple[bytes, tuple[float, float, int, float]]:
+        """A lossy file whose measured dE is above the fidelity floor: scale the change back further
+        (in steps of 1/``LIMIT_STEPS`` of what was encoded, as :func:`limit_delta_e` does before
+        encoding) and encode again until the written file is within the floor. At scale 0 the file
+        holds the original re-encoded, whatever its dE: the codec's error is not the method's."""
+        x = ref[0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
+        change = pixels.astype(np.float64) - x
+        k = LIMIT_STEPS
+        while fid[3] > floor and k > 0:
+            k = min(k - 1, int(k * floor / fid[3]))
+            scaled = np.clip(np.rint(x + change * (k / LIMIT_STEPS)), 0, levels).astype(pixels.dtype)
+            data = encode_pixels(scaled, dec, fmt, self.spec.jpeg_quality)
+            fid = self._measure_written(data, fmt, ref, levels)
+        dec.notes.append(f"change scaled by a further {k / LIMIT_STEPS:.3f} for --max-delta-e {floor:g} "
+                         f"in the {fmt} file as written")
+        return data, fid
+
     def _write(self, item: _Item, pixels: np.ndarray, ref: torch.Tensor, levels: int,
                fid: tuple[float, float, int, float] | None) -> Result:
         task, dec = item.task, item.decoded
@@ -382,6 +401,9 @@ class Context:
             data = encode_pixels(pixels, dec, fmt, self.spec.jpeg_quality)
             if fid is None:  # lossy: measure what the file holds, before it is written
                 fid = self._measure_written(data, fmt, ref, levels)
+                floor = self.spec.max_delta_e
+                if floor is not None and fid[3] > floor:  # the codec's own error on top of the change
+                    data, fid = self._within_floor_written(pixels, dec, fmt, ref, levels, floor, fid)
             self.tree.write(task.out_rel, data)
         except UnsafePath as exc:
             return Result("fail", task.rel, reason=f"cannot write output: {exc.strerror}")

@@ -111,3 +111,24 @@ def test_the_photo_default_floor_is_two_only_for_the_label_free_default_and_foll
     assert header(tmp_path / "lab")["max_delta_e"] is None
     bad = runner.invoke(cli, [*base, "--max-delta-e", "lots", str(flat), str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--max-delta-e" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_the_floor_holds_in_the_written_jpeg_not_only_before_encoding(tmp_path: Path, test_key: str) -> None:
+    """A lossy output adds the codec's error to the scaled change: a file measured above the floor
+    is scaled back further and encoded again, so what is written is within it, and says so."""
+    from cli.main import cli
+
+    QUALITY, FLOOR = 75, 1.5  # noqa: N806 - both files need a second encode at this floor
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for f in sorted(KODAK.glob("*.png"))[:2]:
+        Image.open(f).convert("RGB").resize((192, 128)).save(src / f"{f.stem}.jpg", quality=QUALITY)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["images", "--key", test_key, "--json", "--quiet", "--method", "cuda", "--clusters", "2",
+                              "--surrogate", "random:tiny", "--max-delta-e", str(FLOOR), str(src), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    journal = [json.loads(line) for line in (tmp_path / "out.protect" / "journal.jsonl").read_text().splitlines()
+               if line.strip().startswith("{") and '"path"' in line]
+    assert len(journal) == 2 and all(e["delta_e"] <= FLOOR + 1e-6 for e in journal), journal
+    assert any("as written" in n for e in journal for n in e["notes"]), journal
