@@ -116,7 +116,7 @@ def test_protecting_the_originals_again_elsewhere_is_not_a_reprotect(tmp_path, k
 # -- item 7: a rerun without --method resumes the recorded method -------------------------------
 def test_rerun_without_method_resumes_the_recorded_one(tmp_path, keyring, make_folder):
     inp = make_folder(per_class=3)
-    params = {"surrogate": "cifar-resnet20", "clusters": 2}
+    params = {"surrogate": "cifar-resnet20", "clusters": 2, "steps": 5}
     first = run(inp, tmp_path / "out", keyring, method="uc", params=params)
     again = run(inp, tmp_path / "out", keyring)
     assert again.method == "uc" and again.skipped == first.done == 6 and again.done == 0
@@ -129,7 +129,7 @@ def test_unlabelled_folder_defaults_to_a_label_free_method(tmp_path, keyring, ma
     flat.mkdir()
     for p in sorted(make_folder(per_class=3).rglob("*.png")):
         p.rename(flat / f"{p.parent.name}-{p.name}")
-    s = run(flat, tmp_path / "out", keyring)
+    s = run(flat, tmp_path / "out", keyring, params={"steps": 5})  # the method is chosen, the fit kept short
     assert s.method == "uc" and s.done == 6 and "no labels" in s.method_note
 
 
@@ -142,7 +142,7 @@ def test_single_and_several_files(tmp_path, keyring, make_folder):
               params={"surrogate": "cifar-resnet20", "clusters": 1})
     assert one.done == 1 and [p.name for p in (tmp_path / "one").iterdir()] == [files[0].name]
     several = run(files[:3], tmp_path / "several", keyring, method="uc",
-                  params={"surrogate": "cifar-resnet20", "clusters": 2})
+                  params={"surrogate": "cifar-resnet20", "clusters": 2, "steps": 5})
     assert several.done == 3
     written = sorted(str(p.relative_to(tmp_path / "several")) for p in (tmp_path / "several").rglob("*.png"))
     assert written == sorted(str(f.relative_to(inp)) for f in files[:3])
@@ -159,7 +159,7 @@ def test_files_cannot_be_written_over_themselves(tmp_path, keyring, make_folder)
 def test_manifest_names_the_given_files(tmp_path, keyring, make_folder):
     inp = make_folder(per_class=1)
     files = sorted(inp.rglob("*.png"))
-    run(files, tmp_path / "out", keyring, method="uc", params={"surrogate": "cifar-resnet20", "clusters": 2})
+    run(files, tmp_path / "out", keyring, method="uc", params={"surrogate": "cifar-resnet20", "clusters": 2, "steps": 5})
     manifest = json.loads((tmp_path / "out.protect" / "manifest.json").read_text())
     assert sorted(manifest["inputs"]) == sorted(str(f.relative_to(inp)) for f in files)
 
