@@ -1,16 +1,24 @@
 """Real photos through the whole flow: protect, then certify at the attacker's resolutions.
 
-    python bench/photos.py [--configs uc16,uc16-de2,cuda-clusters] [--resolution 32,64]
-        [--training erm] [--defenses none,jpeg75,grayscale] [--table-only]
+    python bench/photos.py [--data flowers128|cats_vs_dogs] [--configs uc-de2,cuda,uc16]
+        [--resolution 32,64] [--training erm] [--defenses none,jpeg75,grayscale] [--holdout F]
+        [--table-only]
 
-Data: ``../shared/data/flowers128`` (4,317 photos of 5 flower classes at 128x128, train/test; its
-README says where they come from). For every configuration: ``protect images`` of the training
-photos (PSNR, SSIM and low-frequency dE from the run's summary, measured on the written files),
-then ``protect verify --resolution R,...`` against the test photos with the clean training photos
-as baselines: the grid is trained at each attacker resolution and the headline is the lowest
-resolution's score (each against the clean reference at that size, joint bootstrap interval).
-Results: ``bench/out/photos/NAME.json`` and the certificates in ``bench/out/photos/report-NAME``;
-``--table-only`` prints the table from them.
+Data (``../shared/data``; its README says where they come from, never copied into the repository):
+``flowers128`` (4,317 photos of 5 flower classes at 128x128, train/test) or ``cats_vs_dogs``
+(1,100 original JPEGs of 706 different sizes, 800 train / 300 test, the mixed folder a real owner
+has). For every configuration: ``protect images`` of the training photos (PSNR, SSIM and
+low-frequency dE from the run's summary, measured on the written files), then ``protect verify
+--resolution R,...`` against the test photos (or, with ``--holdout F``, against a keyed share F of
+the clean training photos, whose protected copies leave the training set: one folder certifying
+itself) with the clean training photos as baselines: the grid is trained at each attacker
+resolution and the headline is the lowest score over the resolutions (each against the clean
+reference at that size, joint bootstrap interval).
+Configurations: ``uc-de2`` is what a photographer gets from ``protect images`` with no options (a
+folder without labels: UC with the default surrogate under ``--max-delta-e 2``); ``cuda`` is the
+default for a labelled folder; ``uc16`` is UC at its whole 16/255 (``--max-delta-e off``).
+Results: ``bench/out/photos[-DATA][-holdout]/NAME.json`` and the certificates in
+``.../report-NAME``; ``--table-only`` prints the table from them.
 """
 
 from __future__ import annotations
@@ -25,24 +33,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import CLI, ROOT, SHARED, env_for  # noqa: E402
 
-DATA = SHARED / "flowers128"
 CONFIGS: dict[str, list[str]] = {
+    "uc-de2": ["--method", "uc", "--max-delta-e", "2"],
+    "uc-resize-de2": ["--method", "uc", "--param", "resize=32-64", "--max-delta-e", "2"],
     "uc16": ["--method", "uc", "--surrogate", "cifar-resnet20"],
     "uc16-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--max-delta-e", "2"],
     "cuda": ["--method", "cuda"],
+    "cuda-de2": ["--method", "cuda", "--max-delta-e", "2"],
     "cuda-clusters": ["--method", "cuda", "--clusters", "5", "--surrogate", "cifar-resnet20"],
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="uc16,uc16-de2,cuda-clusters")
+    ap.add_argument("--data", choices=("flowers128", "cats_vs_dogs"), default="flowers128")
+    ap.add_argument("--configs", default="uc-de2,cuda,uc16")
+    ap.add_argument("--holdout", type=float, default=None,
+                    help="certify against a keyed share of the clean training photos instead of the test split")
     ap.add_argument("--resolution", default="32,64")
     ap.add_argument("--training", default="erm")
     ap.add_argument("--defenses", default="none,jpeg75,grayscale")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "photos")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="default: bench/out/photos, -DATA for another set, -holdout with --holdout")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
+    data = SHARED / args.data
+    if args.work is None:
+        name = "photos" + ("" if args.data == "flowers128" else f"-{args.data}") + ("-holdout" if args.holdout else "")
+        args.work = ROOT / "bench" / "out" / name
     args.work.mkdir(parents=True, exist_ok=True)
     env = env_for(args.work)
     for name in args.configs.split(","):
@@ -50,13 +68,14 @@ def main() -> None:
         if args.table_only or result_file.exists():
             continue
         out = args.work / name
-        cmd = [*CLI, "images", "--json", "--quiet", *CONFIGS[name], str(DATA / "train"), str(out)]
+        cmd = [*CLI, "images", "--json", "--quiet", *CONFIGS[name], str(data / "train"), str(out)]
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         summary = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
         protect_s = time.perf_counter() - t0
         report = args.work / f"report-{name}"
-        cmd = [*CLI, "verify", "--json", str(out), "--test", str(DATA / "test"), "--clean", str(DATA / "train"),
+        test = ["--holdout", str(args.holdout)] if args.holdout else ["--test", str(data / "test")]
+        cmd = [*CLI, "verify", "--json", str(out), *test, "--clean", str(data / "train"),
                "--resolution", args.resolution, "--training", args.training, "--defenses", args.defenses,
                "--report", str(report)]
         print("$", " ".join(cmd), flush=True)
@@ -64,7 +83,7 @@ def main() -> None:
         cert = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
         v = cert["verdict"]
         result_file.write_text(json.dumps({
-            "config": name, "args": CONFIGS[name], "psnr": summary.get("psnr_mean"), "ssim": summary.get("ssim_mean"),
+            "config": name, "data": args.data, "holdout": args.holdout, "args": CONFIGS[name], "psnr": summary.get("psnr_mean"), "ssim": summary.get("ssim_mean"),
             "delta_e": summary.get("delta_e_mean"), "protect_s": round(protect_s, 1),
             "verify_s": round(time.perf_counter() - t0, 1), "score": v.get("score"), "interval": v.get("interval"),
             "headline_resolution": v.get("resolution"), "per_resolution": v.get("per_resolution"),

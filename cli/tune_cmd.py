@@ -21,7 +21,7 @@ from .common import setup_logging, with_key
                    "originals held out as its test set (protect verify --holdout).")
 @click.option("--resolution", metavar="R,...|native",
               help="Attacker resolutions (as protect verify --resolution): subsets of mixed sizes certify; each "
-                   "candidate's score is its lowest resolution's.")
+                   "candidate's score is its lowest over the resolutions.")
 @with_key
 @click.option("--min-psnr", type=float, help="Fidelity floor in dB: candidates below it are not certified or chosen.")
 @click.option("--candidate", "candidates", multiple=True, metavar="METHOD[:NAME=VALUE,...]",

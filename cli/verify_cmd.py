@@ -42,7 +42,7 @@ import click
 @click.option("--resolution", metavar="R,...|native",
               help="Attacker resolutions: train every attacker at each R x R (the shorter side resized to R, bilinear, "
                    "antialiased, then centre-cropped, as attackers' pipelines do; folders of mixed sizes certify) "
-                   "and/or native; the headline is the lowest resolution's score.  [default: quick 32,64 where they "
+                   "and/or native; the headline is the lowest score over the resolutions.  [default: quick 32,64 where they "
                    "downscale, plus native for one size up to 64 px; standard 224 likewise]")
 @click.option("--allow-overlap", is_flag=True,
               help="Accept test images whose pixels are also in the protected or clean folder (refused by default).")

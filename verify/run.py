@@ -567,7 +567,7 @@ def verify_folder(
             ``"native"`` (``"32,64"``, ``64``, ``[32, None]``); at each R every image is brought to
             R x R as an attacker's pipeline does (shorter side to R, centre crop;
             :data:`verify.data.RESIZE_RULE`), so folders of mixed sizes and orientations certify.
-            Several: the grid is trained at each and the headline is the lowest resolution's score
+            Several: the grid is trained at each and the headline is the lowest score over the resolutions
             (``verdict.per_resolution``). None: the tier's default for the images' sizes
             (:func:`verify.resolutions.default_resolutions`; CIFAR-sized images: native only).
 
