@@ -24,6 +24,9 @@ from .common import setup_logging, with_key
                    "candidate's score is its lowest over the resolutions.")
 @with_key
 @click.option("--min-psnr", type=float, help="Fidelity floor in dB: candidates below it are not certified or chosen.")
+@click.option("--max-delta-e", type=float, metavar="DE",
+              help="Fidelity floor (as protect images --max-delta-e): every candidate, and --apply, is protected "
+                   "with each image's change scaled back until its low-frequency colour difference is at most DE.")
 @click.option("--candidate", "candidates", multiple=True, metavar="METHOD[:NAME=VALUE,...]",
               help="A point to try, e.g. cuda:blur=0.15 or cuda+uc:uc.eps=8/255 (repeat; default: a built-in grid "
                    "of CUDA, UC, CUDA+UC and SALM settings).")
@@ -48,7 +51,7 @@ from .common import setup_logging, with_key
 @click.option("--json", "as_json", is_flag=True, help="Print the tune report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def tune(in_dir: str, test_dir: str | None, holdout: float | None, resolution: str | None, key: str | None, key_file: str | None, min_psnr: float | None,
-         candidates: tuple[str, ...], per_class: int, surrogate: str, tier: str, trainings: str, defenses: str,
+         max_delta_e: float | None, candidates: tuple[str, ...], per_class: int, surrogate: str, tier: str, trainings: str, defenses: str,
          seeds: int, epochs: int | None, labels_csv: str | None, test_labels_csv: str | None, device: str,
          workers: int | None, report_dir: str | None, apply_to: str | None, as_json: bool, quiet: bool) -> None:
     """Try candidate protections on a subset of IN_DIR and report the frontier of fidelity (PSNR)
@@ -69,7 +72,8 @@ def tune(in_dir: str, test_dir: str | None, holdout: float | None, resolution: s
                          per_class=per_class, surrogate=surrogate, tier=tier, trainings=trainings,
                          defenses=defenses, seeds=seeds, epochs=epochs, device=device, workers=workers,
                          report_dir=report_dir, labels_csv=labels_csv, test_labels_csv=test_labels_csv,
-                         apply_to=apply_to, progress=say, holdout=holdout, resolution=resolution)
+                         apply_to=apply_to, progress=say, holdout=holdout, resolution=resolution,
+                         max_delta_e=max_delta_e)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -79,8 +83,10 @@ def tune(in_dir: str, test_dir: str | None, holdout: float | None, resolution: s
             click.echo("no candidate reached the floor with a score")
         else:
             chosen = result["candidates"][result["chosen"]]
+            floor = result.get("max_delta_e")
             click.echo(f"chosen: {chosen['candidate']} (PSNR {chosen['psnr']:.1f} dB, score {chosen['score']:.2f}); "
                        f"protect with: protect images --method {chosen['method']}"
-                       + "".join(f" --param {k}={v}" for k, v in chosen["params"].items()))
+                       + "".join(f" --param {k}={v}" for k, v in chosen["params"].items())
+                       + ("" if floor is None else f" --max-delta-e {floor:g}"))
     if apply_to is not None and result.get("applied", {}).get("failed"):
         sys.exit(1)

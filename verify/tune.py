@@ -7,6 +7,9 @@ For every candidate (a method, or a composition such as ``cuda+uc``, with parame
 1. protect the subset (the first ``per_class`` images of each class, copied once into the tune
    folder) with :func:`protect.pipeline.protect_folder` and the owner's key: mean PSNR / SSIM and
    the time per image come from its summary;
+   (with ``max_delta_e``, under that fidelity floor: each image's change scaled back until its
+   low-frequency colour difference is at most it, as ``protect images --max-delta-e``; the mean dE
+   joins PSNR and SSIM in the row);
 2. when the PSNR is below the floor (``min_psnr``), stop there (it cannot be chosen);
 3. otherwise certify it with :func:`verify.run.verify_folder` on the subset (clean baselines on the
    clean subset, the given trainings, defenses and seeds; finished cells are kept, so a rerun
@@ -305,6 +308,7 @@ def tune_folder(
     progress: Callable[[str], Any] | None = None,
     holdout: float | None = None,
     resolution: int | str | None = None,
+    max_delta_e: float | None = None,
 ) -> dict:
     """Search ``candidates`` on a subset of ``in_dir`` (see module doc); returns the tune report.
 
@@ -323,7 +327,9 @@ def tune_folder(
     ``holdout`` (with ``test_dir`` None): every candidate is certified with ``protect verify
     --holdout``: a keyed share of the staged subset's originals is its test set and their protected
     copies leave its training set (:func:`verify.uncertainty.split_holdout`). ``resolution``: the
-    attackers train at R x R (``protect verify --resolution``), so subsets of mixed sizes certify."""
+    attackers train at R x R (``protect verify --resolution``), so subsets of mixed sizes certify.
+    ``max_delta_e``: every candidate, and ``apply_to``, is protected under that fidelity floor
+    (``protect images --max-delta-e``); candidates made without it are other folders, never reused."""
     if holdout is not None:
         if test_dir is not None:
             raise ConfigError("--holdout makes the test set from the input images: leave out --test (or --holdout)")
@@ -335,6 +341,8 @@ def tune_folder(
     in_path, test_path = Path(in_dir), (None if test_dir is None else Path(test_dir))
     if min_psnr is not None and not (math.isfinite(min_psnr) and min_psnr > 0):
         raise ConfigError(f"--min-psnr must be a positive number of dB, got {min_psnr}")
+    if max_delta_e is not None and not (math.isfinite(max_delta_e) and max_delta_e > 0):
+        raise ConfigError(f"--max-delta-e must be a positive colour difference (dE), got {max_delta_e}")
     if per_class is not None and per_class < 1:
         raise ConfigError(f"--per-class must be >= 1, got {per_class}")
     report = Path(report_dir) if report_dir is not None else in_path.with_name(in_path.name + ".tune")
@@ -369,7 +377,7 @@ def tune_folder(
         result = _search(chosen_cands, clean, report, make, keyring, test_path, test_labels, subset, test_counts,
                          in_path, min_psnr=min_psnr, per_class=per_class, tier=tier, trainings=trainings,
                          defenses=defenses, seeds=seeds, epochs=epochs, device=device, workers=workers, say=say,
-                         holdout=holdout, resolution=resolution)
+                         holdout=holdout, resolution=resolution, max_delta_e=max_delta_e)
         _write_report(result, report)
     except Exception:
         _remove(created)
@@ -385,10 +393,10 @@ def tune_folder(
         say(f"applying {cand.label} to {in_path} -> {apply_to}")
         summary = protect_folder(in_path, Path(apply_to), keyring, ProtectOptions(
             method=cand.method, params=dict(cand.params), device=device, workers=workers,
-            labels_csv=labels, progress=False))
+            labels_csv=labels, progress=False, max_delta_e="off" if max_delta_e is None else max_delta_e))
         result["applied"] = {"out_dir": str(Path(apply_to).resolve()), "record_dir": summary.record_dir,
                              "done": summary.done, "skipped": summary.skipped, "failed": summary.failed,
-                             "psnr": summary.psnr_mean}
+                             "psnr": summary.psnr_mean, "ssim": summary.ssim_mean, "delta_e": summary.delta_e_mean}
         _write_report(result, report)
     result["report_dir"] = str(report)
     return result
@@ -410,7 +418,8 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
             keyring: Keyring, test_path: Path | None, test_labels: Path | None, subset: Subset, test_counts: dict,
             in_path: Path, *, min_psnr: float | None, per_class: int | None, tier: str, trainings: str,
             defenses: str, seeds: int, epochs: int | None, device: str, workers: int | None,
-            say: Callable[[str], Any], holdout: float | None = None, resolution: int | str | None = None) -> dict:
+            say: Callable[[str], Any], holdout: float | None = None, resolution: int | str | None = None,
+            max_delta_e: float | None = None) -> dict:
     """Protect and certify every candidate on the staged subset ``clean``; the tune report."""
     before = _previous_rows(report / "tune.json")
     rows: list[dict] = []
@@ -418,21 +427,25 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
     hopeless: str | None = None  # set when the clean baselines cannot be beaten: later candidates skip verify
     for n, cand in enumerate(chosen_cands):
         row: dict[str, Any] = {"candidate": cand.label, "method": cand.method, "params": cand.params}
-        tag = hashlib.sha256(cand.label.encode("utf-8")).hexdigest()[:10]  # folders survive a reordered list
+        # folders survive a reordered list; a floor is part of the name (made without one: the old name)
+        name = cand.label if max_delta_e is None else f"{cand.label}|max_delta_e={max_delta_e:g}"
+        tag = hashlib.sha256(name.encode("utf-8")).hexdigest()[:10]
         out = make(report / f"candidate-{tag}")
         make(report / f"candidate-{tag}.protect")
         started = time.perf_counter()
         say(f"[{n + 1}/{len(chosen_cands)}] {cand.label}: protecting {clean}")
         try:
             summary = protect_folder(clean, out, keyring, ProtectOptions(
-                method=cand.method, params=dict(cand.params), device=device, workers=workers, progress=False))
+                method=cand.method, params=dict(cand.params), device=device, workers=workers, progress=False,
+                max_delta_e="off" if max_delta_e is None else max_delta_e))
         except (ConfigError, InputError) as exc:
             row.update(status="error", error=str(exc), reason=str(exc))
             rows.append(row)
             say(f"  skipped: {exc}")
             continue
         total = summary.done + summary.skipped
-        row.update(psnr=summary.psnr_mean, ssim=summary.ssim_mean, fit_s=summary.fit_seconds,
+        row.update(psnr=summary.psnr_mean, ssim=summary.ssim_mean, delta_e=summary.delta_e_mean,
+                   fit_s=summary.fit_seconds,
                    protect_s_per_image=round((time.perf_counter() - started) / max(1, total), 4))
         if summary.done == 0 and cand.label in before:  # resumed: keep the time of the run that protected it
             row.update(fit_s=before[cand.label].get("fit_s"), protect_s_per_image=before[cand.label].get("protect_s_per_image"))
@@ -479,7 +492,7 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
         "resolution": resolution,
         "test_labels": str(test_labels.resolve()) if test_labels is not None else None,
         "subset": str(clean), "per_class": per_class, "subset_counts": subset.describe(), "test_counts": test_counts,
-        "min_psnr": min_psnr, "tier": tier, "trainings": trainings,
+        "min_psnr": min_psnr, "max_delta_e": max_delta_e, "tier": tier, "trainings": trainings,
         "defenses": defenses, "seeds": seeds, "epochs": epochs, "key_fingerprint": keyring.fingerprint(),
         "candidates": rows, "frontier": frontier(rows), "chosen": choose(rows, min_psnr),
     }
@@ -521,9 +534,10 @@ def table(result: dict) -> str:
     lines = [f"# protect tune: {result['in_dir']}", "",
              f"Subset: {subset_text(result)}; attacker: tier {result['tier']}, "
              f"trainings {result['trainings']}, defenses {result['defenses']}, {result['seeds']} seed(s). "
-             f"PSNR floor: {result['min_psnr'] if result['min_psnr'] is not None else 'none'}.", "",
-             "| | candidate | PSNR | SSIM | score | best attacker | protect s/img | status |",
-             "|---|---|---:|---:|---:|---|---:|---|"]
+             f"PSNR floor: {result['min_psnr'] if result['min_psnr'] is not None else 'none'}; "
+             f"dE floor: {'none' if result.get('max_delta_e') is None else format(result['max_delta_e'], 'g')}.", "",
+             "| | candidate | PSNR | SSIM | dE | score | best attacker | protect s/img | status |",
+             "|---|---|---:|---:|---:|---:|---|---:|---|"]
     front = set(result["frontier"])
     for i, r in enumerate(result["candidates"]):
         mark = ("**chosen**" if i == result["chosen"] else "") + (" frontier" if i in front else "")
@@ -531,11 +545,12 @@ def table(result: dict) -> str:
         attacker = f"{best.get('training', '')}/{best.get('defense', '')}" if best else ""
         psnr = f"{r['psnr']:.1f}" if r.get("psnr") is not None else ""
         ssim = f"{r['ssim']:.3f}" if r.get("ssim") is not None else ""
+        de = f"{r['delta_e']:.2f}" if r.get("delta_e") is not None else ""
         score = f"{r['score']:.2f}" if r.get("score") is not None else ""
         per = f"{r['protect_s_per_image']:.3f}" if r.get("protect_s_per_image") is not None else ""
         why = r.get("reason") or r.get("error")
         status = r.get("status", "") + (f": {why}" if why else "")
-        lines.append(f"| {mark.strip()} | `{r['candidate']}` | {psnr} | {ssim} | {score} | {attacker} | {per} | {status} |")
+        lines.append(f"| {mark.strip()} | `{r['candidate']}` | {psnr} | {ssim} | {de} | {score} | {attacker} | {per} | {status} |")
     lines += ["", SUBSET_CAVEAT]
     return "\n".join(lines) + "\n"
 

@@ -309,3 +309,30 @@ def test_tune_with_holdout_certifies_on_held_out_originals(tmp_path, test_key):
     assert held["test_images"] == 6 and held["protected_removed"] == 6 and cert["data"]["train"]["count"] == 18
     refused = CliRunner().invoke(cli, args[:-1] + ["--test", str(train)], env={"PROTECT_KEY": None})
     assert refused.exit_code != 0 and "leave out --test" in str(refused.exception)
+
+
+def test_tune_under_a_de_floor_protects_every_candidate_and_the_applied_folder_within_it(tmp_path, test_key):
+    """--max-delta-e DE: each candidate (and --apply) is protected as protect images --max-delta-e
+    would, its mean dE in the row and the table; the same candidate without the floor is another
+    folder, never reused, and measures above it (so the floor did something)."""
+    train = stripes(tmp_path / "train", 30, 0)
+    base = ["tune", str(train), "--holdout", "0.25", "--key", test_key, "--epochs", "5", "--workers", "1",
+            "--device", "cpu", "--candidate", "cuda", "--report", str(tmp_path / "tune")]
+    plain = CliRunner().invoke(cli, [*base, "--json"], env={"PROTECT_KEY": None})
+    assert plain.exit_code == 0, plain.output
+    free = json.loads(plain.stdout)
+    assert free["max_delta_e"] is None and free["candidates"][0]["delta_e"] > 1.0
+    floored = CliRunner().invoke(cli, [*base, "--max-delta-e", "1", "--apply", str(tmp_path / "out")],
+                                 env={"PROTECT_KEY": None})
+    assert floored.exit_code == 0, floored.output
+    report = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    row = report["candidates"][0]
+    assert report["max_delta_e"] == 1.0 and row["delta_e"] <= 1.0 + 1e-6 and row["psnr"] > free["candidates"][0]["psnr"]
+    assert len(list((tmp_path / "tune").glob("candidate-*.protect"))) == 2  # not the floor-free candidate's folder
+    assert report["applied"]["done"] == 60 and report["applied"]["delta_e"] <= 1.0 + 1e-6
+    header = json.loads((tmp_path / "out.protect" / "journal.jsonl").read_text().splitlines()[0])["header"]
+    assert header["max_delta_e"] == 1.0
+    assert "dE floor: 1." in (tmp_path / "tune" / "tune.md").read_text()
+    assert "--max-delta-e 1" in floored.stdout.splitlines()[-1]  # the command to protect with says it too
+    bad = CliRunner().invoke(cli, [*base, "--max-delta-e", "-1"], env={"PROTECT_KEY": None})
+    assert bad.exit_code != 0 and "--max-delta-e" in str(bad.exception)
