@@ -75,7 +75,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
 @with_key
 @click.option("--method", help="Protection method (see `protect methods`); default: the recorded method on a rerun, "
-                               "else cuda with labels and the label-free uc without; compose with '+': cuda+uc applies UC to CUDA's output.")
+                               "else cuda for labelled images that are not colour photos, and the label-free uc for photos and folders without labels; compose with '+': cuda+uc applies UC to CUDA's output.")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), help="CSV 'path,label' for an input folder without class sub-folders.")
 @click.option("--filter-size", type=int, help="CUDA: odd filter size k (default: 3 below 128 px, else 9).")
 @click.option("--blur", type=float, help="CUDA: off-peak filter bound p_b (default follows the filter size).")
@@ -94,7 +94,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--max-delta-e", metavar="DE|off", default="auto",
               help="Fidelity floor: scale back each image's change until its low-frequency colour difference "
                    "(CIELAB dE, blurred) is at most DE (2.3 is about just noticeable); the scale is noted per image. "
-                   "Default: 2 for the photo default (no --method, no labels), off otherwise; off: no floor.")
+                   "Default: 2 for the photo default (no --method; no labels, or labelled colour photos), off otherwise; off: no floor.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: the CPU cores; with --engine ray: the cluster's).")

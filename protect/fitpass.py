@@ -41,7 +41,7 @@ SIZE_SAMPLE = 256
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
-def _sizes(dataset: Dataset, max_pixels: int) -> tuple[list[tuple[int, int]], int]:
+def sample_sizes(dataset: Dataset, max_pixels: int) -> tuple[list[tuple[int, int]], int]:
     """``(height, width)`` of an evenly spaced sample of the images (headers only), and 1 when
     every sampled image is grey, else 3."""
     entries = dataset.entries
@@ -145,7 +145,7 @@ def fit_data(dataset: Dataset, max_pixels: int, threads: int = 2, device: str = 
              progress: Callable[[str, int, int], None] | None = None) -> FitData:
     """Labels, a size sample and the streaming batch factory of ``dataset``."""
     labels = [e.label for e in dataset.entries] if dataset.labelled else None
-    sizes, channels = _sizes(dataset, max_pixels)
+    sizes, channels = sample_sizes(dataset, max_pixels)
     return FitData(len(dataset.classes), labels, sizes,  # type: ignore[arg-type]
                    [e.rel for e in dataset.entries], batch_factory(dataset, max_pixels, threads),
                    device=device, memory=memory, progress=progress, channels=channels)

@@ -28,7 +28,7 @@ from .device import resolve_device
 from .discover import Dataset, discover, discover_inputs
 from .engine import LocalEngine, chunks, default_memory, default_workers
 from .errors import ConfigError, InputError, RecordError
-from .fitpass import fit_data
+from .fitpass import fit_data, sample_sizes
 from .imageio import DEFAULT_MAX_PIXELS, OUT_FORMATS, output_name
 from .record import FORMAT_VERSION, JOURNAL, STATE, RunRecord, default_record_dir, deps_digest, state_digest
 from .safefs import RunLock, Tree
@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 #: dE of the blurred images at most 2, below the 2.3 of a just-noticeable difference (issue 19's
 #: target; on the Kodak photos UC then measures dE 1.93, SSIM 0.999, docs/BENCHMARKS.md).
 PHOTO_MAX_DELTA_E = 2.0
+
+#: A labelled folder of colour images whose median shorter side is above this (px) is a folder of
+#: photos: every attacker of the quick grid (32 and 64 px) downscales them. Its default is the photo
+#: default too (label-free UC under ``PHOTO_MAX_DELTA_E``), not class-wise CUDA: on the 800
+#: cats_vs_dogs photos CUDA measures 22.3 dB, SSIM 0.63, dE 4.6 (visible ghosts) and scores -0.05
+#: against the attacker at 32 / 64 px, UC under the floor dE 1.94 and 0.03 (docs/BENCHMARKS.md).
+PHOTO_MIN_SIDE = 64
 
 #: Where the per-file work runs (``--engine``).
 ENGINES = ("local", "ray")
@@ -287,7 +294,8 @@ def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
         if not options.method or options.max_delta_e == "auto":
             recorded = _recorded_header(record_dir)
         method_name, given, method_note = _choose_method(options, dataset, record_dir, recorded)
-    floor, floor_note = _choose_floor(options, dataset, source, recorded)
+    photo_default = source is None and not options.method and recorded is None and method_name == "uc"
+    floor, floor_note = _choose_floor(options, photo_default, source, recorded)
     options = replace(options, max_delta_e=floor)
     method_note = "; ".join(n for n in (method_note, floor_note) if n)
     method_cls = perturbations.get(method_name)
@@ -458,24 +466,40 @@ def _recorded_floor(header: dict[str, Any]) -> float | None:
 def _choose_method(options: ProtectOptions, dataset: Dataset, record_dir: Path,
                    recorded: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
     """The method, its parameters and why: the given one; else the method of the run recorded at
-    ``record_dir`` (its header ``recorded``: a rerun resumes it); else CUDA for labelled images,
-    label-free UC otherwise."""
+    ``record_dir`` (its header ``recorded``: a rerun resumes it); else CUDA for labelled images
+    that are not colour photos (:data:`PHOTO_MIN_SIDE`), label-free UC otherwise (the photo default)."""
     if options.method:
         return options.method, options.params, ""
     if recorded is not None:
         params = options.params or dict(recorded.get("params") or {})
         return str(recorded["method"]), params, f"the method recorded in {record_dir}"
-    if dataset.labelled:
+    if not dataset.labelled:
+        return "uc", options.params, "no labels found: the label-free method (--method or class sub-folders choose another)"
+    side = _photo_side(dataset, options.max_pixels)
+    if side is None:
         return "cuda", options.params, ""
-    return "uc", options.params, "no labels found: the label-free method (--method or class sub-folders choose another)"
+    return "uc", options.params, (f"labelled colour photos (median shorter side {side} px): the photo default, the "
+                                  "label-free method; class-wise CUDA ghosts photos and is no stronger once an "
+                                  "attacker resizes them (--method cuda chooses it)")
 
 
-def _choose_floor(options: ProtectOptions, dataset: Dataset, source: "_Source | None",
+def _photo_side(dataset: Dataset, max_pixels: int) -> int | None:
+    """The median shorter side (px) of a sample of the images (headers only) when they are colour
+    photos (above :data:`PHOTO_MIN_SIDE`), else None."""
+    sizes, channels = sample_sizes(dataset, max_pixels)
+    if channels != 3 or not sizes:
+        return None
+    sides = sorted(min(h, w) for h, w in sizes)
+    side = sides[len(sides) // 2]
+    return side if side > PHOTO_MIN_SIDE else None
+
+
+def _choose_floor(options: ProtectOptions, photo_default: bool, source: "_Source | None",
                   recorded: dict[str, Any] | None) -> tuple[float | None, str]:
     """The fidelity floor (``--max-delta-e``) this run uses, and why when it was not given: the
-    photo default ``PHOTO_MAX_DELTA_E`` for the label-free default method (no ``--method``, no
-    labels, no earlier run), or the floor of the run resumed (its header ``recorded``, unless
-    ``--overwrite``) or reused (``--state``)."""
+    photo default ``PHOTO_MAX_DELTA_E`` when ``photo_default`` (no ``--method``, no earlier run, and
+    label-free UC chosen: no labels, or labelled colour photos), or the floor of the run resumed (its
+    header ``recorded``, unless ``--overwrite``) or reused (``--state``)."""
     value = options.max_delta_e
     if value is None or value == "off":
         return None, ""
@@ -485,7 +509,7 @@ def _choose_floor(options: ProtectOptions, dataset: Dataset, source: "_Source | 
         return source.max_delta_e, ""
     if recorded is not None and not options.overwrite:  # a rerun resumes as it was made
         return _recorded_floor(recorded), ""
-    if options.method or dataset.labelled:
+    if not photo_default:
         return None, ""
     return PHOTO_MAX_DELTA_E, (f"photo default --max-delta-e {PHOTO_MAX_DELTA_E:g}: no visible colour change; "
                                "--max-delta-e off keeps the whole, visible, perturbation")

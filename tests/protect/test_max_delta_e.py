@@ -113,6 +113,46 @@ def test_the_photo_default_floor_is_two_only_for_the_label_free_default_and_foll
     assert bad.exit_code == 2 and "--max-delta-e" in bad.output and not (tmp_path / "bad").exists()
 
 
+def test_labelled_colour_photos_get_the_photo_default_and_small_or_grey_labelled_images_cuda(
+        tmp_path: Path, test_key: str) -> None:
+    """A labelled folder of colour photos (median shorter side above PHOTO_MIN_SIDE) gets the photo
+    default, label-free UC under --max-delta-e 2, with the reason in the summary; labelled images
+    at CIFAR's size, or grey ones (X-rays), keep class-wise CUDA without a floor; --method cuda on
+    photos is CUDA; a rerun of the photo run resumes it with nothing redone."""
+    from cli.main import cli
+    from protect.pipeline import PHOTO_MIN_SIDE
+
+    def folder(name: str, size: tuple[int, int], mode: str) -> Path:
+        root = tmp_path / name
+        for i, f in enumerate(sorted(KODAK.glob("*.png"))[:2]):
+            (root / f"c{i}").mkdir(parents=True)
+            for j, box in enumerate([(0, 0, 300, 300), (200, 100, 500, 400)]):
+                Image.open(f).convert(mode).crop(box).resize(size).save(root / f"c{i}" / f"{j}.png")
+        return root
+
+    def header(out: Path) -> dict:
+        return json.loads((out.parent / f"{out.name}.protect" / "journal.jsonl").read_text().splitlines()[0])["header"]
+
+    runner = CliRunner()
+    base = ["images", "--key", test_key, "--json", "--quiet"]
+    photos = folder("photos", (PHOTO_MIN_SIDE + 32, PHOTO_MIN_SIDE + 8), "RGB")
+    res = runner.invoke(cli, [*base, "--surrogate", "random:tiny", str(photos), str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert header(tmp_path / "p")["method"] == "uc" and header(tmp_path / "p")["max_delta_e"] == 2.0
+    assert "labelled colour photos" in summary["method_note"] and summary["delta_e_mean"] <= 2.0 + 1e-6
+    again = runner.invoke(cli, [*base, "--surrogate", "random:tiny", str(photos), str(tmp_path / "p")])
+    assert again.exit_code == 0 and json.loads(again.output)["skipped"] == 4, again.output
+    named = runner.invoke(cli, [*base, "--method", "cuda", str(photos), str(tmp_path / "named")])
+    assert named.exit_code == 0 and header(tmp_path / "named")["max_delta_e"] is None
+    assert header(tmp_path / "named")["method"] == "cuda"
+    for name, size, mode in (("small", (PHOTO_MIN_SIDE, PHOTO_MIN_SIDE), "RGB"), ("grey", (160, 128), "L")):
+        res = runner.invoke(cli, [*base, str(folder(name, size, mode)), str(tmp_path / f"{name}-out")])
+        assert res.exit_code == 0, res.output
+        h = header(tmp_path / f"{name}-out")
+        assert h["method"] == "cuda" and h["max_delta_e"] is None, (name, h)
+
+
 def test_the_floor_holds_in_the_written_jpeg_not_only_before_encoding(tmp_path: Path, test_key: str) -> None:
     """A lossy output adds the codec's error to the scaled change: a file measured above the floor
     is scaled back further and encoded again, so what is written is within it, and says so."""

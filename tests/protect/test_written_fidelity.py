@@ -51,6 +51,8 @@ def file_fidelity(inp: Path, out: Path) -> tuple[float, float, int]:
 
 
 def run(inp: Path, out: Path, keyring, **options):
+    # CUDA named: labelled colour photos default to the photo default (UC under a dE floor)
+    options.setdefault("method", "cuda")
     return protect_folder(inp, out, keyring, ProtectOptions(params=dict(PARAMS), progress=False, device="cpu",
                                                              **options))
 
