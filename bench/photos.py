@@ -40,6 +40,8 @@ CONFIGS: dict[str, list[str]] = {
     "uc16-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--max-delta-e", "2"],
     "cuda": ["--method", "cuda"],
     "cuda-de2": ["--method", "cuda", "--max-delta-e", "2"],
+    "waves-de2": ["--method", "waves", "--max-delta-e", "2"],
+    "waves": ["--method", "waves"],
     "cuda-clusters": ["--method", "cuda", "--clusters", "5", "--surrogate", "cifar-resnet20"],
 }
 

@@ -2,7 +2,7 @@
 
 >>> import perturbations
 >>> perturbations.available()
-['cuda', 'salm', 'uc']
+['cuda', 'salm', 'uc', 'waves']
 >>> method = perturbations.get("cuda")(keyring, num_classes=10)
 >>> both = perturbations.get("cuda+uc")  # composed: UC on CUDA's output
 """
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 _LAZY = {"FitData": "base", "Perturbation": "base", "Keyring": "keyring"}
 
 _METHODS: Registry[type[Perturbation]] = Registry("method")
-_BUILTINS = ("cuda", "salm", "uc")
+_BUILTINS = ("cuda", "salm", "uc", "waves")
 
 
 def __getattr__(name: str) -> Any:
