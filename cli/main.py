@@ -84,7 +84,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--clusters", type=click.IntRange(min=1), help="UC: number of clusters K (default 10). CUDA: label-agnostic CUDA, one filter per surrogate cluster.")
 @click.option("--surrogate", metavar="SPEC", help="UC / clustered CUDA: feature extractor: clip:ARCH[/PRETRAINED] (default: clip:RN50/openai where its weights are on this machine, else the bundled cifar-resnet20), cifar-resnet20|32|44|56[:PATH] (resnet20 bundled), torchvision:NAME:PATH, random:ARCH.")
 @click.option("--surrogate-weights", type=click.Path(dir_okay=False), help="Local weights file for --surrogate (nothing is downloaded offline).")
-@click.option("--eps", metavar="BOUND", help="UC / SALM: L-inf bound of the perturbation, e.g. 16/255 (UC's default), 8/255 (SALM's) or 0.03.")
+@click.option("--eps", metavar="BOUND", help="UC / SALM / waves: L-inf bound of the perturbation, e.g. 16/255 (UC's and waves' default), 8/255 (SALM's) or 0.03.")
 @click.option("--mask-ratio", type=float, help="SALM: share of pixel positions perturbed per image (default 0.1; 1 = dense error-minimising noise).")
 @click.option("--robust", metavar="RHO", help="UC / SALM: robust perturbations against adversarial training of radius RHO, e.g. 4/255 (slower fit; default off).")
 @click.option("--state", "state_from", type=click.Path(file_okay=False), help="Reuse the fitted method of a finished run (its record folder, e.g. out.protect) with the same key: new images join its clusters.")
