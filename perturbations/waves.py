@@ -111,6 +111,8 @@ class Waves(Perturbation):
         self.num_classes = None if num_classes is None else int(num_classes)
         #: ``num_classes x components x 3`` int64: wave vector (a, b) and phase of every wave.
         self.waves: torch.Tensor | None = None
+        #: The last few changes by (label, height, width, levels); not part of the state.
+        self._cache: dict[tuple[int, int, int, int], torch.Tensor] = {}
         if self.num_classes is not None:
             self._draw()
 
@@ -127,7 +129,7 @@ class Waves(Perturbation):
                 theta, f = float(u[j, 0]) * math.pi, lo + float(u[j, 1]) * (hi - lo)
                 rows.append([round(f * math.cos(theta) * ORIENT), round(f * math.sin(theta) * ORIENT), int(phase[j])])
         self.waves = torch.tensor(rows, dtype=torch.int64).view(self.num_classes, self.components, 3)
-        self.__dict__.pop("_cache", None)
+        self._cache.clear()
         self.fitted = True
 
     def fit(self, data: FitData) -> "Waves":
@@ -146,7 +148,7 @@ class Waves(Perturbation):
         if self.waves is None:
             raise ConfigError("waves: call fit() first or give num_classes")
         key = (int(label), int(size[0]), int(size[1]), int(levels))
-        cache = self.__dict__.setdefault("_cache", {})
+        cache = self._cache
         if key not in cache:
             if len(cache) >= CACHE_ENTRIES:
                 cache.pop(next(iter(cache)))
@@ -205,9 +207,7 @@ class Waves(Perturbation):
         return out
 
     def __getstate__(self) -> dict[str, Any]:  # workers get the waves, not the cached changes
-        state = dict(self.__dict__)
-        state.pop("_cache", None)
-        return state
+        return {**self.__dict__, "_cache": {}}
 
     # -- state -----------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -222,6 +222,6 @@ class Waves(Perturbation):
         if waves is None or waves.ndim != 3 or waves.shape[1:] != (self.components, 3) or waves.dtype != torch.int64:
             raise ConfigError("waves: saved state has no valid 'waves' tensor")
         self.waves = waves.clone()
-        self.__dict__.pop("_cache", None)
+        self._cache.clear()
         self.num_classes = int(waves.shape[0])
         self.fitted = True

@@ -142,10 +142,12 @@ def batch_factory(dataset: Dataset, max_pixels: int, threads: int) -> Callable[.
 
 
 def fit_data(dataset: Dataset, max_pixels: int, threads: int = 2, device: str = "cpu", memory: int = 1 << 30,
-             progress: Callable[[str, int, int], None] | None = None) -> FitData:
-    """Labels, a size sample and the streaming batch factory of ``dataset``."""
+             progress: Callable[[str, int, int], None] | None = None,
+             sample: tuple[list[tuple[int, int]], int] | None = None) -> FitData:
+    """Labels, a size sample and the streaming batch factory of ``dataset``; ``sample``: the result of
+    :func:`sample_sizes` for the same dataset and ``max_pixels`` when the caller has read it already."""
     labels = [e.label for e in dataset.entries] if dataset.labelled else None
-    sizes, channels = sample_sizes(dataset, max_pixels)
+    sizes, channels = sample if sample is not None else sample_sizes(dataset, max_pixels)
     return FitData(len(dataset.classes), labels, sizes,  # type: ignore[arg-type]
                    [e.rel for e in dataset.entries], batch_factory(dataset, max_pixels, threads),
                    device=device, memory=memory, progress=progress, channels=channels)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -88,8 +89,9 @@ class ProtectOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int | None = None  # None: each JPEG's own quality and subsampling ("auto")
     #: fidelity floor: no image's low-frequency dE above it. ``"auto"`` (default): ``PHOTO_MAX_DELTA_E``
-    #: for the photo default (no method given, no labels: label-free UC), the recorded floor when a run
-    #: resumes or reuses ``--state``, else off; ``None`` or ``"off"``: off; a number: that floor.
+    #: for the photo default (no method given; no labels, or labelled colour photos: label-free UC),
+    #: the recorded floor when a run resumes or reuses ``--state``, else off; ``None`` or ``"off"``:
+    #: off; a number: that floor.
     max_delta_e: float | str | None = "auto"
     progress: bool = True
     allow_reprotect: bool = False
@@ -288,14 +290,14 @@ def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
     source = _state_source(options, keyring, dataset) if options.state_from else None
     recorded = None  # the header of the run recorded at record_dir, read once for both choices
     if source is not None:
-        method_name, given, dataset = source.method, source.params, source.dataset
-        method_note = f"the fitted {source.method} of {options.state_from} (--state)"
+        choice = _Choice(source.method, source.params, f"the fitted {source.method} of {options.state_from} (--state)")
+        dataset = source.dataset
     else:
         if not options.method or options.max_delta_e == "auto":
             recorded = _recorded_header(record_dir)
-        method_name, given, method_note = _choose_method(options, dataset, record_dir, recorded)
-    photo_default = source is None and not options.method and recorded is None and method_name == "uc"
-    floor, floor_note = _choose_floor(options, photo_default, source, recorded)
+        choice = _choose_method(options, dataset, record_dir, recorded)
+    method_name, given, method_note = choice.method, choice.params, choice.note
+    floor, floor_note = _choose_floor(options, choice.photo_default, source, recorded)
     options = replace(options, max_delta_e=floor)
     method_note = "; ".join(n for n in (method_note, floor_note) if n)
     method_cls = perturbations.get(method_name)
@@ -359,7 +361,7 @@ def protect_folder(in_dir: str | os.PathLike | Sequence[str | os.PathLike], out_
         with _cluster(options):  # Ray: reached (or started) before the fit, so a wrong address fails early
             summary = _locked_run(dataset, formats, out_rels, in_path, out_path, record_dir, keyring, options, method,
                                   params, header, device, on_start, source.state if source is not None else None,
-                                  phase)
+                                  phase, sample=choice.sample)
     except BaseException:
         lock.release()
         _remove_created(created, record_dir)
@@ -463,34 +465,47 @@ def _recorded_floor(header: dict[str, Any]) -> float | None:
     return None if floor is None else float(floor)
 
 
+@dataclass
+class _Choice:
+    """The method a run uses, its parameters and why (``note``); ``photo_default`` when it is the
+    photo default (label-free UC chosen for photos, which gets ``PHOTO_MAX_DELTA_E``); ``sample``:
+    the header sample (:func:`~protect.fitpass.sample_sizes`) read to choose, reused by the fit."""
+
+    method: str
+    params: dict[str, Any]
+    note: str = ""
+    photo_default: bool = False
+    sample: tuple[list[tuple[int, int]], int] | None = None
+
+
 def _choose_method(options: ProtectOptions, dataset: Dataset, record_dir: Path,
-                   recorded: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
+                   recorded: dict[str, Any] | None) -> _Choice:
     """The method, its parameters and why: the given one; else the method of the run recorded at
     ``record_dir`` (its header ``recorded``: a rerun resumes it); else CUDA for labelled images
     that are not colour photos (:data:`PHOTO_MIN_SIDE`), label-free UC otherwise (the photo default)."""
     if options.method:
-        return options.method, options.params, ""
+        return _Choice(options.method, options.params)
     if recorded is not None:
         params = options.params or dict(recorded.get("params") or {})
-        return str(recorded["method"]), params, f"the method recorded in {record_dir}"
+        return _Choice(str(recorded["method"]), params, f"the method recorded in {record_dir}")
     if not dataset.labelled:
-        return "uc", options.params, "no labels found: the label-free method (--method or class sub-folders choose another)"
-    side = _photo_side(dataset, options.max_pixels)
+        return _Choice("uc", options.params, "no labels found: the label-free method (--method or class sub-folders "
+                       "choose another)", photo_default=True)
+    sample = sample_sizes(dataset, options.max_pixels)
+    side = _photo_side(*sample)
     if side is None:
-        return "cuda", options.params, ""
-    return "uc", options.params, (f"labelled colour photos (median shorter side {side} px): the photo default, the "
-                                  "label-free method; class-wise CUDA ghosts photos and is no stronger once an "
-                                  "attacker resizes them (--method cuda chooses it)")
+        return _Choice("cuda", options.params, sample=sample)
+    return _Choice("uc", options.params, f"labelled colour photos (median shorter side {side} px): the photo default, "
+                   "the label-free method; class-wise CUDA ghosts photos and is no stronger once an attacker resizes "
+                   "them (--method cuda chooses it)", photo_default=True, sample=sample)
 
 
-def _photo_side(dataset: Dataset, max_pixels: int) -> int | None:
-    """The median shorter side (px) of a sample of the images (headers only) when they are colour
-    photos (above :data:`PHOTO_MIN_SIDE`), else None."""
-    sizes, channels = sample_sizes(dataset, max_pixels)
+def _photo_side(sizes: Sequence[tuple[int, int]], channels: int) -> int | None:
+    """The median shorter side (px) of a header sample ``sizes`` (``(height, width)``) when the images
+    are colour photos (above :data:`PHOTO_MIN_SIDE`), else None."""
     if channels != 3 or not sizes:
         return None
-    sides = sorted(min(h, w) for h, w in sizes)
-    side = sides[len(sides) // 2]
+    side = statistics.median_low(min(h, w) for h, w in sizes)
     return side if side > PHOTO_MIN_SIDE else None
 
 
@@ -604,7 +619,8 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
                 record_dir: Path, keyring: Keyring,
                 options: ProtectOptions, method: Perturbation, params: dict[str, Any],
                 header: dict[str, Any], device: torch.device, on_start: Callable[[int], Any] | None,
-                source_state: dict[str, torch.Tensor] | None, phase: "_Phases") -> Summary:
+                source_state: dict[str, torch.Tensor] | None, phase: "_Phases",
+                sample: tuple[list[tuple[int, int]], int] | None = None) -> Summary:
     method_cls = type(method)
     previous = None if options.overwrite else RunRecord.find(record_dir)  # read under the lock
     if previous is not None:
@@ -613,7 +629,7 @@ def _locked_run(dataset: Dataset, formats: list[str], out_rels: list[str], in_pa
     workers = options.workers or default_workers()
     memory = options.memory or default_memory()
     data = fit_data(dataset, options.max_pixels, threads=workers, device=str(device), memory=memory,
-                    progress=options.fit_progress)
+                    progress=options.fit_progress, sample=sample)
     changed = False
     fit_start = time.perf_counter()
     phase.release()

@@ -393,7 +393,7 @@ def tune_folder(
         say(f"applying {cand.label} to {in_path} -> {apply_to}")
         summary = protect_folder(in_path, Path(apply_to), keyring, ProtectOptions(
             method=cand.method, params=dict(cand.params), device=device, workers=workers,
-            labels_csv=labels, progress=False, max_delta_e="off" if max_delta_e is None else max_delta_e))
+            labels_csv=labels, progress=False, max_delta_e=max_delta_e))
         result["applied"] = {"out_dir": str(Path(apply_to).resolve()), "record_dir": summary.record_dir,
                              "done": summary.done, "skipped": summary.skipped, "failed": summary.failed,
                              "psnr": summary.psnr_mean, "ssim": summary.ssim_mean, "delta_e": summary.delta_e_mean}
@@ -437,7 +437,7 @@ def _search(chosen_cands: Sequence[Candidate], clean: Path, report: Path, make: 
         try:
             summary = protect_folder(clean, out, keyring, ProtectOptions(
                 method=cand.method, params=dict(cand.params), device=device, workers=workers, progress=False,
-                max_delta_e="off" if max_delta_e is None else max_delta_e))
+                max_delta_e=max_delta_e))
         except (ConfigError, InputError) as exc:
             row.update(status="error", error=str(exc), reason=str(exc))
             rows.append(row)
