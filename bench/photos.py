@@ -16,7 +16,8 @@ resolution and the headline is the lowest score over the resolutions (each again
 reference at that size, joint bootstrap interval).
 Configurations: ``uc-de2`` is what a photographer gets from ``protect images`` with no options (a
 folder without labels: UC with the default surrogate under ``--max-delta-e 2``); ``cuda`` is the
-default for a labelled folder; ``uc16`` is UC at its whole 16/255 (``--max-delta-e off``).
+default for small or grey labelled images; ``uc16`` is UC at its whole 16/255 (``--max-delta-e off``);
+``waves-de2`` is ``waves`` with its perceptual budget (the default), ``waves-flat-de2`` without it.
 Results: ``bench/out/photos[-DATA][-holdout]/NAME.json`` and the certificates in
 ``.../report-NAME``; ``--table-only`` prints the table from them.
 """
@@ -42,6 +43,7 @@ CONFIGS: dict[str, list[str]] = {
     "cuda-de2": ["--method", "cuda", "--max-delta-e", "2"],
     "waves-de2": ["--method", "waves", "--max-delta-e", "2"],
     "waves": ["--method", "waves"],
+    "waves-flat-de2": ["--method", "waves", "--param", "budget=flat", "--max-delta-e", "2"],
     "cuda-clusters": ["--method", "cuda", "--clusters", "5", "--surrogate", "cifar-resnet20"],
 }
 

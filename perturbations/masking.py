@@ -23,6 +23,19 @@ papers' description:
 that is less than ``eps`` (the same weight in every channel: the luminance decides). Colour images
 use the luminance ``Y = 0.299 R + 0.587 G + 0.114 B``; 16-bit and other depths are brought to the
 8-bit scale first. Borders: reflected.
+
+:func:`lowfreq_weights` is the budget of a *smooth* change (a wave spanning the image, not a
+pixel's grain). The eye sees a smooth change over a flat area at any brightness: the pixel model's
+luminance adaptation, which lets 8-20 levels through in the dark, lets a slow wave show as light
+patches in a dark sky (seen on Kodak kodim03 at 1:1). So the luminance term is capped at its
+mid-grey value (3 levels) and the texture term decides (a caller may raise its gain: a smooth
+change hides in busy texture better than a pixel's; ``waves`` uses 4, chosen by looking at Kodak
+crops at 1:1, where gains 1, 2 and 4 all left the sky and the sails unchanged): the JND is computed on the luminance
+downscaled (antialiased) to a working size (shorter side ``side``, 256 px), where texture means
+detail at about 1/100 of the image rather than a sensor's grain, then smoothed (Gaussian, ``sigma``
+working pixels) so the weight varies slowly and adds no edges or grain of its own. The map stays at
+the working size (a few hundred kB for any photo); :func:`upsample_rows` gives it at full size one
+strip of rows at a time (bilinear, ``align_corners=False``, as ``F.interpolate``).
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BUDGETS", "budget_weights", "jnd_levels", "parse_budget"]
+__all__ = ["BUDGETS", "budget_weights", "jnd_levels", "lowfreq_weights", "parse_budget", "upsample_rows"]
 
 #: ``flat``: the same bound ``eps`` everywhere (the papers'); ``jnd``: at most ``scale`` JNDs.
 BUDGETS = ("flat", "jnd")
@@ -62,9 +75,10 @@ def _pad(y: Tensor) -> Tensor:
     return F.pad(y, (2, 2, 2, 2), mode="reflect" if min(y.shape[-2:]) > 2 else "replicate")
 
 
-def jnd_levels(y: Tensor) -> Tensor:
+def jnd_levels(y: Tensor, lum_max: float | None = None, texture: float = 1.0) -> Tensor:
     """The just-noticeable difference, in 8-bit levels, of luminance ``y`` (``N x 1 x H x W`` on the
-    8-bit scale, float): the model of the module doc. Same shape."""
+    8-bit scale, float): the model of the module doc, its luminance term capped at ``lum_max``
+    levels when given and its texture term multiplied by ``texture``. Same shape."""
     y = y.to(torch.float32)
     p = _pad(y)
     b = F.conv2d(p, _BACKGROUND.to(y)[None, None])
@@ -73,16 +87,65 @@ def jnd_levels(y: Tensor) -> Tensor:
         torch.maximum(g, F.conv2d(p, kernel[None, None]).abs_(), out=g)
     g /= 16
     lum = torch.where(b <= 127, 17 * (1 - (b.clamp_min(0) / 127).sqrt()) + 3, 3 / 128 * (b - 127) + 3)
-    tex = 0.117 * g
+    if lum_max is not None:
+        lum = lum.clamp_(max=lum_max)
+    tex = (0.117 * texture) * g
     return lum + tex - 0.3 * torch.minimum(lum, tex)
+
+
+def _luma8(v: Tensor, levels: int) -> Tensor:
+    """Luminance of ``v`` (``N x C x H x W``, C = 1 or 3) on the 8-bit scale, float32."""
+    x = v.to(torch.float32) * (255.0 / levels)
+    if x.shape[1] == 3:
+        return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    return x.mean(1, keepdim=True)
 
 
 def budget_weights(v: Tensor, levels: int, eps: float, scale: float = 1.0) -> Tensor:
     """``N x 1 x H x W`` weights in [0, 1]: ``min(1, scale * JND / (eps * 255))`` for images ``v``
     (``N x C x H x W``, C = 1 or 3, integer levels of ``levels`` or float on that scale)."""
-    x = v.to(torch.float32) * (255.0 / levels)
-    if x.shape[1] == 3:
-        y = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    else:
-        y = x.mean(1, keepdim=True)
-    return (scale * jnd_levels(y) / (eps * 255)).clamp_(max=1.0)
+    return (scale * jnd_levels(_luma8(v, levels)) / (eps * 255)).clamp_(max=1.0)
+
+
+#: The luminance term of :func:`lowfreq_weights`: the model's value in mid-grey.
+LOWFREQ_LUM = 3.0
+
+
+def _gauss(m: Tensor, sigma: float) -> Tensor:
+    r = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-t * t / (2 * sigma * sigma))
+    g = (g / g.sum()).to(m)
+    m = F.pad(m, (r, r, r, r), mode="replicate")
+    return F.conv2d(F.conv2d(m, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+
+
+def lowfreq_weights(v: Tensor, levels: int, eps: float, scale: float = 1.0, texture: float = 1.0,
+                    side: int = 256, sigma: float = 2.0) -> Tensor:
+    """Weights in [0, 1] of a smooth change of bound ``eps`` on images ``v`` (``N x C x H x W``):
+    ``min(1, scale * JND / (eps * 255))`` with the JND of the module doc's low-frequency budget
+    (texture term times ``texture``), at
+    the working size (shorter side ``min(side, own)``): ``N x 1 x h x w``; full size by
+    :func:`upsample_rows`."""
+    y = _luma8(v, levels)
+    h, w = y.shape[-2:]
+    s = min(1.0, side / min(h, w))
+    if s < 1.0:
+        y = F.interpolate(y, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                          antialias=True, align_corners=False)
+    j = _gauss(jnd_levels(y, lum_max=LOWFREQ_LUM, texture=texture), sigma)
+    return (scale * j / (eps * 255)).clamp_(0.0, 1.0)
+
+
+def upsample_rows(m: Tensor, h: int, w: int, r0: int, r1: int) -> Tensor:
+    """Rows ``r0:r1`` of ``m`` (``N x 1 x hs x ws``) resized bilinearly to ``h x w`` (the values of
+    ``F.interpolate(m, (h, w), mode="bilinear", align_corners=False)``, up to rounding), computed
+    from the rows they need: ``N x 1 x (r1 - r0) x w``."""
+    hs, ws = m.shape[-2:]
+    if ws != w:
+        m = F.interpolate(m, size=(hs, w), mode="bilinear", align_corners=False)
+    src = ((torch.arange(r0, r1, dtype=torch.float64) + 0.5) * (hs / h) - 0.5).clamp_(min=0.0)
+    i0 = src.floor().long().clamp_(max=hs - 1)
+    i1 = (i0 + 1).clamp_(max=hs - 1)
+    f = (src - i0).to(m.dtype).view(1, 1, -1, 1)
+    return m[:, :, i0] * (1 - f) + m[:, :, i1] * f

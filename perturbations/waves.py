@@ -14,12 +14,25 @@ Create Shortcuts, KDD 2022: class-wise patterns from a few degrees of freedom, u
 image), made smooth and scale-free instead of patch-wise at a fixed grid. Low frequencies are also
 what the low-frequency dE sees, so under ``--max-delta-e`` the amplitude is what the floor allows.
 
-Exact integer arithmetic: the phase of pixel ``(x, y)`` is an integer (the wave vector ``(a, b)`` is
+Exact integer arithmetic (the wave itself, and the whole change with ``budget="flat"``): the phase of pixel ``(x, y)`` is an integer (the wave vector ``(a, b)`` is
 stored as integers, the coordinates in half pixels), the sine is a table of integers checked at
 import to hold no rounding ties, and the change is rounded in integers (ties up): the same key and
 labels give the same bytes on every machine and instruction set. :meth:`apply` adds the same 8-bit
 change as a float, so ``protect_levels(v) == round(apply(v / 255) * 255)`` for 8-bit images; 16-bit
 images get the change computed at their own levels.
+
+Budget. With ``budget="flat"`` every pixel gets the wave at its full size; under ``--max-delta-e
+2`` that was measured to show as light and dark patches on flat areas (Kodak kodim09's sky at
+thumbnail size: the dE floor bounds a mean, not where the eye looks). The default
+``budget="jnd"`` multiplies the wave by the image's own low-frequency perceptual weight
+(:func:`perturbations.masking.lowfreq_weights`: at most ``jnd_scale`` just-noticeable differences,
+the luminance term capped at its mid-grey value, the texture term times ``texture``, computed at a
+256-px working size and smoothed), quantised to 1/:data:`WEIGHT_STEPS` and applied in integers
+(``round(delta * k / WEIGHT_STEPS)``, ties up). The weights come from float convolutions, so this
+budget is not exact: on another instruction set a weight within rounding error of a step may take
+the next step (one level of change at such pixels); the record pins the device class as for the
+other float methods. The pattern a downscale keeps is the wave times the local mean weight: still
+the class's waves, strongest where the image is textured.
 
 Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] and labels ``(N,)``; the pattern is
 computed in strips of rows, so memory is a few int64 strips per image, not ``H x W`` of them.
@@ -36,6 +49,7 @@ import torch
 from . import register
 from .base import FitData, Perturbation, parse_fraction
 from .errors import ConfigError
+from .masking import lowfreq_weights, parse_budget, upsample_rows
 
 #: Entries of the integer sine table (one period) and its amplitude.
 TABLE_SIZE = 4096
@@ -46,6 +60,8 @@ ORIENT = 64
 STRIP_VALUES = 1 << 20
 #: Changes kept per method (label, size, levels), as int16: 24 MB each for a 12-megapixel photo.
 CACHE_ENTRIES = 4
+#: Steps of the perceptual weight with ``budget="jnd"``: the change is ``round(delta * k / WEIGHT_STEPS)``.
+WEIGHT_STEPS = 64
 
 
 def _table() -> torch.Tensor:
@@ -85,6 +101,12 @@ class Waves(Perturbation):
             keep ``HIGH`` below R / 2 for the smallest R that matters (the default 3-8 is below 16,
             the Nyquist limit at 32 px).
         num_classes: number of classes (taken from :meth:`fit` when ``None``).
+        budget: ``"jnd"`` (default: the wave weighted by the image's low-frequency perceptual
+            budget, less on flat areas; module doc) or ``"flat"`` (the wave everywhere, exact
+            integer arithmetic; visible on flat areas).
+        jnd_scale: with ``budget="jnd"``: just-noticeable differences allowed per pixel (default 1).
+        texture: with ``budget="jnd"``: gain of the JND's texture term (default 4: flat areas get at
+            most 3 levels, busy texture up to ``eps``; 1 is the pixel model's own).
     """
 
     name = "waves"
@@ -92,12 +114,28 @@ class Waves(Perturbation):
     paper = ("issue 19's resolution-aware shortcut; family of Yu et al., Availability Attacks Create Shortcuts, "
              "KDD 2022")
     needs_labels = True
-    exact = True
-    work_bytes_per_value = 6.0  # the output copy plus a strip of int64 phases
+    exact = False  # the class's answer for a chain; an instance with budget="flat" is exact (__init__)
+    work_bytes_per_value = 8.0  # the output copy, a strip of int64 phases, the float luminance (budget="jnd")
 
     def __init__(self, keyring, eps: float | str = 16 / 255, components: int = 3, cycles: str = "3-8",
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, budget: str = "jnd", jnd_scale: float | str = 1.0,
+                 texture: float | str = 4.0) -> None:
         super().__init__(keyring)
+        try:
+            self.budget = parse_budget(budget, "waves: budget")
+            self.jnd_scale = float(jnd_scale)
+        except ValueError as exc:
+            raise ConfigError(str(exc) if "budget" in str(exc) else
+                              f"waves: jnd_scale must be a number, got {jnd_scale!r}") from None
+        if not 0.0 < self.jnd_scale <= 100.0:
+            raise ConfigError(f"waves: jnd_scale must be in (0, 100], got {jnd_scale}")
+        try:
+            self.texture = float(texture)
+        except ValueError:
+            raise ConfigError(f"waves: texture must be a number, got {texture!r}") from None
+        if not 0.0 <= self.texture <= 100.0:
+            raise ConfigError(f"waves: texture must be in [0, 100], got {texture}")
+        self.exact = self.budget == "flat"
         self.eps = parse_fraction(eps, "waves: eps")
         if not 0.0 < self.eps <= 1.0:
             raise ConfigError(f"waves: eps must be in (0, 1], got {eps}")
@@ -191,6 +229,10 @@ class Waves(Perturbation):
         if not x.is_floating_point():
             raise ConfigError(f"waves: expected a float tensor in [0, 1], got {x.dtype}")
         size = (x.shape[-2], x.shape[-1])
+        if self.budget == "jnd":  # the weights come from the 8-bit image, as protect_levels sees it
+            v = x.detach().mul(255).round_().clamp_(0, 255).to(torch.int16)
+            change = self.protect_levels(v, labels).to(x.dtype).sub_(v.to(x.dtype)).div_(255)
+            return (x + change).clamp_(0, 1)
         deltas = torch.stack([self.delta(c, size) for c in self._labels(x, labels)])
         return (x + deltas[:, None].to(x.device, x.dtype).div_(255)).clamp_(0, 1)
 
@@ -199,11 +241,20 @@ class Waves(Perturbation):
         """Exact integer path (module doc): ``clamp(v + delta, 0, levels)``."""
         if v.is_floating_point():
             raise ConfigError("waves: protect_levels takes integer pixels")
-        size = (v.shape[-2], v.shape[-1])
+        h, w = size = (v.shape[-2], v.shape[-1])
         out = torch.empty_like(v)
+        step = max(1, STRIP_VALUES // max(1, w))
         for i, c in enumerate(self._labels(v, labels)):
             d = self.delta(c, size, levels).to(v.device)
-            out[i] = (v[i].to(torch.int64) + d[None]).clamp_(0, levels).to(v.dtype)
+            if self.budget == "flat":
+                out[i] = (v[i].to(torch.int64) + d[None]).clamp_(0, levels).to(v.dtype)
+                continue
+            m = lowfreq_weights(v[i:i + 1], levels, self.eps, self.jnd_scale, self.texture)  # working size: small
+            for r in range(0, h, step):
+                k = upsample_rows(m, h, w, r, min(h, r + step))[0, 0].mul_(WEIGHT_STEPS).round_().to(torch.int64)
+                # round(d * k / WEIGHT_STEPS), ties up, in integers
+                change = torch.div(d[r:r + step] * k * 2 + WEIGHT_STEPS, 2 * WEIGHT_STEPS, rounding_mode="floor")
+                out[i, :, r:r + step] = (v[i, :, r:r + step].to(torch.int64) + change[None]).clamp_(0, levels).to(v.dtype)
         return out
 
     def __getstate__(self) -> dict[str, Any]:  # workers get the waves, not the cached changes
@@ -212,7 +263,7 @@ class Waves(Perturbation):
     # -- state -----------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         return {"eps": self.eps, "components": self.components, "cycles": self.cycles_text,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "budget": self.budget, "jnd_scale": self.jnd_scale, "texture": self.texture}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.waves is None else {"waves": self.waves.clone()}

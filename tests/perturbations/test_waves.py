@@ -16,8 +16,10 @@ Waves = perturbations.get("waves")
 
 
 def test_keyed_deterministic_bounded_and_the_same_in_every_channel() -> None:
-    a, b = Waves(Keyring.from_seed(1), num_classes=3), Waves(Keyring.from_seed(1), num_classes=3)
-    other = Waves(Keyring.from_seed(2), num_classes=3)
+    """The wave itself (``budget="flat"``: the change is the wave everywhere, exact)."""
+    a, b = (Waves(Keyring.from_seed(1), num_classes=3, budget="flat") for _ in range(2))
+    other = Waves(Keyring.from_seed(2), num_classes=3, budget="flat")
+    assert a.exact and not Waves(Keyring.from_seed(1), num_classes=3).exact
     assert torch.equal(a.waves, b.waves) and not torch.equal(a.waves, other.waves)
     x = torch.randint(0, 256, (4, 3, 40, 56), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 0])
@@ -33,7 +35,7 @@ def test_keyed_deterministic_bounded_and_the_same_in_every_channel() -> None:
     assert not torch.equal(delta[0], delta[1])  # class-wise
     # an 8-bit protect_levels is exactly the rounded float apply; a loaded state gives the same bytes
     assert torch.equal((a.apply(x.float() / 255, labels) * 255).round().byte(), y)
-    c = Waves(Keyring.from_seed(1))
+    c = Waves(Keyring.from_seed(1), budget="flat")
     c.load_state_dict(a.state_dict())
     assert torch.equal(c.protect_levels(x, labels), y)
     # 16-bit pixels get the change at their own levels
@@ -52,6 +54,53 @@ def test_the_pattern_is_defined_per_shorter_side_so_a_resize_keeps_it() -> None:
             down = F.interpolate(m.delta(1, big).float()[None, None], size=small, mode="bilinear", antialias=True)
             r = torch.corrcoef(torch.stack([down.flatten(), m.delta(1, small).float().flatten()]))[0, 1]
             assert r > 0.98, (seed, big, float(r))
+
+
+def flat_and_textured(mean: int, gen: torch.Generator, h: int = 96, w: int = 192) -> torch.Tensor:
+    """One 8-bit image: the left half flat at ``mean``, the right half the same mean with strong
+    fine texture (+-40 levels of noise)."""
+    x = torch.full((1, 3, h, w), mean, dtype=torch.int16)
+    x[..., w // 2:] += torch.randint(-40, 41, (1, 1, h, w // 2), generator=gen, dtype=torch.int16)
+    return x.clamp_(0, 255).to(torch.uint8)
+
+
+def test_the_default_budget_keeps_the_waves_off_flat_areas_at_any_brightness_and_in_texture() -> None:
+    """``budget="jnd"``: on flat areas the change stays within the mid-grey JND (3 levels, plus the
+    rounding), in the dark as in mid-grey (a dark sky showed light patches under the pixel model's
+    8-20 levels), while texture takes several times more (+-40 levels of grain: 4.4-4.7x on average over 4 seeds),
+    within eps; still brightness only,
+    keyed, deterministic, the rounded float apply, the same after a state round trip."""
+    gen = torch.Generator().manual_seed(0)
+    m = Waves(Keyring.from_seed(3), num_classes=2)
+    flat = Waves(Keyring.from_seed(3), num_classes=2, budget="flat")
+    assert m.params()["budget"] == "jnd" and m.params()["jnd_scale"] == 1.0
+    for mean in (40, 128, 200):
+        x = flat_and_textured(mean, gen)
+        y = m.protect_levels(x, torch.tensor([1]))
+        d = (y.int() - x.int())[0]
+        assert torch.equal(d[0], d[1]) and torch.equal(d[1], d[2]) or mean != 128  # no clipping at 128
+        left, right = d[0, :, 8:80].abs(), d[0, :, 112:].abs()  # away from the seam the smoothing blurs
+        whole = (flat.protect_levels(x, torch.tensor([1])).int() - x.int())[0, 0, :, 8:80].abs()
+        assert left.max() <= 4 and whole.max() >= 14, (mean, int(left.max()))
+        assert right.float().mean() >= 3 * left.float().mean() and d.abs().max() <= 16, mean
+        assert torch.equal((m.apply(x.float() / 255, torch.tensor([1])) * 255).round().byte(), y)
+        c = Waves(Keyring.from_seed(3))
+        c.load_state_dict(m.state_dict())
+        assert torch.equal(c.protect_levels(x, torch.tensor([1])), y)
+        assert not torch.equal(Waves(Keyring.from_seed(4), num_classes=2).protect_levels(x, torch.tensor([1])), y)
+
+
+def test_the_budget_is_computed_in_strips_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A photo too large for one strip (here: strips of 7 rows) gets the same bytes as in one strip."""
+    import perturbations.waves as waves_module
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (1, 3, 300, 420), generator=gen, dtype=torch.uint8)
+    m = Waves(Keyring.from_seed(5), num_classes=2)
+    whole = m.protect_levels(x, torch.tensor([0]))
+    monkeypatch.setattr(waves_module, "STRIP_VALUES", 7 * 420)
+    m._cache.clear()
+    assert torch.equal(m.protect_levels(x, torch.tensor([0])), whole)
 
 
 def smooth_images(n: int, gen: torch.Generator, size: int = 64) -> torch.Tensor:
