@@ -44,7 +44,21 @@ CONFIGS: dict[str, list[str]] = {
     "waves-de2": ["--method", "waves", "--max-delta-e", "2"],
     "waves": ["--method", "waves"],
     "waves-flat-de2": ["--method", "waves", "--param", "budget=flat", "--max-delta-e", "2"],
+    # the budget's texture gain (default 16), its dark term (default 2; d0: off), the bound in
+    # texture (--eps), the waves' band and number
+    "waves-t4-de2": ["--method", "waves", "--param", "texture=4", "--max-delta-e", "2"],
+    "waves-t32-de2": ["--method", "waves", "--param", "texture=32", "--max-delta-e", "2"],
+    "waves-d0-t4-de2": ["--method", "waves", "--param", "texture=4", "--param", "dark=0", "--max-delta-e", "2"],
+    "waves-d0-t8-de2": ["--method", "waves", "--param", "texture=8", "--param", "dark=0", "--max-delta-e", "2"],
+    "waves-d0-t16-de2": ["--method", "waves", "--param", "texture=16", "--param", "dark=0", "--max-delta-e", "2"],
+    "waves-d0-t32-de2": ["--method", "waves", "--param", "texture=32", "--param", "dark=0", "--max-delta-e", "2"],
+    "waves-d0-e24-t16-de2": ["--method", "waves", "--eps", "24/255", "--param", "texture=16", "--param", "dark=0", "--max-delta-e", "2"],
+    "waves-d0-e32-t16-de2": ["--method", "waves", "--eps", "32/255", "--param", "texture=16", "--param", "dark=0", "--max-delta-e", "2"],
+    "waves-d0-t16-f12-de2": ["--method", "waves", "--param", "texture=16", "--param", "cycles=3-12", "--param", "dark=0", "--max-delta-e", "2"],
+    "waves-d0-t16-c5-de2": ["--method", "waves", "--param", "texture=16", "--param", "components=5", "--param", "dark=0", "--max-delta-e", "2"],
     "cuda-clusters": ["--method", "cuda", "--clusters", "5", "--surrogate", "cifar-resnet20"],
+    "waves-d0-t4-c1-de2": ["--method", "waves", "--param", "texture=4", "--param", "components=1", "--param", "dark=0",
+                           "--max-delta-e", "2"],
 }
 
 

@@ -50,6 +50,14 @@ CONFIGS: dict[str, list[str]] = {
     # the perceptual budget (at most one JND per pixel) under the same floor: less to scale back
     "uc16-resize-jnd-de2": ["--method", "uc", "--surrogate", "cifar-resnet20", "--param", "resize=32-64",
                             "--param", "budget=jnd", "--max-delta-e", "2"],
+    # class-wise waves defined per shorter side: with their perceptual budget (the default) under the
+    # floor, and the plain wave (a variant without its own same-resolution run is compared with "waves")
+    "waves": ["--method", "waves"],
+    "waves-de2": ["--method", "waves", "--max-delta-e", "2"],
+    "waves-flat-de2": ["--method", "waves", "--param", "budget=flat", "--max-delta-e", "2"],
+    # the budget as first built (texture gain 4, no dark term)
+    "waves-d0-t4": ["--method", "waves", "--param", "texture=4", "--param", "dark=0"],
+    "waves-d0-t4-de2": ["--method", "waves", "--param", "texture=4", "--param", "dark=0", "--max-delta-e", "2"],
 }
 SIZE = 128
 SHORT = 96

@@ -28,10 +28,13 @@ use the luminance ``Y = 0.299 R + 0.587 G + 0.114 B``; 16-bit and other depths a
 pixel's grain). The eye sees a smooth change over a flat area at any brightness: the pixel model's
 luminance adaptation, which lets 8-20 levels through in the dark, lets a slow wave show as light
 patches in a dark sky (seen on Kodak kodim03 at 1:1). So the luminance term is capped at its
-mid-grey value (3 levels) and the texture term decides (a caller may raise its gain: a smooth
-change hides in busy texture better than a pixel's; ``waves`` uses 4, chosen by looking at Kodak
-crops at 1:1, where gains 1, 2 and 4 all left the sky and the sails unchanged): the JND is computed on the luminance
-downscaled (antialiased) to a working size (shorter side ``side``, 256 px), where texture means
+mid-grey value (3 levels) and the texture term decides. A caller may raise its gain (a smooth
+change hides in busy texture better than a pixel's change); below mid-grey the texture term is
+scaled by ``(b / 127) ** dark`` (:data:`LOWFREQ_DARK`, 2), since a level is a larger relative change
+in the dark: without it, a gain of 8 or more put 16 levels into the wood grain in kodim03's shadows,
+where it showed as mottling at 1:1. ``waves`` uses a gain of 16, the largest at which nothing
+showed on 1:1 crops of Kodak and cats-and-dogs photos beside their originals (docs/BENCHMARKS.md).
+The JND is computed on the luminance downscaled (antialiased) to a working size (shorter side ``side``, 256 px), where texture means
 detail at about 1/100 of the image rather than a sensor's grain, then smoothed (Gaussian, ``sigma``
 working pixels) so the weight varies slowly and adds no edges or grain of its own. The map stays at
 the working size (a few hundred kB for any photo); :func:`upsample_rows` gives it at full size one
@@ -75,10 +78,11 @@ def _pad(y: Tensor) -> Tensor:
     return F.pad(y, (2, 2, 2, 2), mode="reflect" if min(y.shape[-2:]) > 2 else "replicate")
 
 
-def jnd_levels(y: Tensor, lum_max: float | None = None, texture: float = 1.0) -> Tensor:
+def jnd_levels(y: Tensor, lum_max: float | None = None, texture: float = 1.0, dark: float = 0.0) -> Tensor:
     """The just-noticeable difference, in 8-bit levels, of luminance ``y`` (``N x 1 x H x W`` on the
     8-bit scale, float): the model of the module doc, its luminance term capped at ``lum_max``
-    levels when given and its texture term multiplied by ``texture``. Same shape."""
+    levels when given and its texture term multiplied by ``texture`` and, below mid-grey, by
+    ``(b / 127) ** dark``. Same shape."""
     y = y.to(torch.float32)
     p = _pad(y)
     b = F.conv2d(p, _BACKGROUND.to(y)[None, None])
@@ -90,6 +94,8 @@ def jnd_levels(y: Tensor, lum_max: float | None = None, texture: float = 1.0) ->
     if lum_max is not None:
         lum = lum.clamp_(max=lum_max)
     tex = (0.117 * texture) * g
+    if dark:
+        tex *= (b.clamp(0, 127) / 127) ** dark
     return lum + tex - 0.3 * torch.minimum(lum, tex)
 
 
@@ -109,6 +115,8 @@ def budget_weights(v: Tensor, levels: int, eps: float, scale: float = 1.0) -> Te
 
 #: The luminance term of :func:`lowfreq_weights`: the model's value in mid-grey.
 LOWFREQ_LUM = 3.0
+#: Below mid-grey, :func:`lowfreq_weights` scales the texture term by ``(b / 127) ** LOWFREQ_DARK``.
+LOWFREQ_DARK = 2.0
 
 
 def _gauss(m: Tensor, sigma: float) -> Tensor:
@@ -121,19 +129,22 @@ def _gauss(m: Tensor, sigma: float) -> Tensor:
 
 
 def lowfreq_weights(v: Tensor, levels: int, eps: float, scale: float = 1.0, texture: float = 1.0,
-                    side: int = 256, sigma: float = 2.0) -> Tensor:
+                    dark: float = LOWFREQ_DARK, side: int = 256, sigma: float = 2.0) -> Tensor:
     """Weights in [0, 1] of a smooth change of bound ``eps`` on images ``v`` (``N x C x H x W``):
     ``min(1, scale * JND / (eps * 255))`` with the JND of the module doc's low-frequency budget
     (texture term times ``texture``), at
     the working size (shorter side ``min(side, own)``): ``N x 1 x h x w``; full size by
     :func:`upsample_rows`."""
-    y = _luma8(v, levels)
-    h, w = y.shape[-2:]
+    n, _, h, w = v.shape
+    y = torch.empty(n, 1, h, w, dtype=torch.float32, device=v.device)
+    step = max(1, (1 << 20) // max(1, w))  # the luminance in strips: no float copy of the whole image
+    for r in range(0, h, step):
+        y[:, :, r:r + step] = _luma8(v[:, :, r:r + step], levels)
     s = min(1.0, side / min(h, w))
     if s < 1.0:
         y = F.interpolate(y, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
                           antialias=True, align_corners=False)
-    j = _gauss(jnd_levels(y, lum_max=LOWFREQ_LUM, texture=texture), sigma)
+    j = _gauss(jnd_levels(y, lum_max=LOWFREQ_LUM, texture=texture, dark=dark), sigma)
     return (scale * j / (eps * 255)).clamp_(0.0, 1.0)
 
 

@@ -26,8 +26,8 @@ Budget. With ``budget="flat"`` every pixel gets the wave at its full size; under
 thumbnail size: the dE floor bounds a mean, not where the eye looks). The default
 ``budget="jnd"`` multiplies the wave by the image's own low-frequency perceptual weight
 (:func:`perturbations.masking.lowfreq_weights`: at most ``jnd_scale`` just-noticeable differences,
-the luminance term capped at its mid-grey value, the texture term times ``texture``, computed at a
-256-px working size and smoothed), quantised to 1/:data:`WEIGHT_STEPS` and applied in integers
+the luminance term capped at its mid-grey value, the texture term times ``texture`` (16) and, below
+mid-grey, by ``(b / 127) ** dark`` (2), computed at a 256-px working size and smoothed), quantised to 1/:data:`WEIGHT_STEPS` and applied in integers
 (``round(delta * k / WEIGHT_STEPS)``, ties up). The weights come from float convolutions, so this
 budget is not exact: on another instruction set a weight within rounding error of a step may take
 the next step (one level of change at such pixels); the record pins the device class as for the
@@ -105,8 +105,11 @@ class Waves(Perturbation):
             budget, less on flat areas; module doc) or ``"flat"`` (the wave everywhere, exact
             integer arithmetic; visible on flat areas).
         jnd_scale: with ``budget="jnd"``: just-noticeable differences allowed per pixel (default 1).
-        texture: with ``budget="jnd"``: gain of the JND's texture term (default 4: flat areas get at
-            most 3 levels, busy texture up to ``eps``; 1 is the pixel model's own).
+        texture: with ``budget="jnd"``: gain of the JND's texture term (default 16: flat areas get
+            at most 3 levels, busy texture up to ``eps``; 1 is the pixel model's own).
+        dark: with ``budget="jnd"``: below mid-grey the texture term is scaled by
+            ``(b / 127) ** dark`` (default 2: a level is a larger relative change in the dark, where
+            16 levels in a textured shadow showed as mottling; 0 turns it off).
     """
 
     name = "waves"
@@ -119,7 +122,7 @@ class Waves(Perturbation):
 
     def __init__(self, keyring, eps: float | str = 16 / 255, components: int = 3, cycles: str = "3-8",
                  num_classes: int | None = None, budget: str = "jnd", jnd_scale: float | str = 1.0,
-                 texture: float | str = 4.0) -> None:
+                 texture: float | str = 16.0, dark: float | str = 2.0) -> None:
         super().__init__(keyring)
         try:
             self.budget = parse_budget(budget, "waves: budget")
@@ -129,12 +132,14 @@ class Waves(Perturbation):
                               f"waves: jnd_scale must be a number, got {jnd_scale!r}") from None
         if not 0.0 < self.jnd_scale <= 100.0:
             raise ConfigError(f"waves: jnd_scale must be in (0, 100], got {jnd_scale}")
-        try:
-            self.texture = float(texture)
-        except ValueError:
-            raise ConfigError(f"waves: texture must be a number, got {texture!r}") from None
-        if not 0.0 <= self.texture <= 100.0:
-            raise ConfigError(f"waves: texture must be in [0, 100], got {texture}")
+        for name, value in (("texture", texture), ("dark", dark)):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"waves: {name} must be a number, got {value!r}") from None
+            if not 0.0 <= number <= 100.0:
+                raise ConfigError(f"waves: {name} must be in [0, 100], got {value}")
+            setattr(self, name, number)
         self.exact = self.budget == "flat"
         self.eps = parse_fraction(eps, "waves: eps")
         if not 0.0 < self.eps <= 1.0:
@@ -249,7 +254,7 @@ class Waves(Perturbation):
             if self.budget == "flat":
                 out[i] = (v[i].to(torch.int64) + d[None]).clamp_(0, levels).to(v.dtype)
                 continue
-            m = lowfreq_weights(v[i:i + 1], levels, self.eps, self.jnd_scale, self.texture)  # working size: small
+            m = lowfreq_weights(v[i:i + 1], levels, self.eps, self.jnd_scale, self.texture, self.dark)  # working size: small
             for r in range(0, h, step):
                 k = upsample_rows(m, h, w, r, min(h, r + step))[0, 0].mul_(WEIGHT_STEPS).round_().to(torch.int64)
                 # round(d * k / WEIGHT_STEPS), ties up, in integers
@@ -263,7 +268,8 @@ class Waves(Perturbation):
     # -- state -----------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         return {"eps": self.eps, "components": self.components, "cycles": self.cycles_text,
-                "num_classes": self.num_classes, "budget": self.budget, "jnd_scale": self.jnd_scale, "texture": self.texture}
+                "num_classes": self.num_classes, "budget": self.budget, "jnd_scale": self.jnd_scale, "texture": self.texture,
+                "dark": self.dark}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.waves is None else {"waves": self.waves.clone()}
