@@ -44,9 +44,9 @@ CONFIGS: dict[str, list[str]] = {
     "waves-de2": ["--method", "waves", "--max-delta-e", "2"],
     "waves": ["--method", "waves"],
     "waves-flat-de2": ["--method", "waves", "--param", "budget=flat", "--max-delta-e", "2"],
-    # the budget's texture gain (default 16), its dark term (default 2; d0: off), the bound in
+    # the budget's texture gain (default 4), its dark term (default 2; d0: off), the bound in
     # texture (--eps), the waves' band and number
-    "waves-t4-de2": ["--method", "waves", "--param", "texture=4", "--max-delta-e", "2"],
+    "waves-t16-de2": ["--method", "waves", "--param", "texture=16", "--max-delta-e", "2"],
     "waves-t32-de2": ["--method", "waves", "--param", "texture=32", "--max-delta-e", "2"],
     "waves-d0-t4-de2": ["--method", "waves", "--param", "texture=4", "--param", "dark=0", "--max-delta-e", "2"],
     "waves-d0-t8-de2": ["--method", "waves", "--param", "texture=8", "--param", "dark=0", "--max-delta-e", "2"],

@@ -32,10 +32,11 @@ mid-grey value (3 levels) and the texture term decides. A caller may raise its g
 change hides in busy texture better than a pixel's change); below mid-grey the texture term is
 scaled by ``(b / 127) ** dark`` (:data:`LOWFREQ_DARK`, 2), since a level is a larger relative change
 in the dark: without it, a gain of 8 or more put 16 levels into the wood grain in kodim03's shadows,
-where it showed as mottling at 1:1. ``waves`` uses a gain of 16, the largest at which nothing
-showed on 1:1 crops of Kodak and cats-and-dogs photos beside their originals (docs/BENCHMARKS.md).
-The JND is computed on the luminance downscaled (antialiased) to a working size (shorter side ``side``, 256 px), where texture means
-detail at about 1/100 of the image rather than a sensor's grain, then smoothed (Gaussian, ``sigma``
+where it showed as mottling at 1:1. ``waves`` uses a gain of 4: from 8 on, its waves showed as
+bands on the fine ripples of Kodak kodim11's water at 1:1 (fine texture the eye averages into a
+uniform surface hides a smooth change less than the pixel model's texture term says;
+docs/BENCHMARKS.md). The JND is computed on the luminance downscaled (antialiased) to a working
+size (shorter side ``side``, 256 px), where texture means detail at about 1/100 of the image rather than a sensor's grain, then smoothed (Gaussian, ``sigma``
 working pixels) so the weight varies slowly and adds no edges or grain of its own. The map stays at
 the working size (a few hundred kB for any photo); :func:`upsample_rows` gives it at full size one
 strip of rows at a time (bilinear, ``align_corners=False``, as ``F.interpolate``).

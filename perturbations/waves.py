@@ -26,7 +26,7 @@ Budget. With ``budget="flat"`` every pixel gets the wave at its full size; under
 thumbnail size: the dE floor bounds a mean, not where the eye looks). The default
 ``budget="jnd"`` multiplies the wave by the image's own low-frequency perceptual weight
 (:func:`perturbations.masking.lowfreq_weights`: at most ``jnd_scale`` just-noticeable differences,
-the luminance term capped at its mid-grey value, the texture term times ``texture`` (16) and, below
+the luminance term capped at its mid-grey value, the texture term times ``texture`` (4) and, below
 mid-grey, by ``(b / 127) ** dark`` (2), computed at a 256-px working size and smoothed), quantised to 1/:data:`WEIGHT_STEPS` and applied in integers
 (``round(delta * k / WEIGHT_STEPS)``, ties up). The weights come from float convolutions, so this
 budget is not exact: on another instruction set a weight within rounding error of a step may take
@@ -105,8 +105,9 @@ class Waves(Perturbation):
             budget, less on flat areas; module doc) or ``"flat"`` (the wave everywhere, exact
             integer arithmetic; visible on flat areas).
         jnd_scale: with ``budget="jnd"``: just-noticeable differences allowed per pixel (default 1).
-        texture: with ``budget="jnd"``: gain of the JND's texture term (default 16: flat areas get
-            at most 3 levels, busy texture up to ``eps``; 1 is the pixel model's own).
+        texture: with ``budget="jnd"``: gain of the JND's texture term (default 4: flat areas get at
+            most 3 levels, busy texture up to ``eps``; 1 is the pixel model's own; from 8 on the
+            waves showed as bands on Kodak kodim11's water at 1:1).
         dark: with ``budget="jnd"``: below mid-grey the texture term is scaled by
             ``(b / 127) ** dark`` (default 2: a level is a larger relative change in the dark, where
             16 levels in a textured shadow showed as mottling; 0 turns it off).
@@ -122,7 +123,7 @@ class Waves(Perturbation):
 
     def __init__(self, keyring, eps: float | str = 16 / 255, components: int = 3, cycles: str = "3-8",
                  num_classes: int | None = None, budget: str = "jnd", jnd_scale: float | str = 1.0,
-                 texture: float | str = 16.0, dark: float | str = 2.0) -> None:
+                 texture: float | str = 4.0, dark: float | str = 2.0) -> None:
         super().__init__(keyring)
         try:
             self.budget = parse_budget(budget, "waves: budget")
