@@ -199,6 +199,11 @@ class Waves(Perturbation):
             cache[key] = self._delta(*key).to(torch.int16 if levels <= 255 else torch.int32)
         return cache[key].to(torch.int64)
 
+    def _delta_small(self, label: int, size: tuple[int, int], levels: int) -> torch.Tensor:
+        """:meth:`delta` in the cached dtype (int16 for 8-bit levels, int32 above): no int64 copy."""
+        self.delta(label, size, levels)  # fills the cache
+        return self._cache[(int(label), int(size[0]), int(size[1]), int(levels))]
+
     def _delta(self, label: int, h: int, w: int, levels: int) -> torch.Tensor:
         bound = int(round(self.eps * levels))
         n = self.components
@@ -250,17 +255,20 @@ class Waves(Perturbation):
         h, w = size = (v.shape[-2], v.shape[-1])
         out = torch.empty_like(v)
         step = max(1, STRIP_VALUES // max(1, w))
+        # v + change fits int16 for 8-bit levels (|change| <= 255) and int32 for deeper ones
+        small = torch.int16 if levels <= 255 else torch.int32
         for i, c in enumerate(self._labels(v, labels)):
-            d = self.delta(c, size, levels).to(v.device)
+            d = self._delta_small(c, size, levels).to(v.device)
             if self.budget == "flat":
-                out[i] = (v[i].to(torch.int64) + d[None]).clamp_(0, levels).to(v.dtype)
+                out[i] = (v[i].to(small) + d[None]).clamp_(0, levels).to(v.dtype)
                 continue
             m = lowfreq_weights(v[i:i + 1], levels, self.eps, self.jnd_scale, self.texture, self.dark)  # working size: small
             for r in range(0, h, step):
-                k = upsample_rows(m, h, w, r, min(h, r + step))[0, 0].mul_(WEIGHT_STEPS).round_().to(torch.int64)
-                # round(d * k / WEIGHT_STEPS), ties up, in integers
-                change = torch.div(d[r:r + step] * k * 2 + WEIGHT_STEPS, 2 * WEIGHT_STEPS, rounding_mode="floor")
-                out[i, :, r:r + step] = (v[i, :, r:r + step].to(torch.int64) + change[None]).clamp_(0, levels).to(v.dtype)
+                k = upsample_rows(m, h, w, r, min(h, r + step))[0, 0].mul_(WEIGHT_STEPS).round_().to(torch.int32)
+                # round(d * k / WEIGHT_STEPS), ties up, in integers (|d * k * 2| < 2^31 for 16-bit levels)
+                change = torch.div(d[r:r + step].to(torch.int32).mul_(k).mul_(2).add_(WEIGHT_STEPS), 2 * WEIGHT_STEPS,
+                                   rounding_mode="floor").to(small)
+                out[i, :, r:r + step] = (v[i, :, r:r + step].to(small) + change[None]).clamp_(0, levels).to(v.dtype)
         return out
 
     def __getstate__(self) -> dict[str, Any]:  # workers get the waves, not the cached changes
