@@ -24,22 +24,23 @@ that is less than ``eps`` (the same weight in every channel: the luminance decid
 use the luminance ``Y = 0.299 R + 0.587 G + 0.114 B``; 16-bit and other depths are brought to the
 8-bit scale first. Borders: reflected.
 
-:func:`lowfreq_weights` is the budget of a *smooth* change (a wave spanning the image, not a
-pixel's grain). The eye sees a smooth change over a flat area at any brightness: the pixel model's
-luminance adaptation, which lets 8-20 levels through in the dark, lets a slow wave show as light
-patches in a dark sky (seen on Kodak kodim03 at 1:1). So the luminance term is capped at its
-mid-grey value (3 levels) and the texture term decides. A caller may raise its gain (a smooth
-change hides in busy texture better than a pixel's change); below mid-grey the texture term is
-scaled by ``(b / 127) ** dark`` (:data:`LOWFREQ_DARK`, 2), since a level is a larger relative change
-in the dark: without it, a gain of 8 or more put 16 levels into the wood grain in kodim03's shadows,
-where it showed as mottling at 1:1. ``waves`` uses a gain of 4: from 8 on, its waves showed as
-bands on the fine ripples of Kodak kodim11's water at 1:1 (fine texture the eye averages into a
-uniform surface hides a smooth change less than the pixel model's texture term says;
-docs/BENCHMARKS.md). The JND is computed on the luminance downscaled (antialiased) to a working
-size (shorter side ``side``, 256 px), where texture means detail at about 1/100 of the image rather than a sensor's grain, then smoothed (Gaussian, ``sigma``
-working pixels) so the weight varies slowly and adds no edges or grain of its own. The map stays at
-the working size (a few hundred kB for any photo); :func:`upsample_rows` gives it at full size one
-strip of rows at a time (bilinear, ``align_corners=False``, as ``F.interpolate``).
+:func:`lowfreq_weights` is the budget of a *smooth* change (a wave spanning the image, not a pixel's
+grain). The eye sees a smooth change over a flat area at any brightness: the pixel model's luminance
+adaptation, which lets 8-20 levels through in the dark, lets a slow wave show as light patches in a
+dark sky (seen on Kodak kodim03 at 1:1). So the luminance term is capped at its mid-grey value (3
+levels) and the texture term decides. A caller may raise its gain (a smooth change hides in busy
+texture better than a pixel's change); below mid-grey the texture term is scaled by
+``(b / 127) ** dark`` (:data:`LOWFREQ_DARK`, 2), since a level is a larger relative change in the dark: without it,
+a gain of 8 or more put 16 levels into the wood grain in kodim03's shadows, where it showed as
+mottling at 1:1. ``waves`` uses a gain of 4: from 8 on, its waves showed as bands on the fine
+ripples of Kodak kodim11's water at 1:1 (fine texture the eye averages into a uniform surface hides
+a smooth change less than the pixel model's texture term says; docs/BENCHMARKS.md). The JND is
+computed on the luminance downscaled (antialiased) to a working size (shorter side ``side``, 256
+px), where texture means detail at about 1/100 of the image rather than a sensor's grain, then
+smoothed (Gaussian, ``sigma`` working pixels) so the weight varies slowly and adds no edges or grain
+of its own. The map stays at the working size (a few hundred kB for any photo);
+:func:`upsample_rows` gives it at full size one strip of rows at a time (bilinear,
+``align_corners=False``, as ``F.interpolate``).
 """
 
 from __future__ import annotations

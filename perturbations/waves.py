@@ -14,25 +14,27 @@ Create Shortcuts, KDD 2022: class-wise patterns from a few degrees of freedom, u
 image), made smooth and scale-free instead of patch-wise at a fixed grid. Low frequencies are also
 what the low-frequency dE sees, so under ``--max-delta-e`` the amplitude is what the floor allows.
 
-Exact integer arithmetic (the wave itself, and the whole change with ``budget="flat"``): the phase of pixel ``(x, y)`` is an integer (the wave vector ``(a, b)`` is
-stored as integers, the coordinates in half pixels), the sine is a table of integers checked at
+Exact integer arithmetic (the wave itself, and the whole change with ``budget="flat"``): the phase
+of pixel ``(x, y)`` is an integer (the wave vector ``(a, b)`` is stored as integers, the
+coordinates in half pixels), the sine is a table of integers checked at
 import to hold no rounding ties, and the change is rounded in integers (ties up): the same key and
 labels give the same bytes on every machine and instruction set. :meth:`apply` adds the same 8-bit
 change as a float, so ``protect_levels(v) == round(apply(v / 255) * 255)`` for 8-bit images; 16-bit
 images get the change computed at their own levels.
 
-Budget. With ``budget="flat"`` every pixel gets the wave at its full size; under ``--max-delta-e
-2`` that was measured to show as light and dark patches on flat areas (Kodak kodim09's sky at
-thumbnail size: the dE floor bounds a mean, not where the eye looks). The default
-``budget="jnd"`` multiplies the wave by the image's own low-frequency perceptual weight
+Budget. With ``budget="flat"`` every pixel gets the wave at its full size; under ``--max-delta-e 2``
+that was measured to show as light and dark patches on flat areas (Kodak kodim09's sky at thumbnail
+size: the dE floor bounds a mean, not where the eye looks). The default ``budget="jnd"`` multiplies
+the wave by the image's own low-frequency perceptual weight
 (:func:`perturbations.masking.lowfreq_weights`: at most ``jnd_scale`` just-noticeable differences,
 the luminance term capped at its mid-grey value, the texture term times ``texture`` (4) and, below
-mid-grey, by ``(b / 127) ** dark`` (2), computed at a 256-px working size and smoothed), quantised to 1/:data:`WEIGHT_STEPS` and applied in integers
-(``round(delta * k / WEIGHT_STEPS)``, ties up). The weights come from float convolutions, so this
-budget is not exact: on another instruction set a weight within rounding error of a step may take
-the next step (one level of change at such pixels); the record pins the device class as for the
-other float methods. The pattern a downscale keeps is the wave times the local mean weight: still
-the class's waves, strongest where the image is textured.
+mid-grey, by ``(b / 127) ** dark`` (2), computed at a 256-px working size and smoothed), quantised
+to 1/:data:`WEIGHT_STEPS` and applied in integers (``round(delta * k / WEIGHT_STEPS)``, ties up).
+The weights come from float convolutions, so this budget is not exact: on another instruction set a
+weight within rounding error of a step may take the next step (one level of change at such pixels);
+the record pins the device class as for the other float methods. The pattern a downscale keeps is
+the wave times the local mean weight: still the class's waves, strongest where the image is
+textured.
 
 Shapes: ``apply`` takes ``N x C x H x W`` float in [0, 1] and labels ``(N,)``; the pattern is
 computed in strips of rows, so memory is a few int64 strips per image, not ``H x W`` of them.
@@ -249,7 +251,9 @@ class Waves(Perturbation):
 
     def protect_levels(self, v: torch.Tensor, labels: torch.Tensor | None = None,
                        ids: Sequence[str] | None = None, levels: int = 255) -> torch.Tensor:
-        """Exact integer path (module doc): ``clamp(v + delta, 0, levels)``."""
+        """Integer path (module doc): ``clamp(v + change, 0, levels)``, the change the wave (exact,
+        ``budget="flat"``) or the wave times the quantised perceptual weight (``budget="jnd"``),
+        added in int16 for 8-bit levels and int32 for deeper ones."""
         if v.is_floating_point():
             raise ConfigError("waves: protect_levels takes integer pixels")
         h, w = size = (v.shape[-2], v.shape[-1])
@@ -262,7 +266,8 @@ class Waves(Perturbation):
             if self.budget == "flat":
                 out[i] = (v[i].to(small) + d[None]).clamp_(0, levels).to(v.dtype)
                 continue
-            m = lowfreq_weights(v[i:i + 1], levels, self.eps, self.jnd_scale, self.texture, self.dark)  # working size: small
+            # the weights at the working size (small); full size one strip at a time
+            m = lowfreq_weights(v[i:i + 1], levels, self.eps, self.jnd_scale, self.texture, self.dark)
             for r in range(0, h, step):
                 k = upsample_rows(m, h, w, r, min(h, r + step))[0, 0].mul_(WEIGHT_STEPS).round_().to(torch.int32)
                 # round(d * k / WEIGHT_STEPS), ties up, in integers (|d * k * 2| < 2^31 for 16-bit levels)
@@ -277,8 +282,8 @@ class Waves(Perturbation):
     # -- state -----------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         return {"eps": self.eps, "components": self.components, "cycles": self.cycles_text,
-                "num_classes": self.num_classes, "budget": self.budget, "jnd_scale": self.jnd_scale, "texture": self.texture,
-                "dark": self.dark}
+                "num_classes": self.num_classes, "budget": self.budget, "jnd_scale": self.jnd_scale,
+                "texture": self.texture, "dark": self.dark}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.waves is None else {"waves": self.waves.clone()}
