@@ -42,6 +42,9 @@ def test_keyed_deterministic_bounded_and_the_same_in_every_channel() -> None:
     deep = torch.randint(4096, 60000, (1, 1, 24, 24), dtype=torch.int32)
     out = a.protect_levels(deep, torch.tensor([1]), levels=65535)
     assert (out - deep).abs().max() <= round(16 / 255 * 65535) and (out - deep).abs().max() > 255
+    # and under the perceptual budget (int32 arithmetic): random 16-bit texture takes most of the bound
+    masked = Waves(Keyring.from_seed(1), num_classes=3).protect_levels(deep, torch.tensor([1]), levels=65535)
+    assert round(16 / 255 * 65535) >= (masked - deep).abs().max() > 2000 and masked.dtype == deep.dtype
 
 
 def test_the_pattern_is_defined_per_shorter_side_so_a_resize_keeps_it() -> None:
