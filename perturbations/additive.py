@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .base import Perturbation
 from .errors import ConfigError
-from .masking import budget_weights, parse_budget
+from .masking import budget_settings, budget_weights
 
 #: Values of resized perturbations kept per process (a cache across batches of one size).
 CACHE_VALUES = 1 << 26
@@ -54,14 +54,7 @@ class AdditivePerturbation(Perturbation):
 
     def _init_budget(self, budget: str | None, jnd_scale: float | str) -> None:
         """Validate and set ``budget`` and ``jnd_scale`` (ConfigError with a one-line message)."""
-        try:
-            self.budget = parse_budget(budget, f"{self.name}: budget")
-            self.jnd_scale = float(jnd_scale)
-        except ValueError as exc:
-            raise ConfigError(str(exc) if "budget" in str(exc) else
-                              f"{self.name}: jnd_scale must be a number, got {jnd_scale!r}") from None
-        if not 0.0 < self.jnd_scale <= 100.0:
-            raise ConfigError(f"{self.name}: jnd_scale must be in (0, 100], got {jnd_scale}")
+        self.budget, self.jnd_scale = budget_settings(self.name, budget, jnd_scale)
 
     def _weights(self, x: torch.Tensor) -> torch.Tensor | None:
         """Perceptual weights (``N x 1 x H x W``) of float images ``x`` in [0, 1] with

@@ -49,7 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BUDGETS", "budget_weights", "jnd_levels", "lowfreq_weights", "parse_budget", "upsample_rows"]
+from .errors import ConfigError
+
+__all__ = ["BUDGETS", "budget_settings", "budget_weights", "jnd_levels", "lowfreq_weights", "parse_budget",
+           "upsample_rows"]
 
 #: ``flat``: the same bound ``eps`` everywhere (the papers'); ``jnd``: at most ``scale`` JNDs.
 BUDGETS = ("flat", "jnd")
@@ -73,6 +76,25 @@ def parse_budget(value: str | None, what: str) -> str:
     if v not in BUDGETS:
         raise ValueError(f"{what} must be one of {', '.join(BUDGETS)}, got {value!r}")
     return v
+
+
+def budget_settings(method: str, budget: str | None, jnd_scale: float | str) -> tuple[str, float]:
+    """A method's validated ``budget`` (:func:`parse_budget`) and ``jnd_scale`` (in (0, 100]);
+    ConfigError with a one-line message naming ``method`` otherwise."""
+    try:
+        return parse_budget(budget, f"{method}: budget"), _scale(method, jnd_scale)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _scale(method: str, jnd_scale: float | str) -> float:
+    try:
+        scale = float(jnd_scale)
+    except ValueError:
+        raise ConfigError(f"{method}: jnd_scale must be a number, got {jnd_scale!r}") from None
+    if not 0.0 < scale <= 100.0:
+        raise ConfigError(f"{method}: jnd_scale must be in (0, 100], got {jnd_scale}")
+    return scale
 
 
 def _pad(y: Tensor) -> Tensor:
@@ -134,9 +156,8 @@ def lowfreq_weights(v: Tensor, levels: int, eps: float, scale: float = 1.0, text
                     dark: float = LOWFREQ_DARK, side: int = 256, sigma: float = 2.0) -> Tensor:
     """Weights in [0, 1] of a smooth change of bound ``eps`` on images ``v`` (``N x C x H x W``):
     ``min(1, scale * JND / (eps * 255))`` with the JND of the module doc's low-frequency budget
-    (texture term times ``texture``), at
-    the working size (shorter side ``min(side, own)``): ``N x 1 x h x w``; full size by
-    :func:`upsample_rows`."""
+    (texture term times ``texture``, darkened by ``dark``), at the working size (shorter side
+    ``min(side, own)``): ``N x 1 x h x w``; full size by :func:`upsample_rows`."""
     n, _, h, w = v.shape
     y = torch.empty(n, 1, h, w, dtype=torch.float32, device=v.device)
     step = max(1, (1 << 20) // max(1, w))  # the luminance in strips: no float copy of the whole image

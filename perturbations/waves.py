@@ -51,7 +51,7 @@ import torch
 from . import register
 from .base import FitData, Perturbation, parse_fraction
 from .errors import ConfigError
-from .masking import lowfreq_weights, parse_budget, upsample_rows
+from .masking import budget_settings, lowfreq_weights, upsample_rows
 
 #: Entries of the integer sine table (one period) and its amplitude.
 TABLE_SIZE = 4096
@@ -127,14 +127,7 @@ class Waves(Perturbation):
                  num_classes: int | None = None, budget: str = "jnd", jnd_scale: float | str = 1.0,
                  texture: float | str = 4.0, dark: float | str = 2.0) -> None:
         super().__init__(keyring)
-        try:
-            self.budget = parse_budget(budget, "waves: budget")
-            self.jnd_scale = float(jnd_scale)
-        except ValueError as exc:
-            raise ConfigError(str(exc) if "budget" in str(exc) else
-                              f"waves: jnd_scale must be a number, got {jnd_scale!r}") from None
-        if not 0.0 < self.jnd_scale <= 100.0:
-            raise ConfigError(f"waves: jnd_scale must be in (0, 100], got {jnd_scale}")
+        self.budget, self.jnd_scale = budget_settings(self.name, budget, jnd_scale)
         for name, value in (("texture", texture), ("dark", dark)):
             try:
                 number = float(value)
@@ -193,18 +186,17 @@ class Waves(Perturbation):
         share a size."""
         if self.waves is None:
             raise ConfigError("waves: call fit() first or give num_classes")
+        return self._cached(label, size, levels).to(torch.int64)
+
+    def _cached(self, label: int, size: tuple[int, int], levels: int) -> torch.Tensor:
+        """The change of :meth:`delta` as kept (int16 for 8-bit levels, int32 above), made on a miss."""
         key = (int(label), int(size[0]), int(size[1]), int(levels))
         cache = self._cache
         if key not in cache:
             if len(cache) >= CACHE_ENTRIES:
                 cache.pop(next(iter(cache)))
             cache[key] = self._delta(*key).to(torch.int16 if levels <= 255 else torch.int32)
-        return cache[key].to(torch.int64)
-
-    def _delta_small(self, label: int, size: tuple[int, int], levels: int) -> torch.Tensor:
-        """:meth:`delta` in the cached dtype (int16 for 8-bit levels, int32 above): no int64 copy."""
-        self.delta(label, size, levels)  # fills the cache
-        return self._cache[(int(label), int(size[0]), int(size[1]), int(levels))]
+        return cache[key]
 
     def _delta(self, label: int, h: int, w: int, levels: int) -> torch.Tensor:
         bound = int(round(self.eps * levels))
@@ -262,7 +254,7 @@ class Waves(Perturbation):
         # v + change fits int16 for 8-bit levels (|change| <= 255) and int32 for deeper ones
         small = torch.int16 if levels <= 255 else torch.int32
         for i, c in enumerate(self._labels(v, labels)):
-            d = self._delta_small(c, size, levels).to(v.device)
+            d = self._cached(c, size, levels).to(v.device)
             if self.budget == "flat":
                 out[i] = (v[i].to(small) + d[None]).clamp_(0, levels).to(v.dtype)
                 continue
