@@ -39,6 +39,12 @@ METHODS: dict[str, list[str]] = {
     "em8-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "8/255", "--param", "max_side=64",
                "--param", "upscale=bilinear"],
     "em16-64": ["--method", "salm", "--mask-ratio", "1", "--eps", "16/255", "--param", "max_side=64"],
+    # a keyed low-frequency brightness wave per class, defined per shorter side (scale-free: the
+    # attacker's resize keeps it): the perceptual budget (default) and the flat wave at 4-16/255
+    "waves": ["--method", "waves"],
+    "waves-flat4": ["--method", "waves", "--param", "budget=flat", "--eps", "4/255"],
+    "waves-flat8": ["--method", "waves", "--param", "budget=flat", "--eps", "8/255"],
+    "waves-flat16": ["--method", "waves", "--param", "budget=flat"],
     "cuda": ["--method", "cuda"],
     "cuda-ref128": ["--method", "cuda", "--param", "reference=128"],
     "cuda-ref128-k3": ["--method", "cuda", "--param", "reference=128", "--param", "filter_size=3",
@@ -52,13 +58,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--resolution", default="128")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "chest_xray")
+    ap.add_argument("--training", help="screening: verify only these regimes (default: the method's grid)")
+    ap.add_argument("--defenses", help="screening: verify only these breakers")
+    ap.add_argument("--tag", default="", help="suffix of the result files (a screening run's own name)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     work = args.work
     env = env_for(work)
     names = args.methods.split(",")
     for name in [] if args.table_only else names:
-        result = work / f"{name}.json"
+        result = work / f"{name}{args.tag}.json"
         if result.exists():
             continue
         out = work / name
@@ -69,7 +78,9 @@ def main() -> None:
         t0 = time.perf_counter()
         cert = run_json([*CLI, "verify", "--json", "--quiet", "--fresh", str(out), "--test", str(DATA / "test"),
                       "--clean", str(DATA / "train"), "--resolution", args.resolution, "--seeds", str(args.seeds),
-                      "--tier", "quick", "--report", str(work / f"report-{name}")], env)
+                      "--tier", "quick", "--report", str(work / f"report-{name}{args.tag}"),
+                      *(["--training", args.training] if args.training else []),
+                      *(["--defenses", args.defenses] if args.defenses else [])], env)
         v = cert["verdict"]
         result.write_text(json.dumps({
             "method": name, "args": METHODS[name], "psnr": summary.get("psnr_mean"), "ssim": summary.get("ssim_mean"),
@@ -82,7 +93,7 @@ def main() -> None:
     print("| method | PSNR / SSIM | headline score (95 % interval) | best attacker | cells: effect |")
     print("|---|---|---|---|---|")
     for name in names:
-        f = work / f"{name}.json"
+        f = work / f"{name}{args.tag}.json"
         if not f.exists():
             continue
         r = json.loads(f.read_text())
