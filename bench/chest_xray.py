@@ -1,6 +1,7 @@
-"""SALM on real chest X-rays at their own size, the attacker training at 128 px (issue 19's medical target).
+"""Methods on real chest X-rays at their own size, the attacker training at 128 px (issue 19's medical target).
 
     python bench/chest_xray.py [--methods salm] [--seeds 3] [--resolution 128] [--table-only]
+    python bench/chest_xray.py --methods waves-flat8 --seeds 1 --training erm --defenses none --tag=-screen
 
 Data: ``../shared/data/chest_xray512`` (Kermany paediatric chest X-rays, NORMAL / PNEUMONIA, grey
 JPEG, longer side 512 px; train 150 / 300, test 40 / 80; its README says where they come from).
@@ -8,7 +9,8 @@ Per method: ``protect images`` of the training X-rays at their own size (PSNR / 
 summary), then ``protect verify --resolution R --seeds N`` at the quick tier with its default grid
 for the method, against the test X-rays, with the clean training X-rays as the baseline (balanced
 accuracy, the class imbalance is 1:2). Target: headline score >= 0.5 over 3 seeds at 128 px.
-Results: ``bench/out/chest_xray/NAME.json``.
+Results: ``bench/out/chest_xray/NAME.json`` (``NAME-screen.json`` with ``--tag=-screen``: a screening
+run of only the regimes and breakers given).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ METHODS: dict[str, list[str]] = {
     "waves-flat4": ["--method", "waves", "--param", "budget=flat", "--eps", "4/255"],
     "waves-flat8": ["--method", "waves", "--param", "budget=flat", "--eps", "8/255"],
     "waves-flat16": ["--method", "waves", "--param", "budget=flat"],
+    "waves-flat16-c1": ["--method", "waves", "--param", "budget=flat", "--param", "components=1"],
+    "waves-flat16-lo": ["--method", "waves", "--param", "budget=flat", "--param", "cycles=1-3"],
+    "waves-flat32": ["--method", "waves", "--param", "budget=flat", "--eps", "32/255"],
     "cuda": ["--method", "cuda"],
     "cuda-ref128": ["--method", "cuda", "--param", "reference=128"],
     "cuda-ref128-k3": ["--method", "cuda", "--param", "reference=128", "--param", "filter_size=3",
