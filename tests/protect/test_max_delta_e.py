@@ -83,7 +83,8 @@ def test_the_photo_default_floor_is_two_only_for_the_label_free_default_and_foll
     for f in sorted(KODAK.glob("*.png"))[:2]:
         Image.open(f).convert("RGB").resize((96, 64)).save(flat / f.name)
     runner = CliRunner()
-    base = ["images", "--key", test_key, "--json", "--quiet", "--surrogate", "random:tiny"]
+    plain = ["images", "--key", test_key, "--json", "--quiet"]
+    base = [*plain, "--surrogate", "random:tiny", "--param", "steps=10"]  # UC's fit kept short: the floor is tested
 
     def header(out: Path) -> dict:
         return json.loads((out.parent / f"{out.name}.protect" / "journal.jsonl").read_text().splitlines()[0])["header"]
@@ -95,6 +96,7 @@ def test_the_photo_default_floor_is_two_only_for_the_label_free_default_and_foll
     off = runner.invoke(cli, [*base, "--max-delta-e", "off", str(flat), str(tmp_path / "off")])
     assert off.exit_code == 0, off.output
     assert header(tmp_path / "off")["max_delta_e"] is None
+    assert json.loads(off.output)["delta_e_mean"] > 2.5, off.output  # without it the change shows: the floor worked
     # the run made without a floor resumes as it was: no setting changed, nothing redone
     again = runner.invoke(cli, [*base, str(flat), str(tmp_path / "off")])
     assert again.exit_code == 0 and json.loads(again.output)["skipped"] == 2, again.output
@@ -106,7 +108,7 @@ def test_the_photo_default_floor_is_two_only_for_the_label_free_default_and_foll
     for i, f in enumerate(sorted(flat.iterdir())):
         (labelled / f"c{i}").mkdir(parents=True)
         (labelled / f"c{i}" / f.name).write_bytes(f.read_bytes())
-    lab = runner.invoke(cli, [*base[:-2], str(labelled), str(tmp_path / "lab")])
+    lab = runner.invoke(cli, [*plain, str(labelled), str(tmp_path / "lab")])
     assert lab.exit_code == 0, lab.output
     assert header(tmp_path / "lab")["max_delta_e"] is None
     bad = runner.invoke(cli, [*base, "--max-delta-e", "lots", str(flat), str(tmp_path / "bad")])
@@ -135,13 +137,14 @@ def test_labelled_colour_photos_get_the_photo_default_and_small_or_grey_labelled
 
     runner = CliRunner()
     base = ["images", "--key", test_key, "--json", "--quiet"]
+    short_uc = ["--surrogate", "random:tiny", "--param", "steps=10"]  # UC's fit kept short: the choice is tested
     photos = folder("photos", (PHOTO_MIN_SIDE + 32, PHOTO_MIN_SIDE + 8), "RGB")
-    res = runner.invoke(cli, [*base, "--surrogate", "random:tiny", str(photos), str(tmp_path / "p")])
+    res = runner.invoke(cli, [*base, *short_uc, str(photos), str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     assert header(tmp_path / "p")["method"] == "uc" and header(tmp_path / "p")["max_delta_e"] == 2.0
     assert "labelled colour photos" in summary["method_note"] and summary["delta_e_mean"] <= 2.0 + 1e-6
-    again = runner.invoke(cli, [*base, "--surrogate", "random:tiny", str(photos), str(tmp_path / "p")])
+    again = runner.invoke(cli, [*base, *short_uc, str(photos), str(tmp_path / "p")])
     assert again.exit_code == 0 and json.loads(again.output)["skipped"] == 4, again.output
     named = runner.invoke(cli, [*base, "--method", "cuda", str(photos), str(tmp_path / "named")])
     assert named.exit_code == 0 and header(tmp_path / "named")["max_delta_e"] is None

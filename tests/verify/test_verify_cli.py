@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.clitools import call_main
 from tests.tiny import copy_classes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,36 +98,36 @@ def _dicom(name: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def test_verify_a_folder_of_dicom_files(tmp_path: Path) -> None:
+def test_verify_a_folder_of_dicom_files(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
     """`protect verify` reads .dcm files as protect writes them (stored values scaled by their levels):
     class folders a/ and b/ of pydicom's 64 x 64 MR samples give a certificate; a 128 x 128 CT slice
     among them is refused in one line, as any image of another size is. The same files train and
     test here (three encodings of one scan), which verify refuses unless --allow-overlap: it finds
-    the overlap by pixels, across encodings. About 10 s."""
+    the overlap by pixels, across encodings. In-process (the exit codes are the console script's;
+    the subprocess is the kill test's business above): about 3 s."""
     names = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm"]
     for split in ("train", "test"):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
             for name in names:
                 (tmp_path / split / c / name).write_bytes(_dicom(name))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PROTECT_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "cli.main", "verify", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
-               "--training", "erm", "--defenses", "none", "--epochs", "2", "--seeds", "1", "--device", "cpu",
-               "--no-cache", "--report", str(tmp_path / "report")]
-    overlap = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert overlap.returncode == 2 and "test image a/MR_small.dcm is also in the protected training folder" in overlap.stderr
-    assert "--allow-overlap" in overlap.stderr and "Traceback" not in overlap.stderr
-    command.append("--allow-overlap")
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("PROTECT_CACHE", str(tmp_path / "cache"))
+    args = ["verify", tmp_path / "train", "--test", tmp_path / "test", "--training", "erm", "--defenses", "none",
+            "--epochs", "2", "--seeds", "1", "--device", "cpu", "--no-cache", "--report", tmp_path / "report"]
+    code, _, err = call_main(capsys, *args)
+    assert code == 2 and "test image a/MR_small.dcm is also in the protected training folder" in err
+    assert "--allow-overlap" in err and "Traceback" not in err
+    args.append("--allow-overlap")
+    code, out, err = call_main(capsys, *args)
+    assert code == 0, err
     cert = json.loads((tmp_path / "report" / "certificate.json").read_text())
     assert cert["data"]["train"]["shape"] == [1, 64, 64] and cert["data"]["train"]["count"] == 6
     assert len(cert["cells"]) == 1 and len(cert["cells"][0]["protected"]["curve"]) == 2  # erm/none, 2 epochs
     assert cert["cells"][0]["attacker"]["learner"] == "fastcnn"
-    assert "best attacker: erm + none (fastcnn), " in done.stdout, done.stdout  # who attacked, in the summary
+    assert "best attacker: erm + none (fastcnn), " in out, out  # who attacked, in the summary
 
     (tmp_path / "train" / "b" / "CT_small.dcm").write_bytes(_dicom("CT_small.dcm"))
-    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0
-    assert "b/CT_small.dcm" in refused.stderr and "128x128 grayscale" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    code, _, err = call_main(capsys, *args)
+    assert code != 0
+    assert "b/CT_small.dcm" in err and "128x128 grayscale" in err
+    assert len(err.strip().splitlines()) == 1, err
