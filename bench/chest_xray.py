@@ -93,6 +93,7 @@ def main() -> None:
             "score": v.get("score"), "interval": v.get("interval"), "best_attacker": v.get("best_attacker"),
             "cells": [{"training": c["training"], "defense": c["defense"], "effect": c.get("effect"),
                        "balanced_acc": c["protected"].get("balanced_acc"),
+                       "final_balanced_acc": c["protected"].get("final_balanced_acc"),
                        "clean_balanced_acc": (c.get("clean") or {}).get("balanced_acc")} for c in cert["cells"]],
         }, indent=1))
     print("| method | PSNR / SSIM | headline score (95 % interval) | best attacker | cells: effect |")
@@ -104,7 +105,10 @@ def main() -> None:
         r = json.loads(f.read_text())
         ci = r.get("interval") or [None, None]
         b = r.get("best_attacker") or {}
+        # the effect at the epoch the validation split chose (what the score uses) and, in brackets, the
+        # balanced accuracy after the last epoch: a shortcut that wins only late shows as a low last epoch
         cells = ", ".join(f"{c['training']}/{c['defense']} {'-' if c['effect'] is None else format(c['effect'], '.2f')}"
+                          + ("" if c.get("final_balanced_acc") is None else f" (last {100 * c['final_balanced_acc']:.0f} %)")
                           for c in r["cells"])
         score = "-" if r["score"] is None else f"{r['score']:.2f}"
         interval = "" if ci[0] is None else f" ({ci[0]:.2f} to {ci[1]:.2f})"
