@@ -44,6 +44,8 @@ METHODS: dict[str, list[str]] = {
     # a keyed low-frequency brightness wave per class, defined per shorter side (scale-free: the
     # attacker's resize keeps it): the perceptual budget (default) and the flat wave at 4-16/255
     "waves": ["--method", "waves"],
+    "waves-j2": ["--method", "waves", "--param", "jnd_scale=2"],
+    "waves-t16": ["--method", "waves", "--param", "texture=16"],
     "waves-flat4": ["--method", "waves", "--param", "budget=flat", "--eps", "4/255"],
     "waves-flat8": ["--method", "waves", "--param", "budget=flat", "--eps", "8/255"],
     "waves-flat16": ["--method", "waves", "--param", "budget=flat"],
