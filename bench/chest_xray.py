@@ -51,6 +51,8 @@ METHODS: dict[str, list[str]] = {
     "waves-flat16": ["--method", "waves", "--param", "budget=flat"],
     "waves-flat16-c1": ["--method", "waves", "--param", "budget=flat", "--param", "components=1"],
     "waves-flat16-lo": ["--method", "waves", "--param", "budget=flat", "--param", "cycles=1-3"],
+    "waves-flat4-hi": ["--method", "waves", "--param", "budget=flat", "--eps", "4/255", "--param", "cycles=8-16"],
+    "waves-flat8-hi": ["--method", "waves", "--param", "budget=flat", "--eps", "8/255", "--param", "cycles=8-16"],
     "waves-flat32": ["--method", "waves", "--param", "budget=flat", "--eps", "32/255"],
     "cuda": ["--method", "cuda"],
     "cuda-ref128": ["--method", "cuda", "--param", "reference=128"],
