@@ -1,7 +1,7 @@
 """Methods on real chest X-rays at their own size, the attacker training at 128 px (issue 19's medical target).
 
     python bench/chest_xray.py [--methods salm] [--seeds 3] [--resolution 128] [--table-only]
-    python bench/chest_xray.py --methods waves-flat8 --seeds 1 --training erm --defenses none --tag=-screen
+    python bench/chest_xray.py --methods waves-flat8 --seeds 1 --training erm --defenses none
 
 Data: ``../shared/data/chest_xray512`` (Kermany paediatric chest X-rays, NORMAL / PNEUMONIA, grey
 JPEG, longer side 512 px; train 150 / 300, test 40 / 80; its README says where they come from).
@@ -9,8 +9,9 @@ Per method: ``protect images`` of the training X-rays at their own size (PSNR / 
 summary), then ``protect verify --resolution R --seeds N`` at the quick tier with its default grid
 for the method, against the test X-rays, with the clean training X-rays as the baseline (balanced
 accuracy, the class imbalance is 1:2). Target: headline score >= 0.5 over 3 seeds at 128 px.
-Results: ``bench/out/chest_xray/NAME.json`` (``NAME-screen.json`` with ``--tag=-screen``: a screening
-run of only the regimes and breakers given).
+Results: ``bench/out/chest_xray/NAME.json``; a screening run of only the regimes and breakers given
+(``--training``, ``--defenses``) writes ``NAME-screen.json`` (``--tag`` sets the suffix), and its
+table is ``--table-only --tag=-screen``.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "chest_xray")
     ap.add_argument("--training", help="screening: verify only these regimes (default: the method's grid)")
     ap.add_argument("--defenses", help="screening: verify only these breakers")
-    ap.add_argument("--tag", default="", help="suffix of the result files (a screening run's own name)")
+    ap.add_argument("--tag", help="suffix of the result files (default: -screen with --training or --defenses, "
+                                   "so a screen never stands in for a method's full grid)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
+    if args.tag is None:
+        args.tag = "-screen" if args.training or args.defenses else ""
     work = args.work
     env = env_for(work)
     names = args.methods.split(",")
