@@ -55,6 +55,14 @@ METHODS: dict[str, list[str]] = {
     "waves-flat4-hi": ["--method", "waves", "--param", "budget=flat", "--eps", "4/255", "--param", "cycles=8-16"],
     "waves-flat8-hi": ["--method", "waves", "--param", "budget=flat", "--eps", "8/255", "--param", "cycles=8-16"],
     "waves-flat32": ["--method", "waves", "--param", "budget=flat", "--eps", "32/255"],
+    # class-targeted adversarial poisoning (Fowl et al. 2021) made at 128 px: a surrogate trained on
+    # the clean X-rays, then each X-ray moved towards the other class; smooth (bilinear) upscale
+    "adv8": ["--method", "salm", "--mask-ratio", "1", "--eps", "8/255", "--param", "objective=targeted",
+             "--param", "init=zero", "--param", "upscale=bilinear", "--param", "steps=40",
+             "--param", "step_size=1/255", "--param", "train_steps=200", "--param", "rounds=1"],
+    "adv16": ["--method", "salm", "--mask-ratio", "1", "--eps", "16/255", "--param", "objective=targeted",
+              "--param", "init=zero", "--param", "upscale=bilinear", "--param", "steps=40",
+              "--param", "step_size=2/255", "--param", "train_steps=200", "--param", "rounds=1"],
     "cuda": ["--method", "cuda"],
     "cuda-ref128": ["--method", "cuda", "--param", "reference=128"],
     "cuda-ref128-k3": ["--method", "cuda", "--param", "reference=128", "--param", "filter_size=3",

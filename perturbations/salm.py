@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("cifar-resnet8", "cifar-resnet20", "cifar-resnet32", "cifar-resnet44", "cifar-resnet56", "tiny")
 TABLE_KEYS = ("table_hashes", "table_clusters", "noise")
-INITS = ("uniform", "classwise", "tile")
+INITS = ("uniform", "classwise", "tile", "zero")
+OBJECTIVES = ("min", "targeted")
 MASK_SCOPES = ("image", "class")
 
 
@@ -134,7 +135,18 @@ class SALM(AdditivePerturbation):
             to positions carries its class only while the images stay aligned; photos and X-rays
             of mixed aspect ratios, resized and cropped by the attacker, lose that alignment, and a
             repeated tile keeps its class in every local window (a stationary shortcut).
-        tile: side of the ``tile`` start in working pixels (default 4).
+        tile: side of the ``tile`` start in working pixels (default 4). ``zero``: no start (the
+            noise grows from the image itself).
+        objective: ``min`` (default: error-minimising, the min-min problem above) or ``targeted``:
+            class-targeted adversarial poisoning (Fowl et al., "Adversarial Examples Make Strong
+            Poisons", NeurIPS 2021). The surrogate is trained on the clean images only
+            (``rounds x train_steps`` SGD steps, the same optimiser and views), then frozen, and
+            ``steps`` signed steps per image move it towards the next class ``(y + 1) mod K``
+            (the loss minimised is the cross-entropy to that target). A model trained on the result
+            learns the surrogate's features of one class under another's label, so it does not
+            just fail to learn: on clean images it tends to answer the wrong class. The same mask,
+            budget, augmentation, JPEG and ``robust`` options apply (``robust``: the surrogate is
+            adversarially trained, and each step moves the worst point within ``rho_a``).
         mask_scope: whose saliency picks the masked positions: ``image`` (default, the paper's: each
             image's own top ``mask_ratio`` positions) or ``class`` (the top positions of the class's
             summed saliency, each image's map normalised to sum 1, recomputed every round: every
@@ -205,6 +217,7 @@ class SALM(AdditivePerturbation):
         jnd_scale: float = 1.0,
         upscale: str = "nearest",
         tile: int = 4,
+        objective: str = "min",
     ) -> None:
         super().__init__(keyring)
         self._init_budget(budget, jnd_scale)
@@ -244,6 +257,9 @@ class SALM(AdditivePerturbation):
         if int(tile) != tile or not 1 <= tile <= 64:
             raise ConfigError(f"salm: tile must be an integer in 1..64, got {tile}")
         self.tile = int(tile)
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"salm: objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'")
+        self.objective = objective
         if mask_scope not in MASK_SCOPES:
             raise ConfigError(f"salm: mask_scope must be one of {', '.join(MASK_SCOPES)}, got '{mask_scope}'")
         self.mask_scope = mask_scope
@@ -368,6 +384,8 @@ class SALM(AdditivePerturbation):
                                   generator=self.keyring.generator("salm/tile")).float().mul_(2).sub_(1)
             patterns = tiles.repeat(1, 1, -(-h // t), -(-w // t))[..., :h, :w]
             delta = patterns[y].mul_(self.eps)
+        elif self.init == "zero":
+            return torch.zeros_like(x)
         else:
             delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(self.eps)
         return (x + delta).clamp(0, 1) - x
@@ -403,6 +421,11 @@ class SALM(AdditivePerturbation):
         gen = self.keyring.generator("salm/batches")
         rgen = self.keyring.generator("salm/robust")
         self.history = []
+        if self.objective == "targeted":
+            self._fit_targeted(model, opt, x, y, delta, gen, dev, rgen, data)
+            self.table = ClusterTable.build([data.ids[i] for i in where], range(len(where)))
+            self.fitted = True
+            return self
         for r in range(self.rounds):
             model.train()
             for _ in range(self.train_steps):
@@ -427,6 +450,38 @@ class SALM(AdditivePerturbation):
         self.fitted = True
         return self
 
+    def _target(self, y: torch.Tensor) -> torch.Tensor:
+        """The labels the noise steps aim at: ``y`` (error-minimising) or the next class."""
+        assert self.num_classes is not None
+        return (y + 1) % self.num_classes if self.objective == "targeted" else y
+
+    def _fit_targeted(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                      delta: torch.Tensor, gen: torch.Generator, dev: torch.device, rgen: torch.Generator,
+                      data: FitData) -> None:
+        """``objective="targeted"``: train the surrogate on the clean images, then one round of
+        steps towards the next class with the surrogate frozen."""
+        model.train()
+        total = self.rounds * self.train_steps
+        for s in range(total):
+            b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
+            xb = self._view(x[b].to(dev), gen)
+            xb = self._adversarial(model, xb, y[b].to(dev), rgen)
+            loss = F.cross_entropy(model(xb), y[b].to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if (s + 1) % max(1, self.train_steps) == 0:
+                data.report("rounds", (s + 1) // max(1, self.train_steps), self.rounds + 1)
+        clean_error = self._error(model, x, y, torch.zeros_like(delta), dev)
+        delta = self._noise_round(model, x, self._target(y), delta, gen, dev, rgen)
+        err = self._error(model, x, y, delta, dev)
+        self.history.append({"round": 1, "clean_error": clean_error, "train_error": err,
+                             "noise_steps": self._steps_spent})
+        log.info("salm: targeted, surrogate error on clean images %.4f, on protected images %.4f", clean_error, err)
+        data.report("rounds", self.rounds + 1, self.rounds + 1)
+        self.model = model.cpu().eval()
+        self.noise = delta
+
     def extend(self, data: FitData) -> bool:
         """New images get noise against the stored surrogate (two mask-and-steps rounds)."""
         if self.model is None or self.noise is None:
@@ -443,8 +498,8 @@ class SALM(AdditivePerturbation):
         gen = self.keyring.generator("salm/extend")
         rgen = self.keyring.generator("salm/extend-robust")
         delta = self._start(x, y, gen)
-        for _ in range(2):
-            delta = self._noise_round(model, x, y, delta, gen, dev, rgen)
+        for _ in range(1 if self.objective == "targeted" else 2):
+            delta = self._noise_round(model, x, self._target(y), delta, gen, dev, rgen)
         self.model = model.cpu().eval()
         start = self.noise.shape[0]
         self.noise = torch.cat([self.noise, delta])
@@ -480,13 +535,13 @@ class SALM(AdditivePerturbation):
                 "max_side": self.max_side, "lr": self.lr,
                 "inner_stop": self.inner_stop, "augment": self.augment,
                 "robust": self.robust, "robust_steps": self.robust_steps, "init": self.init, "mask_scope": self.mask_scope,
-                "tile": self.tile,
+                "tile": self.tile, "objective": self.objective,
                 "jpeg": range_text(self.jpeg),
                 "budget": self.budget, "jnd_scale": self.jnd_scale, "upscale": self.resize_mode,
                 "working_size": list(self.size) if self.size else None}
 
     def fit_report(self) -> dict[str, Any]:
-        out = {"rounds": self.history, "stopped_early": bool(self.history)
+        out = {"rounds": self.history, "stopped_early": self.objective == "min" and bool(self.history)
                and self.history[-1]["train_error"] < self.stop_error}
         if self.jpeg is not None:
             out["optimised_through_jpeg"] = f"quality {range_text(self.jpeg)}"

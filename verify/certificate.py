@@ -28,6 +28,13 @@ With several seeds every accuracy is the mean over seeds, with ``*_std`` (sample
 deviation, 0 for one seed) and the per-seed values under ``per_seed``; curves are averaged epoch by
 epoch. ``clean`` is absent when no clean baseline was trained; ``effect`` is then null.
 
+**Renamed answers**: every epoch's answers are renamed by the permutation of classes that scores
+best on the validation images, where the model's own are below chance there and it beats them by
+more than 0.1 (:class:`verify.train.CellResult`),
+so a model that learned the classes under each other's names (class-targeted adversarial
+poisoning) scores what an attacker with those images gets from it. ``answers_remapped``: the
+number of seeds whose chosen epoch did; ``per_seed[i]["answer_map"]`` the renaming.
+
 **Chance** is the majority-class rate of the test set: the accuracy of always answering its most
 frequent class (``chance_class``), which is what a model that learned nothing reaches. It equals
 1/num_classes on a balanced test set; on an imbalanced one 1/K would be too low.
@@ -221,6 +228,9 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
                                                         if r.guard_fired_epoch is not None],
                                     "every": max((r.guard_every or 1) for r in runs)}
     out["wall_s"] = _r(sum(r.wall_s for r in runs), 2)
+    # seeds whose chosen epoch scored renamed answers (verify.train.CellResult): the model learned
+    # the classes under each other's names
+    out["answers_remapped"] = sum(r.answer_map is not None for r in runs)
     out["per_seed"] = []
     for i, r in enumerate(runs):
         entry = {
@@ -238,6 +248,7 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
             "guard_pgd_acc": [_r(a) for a in r.guard_pgd_acc] or None, "guard_fired_epoch": r.guard_fired_epoch,
             "guard_fgsm_acc": [_r(a) for a in r.guard_fgsm_acc] or None,
             "guard_restored_epoch": r.guard_restored_epoch, "guard_every": r.guard_every,
+            "answer_map": r.answer_map, "remapped_epochs": r.remapped_epochs,
         }
         if cached is not None:
             entry["cached"] = bool(cached[i])

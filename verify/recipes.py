@@ -131,6 +131,11 @@ class Recipe:
     epochs) reached the same accuracy as 600 steps of batch 32 (24 epochs) at a third of the cost
     (``bench/small_sets.py``). The certificate records the adapted recipe. Overriding ``epochs``
     (``--epochs``) turns this off.
+
+    ``remap_answers``: after every epoch, rename the model's answers by the permutation that scores
+    best on the validation images where the model's own are below chance there and it beats them by
+    more than 0.1 (an attacker with a few labelled
+    clean images does; :class:`verify.train.CellResult`). False scores the answers as they are.
     """
 
     tier: str
@@ -163,6 +168,7 @@ class Recipe:
     grad_clip: float | None = None
     at_model: str | None = None
     at_epochs: int | None = None
+    remap_answers: bool = True
     description: str = field(default="", compare=False)
 
     @property

@@ -49,7 +49,7 @@ from protect.device import resolve_device
 from . import attacks, distributed
 from . import defenses as defense_registry
 from .data import TensorSet, check_same_classes
-from .evaluation import EvalResult, evaluate, evaluate_metrics
+from .evaluation import EvalResult, best_answer_map, evaluate, evaluate_metrics, remapped
 from .metrics import score_basis
 from .models import create_model
 from .recipes import Recipe, Training, parse_training
@@ -85,6 +85,15 @@ class CellResult:
     ``guard_restored_epoch``: the epoch training went back to (the last check that passed; the
     epochs after it were trained again with PGD-2).
     ``epochs`` is the number of epochs the result comes from.
+
+    **Renamed answers** (``recipe.remap_answers``, on by default): after every epoch the attacker
+    renames the model's answers by the permutation that scores best on the validation images
+    (:func:`verify.evaluation.best_answer_map`; only where the model's own answers are below chance
+    there and the renaming beats them by more than :data:`verify.evaluation.REMAP_MARGIN`),
+    and every score of that epoch, test and validation, uses it. A poison that teaches the classes
+    under each other's names (class-targeted adversarial poisoning) then counts for what it is: a
+    model that learned the task. ``answer_map``: the renaming at the selected epoch (None: the
+    model's own answers); ``remapped_epochs``: how many epochs used one.
     """
 
     training: str
@@ -119,6 +128,8 @@ class CellResult:
     val_curve: list[float] = field(default_factory=list)
     val_curve_balanced: list[float] = field(default_factory=list)
     test_pred: list[int] = field(default_factory=list)
+    answer_map: list[int] | None = None
+    remapped_epochs: int = 0
     guard_pgd_acc: list[float] = field(default_factory=list)
     guard_fired_epoch: int | None = None
     guard_fgsm_acc: list[float] = field(default_factory=list)
@@ -368,7 +379,9 @@ def _result(training: str, defense: str, seed: int, evals: list[EvalResult | Non
         selected_epoch=best_epoch + 1, acc=chosen.accuracy, balanced_acc=chosen.balanced_accuracy, auc=chosen.auc,
         selection=selection, n_val=n_val,
         val_curve=[e.accuracy for e in val_evals], val_curve_balanced=[e.balanced_accuracy for e in val_evals],
-        test_pred=chosen.pred.cpu().tolist(), guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
+        test_pred=chosen.pred.cpu().tolist(),
+        answer_map=None if chosen.answer_map is None else list(chosen.answer_map),
+        remapped_epochs=sum(e.answer_map is not None for e in val_evals), guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
         guard_fgsm_acc=list(guard_fgsm or []), guard_restored_epoch=guard_restored, guard_every=every,
     )
 
@@ -503,6 +516,7 @@ def train_cell(
     callback = progress if callable(progress) and main else None
     evals: list[EvalResult | None] = []  # test-set scores (None at epochs scored on validation only)
     val_evals: list[EvalResult] = []
+    maps: list[tuple[int, ...] | None] = []  # each epoch's renaming of answers, chosen on validation
     epoch_s: list[float] = []
     train_acc = train_loss = 0.0
     try:
@@ -576,6 +590,7 @@ def train_cell(
                     sched.load_state_dict(checkpoint["sched"])
                     best_val, best_epoch, best_state = checkpoint["best"]
                     del evals[guard_restored:], val_evals[guard_restored:], epoch_s[guard_restored:]
+                    del maps[guard_restored:]
                     epoch = checkpoint["epoch"]
                     checkpoint = None
                     if bar is not None:
@@ -589,10 +604,15 @@ def train_cell(
                               "opt": copy.deepcopy(opt.state_dict()), "sched": sched.state_dict(), "best": None}
             last = epoch == recipe.epochs - 1
             ev_val = evaluate_metrics(net, x_val, y_val, recipe.eval_batch_size, autocast)
+            # the attacker renames the model's answers where the labelled validation images say so
+            amap = best_answer_map(ev_val.pred, y_val, num_classes, metric) if recipe.remap_answers else None
+            ev_val = remapped(ev_val, y_val, amap)
+            maps.append(amap)
             val_evals.append(ev_val)
             ev = None
             if test_every_epoch or last:
-                ev = ev_val if val_is_test else evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
+                ev = ev_val if val_is_test else remapped(
+                    evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast), y_test, amap)
             if ev_val.get(metric) > best_val:
                 best_val, best_epoch = ev_val.get(metric), epoch
                 best_state = None if ev is not None else {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -612,11 +632,13 @@ def train_cell(
             log.debug("%s epoch %d/%d loss %.4f train %.4f test %.4f (%.1fs)", label, epoch + 1,
                       recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
         if evals[-1] is None:  # the last epoch's test score (always due; kept for results of older versions)
-            evals[-1] = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
+            evals[-1] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast), y_test,
+                                 maps[-1])
         if evals[best_epoch] is None:  # the selected epoch: re-score its saved weights on the test set
             assert best_state is not None
             net.load_state_dict(best_state)
-            evals[best_epoch] = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
+            evals[best_epoch] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast),
+                                         y_test, maps[best_epoch])
     finally:
         if bar is not None:
             bar.close()

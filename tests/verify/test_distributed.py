@@ -43,6 +43,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # one evaluation of a fixed model, sharded over the two processes (compared with one process below)
         sharded = dataclasses.asdict(evaluate_metrics(_fixed_model(), test.x[:37], test.y[:37], batch_size=1))
         sharded["pred"] = sharded["pred"].tolist()  # every prediction, gathered from both shards
+        sharded["scores"] = sharded["scores"].tolist()
         recipe = get_recipe("quick", epochs=3, batch_size=16)  # 5 steps per epoch, 15 per cell
         kw = {"tier": recipe, "trainings": "erm,linf", "defenses": "none,cutmix", "device": device,
               "report_dir": Path(out) / f"report{rank}", "cache_dir": Path(out) / "cache", "progress": False, "seeds": 1}
@@ -116,6 +117,7 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
         assert r["sharded"]["accuracy"] == whole.accuracy
         assert r["sharded"]["balanced_accuracy"] == pytest.approx(whole.balanced_accuracy, abs=1e-12)
         assert r["sharded"]["auc"] == pytest.approx(whole.auc, abs=1e-12)
+        assert torch.allclose(torch.tensor(r["sharded"]["scores"]), whole.scores)  # what a renaming permutes
     mean_peak = sum(c["protected"]["peak_acc"] for c in r0["cells"]) / len(r0["cells"])
     assert mean_peak >= 0.65, [c["protected"]["curve"] for c in r0["cells"]]  # it really trained
     # Only rank 0 writes the report, the finished cells and the baseline cache.

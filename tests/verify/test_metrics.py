@@ -347,3 +347,42 @@ def test_end_to_end_balanced_breastmnist_scores_accuracy(tmp_path: Path) -> None
     expected = score(cell["clean"]["acc"], cell["protected"]["acc"], 0.5)
     assert cell["effect"] == (None if expected is None else pytest.approx(expected, abs=1e-4))
     assert "balanced accuracy**" not in (root / "report" / "report.md").read_text()
+
+
+def test_best_answer_map_finds_the_renaming_an_attacker_with_labels_would_use() -> None:
+    """A model that answers ``y + 1`` is renamed back exactly (exhaustive up to 8 classes, greedy
+    with swaps above); a model right at least as often as any renaming keeps its own answers."""
+    from verify.evaluation import EXACT_MAP_CLASSES, best_answer_map
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, EXACT_MAP_CLASSES, 10):
+        y = torch.randint(0, k, (400,), generator=g)
+        pred = (y + 1) % k
+        noisy = torch.rand(400, generator=g) < 0.2
+        pred[noisy] = torch.randint(0, k, (int(noisy.sum()),), generator=g)
+        m = best_answer_map(pred, y, k)
+        assert m == tuple((j - 1) % k for j in range(k)), (k, m)
+        assert best_answer_map(y, y, k) is None
+        # a constant answer has balanced accuracy 1/K under any renaming (it only moves to the majority class)
+        assert best_answer_map(torch.zeros_like(y), y, k, "balanced_accuracy") is None
+    # a model above chance is scored as it is, whatever a renaming would win on these images (noise
+    # on a small validation set; on the test set it would cost the attacker)
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3])
+    pred = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 3, 3])  # own 0.35, chance 0.4
+    assert best_answer_map(pred, y, 4) == (0, 1, 3, 2)  # accuracy: own below the majority rate
+    assert best_answer_map(pred, y, 4, "balanced_accuracy") is None  # own balanced 0.375 > 1/4
+    # balanced accuracy weighs each class alike: 1 of 1 normal right against 2 of 3 pneumonia wrong
+    y, pred = torch.tensor([0, 1, 1, 1]), torch.tensor([1, 0, 1, 1])
+    assert best_answer_map(pred, y, 2, "accuracy") is None and best_answer_map(pred, y, 2, "balanced_accuracy") == (1, 0)
+
+
+def test_remapped_answers_move_the_predictions_and_the_scores() -> None:
+    from verify.evaluation import _scored, remapped
+
+    y = torch.tensor([0, 0, 1, 1, 1])
+    scores = torch.tensor([[0.2, -0.2], [-1.0, 1.0], [2.0, -2.0], [0.5, -0.5], [-0.3, 0.3]])
+    ev = _scored(scores.argmax(1), scores, y, 2)
+    flipped = remapped(ev, y, (1, 0))
+    assert flipped.accuracy == pytest.approx(1 - ev.accuracy) and flipped.answer_map == (1, 0)
+    assert flipped.auc == pytest.approx(1 - ev.auc)
+    assert torch.equal(flipped.pred, 1 - ev.pred) and remapped(ev, y, None) is ev

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -408,3 +409,23 @@ def test_a_defense_made_for_the_whole_image_sees_it_before_the_crop(train3, test
     monkeypatch.setattr(defenses.RSKFF, "before_crop", False)  # the other order: padded crops arrive
     train_cell(tr, te, get_recipe("quick", epochs=1, batch_size=8), "erm", "rskff", seed=0)
     assert seen and not all(bytes(img.numpy().tobytes()) in whole for batch in seen for img in batch)
+
+
+def test_a_model_that_learned_the_classes_under_each_others_names_is_renamed_back(train3, test3) -> None:
+    """Training labels swapped (airplane called frog and frog airplane), as class-targeted
+    adversarial poisoning teaches: the model's own answers are mostly wrong on the test set, but the
+    attacker's validation images show the swap, so the renamed answers score what the task teaches.
+    With ``remap_answers=False`` the score would call that protection. Same data and recipe as
+    ``test_tiny_training_learns_above_chance``. Measured over seeds 0-4 (1 thread, default ISA and
+    ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41): own answers 0.20-0.50 (the chosen epoch
+    is at best a constant answer), renamed 0.75-0.90, always renamed (1, 0)."""
+    tr, te = train3.select_classes(["airplane", "frog"]), test3.select_classes(["airplane", "frog"])
+    tr = tr.subset(torch.cat([torch.nonzero(tr.y == k).flatten()[:60] for k in range(2)]))
+    swapped = dataclasses.replace(tr, y=1 - tr.y)
+    val, scored = te.subset(torch.arange(0, 40, 2)), te.subset(torch.arange(1, 40, 2))
+    recipe = get_recipe("quick", epochs=3, batch_size=16, eval_subset=None)
+    plain = train_cell(swapped, scored, dataclasses.replace(recipe, remap_answers=False), "erm", "none", seed=0, val=val)
+    renamed = train_cell(swapped, scored, recipe, "erm", "none", seed=0, val=val)
+    assert plain.acc <= 0.5 and plain.answer_map is None and plain.remapped_epochs == 0, plain.curve
+    assert renamed.acc >= 0.65 and renamed.answer_map == [1, 0] and renamed.remapped_epochs >= 1, renamed.curve
+    assert sum(int(p == y) for p, y in zip(renamed.test_pred, scored.y.tolist())) == round(renamed.acc * len(scored))
