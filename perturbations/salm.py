@@ -427,16 +427,7 @@ class SALM(AdditivePerturbation):
             self.fitted = True
             return self
         for r in range(self.rounds):
-            model.train()
-            for _ in range(self.train_steps):
-                b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
-                xb = (x[b] + self._weigh(delta[b], x[b])).clamp(0, 1).to(dev)
-                xb = self._view(xb, gen)
-                xb = self._adversarial(model, xb, y[b].to(dev), rgen)  # adversarial training when robust
-                loss = F.cross_entropy(model(xb), y[b].to(dev))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            self._train_surrogate(model, opt, x, y, delta, gen, dev, rgen)
             delta = self._noise_round(model, x, y, delta, gen, dev, rgen)
             err = self._error(model, x, y, delta, dev)
             self.history.append({"round": r + 1, "train_error": err, "noise_steps": self._steps_spent})
@@ -455,23 +446,31 @@ class SALM(AdditivePerturbation):
         assert self.num_classes is not None
         return (y + 1) % self.num_classes if self.objective == "targeted" else y
 
+    def _train_surrogate(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                         delta: torch.Tensor | None, gen: torch.Generator, dev: torch.device,
+                         rgen: torch.Generator) -> None:
+        """``train_steps`` SGD steps of the surrogate on keyed mini-batches of ``x + delta`` (``x``
+        itself when ``delta`` is None), through the attacker's views (:meth:`_view`) and
+        adversarially when ``robust``."""
+        model.train()
+        for _ in range(self.train_steps):
+            b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
+            xb = x[b] if delta is None else (x[b] + self._weigh(delta[b], x[b])).clamp(0, 1)
+            xb = self._view(xb.to(dev), gen)
+            xb = self._adversarial(model, xb, y[b].to(dev), rgen)  # adversarial training when robust
+            loss = F.cross_entropy(model(xb), y[b].to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
     def _fit_targeted(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                       delta: torch.Tensor, gen: torch.Generator, dev: torch.device, rgen: torch.Generator,
                       data: FitData) -> None:
         """``objective="targeted"``: train the surrogate on the clean images, then one round of
         steps towards the next class with the surrogate frozen."""
-        model.train()
-        total = self.rounds * self.train_steps
-        for s in range(total):
-            b = torch.randint(x.shape[0], (min(self.batch, x.shape[0]),), generator=gen)
-            xb = self._view(x[b].to(dev), gen)
-            xb = self._adversarial(model, xb, y[b].to(dev), rgen)
-            loss = F.cross_entropy(model(xb), y[b].to(dev))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if (s + 1) % max(1, self.train_steps) == 0:
-                data.report("rounds", (s + 1) // max(1, self.train_steps), self.rounds + 1)
+        for r in range(self.rounds):
+            self._train_surrogate(model, opt, x, y, None, gen, dev, rgen)
+            data.report("rounds", r + 1, self.rounds + 1)
         clean_error = self._error(model, x, y, torch.zeros_like(delta), dev)
         delta = self._noise_round(model, x, self._target(y), delta, gen, dev, rgen)
         err = self._error(model, x, y, delta, dev)

@@ -147,8 +147,7 @@ def best_answer_map(pred: Tensor, y: Tensor, num_classes: int, metric: str = "ac
     if k <= EXACT_MAP_CLASSES:
         perms = torch.tensor(list(itertools.permutations(range(k))))  # P x K: perms[p, j] = answer for j
         values = gain[perms, torch.arange(k)].sum(1)
-        best = int(values.argmax())
-        perm, value = tuple(int(v) for v in perms[best]), float(values[best])
+        perm = tuple(int(v) for v in perms[int(values.argmax())])
     else:  # greedy on the largest entries, then pairwise swaps while one helps
         free_rows, perm_l = set(range(k)), [-1] * k
         for flat in torch.argsort(gain.flatten(), descending=True, stable=True).tolist():
@@ -163,8 +162,8 @@ def best_answer_map(pred: Tensor, y: Tensor, num_classes: int, metric: str = "ac
                 if gain[perm_l[b], a] + gain[perm_l[a], b] > gain[perm_l[a], a] + gain[perm_l[b], b] + 1e-12:
                     perm_l[a], perm_l[b] = perm_l[b], perm_l[a]
                     better = True
-        perm, value = tuple(perm_l), _map_value(gain, perm_l)
-    if (value - own) / unit <= margin + 1e-12 or perm == tuple(range(k)):
+        perm = tuple(perm_l)
+    if (_map_value(gain, perm) - own) / unit <= margin + 1e-12 or perm == tuple(range(k)):
         return None
     return perm
 

@@ -133,9 +133,9 @@ class Recipe:
     (``--epochs``) turns this off.
 
     ``remap_answers``: after every epoch, rename the model's answers by the permutation that scores
-    best on the validation images where the model's own are below chance there and it beats them by
-    more than 0.1 (an attacker with a few labelled
-    clean images does; :class:`verify.train.CellResult`). False scores the answers as they are.
+    best on the validation images, where the model's own are below chance there and it beats them
+    by more than 0.1 (an attacker with a few labelled clean images does;
+    :class:`verify.train.CellResult`). False scores the answers as they are.
     """
 
     tier: str

@@ -516,7 +516,6 @@ def train_cell(
     callback = progress if callable(progress) and main else None
     evals: list[EvalResult | None] = []  # test-set scores (None at epochs scored on validation only)
     val_evals: list[EvalResult] = []
-    maps: list[tuple[int, ...] | None] = []  # each epoch's renaming of answers, chosen on validation
     epoch_s: list[float] = []
     train_acc = train_loss = 0.0
     try:
@@ -590,7 +589,6 @@ def train_cell(
                     sched.load_state_dict(checkpoint["sched"])
                     best_val, best_epoch, best_state = checkpoint["best"]
                     del evals[guard_restored:], val_evals[guard_restored:], epoch_s[guard_restored:]
-                    del maps[guard_restored:]
                     epoch = checkpoint["epoch"]
                     checkpoint = None
                     if bar is not None:
@@ -606,8 +604,7 @@ def train_cell(
             ev_val = evaluate_metrics(net, x_val, y_val, recipe.eval_batch_size, autocast)
             # the attacker renames the model's answers where the labelled validation images say so
             amap = best_answer_map(ev_val.pred, y_val, num_classes, metric) if recipe.remap_answers else None
-            ev_val = remapped(ev_val, y_val, amap)
-            maps.append(amap)
+            ev_val = remapped(ev_val, y_val, amap)  # carries amap: the epoch's renaming for its test scores
             val_evals.append(ev_val)
             ev = None
             if test_every_epoch or last:
@@ -633,12 +630,12 @@ def train_cell(
                       recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
         if evals[-1] is None:  # the last epoch's test score (always due; kept for results of older versions)
             evals[-1] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast), y_test,
-                                 maps[-1])
+                                 val_evals[-1].answer_map)
         if evals[best_epoch] is None:  # the selected epoch: re-score its saved weights on the test set
             assert best_state is not None
             net.load_state_dict(best_state)
             evals[best_epoch] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast),
-                                         y_test, maps[best_epoch])
+                                         y_test, val_evals[best_epoch].answer_map)
     finally:
         if bar is not None:
             bar.close()
