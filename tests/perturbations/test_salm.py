@@ -283,9 +283,9 @@ def test_targeted_objective_is_adversarial_poisoning(data):
     """``objective="targeted"`` (Fowl et al. 2021): the surrogate is trained on the clean images only
     and then frozen; the noise moves each image towards the next class. So the surrogate tells the
     clean images apart and answers the other class on the protected ones; the noise is dense with
-    ``init="zero"`` and bounded on the integer grid. Measured over keys 6-10 (1 thread, default ISA;
-    300 surrogate steps also under ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41): surrogate
-    error on the clean images 0.0, answers moved to the other class 0.97-1.0. (A surrogate trained
+    ``init="zero"`` and bounded on the integer grid. Measured over keys 6-10 with 1 thread, default
+    ISA and ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41: surrogate error on the clean images
+    0.0, answers moved to the other class 0.97-1.0 (1.0 everywhere under SSE41). (A surrogate trained
     with augmentation, or for 120 steps of 16, stayed near chance on some keys: nothing to move.)"""
     x8, ids, labels = data
     kw = dict(objective="targeted", init="zero", mask_ratio=1.0, rounds=1, train_steps=200, lr=0.05, steps=30,
