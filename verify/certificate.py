@@ -33,7 +33,12 @@ best on the validation images, where the model's own are below chance there and 
 more than 0.1 (:class:`verify.train.CellResult`),
 so a model that learned the classes under each other's names (class-targeted adversarial
 poisoning) scores what an attacker with those images gets from it. ``answers_remapped``: the
-number of seeds whose chosen epoch did; ``per_seed[i]["answer_map"]`` the renaming.
+number of seeds whose chosen epoch did; ``per_seed[i]["answer_map"]`` the renaming. With two
+classes the attacker also reads a *decision threshold* off the validation images where the model's
+own answers are near chance there but its scores rank the classes (AUC more than 0.1 and two null
+standard deviations from 1/2, either way round; :func:`verify.evaluation.best_threshold`):
+``answers_thresholded`` counts the seeds whose chosen epoch did, ``per_seed[i]["threshold"]`` is
+the cut on the (renamed) class-1 log-odds.
 
 **Chance** is the majority-class rate of the test set: the accuracy of always answering its most
 frequent class (``chance_class``), which is what a model that learned nothing reaches. It equals
@@ -231,6 +236,8 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
     # seeds whose chosen epoch scored renamed answers (verify.train.CellResult): the model learned
     # the classes under each other's names
     out["answers_remapped"] = sum(r.answer_map is not None for r in runs)
+    # seeds whose chosen epoch answered at a threshold read off the validation images (two classes)
+    out["answers_thresholded"] = sum(r.threshold is not None for r in runs)
     out["per_seed"] = []
     for i, r in enumerate(runs):
         entry = {
@@ -249,6 +256,7 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
             "guard_fgsm_acc": [_r(a) for a in r.guard_fgsm_acc] or None,
             "guard_restored_epoch": r.guard_restored_epoch, "guard_every": r.guard_every,
             "answer_map": r.answer_map, "remapped_epochs": r.remapped_epochs,
+            "threshold": _r(r.threshold), "thresholded_epochs": r.thresholded_epochs,
         }
         if cached is not None:
             entry["cached"] = bool(cached[i])

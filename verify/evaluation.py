@@ -16,6 +16,15 @@ pairwise swaps above), used where the model's own answers are below chance and t
 by more than :data:`REMAP_MARGIN`, and :func:`remapped`
 the result with the answers renamed (predictions and score columns permuted, so accuracy, balanced
 accuracy and AUC all follow).
+
+**Decision thresholds.** A two-class poison can also leave a model that answers one class for
+everything, or ranks the classes the wrong way round, while its scores still order the images
+(measured: chest X-rays under a class-targeted poison, balanced accuracy 0.50 at AUC 0.14). An
+attacker with labelled images reads a threshold off them: :func:`best_threshold`, used where the
+own answers are near chance, the AUC is far from 1/2 (more than :data:`REMAP_MARGIN` and
+:data:`THRESHOLD_Z` null standard deviations) and the cut, scored on images it was not fitted
+to (cross-fitting), wins by more than the margin. :func:`read_answers` reads a model's validation
+answers either way; :func:`remapped` applies the rule to other images.
 """
 
 from __future__ import annotations
@@ -30,15 +39,22 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .metrics import balanced_accuracy_from_counts, macro_auc, softmax_log_odds
+from .metrics import balanced_accuracy_from_counts, binary_auc, macro_auc, softmax_log_odds
 
-__all__ = ["EXACT_MAP_CLASSES", "REMAP_MARGIN", "EvalResult", "best_answer_map", "evaluate", "evaluate_metrics", "remapped"]
+__all__ = ["EXACT_MAP_CLASSES", "REMAP_MARGIN", "EvalResult", "auc_null_std", "best_answer_map", "best_threshold",
+           "evaluate", "evaluate_metrics", "read_answers", "remapped"]
 
 #: Up to this many classes :func:`best_answer_map` tries every permutation (8! = 40,320).
 EXACT_MAP_CLASSES = 8
 #: A renaming is used only where it beats the model's own answers on the validation images by more
 #: than this (accuracy or balanced accuracy).
 REMAP_MARGIN = 0.1
+#: A binary decision threshold is chosen only where the validation AUC is this many null standard
+#: deviations (:func:`auc_null_std`) from 1/2, besides :data:`REMAP_MARGIN`.
+THRESHOLD_Z = 2.0
+#: The threshold's validation score comes from this many folds of cross-fitting (fewer where a
+#: class has fewer images).
+THRESHOLD_FOLDS = 10
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,9 @@ class EvalResult:
     #: the renaming of answers applied (``answer_map[j]``: the class answered for the model's class
     #: ``j``; :func:`remapped`), None when the model's own answers are scored
     answer_map: tuple[int, ...] | None = None
+    #: two classes: the decision threshold on the (renamed) class-1 log-odds the predictions use
+    #: (:func:`best_threshold`); None: the model's own argmax (threshold 0)
+    threshold: float | None = None
 
     def get(self, metric: str) -> float:
         """The value of ``"accuracy"`` or ``"balanced_accuracy"``."""
@@ -101,7 +120,8 @@ def evaluate_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1
     return _scored(pred, scores, y_all.long(), k)
 
 
-def _scored(pred: Tensor, scores: Tensor, yl: Tensor, k: int, answer_map: tuple[int, ...] | None = None) -> EvalResult:
+def _scored(pred: Tensor, scores: Tensor, yl: Tensor, k: int, answer_map: tuple[int, ...] | None = None,
+            threshold: float | None = None) -> EvalResult:
     hit = pred == yl
     total = torch.bincount(yl, minlength=k)
     correct = torch.bincount(yl[hit], minlength=k)
@@ -110,7 +130,7 @@ def _scored(pred: Tensor, scores: Tensor, yl: Tensor, k: int, answer_map: tuple[
         accuracy=int(hit.sum()) / max(1, yl.shape[0]),
         balanced_accuracy=balanced_accuracy_from_counts(correct, total),
         auc=None if math.isnan(auc) else auc,
-        pred=pred, scores=scores, answer_map=answer_map,
+        pred=pred, scores=scores, answer_map=answer_map, threshold=threshold,
     )
 
 
@@ -168,17 +188,137 @@ def best_answer_map(pred: Tensor, y: Tensor, num_classes: int, metric: str = "ac
     return perm
 
 
-def remapped(ev: EvalResult, y: Tensor, answer_map: tuple[int, ...] | None) -> EvalResult:
+def auc_null_std(n_pos: int, n_neg: int) -> float:
+    """The standard deviation of the AUC of scores that know nothing, with ``n_pos`` positives and
+    ``n_neg`` negatives (the Mann-Whitney U null, without ties): ``sqrt((n_pos + n_neg + 1) / (12
+    n_pos n_neg))``; 0.12 for 12 and 12 images, 0.029 for 200 and 200."""
+    if n_pos <= 0 or n_neg <= 0:
+        return math.inf
+    return math.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg))
+
+
+def _cut(v: Tensor, pos: Tensor, value) -> float:
+    """The threshold on ``v`` whose answers (class 1 above it) score the highest ``value(tp, tn)``
+    for the labels ``pos``; of equal ones the nearest 0 (the model's own)."""
+    values, order = torch.sort(v)
+    uniq, counts = torch.unique_consecutive(values, return_counts=True)
+    ends = counts.cumsum(0)
+    p_sorted = pos[order].double()
+    cum_pos = torch.cat([torch.zeros(1, dtype=torch.float64), p_sorted.cumsum(0)[ends - 1]])
+    cum_neg = torch.cat([torch.zeros(1, dtype=torch.float64), ends.double()]) - cum_pos
+    # cut c answers class 1 for the images above the c lowest distinct values
+    vals = value(pos.sum().double() - cum_pos, cum_neg, pos)
+    cuts = torch.cat([uniq[:1] - 1.0, (uniq[:-1] + uniq[1:]) / 2, uniq[-1:] + 1.0])
+    best = torch.nonzero(vals >= vals.max() - 1e-12).flatten()
+    return float(cuts[best[int(cuts[best].abs().argmin())]])
+
+
+def _decide(scores: Tensor, pos: Tensor, value) -> tuple[bool, float]:
+    """``(renamed, threshold)`` fitted on ``scores`` (N x 2 log-odds) and labels ``pos``: renamed
+    where the AUC is below 1/2, then the best cut of the renamed class-1 log-odds (:func:`_cut`)."""
+    flip = binary_auc(scores[:, 1], pos) < 0.5
+    return flip, _cut(scores[:, 0 if flip else 1], pos, value)
+
+
+def best_threshold(scores: Tensor, y: Tensor, metric: str = "accuracy", margin: float = REMAP_MARGIN,
+                   z: float = THRESHOLD_Z, folds: int = THRESHOLD_FOLDS) -> tuple[tuple[int, ...] | None, float, Tensor] | None:
+    """The decision a holder of the labelled images ``y`` would take from a two-class model's
+    ``scores`` (N x 2 softmax log-odds, :func:`evaluate_metrics`): ``(answer_map, threshold,
+    held_out)``: answer class 1 where the class-1 log-odds (after renaming by ``answer_map``: None
+    or ``(1, 0)``, where the model ranks the classes the wrong way round) exceed ``threshold``, the
+    cut with the highest ``metric`` on them (ties: the threshold nearest 0, the model's own).
+
+    ``held_out``: every image's answer from a rule fitted without it (stratified ``folds``-fold
+    cross-fitting, at most one image of a class per fold and fold). Those answers, not the fitted
+    ones, are what the rule scores on ``y``: a cut fitted to the same images scores above what it
+    will do elsewhere, and an epoch chosen by that optimism would cost the attacker on the test set
+    and so flatter the protection.
+
+    None unless all of these hold: the model's own answers are within ``margin`` of chance (a model
+    that learned to decide is left alone), its AUC is more than ``margin`` and ``z`` null standard
+    deviations (:func:`auc_null_std`) from 1/2 (its scores rank the classes, either way round), and
+    the held-out answers beat its own by more than ``margin``.
+
+    This is the attacker of a poison that moves a model's decision but not its ranking: a binary
+    model trained on class-targeted adversarial poison answers one class for everything, or ranks
+    the classes the wrong way round (measured on chest X-rays: balanced accuracy 0.50 at AUC 0.14),
+    and a threshold read off a few labelled images turns that ranking into answers."""
+    if scores is None or scores.dim() != 2 or scores.shape[1] != 2 or scores.shape[0] == 0:
+        return None
+    yl = y.long().cpu()
+    pos = yl == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    k = min(int(folds), n_pos, n_neg)
+    if k < 2:
+        return None
+    balanced = metric == "balanced_accuracy"
+
+    def value(tp: Tensor, tn: Tensor, p: Tensor) -> Tensor:
+        np_, nn_ = p.sum().double(), (~p).sum().double()
+        return (tp / np_ + tn / nn_) / 2 if balanced else (tp + tn) / p.numel()
+
+    def scored(pred: Tensor) -> float:
+        return float(value((pos & (pred == 1)).sum().double(), (~pos & (pred == 0)).sum().double(), pos))
+
+    sc = scores.double().cpu()
+    own = scored((sc[:, 1] > 0).long())
+    chance = 0.5 if balanced else max(n_pos, n_neg) / (n_pos + n_neg)
+    if own >= chance + margin - 1e-12:
+        return None
+    auc = binary_auc(sc[:, 1], pos)
+    if math.isnan(auc) or abs(auc - 0.5) <= max(margin, z * auc_null_std(n_pos, n_neg)) + 1e-12:
+        return None
+    fold = torch.empty(yl.shape[0], dtype=torch.int64)
+    for c in (False, True):  # each class dealt round the folds in order
+        idx = torch.nonzero(pos == c).flatten()
+        fold[idx] = torch.arange(idx.numel()) % k
+    held_out = torch.empty(yl.shape[0], dtype=torch.int64)
+    for f in range(k):
+        fit, out = fold != f, fold == f
+        flip_f, t_f = _decide(sc[fit], pos[fit], value)
+        held_out[out] = (sc[out][:, 0 if flip_f else 1] > t_f).long()
+    if scored(held_out) - own <= margin + 1e-12:
+        return None
+    flip, t = _decide(sc, pos, value)
+    return ((1, 0) if flip else None), t, held_out
+
+
+def read_answers(ev: EvalResult, y: Tensor, num_classes: int, metric: str = "accuracy") -> EvalResult:
+    """``ev`` (a model's evaluation on labelled images ``y``) as the attacker reads it: two
+    classes, decided at :func:`best_threshold`'s cut where that holds (scored by its held-out
+    answers; ``answer_map`` and ``threshold`` carry the rule for the test images); otherwise
+    renamed by :func:`best_answer_map` where that holds; else ``ev`` itself."""
+    if int(num_classes) == 2 and ev.scores is not None and ev.scores.shape[1] == 2:
+        rule = best_threshold(ev.scores, y, metric)
+        if rule is not None:
+            amap, t, held_out = rule
+            read = remapped(ev, y, amap, t)
+            return _scored(held_out.to(read.pred.device), read.scores, y.long().to(read.pred.device), 2, amap, t)
+    return remapped(ev, y, best_answer_map(ev.pred, y, num_classes, metric))
+
+
+def remapped(ev: EvalResult, y: Tensor, answer_map: tuple[int, ...] | None,
+             threshold: float | None = None) -> EvalResult:
     """``ev`` with the model's answers renamed by ``answer_map`` (:func:`best_answer_map`; None:
-    ``ev`` itself): the predictions mapped and the score columns moved with them."""
-    if answer_map is None:
+    unchanged) and, for two classes, decided at ``threshold`` on the renamed class-1 log-odds
+    (:func:`best_threshold`; None: the argmax): the predictions mapped and the score columns moved
+    with them. Both None: ``ev`` itself."""
+    if answer_map is None and threshold is None:
         return ev
     if ev.pred is None or ev.scores is None:
         raise ValueError("remapped needs the predictions and scores of the evaluation")
-    m = torch.tensor(answer_map, device=ev.pred.device)
+    k = ev.scores.shape[1]
+    amap = tuple(answer_map) if answer_map is not None else tuple(range(k))
+    m = torch.tensor(amap, device=ev.pred.device)
     scores = torch.empty_like(ev.scores)
     scores[:, m.to(ev.scores.device)] = ev.scores
-    return _scored(m[ev.pred], scores, y.long().to(ev.pred.device), len(answer_map), tuple(answer_map))
+    pred = m[ev.pred]
+    if threshold is not None:
+        if k != 2:
+            raise ValueError(f"a decision threshold needs two classes, not {k}")
+        pred = (scores[:, 1] > threshold).long().to(ev.pred.device)
+    return _scored(pred, scores, y.long().to(ev.pred.device), k,
+                   None if answer_map is None else tuple(answer_map), threshold)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000, autocast=None) -> float:

@@ -135,7 +135,9 @@ class Recipe:
     ``remap_answers``: after every epoch, rename the model's answers by the permutation that scores
     best on the validation images, where the model's own are below chance there and it beats them
     by more than 0.1 (an attacker with a few labelled clean images does;
-    :class:`verify.train.CellResult`). False scores the answers as they are.
+    :class:`verify.train.CellResult`); with two classes, also answer at the threshold on the scores
+    that scores best there, where the own answers are near chance but the scores rank the classes
+    (:func:`verify.evaluation.best_threshold`). False scores the answers as they are.
     """
 
     tier: str

@@ -222,6 +222,13 @@ def report_markdown(cert: dict) -> str:
             lines.append(f"|  | ↳ catastrophic overfitting guard fired by epoch(s) {guard['fired_epochs']}: "
                          + (f"back to epoch(s) {back}" if back and None not in back else "back to the last check")
                          + ", the rest trained with PGD-2 |" + " |" * 13)
+        read = [w for n, w in ((p.get("answers_remapped"), "renamed answers"),
+                                (p.get("answers_thresholded"), "a decision threshold")) if n]
+        if read:  # the attacker read the protected model's answers off the validation images
+            seeds = len(p.get("per_seed") or []) or 1
+            lines.append(f"|  | ↳ protected: the chosen epoch scored {' and '.join(read)} read off the validation "
+                         f"images ({max(p.get('answers_remapped') or 0, p.get('answers_thresholded') or 0)} of "
+                         f"{seeds} seed(s)) |" + " |" * 13)
     lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
                    "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "
                    "over the classes with positives and negatives in the test set.")]

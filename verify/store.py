@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 #: Format version in every key. 2: results carry balanced accuracy and AUC; 3: the epoch chosen on
 #: validation and the test predictions; 4: the overfitting guard checks every k epochs and, when it
 #: fires, trains the epochs since its last passing check again; 5: every epoch's answers renamed
-#: where the validation images say so (``Recipe.remap_answers``). Files of older versions are never
+#: where the validation images say so (``Recipe.remap_answers``); 6: two-class answers decided at the
+#: threshold the validation images choose, where they say so. Files of older versions are never
 #: looked up again, so cells and baselines saved by older versions train again.
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 def _versions() -> dict[str, str | None]:

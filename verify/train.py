@@ -49,7 +49,7 @@ from protect.device import resolve_device
 from . import attacks, distributed
 from . import defenses as defense_registry
 from .data import TensorSet, check_same_classes
-from .evaluation import EvalResult, best_answer_map, evaluate, evaluate_metrics, remapped
+from .evaluation import EvalResult, evaluate, evaluate_metrics, read_answers, remapped
 from .metrics import score_basis
 from .models import create_model
 from .recipes import Recipe, Training, parse_training
@@ -94,6 +94,13 @@ class CellResult:
     under each other's names (class-targeted adversarial poisoning) then counts for what it is: a
     model that learned the task. ``answer_map``: the renaming at the selected epoch (None: the
     model's own answers); ``remapped_epochs``: how many epochs used one.
+
+    **Decision thresholds** (two classes, the same switch): where the model's own answers are near
+    chance on the validation images but its scores rank them (AUC far from 1/2, either way round),
+    the attacker answers by the threshold on the class-1 log-odds that scores best there
+    (:func:`verify.evaluation.best_threshold`), renaming the classes when the ranking is inverted.
+    ``threshold``: the one at the selected epoch (None: the argmax); ``thresholded_epochs``: how
+    many epochs used one.
     """
 
     training: str
@@ -130,6 +137,8 @@ class CellResult:
     test_pred: list[int] = field(default_factory=list)
     answer_map: list[int] | None = None
     remapped_epochs: int = 0
+    threshold: float | None = None
+    thresholded_epochs: int = 0
     guard_pgd_acc: list[float] = field(default_factory=list)
     guard_fired_epoch: int | None = None
     guard_fgsm_acc: list[float] = field(default_factory=list)
@@ -381,7 +390,9 @@ def _result(training: str, defense: str, seed: int, evals: list[EvalResult | Non
         val_curve=[e.accuracy for e in val_evals], val_curve_balanced=[e.balanced_accuracy for e in val_evals],
         test_pred=chosen.pred.cpu().tolist(),
         answer_map=None if chosen.answer_map is None else list(chosen.answer_map),
-        remapped_epochs=sum(e.answer_map is not None for e in val_evals), guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
+        remapped_epochs=sum(e.answer_map is not None for e in val_evals),
+        threshold=chosen.threshold, thresholded_epochs=sum(e.threshold is not None for e in val_evals),
+        guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
         guard_fgsm_acc=list(guard_fgsm or []), guard_restored_epoch=guard_restored, guard_every=every,
     )
 
@@ -603,13 +614,14 @@ def train_cell(
             last = epoch == recipe.epochs - 1
             ev_val = evaluate_metrics(net, x_val, y_val, recipe.eval_batch_size, autocast)
             # the attacker renames the model's answers where the labelled validation images say so
-            amap = best_answer_map(ev_val.pred, y_val, num_classes, metric) if recipe.remap_answers else None
-            ev_val = remapped(ev_val, y_val, amap)  # carries amap: the epoch's renaming for its test scores
+            if recipe.remap_answers:  # carries the epoch's reading (answer_map, threshold) for its test scores
+                ev_val = read_answers(ev_val, y_val, num_classes, metric)
+            amap, cut = ev_val.answer_map, ev_val.threshold
             val_evals.append(ev_val)
             ev = None
             if test_every_epoch or last:
                 ev = ev_val if val_is_test else remapped(
-                    evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast), y_test, amap)
+                    evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast), y_test, amap, cut)
             if ev_val.get(metric) > best_val:
                 best_val, best_epoch = ev_val.get(metric), epoch
                 best_state = None if ev is not None else {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -630,12 +642,12 @@ def train_cell(
                       recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
         if evals[-1] is None:  # the last epoch's test score (always due; kept for results of older versions)
             evals[-1] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast), y_test,
-                                 val_evals[-1].answer_map)
+                                 val_evals[-1].answer_map, val_evals[-1].threshold)
         if evals[best_epoch] is None:  # the selected epoch: re-score its saved weights on the test set
             assert best_state is not None
             net.load_state_dict(best_state)
             evals[best_epoch] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast),
-                                         y_test, val_evals[best_epoch].answer_map)
+                                         y_test, val_evals[best_epoch].answer_map, val_evals[best_epoch].threshold)
     finally:
         if bar is not None:
             bar.close()

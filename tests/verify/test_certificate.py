@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -272,3 +273,15 @@ def test_imbalanced_test_set_scores_against_the_majority_rate() -> None:
     md = report_markdown(cert)
     assert "Chance is 75.0%: the majority-class rate of the test set (always answering 'airplane')." in md
     assert grid()["chance"] == 0.1 and grid()["chance_class"] is None  # no counts given: 1/K
+
+
+def test_the_attackers_reading_of_the_answers_is_recorded_per_seed() -> None:
+    """Renamed answers and a decision threshold at the chosen epoch are counted over seeds and
+    written per seed, so a reader sees which numbers came from reading the answers."""
+    read = dataclasses.replace(run("erm", "none", [0.2, 0.8], seed=0), answer_map=[1, 0], remapped_epochs=2,
+                               threshold=-1.25, thresholded_epochs=1)
+    own = run("erm", "none", [0.2, 0.3], seed=1)
+    s = summarize_runs([read, own])
+    assert s["answers_remapped"] == 1 and s["answers_thresholded"] == 1
+    assert [(e["answer_map"], e["threshold"], e["thresholded_epochs"]) for e in s["per_seed"]] == [
+        ([1, 0], -1.25, 1), (None, None, 0)]

@@ -386,3 +386,88 @@ def test_remapped_answers_move_the_predictions_and_the_scores() -> None:
     assert flipped.accuracy == pytest.approx(1 - ev.accuracy) and flipped.answer_map == (1, 0)
     assert flipped.auc == pytest.approx(1 - ev.auc)
     assert torch.equal(flipped.pred, 1 - ev.pred) and remapped(ev, y, None) is ev
+
+
+def _log_odds(s1: torch.Tensor) -> torch.Tensor:
+    """Two-class softmax log-odds of class-1 log-odds ``s1`` (as :func:`evaluate_metrics` gives)."""
+    from verify.metrics import softmax_log_odds
+
+    return softmax_log_odds(torch.stack([torch.zeros_like(s1), s1], 1))
+
+
+def _best_cut(s: torch.Tensor, y: torch.Tensor) -> float:
+    """Brute force: the best balanced accuracy of any threshold on ``s``."""
+    best = 0.0
+    for t in torch.cat([s.unique(), s.min().reshape(1) - 1]).tolist():
+        pred = (s > t).long()
+        best = max(best, balanced_accuracy(pred, y, 2))
+    return best
+
+
+def test_best_threshold_reads_a_decision_off_scores_that_rank_but_do_not_decide() -> None:
+    """Two classes, 12 and 12 labelled images. A model that answers class 0 for everything but
+    ranks the classes, the right way or inverted (a class-targeted poison's model), gets the cut
+    a holder of the labels would choose, renamed when inverted; one that decides, or whose scores
+    are too close to noise to trust (AUC within 2 null standard deviations of 1/2), keeps its own
+    answers even where a cut would win on these images."""
+    from verify.evaluation import _scored, auc_null_std, best_threshold, read_answers, remapped
+
+    y = torch.tensor([0] * 12 + [1] * 12)
+    g = torch.Generator().manual_seed(0)
+    jitter = torch.rand(24, generator=g)
+    for inverted in (False, True):
+        s1 = -8.0 + (1 - y if inverted else y).double() * 2 + jitter  # all below 0: always class 0
+        scores = _log_odds(s1.float())
+        ev = _scored(scores.argmax(1), scores, y, 2)
+        assert ev.balanced_accuracy == 0.5 and ev.auc == (0.0 if inverted else 1.0)
+        amap, t, held_out = best_threshold(scores, y, "balanced_accuracy")
+        assert amap == ((1, 0) if inverted else None)
+        read = remapped(ev, y, amap, t)
+        assert read.balanced_accuracy == 1.0 and read.threshold == t and read.auc == 1.0
+        assert torch.equal(read.pred, (read.scores[:, 1] > t).long())
+        # the validation answers are the held-out ones: each from a cut fitted without that image
+        assert torch.equal(held_out, y)  # the groups are apart: every fold's cut separates them
+        val = read_answers(ev, y, 2, "balanced_accuracy")
+        assert (val.answer_map, val.threshold, val.balanced_accuracy) == (amap, t, 1.0) and torch.equal(val.pred, held_out)
+        # the chosen cut is the nearest to 0 of the best ones: between the two groups, not beyond them
+        lo, hi = (-(s1[y == 0]).min(), -(s1[y == 1]).max()) if inverted else (s1[y == 0].max(), s1[y == 1].min())
+        assert float(lo) < t < float(hi)
+    # a model that decides keeps its answers
+    scores = _log_odds((y.float() * 2 - 1) + 0.1 * jitter.float())
+    assert best_threshold(scores, y, "balanced_accuracy") is None and best_threshold(scores, y) is None
+    # scores near noise: some cut wins by more than the margin here, but the AUC is within 2 sigma
+    order = [1, 1, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 0]  # highest first; AUC 0.67
+    yn = torch.tensor(order)
+    s1 = -10.0 - torch.arange(24, dtype=torch.float64)  # all answered class 0, ranked as listed
+    auc = binary_auc(s1, yn == 1)
+    assert abs(auc - 0.5) < 2 * auc_null_std(12, 12) and _best_cut(s1, yn) - 0.5 > 0.1, auc
+    assert best_threshold(_log_odds(s1.float()), yn, "balanced_accuracy") is None
+    # the same ranking quality on 400 images is far from noise (sigma 0.029) and is read
+    big = yn.repeat_interleave(17)[:400]
+    sb = -10.0 - torch.arange(400, dtype=torch.float64) / 10
+    assert best_threshold(_log_odds(sb.float()), big, "balanced_accuracy") is not None
+    assert best_threshold(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)) is None
+    assert best_threshold(torch.zeros(4, 3), torch.tensor([0, 1, 2, 1])) is None  # not two classes
+    with pytest.raises(ValueError, match="two classes"):
+        remapped(_scored(torch.zeros(3, dtype=torch.long), torch.zeros(3, 3), torch.tensor([0, 1, 2]), 3), y[:3], None, 0.5)
+
+
+def test_best_threshold_takes_the_best_cut_of_the_validation_images() -> None:
+    """Against a brute-force search over every threshold: the chosen cut scores the best balanced
+    accuracy there is on random collapsed-but-ranking scores (seeds 0-19)."""
+    from verify.evaluation import _scored, best_threshold, remapped
+
+    read_seeds = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        y = (torch.rand(60, generator=g) < 0.4).long()
+        s1 = (-6.0 + 1.5 * y.double() * (1 if seed % 2 else -1) + torch.randn(60, generator=g, dtype=torch.float64))
+        scores = _log_odds(s1.float())
+        rule = best_threshold(scores, y, "balanced_accuracy")
+        if rule is None:
+            continue
+        read = remapped(_scored(scores.argmax(1), scores, y, 2), y, *rule[:2])
+        renamed_s1 = read.scores[:, 1].double()
+        assert read.balanced_accuracy == pytest.approx(_best_cut(renamed_s1, y), abs=1e-9), seed
+        read_seeds += 1
+    assert read_seeds >= 15, read_seeds

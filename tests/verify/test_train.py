@@ -418,7 +418,8 @@ def test_a_model_that_learned_the_classes_under_each_others_names_is_renamed_bac
     With ``remap_answers=False`` the score would call that protection. Same data and recipe as
     ``test_tiny_training_learns_above_chance``. Measured over seeds 0-4 (1 thread, default ISA and
     ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41): own answers 0.20-0.50 (the chosen epoch
-    is at best a constant answer), renamed 0.75-0.90, always renamed (1, 0)."""
+    is at best a constant answer), renamed 0.75-0.90, always renamed (1, 0); two classes, so the
+    renaming comes with the decision threshold the validation images choose (2 or 3 of 3 epochs)."""
     tr, te = train3.select_classes(["airplane", "frog"]), test3.select_classes(["airplane", "frog"])
     tr = tr.subset(torch.cat([torch.nonzero(tr.y == k).flatten()[:60] for k in range(2)]))
     swapped = dataclasses.replace(tr, y=1 - tr.y)
@@ -428,4 +429,5 @@ def test_a_model_that_learned_the_classes_under_each_others_names_is_renamed_bac
     renamed = train_cell(swapped, scored, recipe, "erm", "none", seed=0, val=val)
     assert plain.acc <= 0.5 and plain.answer_map is None and plain.remapped_epochs == 0, plain.curve
     assert renamed.acc >= 0.65 and renamed.answer_map == [1, 0] and renamed.remapped_epochs >= 1, renamed.curve
+    assert renamed.thresholded_epochs >= 1 and plain.threshold is None and plain.thresholded_epochs == 0
     assert sum(int(p == y) for p, y in zip(renamed.test_pred, scored.y.tolist())) == round(renamed.acc * len(scored))
