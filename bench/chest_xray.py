@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--tag", help="suffix of the result files (default: -screen with --training or --defenses, "
                                    "so a screen never stands in for a method's full grid)")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="verify the method's protected folder where a complete one is already there (its "
+                         "fidelity from `protect inspect`) instead of protecting again; for re-measuring a changed verifier")
     args = ap.parse_args()
     if args.tag is None:
         args.tag = "-screen" if args.training or args.defenses else ""
@@ -93,9 +96,13 @@ def main() -> None:
             continue
         out = work / name
         t0 = time.perf_counter()
-        summary = run_json([*CLI, "images", "--json", "--quiet", "--overwrite", *METHODS[name], str(DATA / "train"),
-                         str(out)], env)
-        protect_s = time.perf_counter() - t0
+        summary = run_json([*CLI, "inspect", "--json", str(out)], env) if args.reuse and out.is_dir() else {}
+        if summary.get("complete"):
+            protect_s = None  # not measured by this run
+        else:
+            summary = run_json([*CLI, "images", "--json", "--quiet", "--overwrite", *METHODS[name],
+                                str(DATA / "train"), str(out)], env)
+            protect_s = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         cert = run_json([*CLI, "verify", "--json", "--quiet", "--fresh", str(out), "--test", str(DATA / "test"),
                       "--clean", str(DATA / "train"), "--resolution", args.resolution, "--seeds", str(args.seeds),
@@ -105,7 +112,7 @@ def main() -> None:
         v = cert["verdict"]
         result.write_text(json.dumps({
             "method": name, "args": METHODS[name], "psnr": summary.get("psnr_mean"), "ssim": summary.get("ssim_mean"),
-            "protect_s": round(protect_s, 1), "verify_s": round(time.perf_counter() - t0, 1),
+            "protect_s": protect_s, "verify_s": round(time.perf_counter() - t0, 1),
             "score": v.get("score"), "interval": v.get("interval"), "best_attacker": v.get("best_attacker"),
             "cells": [{"training": c["training"], "defense": c["defense"], "effect": c.get("effect"),
                        "balanced_acc": c["protected"].get("balanced_acc"),

@@ -66,8 +66,10 @@ class Cell:
 
 def train_attacker(data: TensorSet, test: TensorSet, recipe: Recipe, attacker: Attacker,
                    device: str | torch.device, progress: Any = None, label: str | None = None,
-                   val: TensorSet | None = None) -> CellResult:
+                   val: TensorSet | None = None, read: bool = True) -> CellResult:
     """Train ``attacker`` on ``data`` and score it on ``test`` (epoch chosen on ``val``): one cell.
+    ``read``: the attacker also reads the answers (:func:`verify.train.train_cell`; False for a
+    clean baseline).
     An attacker at a resolution R trains on sets loaded at R x R (:func:`verify.data.load_folder`'s
     ``resolution``); ValueError for sets of another size."""
     if attacker.resolution != "native":
@@ -77,7 +79,7 @@ def train_attacker(data: TensorSet, test: TensorSet, recipe: Recipe, attacker: A
                 raise ValueError(f"attacker at {size} px, but the {what} set is {tuple(s.x.shape[2:])}: load it at "
                                  f"that resolution")
     return train_cell(data, test, recipe, attacker.regime, attacker.defense, attacker.seed, device,
-                      progress=progress, label=label, val=val)
+                      progress=progress, label=label, val=val, read=read)
 
 
 class RunClock:
@@ -253,7 +255,8 @@ class CellRunner:
                 self.say(f"{cell.label}: training {cell.attacker.learner} ({_count(cell_recipe.epochs, 'epoch')} on "
                          f"{_count(len(data), 'image')})")
             result = train_attacker(data, self.test, self.recipe, cell.attacker, self.device,
-                                    progress=True if self.bars else self.progress, label=cell.label, val=self.val)
+                                    progress=True if self.bars else self.progress, label=cell.label, val=self.val,
+                                    read=cell.role != "clean")
             self.trained(cell, result)
         self.save(cell, result, cached, lookup)
         return result, cached

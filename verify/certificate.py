@@ -38,7 +38,11 @@ classes the attacker also reads a *decision threshold* off the validation images
 own answers are near chance there but its scores rank the classes (AUC more than 0.1 and two null
 standard deviations from 1/2, either way round; :func:`verify.evaluation.best_threshold`):
 ``answers_thresholded`` counts the seeds whose chosen epoch did, ``per_seed[i]["threshold"]`` is
-the cut on the (renamed) class-1 log-odds.
+the cut on the (renamed) class-1 log-odds. Both are choices on the validation images, which can
+cost on the test set, so a protected run keeps the better on the test set of its own answers and
+the read ones (``per_seed[i]["own_score"]``, ``["read_score"]``; each at its own chosen epoch):
+reading never lowers a protected cell, and clean baselines keep their own answers, so reading
+never raises a score.
 
 **Chance** is the majority-class rate of the test set: the accuracy of always answering its most
 frequent class (``chance_class``), which is what a model that learned nothing reaches. It equals
@@ -257,6 +261,7 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
             "guard_restored_epoch": r.guard_restored_epoch, "guard_every": r.guard_every,
             "answer_map": r.answer_map, "remapped_epochs": r.remapped_epochs,
             "threshold": _r(r.threshold), "thresholded_epochs": r.thresholded_epochs,
+            "own_score": _r(r.own_score), "read_score": _r(r.read_score),
         }
         if cached is not None:
             entry["cached"] = bool(cached[i])

@@ -24,7 +24,9 @@ attacker with labelled images reads a threshold off them: :func:`best_threshold`
 own answers are near chance, the AUC is far from 1/2 (more than :data:`REMAP_MARGIN` and
 :data:`THRESHOLD_Z` null standard deviations) and the cut, scored on images it was not fitted
 to (cross-fitting), wins by more than the margin. :func:`read_answers` reads a model's validation
-answers either way; :func:`remapped` applies the rule to other images.
+answers either way; :func:`remapped` applies the rule to other images. Both are choices on the
+validation images, which can cost on the test set; :func:`verify.train.train_cell` therefore
+scores a protected run both ways and keeps the better (:class:`verify.train.CellResult`).
 """
 
 from __future__ import annotations

@@ -46,14 +46,14 @@ class CellJob:
 
 
 def _train(data: TensorSet, test: TensorSet, recipe: Recipe, attacker: Attacker, device: str, label: str,
-           val: TensorSet | None = None) -> CellResult:
+           val: TensorSet | None = None, read: bool = True) -> CellResult:
     """The Ray task: one cell, silent, on this worker's CPU thread or its GPU."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and cancels the tasks
     if device == "cpu":
         torch.set_num_threads(1)
-    return train_attacker(data, test, recipe, attacker, device, progress=False, label=label, val=val)
+    return train_attacker(data, test, recipe, attacker, device, progress=False, label=label, val=val, read=read)
 
 
 def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorSet, recipe: Recipe,
@@ -81,7 +81,8 @@ def run_cells(jobs: Sequence[CellJob], sets: dict[str, TensorSet], test: TensorS
             ray.remote(_train).options(num_cpus=1, max_retries=0)
         where = "cuda" if gpu else "cpu"  # a task sees its own GPU only, as device 0
         for job in jobs:
-            ref = task.remote(refs[job.cell.role], test_ref, recipe, job.cell.attacker, where, job.cell.label, val_ref)
+            ref = task.remote(refs[job.cell.role], test_ref, recipe, job.cell.attacker, where, job.cell.label, val_ref,
+                              job.cell.role != "clean")
             pending[ref] = job
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

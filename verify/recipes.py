@@ -137,7 +137,9 @@ class Recipe:
     by more than 0.1 (an attacker with a few labelled clean images does;
     :class:`verify.train.CellResult`); with two classes, also answer at the threshold on the scores
     that scores best there, where the own answers are near chance but the scores rank the classes
-    (:func:`verify.evaluation.best_threshold`). False scores the answers as they are.
+    (:func:`verify.evaluation.best_threshold`). Protected cells only, each scored both ways (its
+    own chosen epoch each) keeping the better on the test set; clean baselines keep their own
+    answers. False scores the answers as they are.
     """
 
     tier: str

@@ -226,9 +226,9 @@ def report_markdown(cert: dict) -> str:
                                 (p.get("answers_thresholded"), "a decision threshold")) if n]
         if read:  # the attacker read the protected model's answers off the validation images
             seeds = len(p.get("per_seed") or []) or 1
-            lines.append(f"|  | ↳ protected: the chosen epoch scored {' and '.join(read)} read off the validation "
-                         f"images ({max(p.get('answers_remapped') or 0, p.get('answers_thresholded') or 0)} of "
-                         f"{seeds} seed(s)) |" + " |" * 13)
+            lines.append(f"|  | ↳ protected: {' and '.join(read)} read off the validation images scored higher "
+                         f"than the model's own answers in {max(p.get('answers_remapped') or 0, p.get('answers_thresholded') or 0)} "
+                         f"of {seeds} seed(s) |" + " |" * 13)
     lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
                    "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "
                    "over the classes with positives and negatives in the test set.")]

@@ -285,3 +285,7 @@ def test_the_attackers_reading_of_the_answers_is_recorded_per_seed() -> None:
     assert s["answers_remapped"] == 1 and s["answers_thresholded"] == 1
     assert [(e["answer_map"], e["threshold"], e["thresholded_epochs"]) for e in s["per_seed"]] == [
         ([1, 0], -1.25, 1), (None, None, 0)]
+    cert = grid()
+    assert "read off the validation images" not in report_markdown(cert)
+    cert["cells"][0]["protected"]["answers_thresholded"] = 1
+    assert "↳ protected: a decision threshold read off the validation images scored higher" in report_markdown(cert)

@@ -51,10 +51,10 @@ class FakeTrainer:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def __call__(self, train, test, recipe, training, defense, seed, device, progress=False, label="", val=None):
+    def __call__(self, train, test, recipe, training, defense, seed, device, progress=False, label="", val=None, read=True):
         self.calls.append({"label": label, "classes": list(train.classes), "test_classes": list(test.classes),
                            "counts": train.counts(), "test_counts": test.counts(),
-                           "val_classes": list(val.classes) if val is not None else None})
+                           "val_classes": list(val.classes) if val is not None else None, "read": read})
         acc = 0.9 if "] clean " in label else 0.7
         bal, auc = acc - 0.05, acc + 0.05
         y = test.y.tolist()  # right on the first round(acc * n) test images
@@ -194,6 +194,8 @@ def test_relabelled_runs_never_reuse_cells_or_baselines_of_other_labels(tmp_path
 
     cert = run()
     assert len(fake.calls) == 2 and cert["labelling"]["attacker"] == "original" and cert["num_classes"] == 10
+    # the attacker reads the protected model's answers; the clean baseline keeps its own
+    assert sorted((" clean " in c["label"], c["read"]) for c in fake.calls) == [(False, True), (True, False)]
     cert = run(relabel=COARSE)
     assert len(fake.calls) == 2, "a relabelled run reused cells or a baseline trained on the original labels"
     assert cert["resume"]["reused"] == 0 and cert["baseline_cache"]["hits"] == 0

@@ -419,7 +419,8 @@ def test_a_model_that_learned_the_classes_under_each_others_names_is_renamed_bac
     ``test_tiny_training_learns_above_chance``. Measured over seeds 0-4 (1 thread, default ISA and
     ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41): own answers 0.20-0.50 (the chosen epoch
     is at best a constant answer), renamed 0.75-0.90, always renamed (1, 0); two classes, so the
-    renaming comes with the decision threshold the validation images choose (2 or 3 of 3 epochs)."""
+    renaming comes with the decision threshold the validation images choose (2 or 3 of 3 epochs),
+    and the read answers score higher than the own ones in every run."""
     tr, te = train3.select_classes(["airplane", "frog"]), test3.select_classes(["airplane", "frog"])
     tr = tr.subset(torch.cat([torch.nonzero(tr.y == k).flatten()[:60] for k in range(2)]))
     swapped = dataclasses.replace(tr, y=1 - tr.y)
@@ -430,4 +431,10 @@ def test_a_model_that_learned_the_classes_under_each_others_names_is_renamed_bac
     assert plain.acc <= 0.5 and plain.answer_map is None and plain.remapped_epochs == 0, plain.curve
     assert renamed.acc >= 0.65 and renamed.answer_map == [1, 0] and renamed.remapped_epochs >= 1, renamed.curve
     assert renamed.thresholded_epochs >= 1 and plain.threshold is None and plain.thresholded_epochs == 0
+    # the model's own answers are a second attacker of the same training: exactly the unread run,
+    # and the cell keeps the better of the two on the test set
+    assert renamed.own_score == plain.acc and renamed.read_score == renamed.acc >= renamed.own_score
+    assert plain.own_score is None and plain.read_score is None
+    clean = train_cell(swapped, scored, recipe, "erm", "none", seed=0, val=val, read=False)  # a clean baseline
+    assert (clean.acc, clean.answer_map, clean.read_score) == (plain.acc, None, None)
     assert sum(int(p == y) for p, y in zip(renamed.test_pred, scored.y.tolist())) == round(renamed.acc * len(scored))
