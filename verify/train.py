@@ -678,17 +678,23 @@ def train_cell(
                                    (ev or ev_val).balanced_accuracy, (ev or ev_val).auc))
             log.debug("%s epoch %d/%d loss %.4f train %.4f test %.4f (%.1fs)", label, epoch + 1,
                       recipe.epochs, train_loss, train_acc, acc, epoch_s[-1])
-        for tr in tracks:
-            if tr.evals[-1] is None:  # the last epoch's test score (always due; kept for results of older versions)
-                tr.evals[-1] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast), y_test,
-                                        tr.val_evals[-1].answer_map, tr.val_evals[-1].threshold)
-        for tr in tracks:
-            if tr.evals[tr.best_epoch] is None:  # the selected epoch: re-score its saved weights on the test set
-                assert tr.best_state is not None
-                net.load_state_dict(tr.best_state)
-                rule = tr.val_evals[tr.best_epoch]
-                tr.evals[tr.best_epoch] = remapped(evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size,
-                                                                    autocast), y_test, rule.answer_map, rule.threshold)
+        scored: dict[int, EvalResult] = {}  # epoch -> the own answers on the test set, scored once for both readings
+
+        def test_at(tr: _Track, e: int) -> None:
+            if e not in scored:
+                if e != len(tr.evals) - 1:  # an earlier epoch: its saved weights
+                    assert tr.best_state is not None
+                    net.load_state_dict(tr.best_state)
+                scored[e] = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
+            rule = tr.val_evals[e]
+            tr.evals[e] = remapped(scored[e], y_test, rule.answer_map, rule.threshold)
+
+        for tr in tracks:  # the last epoch's test score (always due; kept for results of older versions)
+            if tr.evals[-1] is None:
+                test_at(tr, len(tr.evals) - 1)
+        for tr in tracks:  # the selected epoch: re-score its saved weights on the test set
+            if tr.evals[tr.best_epoch] is None:
+                test_at(tr, tr.best_epoch)
     finally:
         if bar is not None:
             bar.close()

@@ -437,4 +437,10 @@ def test_a_model_that_learned_the_classes_under_each_others_names_is_renamed_bac
     assert plain.own_score is None and plain.read_score is None
     clean = train_cell(swapped, scored, recipe, "erm", "none", seed=0, val=val, read=False)  # a clean baseline
     assert (clean.acc, clean.answer_map, clean.read_score) == (plain.acc, None, None)
+    # the test set scored only at the chosen epochs and the last (saved weights per reading): the same
+    sparse = dataclasses.replace(recipe, eval_subset=12)
+    plain_s = train_cell(swapped, scored, dataclasses.replace(sparse, remap_answers=False), "erm", "none", seed=0, val=val)
+    read_s = train_cell(swapped, scored, sparse, "erm", "none", seed=0, val=val)
+    assert sum(v is not None for v in read_s.curve) <= 3 and read_s.own_score == plain_s.acc
+    assert read_s.acc == max(read_s.own_score, read_s.read_score)
     assert sum(int(p == y) for p, y in zip(renamed.test_pred, scored.y.tolist())) == round(renamed.acc * len(scored))
