@@ -38,7 +38,9 @@ classes the attacker also reads a *decision threshold* off the validation images
 own answers are near chance there but its scores rank the classes (AUC more than 0.1 and two null
 standard deviations from 1/2, either way round; :func:`verify.evaluation.best_threshold`):
 ``answers_thresholded`` counts the seeds whose chosen epoch did, ``per_seed[i]["threshold"]`` is
-the cut on the (renamed) class-1 log-odds. Both are choices on the validation images, which can
+the cut on the (renamed) class-1 log-odds. With more classes, where no renaming holds, the
+attacker adds per-class offsets to the log-probabilities where their cross-fitted validation
+score wins by more than 0.1 (``answers_offset``, ``per_seed[i]["offsets"]``). All are choices on the validation images, which can
 cost on the test set, so a protected run keeps the better on the test set of its own answers and
 the read ones (``per_seed[i]["own_score"]``, ``["read_score"]``; each at its own chosen epoch):
 reading never lowers a protected cell, and clean baselines keep their own answers, so reading
@@ -242,6 +244,8 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
     out["answers_remapped"] = sum(r.answer_map is not None for r in runs)
     # seeds whose chosen epoch answered at a threshold read off the validation images (two classes)
     out["answers_thresholded"] = sum(r.threshold is not None for r in runs)
+    # seeds whose chosen epoch answered with per-class offsets read off the validation images
+    out["answers_offset"] = sum(r.offsets is not None for r in runs)
     out["per_seed"] = []
     for i, r in enumerate(runs):
         entry = {
@@ -261,6 +265,7 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
             "guard_restored_epoch": r.guard_restored_epoch, "guard_every": r.guard_every,
             "answer_map": r.answer_map, "remapped_epochs": r.remapped_epochs,
             "threshold": _r(r.threshold), "thresholded_epochs": r.thresholded_epochs,
+            "offsets": None if r.offsets is None else [_r(v) for v in r.offsets], "offset_epochs": r.offset_epochs,
             "own_score": _r(r.own_score), "read_score": _r(r.read_score),
         }
         if cached is not None:

@@ -24,7 +24,14 @@ attacker with labelled images reads a threshold off them: :func:`best_threshold`
 own answers are near chance, the AUC is far from 1/2 (more than :data:`REMAP_MARGIN` and
 :data:`THRESHOLD_Z` null standard deviations) and the cut, scored on images it was not fitted
 to (cross-fitting), wins by more than the margin. :func:`read_answers` reads a model's validation
-answers either way; :func:`remapped` applies the rule to other images. Both are choices on the
+answers either way; :func:`remapped` applies the rule to other images.
+
+**Per-class offsets.** With more classes a poison can leave a model that answers a few classes for
+most images while its scores still order the rest; :func:`best_offsets` adds to each class's
+log-probability the offset that scores best on the labelled images (coordinate ascent), used where
+their cross-fitted answers beat the model's own by more than :data:`REMAP_MARGIN`.
+
+All of these are choices on the
 validation images, which can cost on the test set; :func:`verify.train.train_cell` therefore
 scores a protected run both ways and keeps the better (:class:`verify.train.CellResult`).
 """
@@ -43,7 +50,8 @@ from torch import Tensor, nn
 from . import distributed
 from .metrics import balanced_accuracy_from_counts, binary_auc, macro_auc, softmax_log_odds
 
-__all__ = ["EXACT_MAP_CLASSES", "REMAP_MARGIN", "EvalResult", "auc_null_std", "best_answer_map", "best_threshold",
+__all__ = ["EXACT_MAP_CLASSES", "REMAP_MARGIN", "EvalResult", "auc_null_std", "best_answer_map", "best_offsets",
+           "best_threshold",
            "evaluate", "evaluate_metrics", "read_answers", "remapped"]
 
 #: Up to this many classes :func:`best_answer_map` tries every permutation (8! = 40,320).
@@ -77,6 +85,9 @@ class EvalResult:
     #: two classes: the decision threshold on the (renamed) class-1 log-odds the predictions use
     #: (:func:`best_threshold`); None: the model's own argmax (threshold 0)
     threshold: float | None = None
+    #: more classes: the per-class offsets added to the log-probabilities before the argmax
+    #: (:func:`best_offsets`); None: the model's own argmax
+    offsets: tuple[float, ...] | None = None
 
     def get(self, metric: str) -> float:
         """The value of ``"accuracy"`` or ``"balanced_accuracy"``."""
@@ -123,7 +134,7 @@ def evaluate_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1
 
 
 def _scored(pred: Tensor, scores: Tensor, yl: Tensor, k: int, answer_map: tuple[int, ...] | None = None,
-            threshold: float | None = None) -> EvalResult:
+            threshold: float | None = None, offsets: tuple[float, ...] | None = None) -> EvalResult:
     hit = pred == yl
     total = torch.bincount(yl, minlength=k)
     correct = torch.bincount(yl[hit], minlength=k)
@@ -132,7 +143,7 @@ def _scored(pred: Tensor, scores: Tensor, yl: Tensor, k: int, answer_map: tuple[
         accuracy=int(hit.sum()) / max(1, yl.shape[0]),
         balanced_accuracy=balanced_accuracy_from_counts(correct, total),
         auc=None if math.isnan(auc) else auc,
-        pred=pred, scores=scores, answer_map=answer_map, threshold=threshold,
+        pred=pred, scores=scores, answer_map=answer_map, threshold=threshold, offsets=offsets,
     )
 
 
@@ -285,27 +296,113 @@ def best_threshold(scores: Tensor, y: Tensor, metric: str = "accuracy", margin: 
     return ((1, 0) if flip else None), t, held_out
 
 
+def _fit_offsets(logp: Tensor, y: Tensor, k: int, balanced: bool, sweeps: int = 3) -> Tensor:
+    """Per-class offsets ``b`` (float64, K) for the answers ``argmax(logp + b)``, fitted to labels
+    ``y`` by coordinate ascent: each class's offset in turn takes the value between two images' break
+    points that scores best (accuracy, or balanced accuracy), ties nearest 0, ``sweeps`` times over."""
+    n = y.shape[0]
+    counts = torch.bincount(y, minlength=k).double()
+    w = (1.0 / (counts[y] * float((counts > 0).sum()))) if balanced else torch.full((n,), 1.0 / n, dtype=torch.float64)
+    b = torch.zeros(k, dtype=torch.float64)
+    for _ in range(sweeps):
+        moved = False
+        for c in range(k):
+            others = logp + b
+            others[:, c] = -math.inf
+            m, top = others.max(1)
+            t = m - logp[:, c]  # image i answers c where b[c] > t[i]
+            gain_c, gain_o = w * (y == c), w * (y == top)
+            ts, order = torch.sort(t)
+            zero = torch.zeros(1, dtype=torch.float64)
+            vals = torch.cat([zero, gain_c[order].cumsum(0)]) + gain_o.sum() - torch.cat([zero, gain_o[order].cumsum(0)])
+            cands = torch.cat([ts[:1] - 1.0, (ts[:-1] + ts[1:]) / 2, ts[-1:] + 1.0])
+            ok = torch.ones(n + 1, dtype=torch.bool)
+            ok[1:n] = ts[1:] > ts[:-1]  # a cut between equal break points does not exist
+            vals = torch.where(ok, vals, torch.full_like(vals, -math.inf))
+            now = float((w * torch.where(t < b[c], y == c, y == top)).sum())
+            best = torch.nonzero(vals >= vals.max() - 1e-12).flatten()
+            pick = best[int(cands[best].abs().argmin())]
+            if float(vals[pick]) > now + 1e-12:
+                b[c] = cands[pick]
+                moved = True
+        if not moved:
+            break
+    return b
+
+
+def best_offsets(scores: Tensor, y: Tensor, metric: str = "accuracy", margin: float = REMAP_MARGIN,
+                 folds: int = THRESHOLD_FOLDS) -> tuple[tuple[float, ...], Tensor] | None:
+    """The per-class offsets a holder of the labelled images ``y`` would add to a model's
+    log-probabilities (from ``scores``, N x K softmax log-odds) before taking its answer:
+    ``(offsets, held_out)``, fitted on all of them (:func:`_fit_offsets`), with ``held_out`` every
+    image's answer from offsets fitted without it (stratified ``folds``-fold cross-fitting). None
+    unless the held-out answers beat the model's own by more than ``margin`` (``metric``).
+
+    This is the attacker of a poison that leaves a many-class model answering a few classes for
+    most clean images (measured: CUDA-protected CIFAR-10 samples, a third of the test images
+    answered as one or two classes, against a sixth for a clean model) while its scores still order
+    the others: the prior correction a practitioner applies to a miscalibrated model."""
+    if scores is None or scores.dim() != 2 or scores.shape[1] < 3 or scores.shape[0] < 4:
+        return None
+    k = scores.shape[1]
+    yl = y.long().cpu()
+    logp = torch.nn.functional.logsigmoid(scores.double().cpu())  # log p from log(p / (1 - p))
+    balanced = metric == "balanced_accuracy"
+    counts = torch.bincount(yl, minlength=k).double()
+    w = (1.0 / (counts[yl] * float((counts > 0).sum()))) if balanced else torch.full_like(logp[:, 0], 1.0 / yl.shape[0])
+
+    def value(pred: Tensor) -> float:
+        return float((w * (pred == yl)).sum())
+
+    own = value(logp.argmax(1))
+    n_folds = max(2, min(int(folds), yl.shape[0] // 2))
+    fold = torch.empty(yl.shape[0], dtype=torch.int64)
+    dealt = 0
+    for c in range(k):  # each class dealt round the folds in order, continuing from the last class
+        idx = torch.nonzero(yl == c).flatten()
+        fold[idx] = (torch.arange(idx.numel()) + dealt) % n_folds
+        dealt += idx.numel()
+    held_out = torch.empty(yl.shape[0], dtype=torch.int64)
+    for f in range(n_folds):
+        fit, out = fold != f, fold == f
+        b_f = _fit_offsets(logp[fit], yl[fit], k, balanced)
+        held_out[out] = (logp[out] + b_f).argmax(1)
+    if value(held_out) - own <= margin + 1e-12:
+        return None
+    return tuple(float(v) for v in _fit_offsets(logp, yl, k, balanced)), held_out
+
+
 def read_answers(ev: EvalResult, y: Tensor, num_classes: int, metric: str = "accuracy") -> EvalResult:
     """``ev`` (a model's evaluation on labelled images ``y``) as the attacker reads it: two
     classes, decided at :func:`best_threshold`'s cut where that holds (scored by its held-out
-    answers; ``answer_map`` and ``threshold`` carry the rule for the test images); otherwise
-    renamed by :func:`best_answer_map` where that holds; else ``ev`` itself."""
+    answers; ``answer_map`` and ``threshold`` carry the rule for the test images); more classes,
+    renamed by :func:`best_answer_map` where that holds, else shifted by :func:`best_offsets` where
+    that holds (scored by its held-out answers); else ``ev`` itself."""
     if int(num_classes) == 2 and ev.scores is not None and ev.scores.shape[1] == 2:
         rule = best_threshold(ev.scores, y, metric)
         if rule is not None:
             amap, t, held_out = rule
             read = remapped(ev, y, amap, t)
             return _scored(held_out.to(read.pred.device), read.scores, y.long().to(read.pred.device), 2, amap, t)
-    return remapped(ev, y, best_answer_map(ev.pred, y, num_classes, metric))
+        return remapped(ev, y, best_answer_map(ev.pred, y, num_classes, metric))
+    amap = best_answer_map(ev.pred, y, num_classes, metric)
+    if amap is None and ev.scores is not None:
+        shift = best_offsets(ev.scores, y, metric)
+        if shift is not None:
+            offsets, held_out = shift
+            dev = ev.pred.device
+            return _scored(held_out.to(dev), ev.scores, y.long().to(dev), ev.scores.shape[1], offsets=offsets)
+    return remapped(ev, y, amap)
 
 
 def remapped(ev: EvalResult, y: Tensor, answer_map: tuple[int, ...] | None,
-             threshold: float | None = None) -> EvalResult:
+             threshold: float | None = None, offsets: Sequence[float] | None = None) -> EvalResult:
     """``ev`` with the model's answers renamed by ``answer_map`` (:func:`best_answer_map`; None:
     unchanged) and, for two classes, decided at ``threshold`` on the renamed class-1 log-odds
     (:func:`best_threshold`; None: the argmax): the predictions mapped and the score columns moved
-    with them. Both None: ``ev`` itself."""
-    if answer_map is None and threshold is None:
+    with them; ``offsets`` (:func:`best_offsets`) shift the log-probabilities before the argmax.
+    All None: ``ev`` itself."""
+    if answer_map is None and threshold is None and offsets is None:
         return ev
     if ev.pred is None or ev.scores is None:
         raise ValueError("remapped needs the predictions and scores of the evaluation")
@@ -319,8 +416,12 @@ def remapped(ev: EvalResult, y: Tensor, answer_map: tuple[int, ...] | None,
         if k != 2:
             raise ValueError(f"a decision threshold needs two classes, not {k}")
         pred = (scores[:, 1] > threshold).long().to(ev.pred.device)
+    if offsets is not None:
+        b = torch.tensor(list(offsets), dtype=torch.float64, device=scores.device)
+        pred = (torch.nn.functional.logsigmoid(scores.double()) + b).argmax(1).to(ev.pred.device)
     return _scored(pred, scores, y.long().to(ev.pred.device), k,
-                   None if answer_map is None else tuple(answer_map), threshold)
+                   None if answer_map is None else tuple(answer_map), threshold,
+                   None if offsets is None else tuple(float(v) for v in offsets))
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000, autocast=None) -> float:

@@ -223,11 +223,12 @@ def report_markdown(cert: dict) -> str:
                          + (f"back to epoch(s) {back}" if back and None not in back else "back to the last check")
                          + ", the rest trained with PGD-2 |" + " |" * 13)
         read = [w for n, w in ((p.get("answers_remapped"), "renamed answers"),
-                                (p.get("answers_thresholded"), "a decision threshold")) if n]
+                                (p.get("answers_thresholded"), "a decision threshold"),
+                                (p.get("answers_offset"), "per-class offsets")) if n]
         if read:  # the attacker read the protected model's answers off the validation images
             seeds = len(p.get("per_seed") or []) or 1
             lines.append(f"|  | ↳ protected: {' and '.join(read)} read off the validation images scored higher "
-                         f"than the model's own answers in {max(p.get('answers_remapped') or 0, p.get('answers_thresholded') or 0)} "
+                         f"than the model's own answers in {max(p.get(f) or 0 for f in ('answers_remapped', 'answers_thresholded', 'answers_offset'))} "
                          f"of {seeds} seed(s) |" + " |" * 13)
     lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
                    "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "

@@ -100,7 +100,10 @@ class CellResult:
     the attacker answers by the threshold on the class-1 log-odds that scores best there
     (:func:`verify.evaluation.best_threshold`), renaming the classes when the ranking is inverted.
     ``threshold``: the one at the selected epoch (None: the argmax); ``thresholded_epochs``: how
-    many epochs used one.
+    many epochs used one. More classes: where the own answers are not renamed, per-class offsets
+    on the log-probabilities (a prior correction, :func:`verify.evaluation.best_offsets`) where
+    their cross-fitted validation score beats the own answers by more than the margin;
+    ``offsets`` and ``offset_epochs`` likewise.
 
     **The better reading.** Renaming and thresholds are chosen on the validation images, and a
     choice among more options can cost on the test set (measured: chest X-rays under a targeted
@@ -150,6 +153,8 @@ class CellResult:
     remapped_epochs: int = 0
     threshold: float | None = None
     thresholded_epochs: int = 0
+    offsets: list[float] | None = None
+    offset_epochs: int = 0
     own_score: float | None = None
     read_score: float | None = None
     guard_pgd_acc: list[float] = field(default_factory=list)
@@ -418,6 +423,8 @@ def _result(training: str, defense: str, seed: int, evals: list[EvalResult | Non
         answer_map=None if chosen.answer_map is None else list(chosen.answer_map),
         remapped_epochs=sum(e.answer_map is not None for e in val_evals),
         threshold=chosen.threshold, thresholded_epochs=sum(e.threshold is not None for e in val_evals),
+        offsets=None if chosen.offsets is None else list(chosen.offsets),
+        offset_epochs=sum(e.offsets is not None for e in val_evals),
         guard_pgd_acc=guard_acc, guard_fired_epoch=guard_fired,
         guard_fgsm_acc=list(guard_fgsm or []), guard_restored_epoch=guard_restored, guard_every=every,
     )
@@ -656,7 +663,8 @@ def train_cell(
                 ev_val = own_val if i == 0 else read_answers(own_val, y_val, num_classes, metric)
                 tr.val_evals.append(ev_val)
                 ev = None if own_test is None else (
-                    ev_val if val_is_test and i else remapped(own_test, y_test, ev_val.answer_map, ev_val.threshold))
+                    ev_val if val_is_test and i else remapped(own_test, y_test, ev_val.answer_map, ev_val.threshold,
+                                                              ev_val.offsets))
                 tr.evals.append(ev)
                 if ev_val.get(metric) > tr.best_val:
                     tr.best_val, tr.best_epoch = ev_val.get(metric), epoch
@@ -687,7 +695,7 @@ def train_cell(
                     net.load_state_dict(tr.best_state)
                 scored[e] = evaluate_metrics(net, x_test, y_test, recipe.eval_batch_size, autocast)
             rule = tr.val_evals[e]
-            tr.evals[e] = remapped(scored[e], y_test, rule.answer_map, rule.threshold)
+            tr.evals[e] = remapped(scored[e], y_test, rule.answer_map, rule.threshold, rule.offsets)
 
         for tr in tracks:  # the last epoch's test score (always due; kept for results of older versions)
             if tr.evals[-1] is None:
@@ -710,4 +718,5 @@ def train_cell(
     chosen = read_ if score_of(read_) > score_of(own) + 1e-12 else own
     # what each reading scored (the attacker keeps the better), and how often the reading fired
     return dataclasses.replace(chosen, own_score=score_of(own), read_score=score_of(read_),
-                               remapped_epochs=read_.remapped_epochs, thresholded_epochs=read_.thresholded_epochs)
+                               remapped_epochs=read_.remapped_epochs, thresholded_epochs=read_.thresholded_epochs,
+                               offset_epochs=read_.offset_epochs)

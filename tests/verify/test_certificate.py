@@ -281,8 +281,11 @@ def test_the_attackers_reading_of_the_answers_is_recorded_per_seed() -> None:
     read = dataclasses.replace(run("erm", "none", [0.2, 0.8], seed=0), answer_map=[1, 0], remapped_epochs=2,
                                threshold=-1.25, thresholded_epochs=1)
     own = run("erm", "none", [0.2, 0.3], seed=1)
-    s = summarize_runs([read, own])
-    assert s["answers_remapped"] == 1 and s["answers_thresholded"] == 1
+    shifted = dataclasses.replace(run("erm", "none", [0.2, 0.4], seed=2), offsets=[-1.5, 0.0, 0.25], offset_epochs=3)
+    s = summarize_runs([read, own, shifted])
+    assert s["answers_remapped"] == 1 and s["answers_thresholded"] == 1 and s["answers_offset"] == 1
+    assert s["per_seed"][2]["offsets"] == [-1.5, 0.0, 0.25] and s["per_seed"][2]["offset_epochs"] == 3
+    s["per_seed"] = s["per_seed"][:2]
     assert [(e["answer_map"], e["threshold"], e["thresholded_epochs"]) for e in s["per_seed"]] == [
         ([1, 0], -1.25, 1), (None, None, 0)]
     cert = grid()
