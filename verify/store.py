@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 #: validation and the test predictions; 4: the overfitting guard checks every k epochs and, when it
 #: fires, trains the epochs since its last passing check again; 5: every epoch's answers renamed
 #: where the validation images say so (``Recipe.remap_answers``); 6: two-class answers decided at the
-#: threshold the validation images choose, where they say so. Files of older versions are never
-#: looked up again, so cells and baselines saved by older versions train again.
-CACHE_VERSION = 6
+#: threshold the validation images choose, where they say so (replacing the own answers; clean
+#: baselines too); 7: the read answers beside the own ones, the better kept, protected cells only,
+#: and per-class offsets for more classes. Files of older versions are never looked up again, so
+#: cells and baselines saved by older versions train again.
+CACHE_VERSION = 7
 
 
 def _versions() -> dict[str, str | None]:
