@@ -246,6 +246,9 @@ def summarize_runs(runs: Sequence[CellResult], cached: Sequence[bool] | None = N
     out["answers_thresholded"] = sum(r.threshold is not None for r in runs)
     # seeds whose chosen epoch answered with per-class offsets read off the validation images
     out["answers_offset"] = sum(r.offsets is not None for r in runs)
+    # seeds whose read answers scored higher on the test set than the model's own (and were kept)
+    out["answers_read"] = sum(r.read_score is not None and r.own_score is not None and r.read_score > r.own_score
+                              for r in runs)
     out["per_seed"] = []
     for i, r in enumerate(runs):
         entry = {

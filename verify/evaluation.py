@@ -223,6 +223,11 @@ def _cut(v: Tensor, pos: Tensor, value) -> float:
     vals = value(pos.sum().double() - cum_pos, cum_neg, pos)
     cuts = torch.cat([uniq[:1] - 1.0, (uniq[:-1] + uniq[1:]) / 2, uniq[-1:] + 1.0])
     best = torch.nonzero(vals >= vals.max() - 1e-12).flatten()
+    # cut c holds for every threshold in [uniq[c - 1], uniq[c]): the model's own (0) where it is one
+    lo = torch.cat([torch.full((1,), -math.inf, dtype=uniq.dtype), uniq])
+    hi = torch.cat([uniq, torch.full((1,), math.inf, dtype=uniq.dtype)])
+    if bool(((lo[best] <= 0) & (0 < hi[best])).any()):
+        return 0.0
     return float(cuts[best[int(cuts[best].abs().argmin())]])
 
 
@@ -319,7 +324,7 @@ def _fit_offsets(logp: Tensor, y: Tensor, k: int, balanced: bool, sweeps: int = 
             ok = torch.ones(n + 1, dtype=torch.bool)
             ok[1:n] = ts[1:] > ts[:-1]  # a cut between equal break points does not exist
             vals = torch.where(ok, vals, torch.full_like(vals, -math.inf))
-            now = float((w * torch.where(t < b[c], y == c, y == top)).sum())
+            now = float((w * ((logp + b).argmax(1) == y)).sum())
             best = torch.nonzero(vals >= vals.max() - 1e-12).flatten()
             pick = best[int(cands[best].abs().argmin())]
             if float(vals[pick]) > now + 1e-12:
@@ -415,7 +420,7 @@ def remapped(ev: EvalResult, y: Tensor, answer_map: tuple[int, ...] | None,
     if threshold is not None:
         if k != 2:
             raise ValueError(f"a decision threshold needs two classes, not {k}")
-        pred = (scores[:, 1] > threshold).long().to(ev.pred.device)
+        pred = (scores[:, 1].double() > threshold).long().to(ev.pred.device)  # the float64 rule as fitted
     if offsets is not None:
         b = torch.tensor(list(offsets), dtype=torch.float64, device=scores.device)
         pred = (torch.nn.functional.logsigmoid(scores.double()) + b).argmax(1).to(ev.pred.device)

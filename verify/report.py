@@ -222,14 +222,14 @@ def report_markdown(cert: dict) -> str:
             lines.append(f"|  | ↳ catastrophic overfitting guard fired by epoch(s) {guard['fired_epochs']}: "
                          + (f"back to epoch(s) {back}" if back and None not in back else "back to the last check")
                          + ", the rest trained with PGD-2 |" + " |" * 13)
-        read = [w for n, w in ((p.get("answers_remapped"), "renamed answers"),
-                                (p.get("answers_thresholded"), "a decision threshold"),
-                                (p.get("answers_offset"), "per-class offsets")) if n]
-        if read:  # the attacker read the protected model's answers off the validation images
-            seeds = len(p.get("per_seed") or []) or 1
-            lines.append(f"|  | ↳ protected: {' and '.join(read)} read off the validation images scored higher "
-                         f"than the model's own answers in {max(p.get(f) or 0 for f in ('answers_remapped', 'answers_thresholded', 'answers_offset'))} "
-                         f"of {seeds} seed(s) |" + " |" * 13)
+        seeds = p.get("per_seed") or []
+        kept = [e for e in seeds if e.get("read_score") is not None and e.get("own_score") is not None
+                and e["read_score"] > e["own_score"]]
+        if kept:  # the attacker's reading of the protected model's answers beat its own
+            kinds = sorted({"a decision threshold" if e.get("threshold") is not None else
+                            "per-class offsets" if e.get("offsets") is not None else "renamed answers" for e in kept})
+            lines.append(f"|  | ↳ protected: {' and '.join(kinds)} read off the validation images scored higher "
+                         f"than the model's own answers in {len(kept)} of {len(seeds) or 1} seed(s) |" + " |" * 13)
     lines += ["", ("Balanced accuracy: mean per-class recall over the classes in the test set. AUC: macro "
                    "one-vs-rest ROC AUC from the softmax scores (2 classes: the AUC of the second class), "
                    "over the classes with positives and negatives in the test set.")]

@@ -114,7 +114,8 @@ class CellResult:
     lowers a protected cell. ``own_score`` and ``read_score``: the score metric of each on the test
     set (None where the answers were not read: clean baselines, ``remap_answers=False``);
     ``answer_map`` and ``threshold`` are None when the own answers scored higher, and
-    ``remapped_epochs``/``thresholded_epochs`` count the read epochs either way.
+    ``remapped_epochs``/``thresholded_epochs`` count the read epochs either way. The curves and the
+    last epoch's numbers are those of the kept reading; the oracle peaks the best of either.
     """
 
     training: str
@@ -662,9 +663,8 @@ def train_cell(
                 # the attacker's reading carries its rule (answer_map, threshold) for the test scores
                 ev_val = own_val if i == 0 else read_answers(own_val, y_val, num_classes, metric)
                 tr.val_evals.append(ev_val)
-                ev = None if own_test is None else (
-                    ev_val if val_is_test and i else remapped(own_test, y_test, ev_val.answer_map, ev_val.threshold,
-                                                              ev_val.offsets))
+                ev = None if own_test is None else remapped(own_test, y_test, ev_val.answer_map, ev_val.threshold,
+                                                            ev_val.offsets)
                 tr.evals.append(ev)
                 if ev_val.get(metric) > tr.best_val:
                     tr.best_val, tr.best_epoch = ev_val.get(metric), epoch
@@ -703,6 +703,10 @@ def train_cell(
         for tr in tracks:  # the selected epoch: re-score its saved weights on the test set
             if tr.evals[tr.best_epoch] is None:
                 test_at(tr, tr.best_epoch)
+        for e in scored:  # an epoch scored for one reading is scored for the other too (peaks, curves)
+            for tr in tracks:
+                if tr.evals[e] is None:
+                    test_at(tr, e)
     finally:
         if bar is not None:
             bar.close()
@@ -716,7 +720,13 @@ def train_cell(
     own, read_ = results
     score_of = (lambda r: r.balanced_acc) if metric == "balanced_accuracy" else (lambda r: r.acc)
     chosen = read_ if score_of(read_) > score_of(own) + 1e-12 else own
+    # the oracle peaks: the best of either reading at any scored epoch (never below the own answers')
+    peak = max((own, read_), key=lambda r: r.peak_acc)
+    peak_bal = max((own, read_), key=lambda r: -1.0 if r.peak_balanced_acc is None else r.peak_balanced_acc)
+    aucs = [r.peak_auc for r in (own, read_) if r.peak_auc is not None]
     # what each reading scored (the attacker keeps the better), and how often the reading fired
     return dataclasses.replace(chosen, own_score=score_of(own), read_score=score_of(read_),
                                remapped_epochs=read_.remapped_epochs, thresholded_epochs=read_.thresholded_epochs,
-                               offset_epochs=read_.offset_epochs)
+                               offset_epochs=read_.offset_epochs, peak_acc=peak.peak_acc, peak_epoch=peak.peak_epoch,
+                               peak_balanced_acc=peak_bal.peak_balanced_acc,
+                               peak_balanced_epoch=peak_bal.peak_balanced_epoch, peak_auc=max(aucs) if aucs else None)

@@ -284,11 +284,16 @@ def test_the_attackers_reading_of_the_answers_is_recorded_per_seed() -> None:
     shifted = dataclasses.replace(run("erm", "none", [0.2, 0.4], seed=2), offsets=[-1.5, 0.0, 0.25], offset_epochs=3)
     s = summarize_runs([read, own, shifted])
     assert s["answers_remapped"] == 1 and s["answers_thresholded"] == 1 and s["answers_offset"] == 1
+    assert s["answers_read"] == 0  # none of these hand-built runs scored both readings
     assert s["per_seed"][2]["offsets"] == [-1.5, 0.0, 0.25] and s["per_seed"][2]["offset_epochs"] == 3
     s["per_seed"] = s["per_seed"][:2]
     assert [(e["answer_map"], e["threshold"], e["thresholded_epochs"]) for e in s["per_seed"]] == [
         ([1, 0], -1.25, 1), (None, None, 0)]
     cert = grid()
     assert "read off the validation images" not in report_markdown(cert)
-    cert["cells"][0]["protected"]["answers_thresholded"] = 1
-    assert "↳ protected: a decision threshold read off the validation images scored higher" in report_markdown(cert)
+    entry = cert["cells"][0]["protected"]["per_seed"][0]
+    entry.update(threshold=0.3, answer_map=[1, 0], own_score=0.2, read_score=0.2)  # read, but not better: own kept
+    assert "read off the validation images" not in report_markdown(cert)
+    entry.update(read_score=0.35)
+    assert ("↳ protected: a decision threshold read off the validation images scored higher than the model's own "
+            "answers in 1 of 1 seed(s)") in report_markdown(cert)

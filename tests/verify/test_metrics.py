@@ -447,6 +447,12 @@ def test_best_threshold_reads_a_decision_off_scores_that_rank_but_do_not_decide(
     big = yn.repeat_interleave(17)[:400]
     sb = -10.0 - torch.arange(400, dtype=torch.float64) / 10
     assert best_threshold(_log_odds(sb.float()), big, "balanced_accuracy") is not None
+    # where the best cut's interval holds the model's own threshold, it is the model's own: 0
+    from verify.evaluation import _cut
+
+    bal = lambda tp, tn, p: (tp / p.sum() + tn / (~p).sum()) / 2  # noqa: E731
+    v, p = torch.tensor([-2.0, -1.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([False, False, True, True])
+    assert _cut(v, p, bal) == 0.0 and _cut(v + 5, p, bal) == 5.0  # else the midpoint
     assert best_threshold(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)) is None
     assert best_threshold(torch.zeros(4, 3), torch.tensor([0, 1, 2, 1])) is None  # not two classes
     with pytest.raises(ValueError, match="two classes"):

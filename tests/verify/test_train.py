@@ -443,4 +443,6 @@ def test_a_model_that_learned_the_classes_under_each_others_names_is_renamed_bac
     read_s = train_cell(swapped, scored, sparse, "erm", "none", seed=0, val=val)
     assert sum(v is not None for v in read_s.curve) <= 3 and read_s.own_score == plain_s.acc
     assert read_s.acc == max(read_s.own_score, read_s.read_score)
+    # the oracle peaks take the best of either reading: never below the own answers'
+    assert renamed.peak_acc >= plain.peak_acc and read_s.peak_acc >= plain_s.peak_acc
     assert sum(int(p == y) for p, y in zip(renamed.test_pred, scored.y.tolist())) == round(renamed.acc * len(scored))
