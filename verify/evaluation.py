@@ -301,13 +301,21 @@ def best_threshold(scores: Tensor, y: Tensor, metric: str = "accuracy", margin: 
     return ((1, 0) if flip else None), t, held_out
 
 
+def _image_weights(y: Tensor, k: int, balanced: bool) -> Tensor:
+    """Each image's share of the metric (float64): 1/N for accuracy; for balanced accuracy 1 over
+    its class's count times the number of classes present."""
+    counts = torch.bincount(y, minlength=k).double()
+    if balanced:
+        return 1.0 / (counts[y] * float((counts > 0).sum()))
+    return torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=torch.float64)
+
+
 def _fit_offsets(logp: Tensor, y: Tensor, k: int, balanced: bool, sweeps: int = 3) -> Tensor:
     """Per-class offsets ``b`` (float64, K) for the answers ``argmax(logp + b)``, fitted to labels
     ``y`` by coordinate ascent: each class's offset in turn takes the value between two images' break
     points that scores best (accuracy, or balanced accuracy), ties nearest 0, ``sweeps`` times over."""
     n = y.shape[0]
-    counts = torch.bincount(y, minlength=k).double()
-    w = (1.0 / (counts[y] * float((counts > 0).sum()))) if balanced else torch.full((n,), 1.0 / n, dtype=torch.float64)
+    w = _image_weights(y, k, balanced)
     b = torch.zeros(k, dtype=torch.float64)
     for _ in range(sweeps):
         moved = False
@@ -353,8 +361,7 @@ def best_offsets(scores: Tensor, y: Tensor, metric: str = "accuracy", margin: fl
     yl = y.long().cpu()
     logp = torch.nn.functional.logsigmoid(scores.double().cpu())  # log p from log(p / (1 - p))
     balanced = metric == "balanced_accuracy"
-    counts = torch.bincount(yl, minlength=k).double()
-    w = (1.0 / (counts[yl] * float((counts > 0).sum()))) if balanced else torch.full_like(logp[:, 0], 1.0 / yl.shape[0])
+    w = _image_weights(yl, k, balanced)
 
     def value(pred: Tensor) -> float:
         return float((w * (pred == yl)).sum())

@@ -718,14 +718,14 @@ def train_cell(
     if len(results) == 1:
         return results[0]
     own, read_ = results
-    score_of = (lambda r: r.balanced_acc) if metric == "balanced_accuracy" else (lambda r: r.acc)
-    chosen = read_ if score_of(read_) > score_of(own) + 1e-12 else own
+    own_score, read_score = (tr.evals[tr.best_epoch].get(metric) for tr in tracks)  # each at its chosen epoch
+    chosen = read_ if read_score > own_score + 1e-12 else own
     # the oracle peaks: the best of either reading at any scored epoch (never below the own answers')
     peak = max((own, read_), key=lambda r: r.peak_acc)
     peak_bal = max((own, read_), key=lambda r: -1.0 if r.peak_balanced_acc is None else r.peak_balanced_acc)
     aucs = [r.peak_auc for r in (own, read_) if r.peak_auc is not None]
     # what each reading scored (the attacker keeps the better), and how often the reading fired
-    return dataclasses.replace(chosen, own_score=score_of(own), read_score=score_of(read_),
+    return dataclasses.replace(chosen, own_score=own_score, read_score=read_score,
                                remapped_epochs=read_.remapped_epochs, thresholded_epochs=read_.thresholded_epochs,
                                offset_epochs=read_.offset_epochs, peak_acc=peak.peak_acc, peak_epoch=peak.peak_epoch,
                                peak_balanced_acc=peak_bal.peak_balanced_acc,
