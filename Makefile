@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 DEMO_OUT ?= demo-out
 # A fixed, public demo key: never use it for real data (`protect keygen` makes a real one).
 DEMO_KEY ?= demo-key-not-a-secret
+# `make test` runs one pytest-xdist worker per core (at most 4: the suite's long modules are few),
+# each with one torch thread; a module stays on one worker (its fixtures are made once), and the
+# longest modules start first (tests/conftest.py: LONG_MODULES).
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1))))")
 
 .PHONY: setup demo test test-all bench clean
 
@@ -23,7 +27,7 @@ demo: setup
 	$(VENV)/bin/protect inspect $(DEMO_OUT)/cifar10-train
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-all: setup
 	$(PY) -m pytest -q -m ''

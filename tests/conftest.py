@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in one pytest-xdist worker per core: each worker (and every process
+    # it starts) gets one intra-op thread, so the workers never fight over the cores. The
+    # statistical tests' thresholds hold with one thread and with two (their docstrings say so).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 #: The key of the pipeline and CLI tests (long enough not to trigger the short-key warning).
@@ -96,3 +104,29 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+#: The suite's longest modules, longest first (``pytest --durations=0``, one thread per worker).
+#: A parallel run (`make test`: one pytest-xdist worker per core, a module per worker at a time)
+#: starts them first, so that no worker is left running one of them alone at the end.
+LONG_MODULES = (
+    "tests/perturbations/test_cuda_effect.py",
+    "tests/cli/test_photo_quickstart.py",
+    "tests/perturbations/test_salm.py",
+    "tests/verify/test_verify_cuda.py",
+    "tests/protect/test_ray_engine.py",
+    "tests/verify/test_run.py",
+    "tests/verify/test_distributed.py",
+    "tests/protect/test_resume.py",
+    "tests/verify/test_verify_cli.py",
+    "tests/perturbations/test_uc.py",
+    "tests/protect/test_first_hour.py",
+    "tests/protect/test_safety.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a serial run keeps the files' order
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
