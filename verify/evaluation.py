@@ -301,6 +301,12 @@ def best_threshold(scores: Tensor, y: Tensor, metric: str = "accuracy", margin: 
     return ((1, 0) if flip else None), t, held_out
 
 
+def _log_probs(scores: Tensor) -> Tensor:
+    """The per-class log-probabilities (float64) that :func:`best_offsets` fits its offsets to and
+    :func:`remapped` applies them to: ``log p`` from the softmax log-odds ``log(p / (1 - p))``."""
+    return torch.nn.functional.logsigmoid(scores.double())
+
+
 def _image_weights(y: Tensor, k: int, balanced: bool) -> Tensor:
     """Each image's share of the metric (float64): 1/N for accuracy; for balanced accuracy 1 over
     its class's count times the number of classes present."""
@@ -359,7 +365,7 @@ def best_offsets(scores: Tensor, y: Tensor, metric: str = "accuracy", margin: fl
         return None
     k = scores.shape[1]
     yl = y.long().cpu()
-    logp = torch.nn.functional.logsigmoid(scores.double().cpu())  # log p from log(p / (1 - p))
+    logp = _log_probs(scores.cpu())
     balanced = metric == "balanced_accuracy"
     w = _image_weights(yl, k, balanced)
 
@@ -430,7 +436,7 @@ def remapped(ev: EvalResult, y: Tensor, answer_map: tuple[int, ...] | None,
         pred = (scores[:, 1].double() > threshold).long().to(ev.pred.device)  # the float64 rule as fitted
     if offsets is not None:
         b = torch.tensor(list(offsets), dtype=torch.float64, device=scores.device)
-        pred = (torch.nn.functional.logsigmoid(scores.double()) + b).argmax(1).to(ev.pred.device)
+        pred = (_log_probs(scores) + b).argmax(1).to(ev.pred.device)
     return _scored(pred, scores, y.long().to(ev.pred.device), k,
                    None if answer_map is None else tuple(answer_map), threshold,
                    None if offsets is None else tuple(float(v) for v in offsets))
