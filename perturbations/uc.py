@@ -18,8 +18,8 @@ Fit (needs no labels):
 3. ``mode="direct"`` (default): signed-gradient descent on ``delta_k`` itself (``steps`` steps, step
    size decaying linearly from ``eps / 4``), every step on a keyed mini-batch of ``batch`` members of
    every cluster (drawn with replacement, at most 8 per member, so a cluster of one photo does
-   not spend a step on 16 copies of it), through random flips and padded crops (``augment``) so the perturbation survives
-   the attacker's augmentation. ``mode="generator"`` is the paper's: one small residual generator per
+   not spend a step on 16 copies of it), through random flips and padded crops (``augment``) so
+   the perturbation survives the attacker's augmentation. ``mode="generator"`` is the paper's: one small residual generator per
    cluster from a fixed keyed noise input, ``eps * tanh`` output, Adam (lr 1e-4) for ``epochs``
    epochs. Deliberate differences from the reference code: each generator is trained on its own
    cluster's members (the reference trains every generator on the whole dataset) and the

@@ -1,9 +1,9 @@
 """End to end on the bundled CIFAR-10 samples: protect a folder with CUDA through the real pipeline,
 then `verify_folder` shows that models trained on it learn the shortcut, not the classes.
 
-About 29 s at one thread on the development machine (was 54 s with two seeds; protection, then two ten-epoch trainings of the quick net
-on 1000 images, a clean and a protected one, seed 0; the epoch chosen on 40 of the 200 test images,
-the other 160 scored; chance 0.1).
+About 29 s at one thread on the development machine (54 s with two seeds): protection, then two
+ten-epoch trainings of the quick net on 1000 images, a clean and a protected one, seed 0; the epoch
+chosen on 40 of the 200 test images, the other 160 scored; chance 0.1.
 
 Measured with today's verifier (2026-12-07: the validation-chosen epoch and the attacker who reads
 a renaming or per-class offsets off the validation images; the same protection, seeds 0-4 with
