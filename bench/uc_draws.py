@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import perturbations  # noqa: E402
-from perturbations import Keyring  # noqa: E402
+from perturbations import FitData, Keyring  # noqa: E402
 from perturbations.steps import random_flip_crop  # noqa: E402
 from perturbations.uc import UnlearnableClusters, kl_to_target  # noqa: E402
-from tests.methods import fit_data  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -48,6 +46,20 @@ def load(name: str) -> tuple[torch.Tensor, list[str]]:
         x = torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
         xs.append(F.interpolate(x[None], size=(32, 32), mode="bilinear", antialias=True)[0])
     return torch.stack(xs), [f.name for f in files]
+
+
+def fit_data(x: torch.Tensor, ids: list[str]) -> FitData:
+    """An unlabelled FitData serving ``x`` (N x 3 x 32 x 32 in [0, 1], the surrogate's size) as the pipeline does."""
+
+    def batches(size, channels=3, batch_size=64, only=None):
+        pos = list(range(len(ids))) if only is None else list(only)
+        for i in range(0, len(pos), batch_size):
+            b = x[pos[i:i + batch_size]]
+            if tuple(b.shape[-2:]) != tuple(size):
+                b = F.interpolate(b, size=tuple(size), mode="bilinear", antialias=True)
+            yield b, pos[i:i + batch_size]
+
+    return FitData(0, None, [tuple(x.shape[-2:])] * len(ids), list(ids), batches, memory=1 << 28)
 
 
 class Capped(UnlearnableClusters):
@@ -96,7 +108,7 @@ def main() -> None:
                 Capped.draws = draws
                 m = Capped(Keyring.from_seed(key), surrogate="cifar-resnet20")
                 t = time.perf_counter()
-                m.fit(fit_data(x, [0] * len(ids), ids, 0))
+                m.fit(fit_data(x, ids))
                 dt = time.perf_counter() - t
                 kl, hit = held_out(m, x, ids)
                 kl4, hit4 = held_out(m, x, ids, 0.4)
