@@ -9,17 +9,21 @@ differently, and so do 1 and 2 threads), and one test image is 1.25 points. So e
 difference of means over three trainings (seeds 0-2, keys 3-5), never an absolute accuracy, and its
 threshold sits far below the smallest difference measured.
 
-Measured (30 epochs; means of seeds 0-2 and of seeds 3-5, each under: default kernels with 1 and
-with 2 threads, ``ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41`` and
-``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` with 1 thread; 8 three-run means):
+Measured (25 epochs, 2026-12-07; means of seeds 0-2 and of seeds 3-5, each under: default kernels
+with 1 and with 2 threads, ``ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41`` and
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` with 1 thread; 8 three-run means; at 30 epochs,
+the test's length before, in brackets):
 
-=========================================  ==========================  ========
-difference of three-run means              measured min .. max (mean)  asserted
-=========================================  ==========================  ========
-clean - class-wise                         0.175 .. 0.384 (0.29)       >= 0.06
-class-wise: protected test - clean test    0.363 .. 0.484 (0.44)       >= 0.25
-one shared filter - class-wise             0.071 .. 0.184 (0.14)       >= 0.03
-=========================================  ==========================  ========
+=========================================  ==========================================  ========
+difference of three-run means              measured min .. max (mean) [at 30 epochs]   asserted
+=========================================  ==========================================  ========
+clean - class-wise                         0.162 .. 0.254 (0.23) [0.175 .. 0.384]      >= 0.06
+class-wise: protected test - clean test    0.413 .. 0.467 (0.44) [0.363 .. 0.484]      >= 0.25
+one shared filter - class-wise             0.167 .. 0.229 (0.20) [0.071 .. 0.184]      >= 0.03
+=========================================  ==========================================  ========
+
+20 epochs was measured and rejected (one shared filter - class-wise down to 0.033; the
+epoch count is noisy, not monotone, so each length is measured, never interpolated).
 
 Single runs are far noisier (one SSE41 run at 20 epochs collapsed to chance), which is why
 nothing here rests on one training. With one shared filter for all classes (the paper's ablation)
@@ -40,7 +44,7 @@ from perturbations import Keyring
 from tests.tiny import accuracy, load_split, quantise, train_tiny
 
 CLASSES = [0, 1, 6, 8]  # airplane, automobile, frog, ship
-EPOCHS = 30
+EPOCHS = 25
 SEEDS = (0, 1, 2)
 
 
