@@ -4,8 +4,8 @@
 
 The direct UC fit draws ``batch`` (16) members of every cluster per step, with replacement. A folder of
 a few photos has clusters of one or two photos, so most of a step's batch is augmented copies of the
-same image. ``--draws D`` caps a cluster's draws at ``D x its members`` (0: no cap, the fit before
-``perturbations.uc.DRAWS_PER_MEMBER``; the product caps at 8). For
+same image. ``--draws D`` sets ``perturbations.uc.DRAWS_PER_MEMBER``, the cap on a cluster's draws at
+``D x its members`` (0: no cap, the fit before the cap; the product caps at 8). For
 each cap and key this prints the fit's time and what the fitted perturbations do on *fresh*
 augmentations (flip and padded crop, a generator the fit never saw; 32 per image): the mean KL to the
 target embedding (lower is stronger) and the share of augmented copies whose embedding is nearer its
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import perturbations.uc as uc  # noqa: E402
 from perturbations import FitData, Keyring  # noqa: E402
 from perturbations.steps import random_flip_crop  # noqa: E402
 from perturbations.uc import UnlearnableClusters, kl_to_target  # noqa: E402
@@ -62,18 +63,6 @@ def fit_data(x: torch.Tensor, ids: list[str]) -> FitData:
     return FitData(0, None, [tuple(x.shape[-2:])] * len(ids), list(ids), batches, memory=1 << 28)
 
 
-class Capped(UnlearnableClusters):
-    draws = 0
-
-    def _batch(self, members, gen, size):
-        picks = []
-        for m in members:
-            if m.numel():
-                n = size if not self.draws else min(size, self.draws * m.numel())
-                picks.append(m[torch.randint(m.numel(), (n,), generator=gen)])
-        return torch.cat(picks)
-
-
 def held_out(method: UnlearnableClusters, x: torch.Tensor, ids: list[str], scale: float = 1.0,
              copies: int = 32) -> tuple[float, float]:
     s = method.clusters.surrogate("cpu")
@@ -86,10 +75,9 @@ def held_out(method: UnlearnableClusters, x: torch.Tensor, ids: list[str], scale
         for _ in range(copies):
             z = random_flip_crop((x + scale * method.deltas[c]).clamp(0, 1), gen)
             f = s.features(z)
-            kls.append(kl_to_target(f, means[target]))
             to_target = kl_to_target(f, means[target])
-            to_own = kl_to_target(f, means[c])
-            hits.append((to_target < to_own).float())
+            kls.append(to_target)
+            hits.append((to_target < kl_to_target(f, means[c])).float())
     return float(torch.cat(kls).mean()), float(torch.cat(hits).mean())
 
 
@@ -105,11 +93,15 @@ def main() -> None:
         for draws in [int(d) for d in args.draws.split(",")]:
             rows = []
             for key in [int(k) for k in args.keys.split(",")]:
-                Capped.draws = draws
-                m = Capped(Keyring.from_seed(key), surrogate="cifar-resnet20")
-                t = time.perf_counter()
-                m.fit(fit_data(x, ids))
-                dt = time.perf_counter() - t
+                m = UnlearnableClusters(Keyring.from_seed(key), surrogate="cifar-resnet20")
+                shipped = uc.DRAWS_PER_MEMBER
+                uc.DRAWS_PER_MEMBER = draws or m.batch  # ``batch`` per member: every cluster draws ``batch``
+                try:
+                    t = time.perf_counter()
+                    m.fit(fit_data(x, ids))
+                    dt = time.perf_counter() - t
+                finally:
+                    uc.DRAWS_PER_MEMBER = shipped
                 kl, hit = held_out(m, x, ids)
                 kl4, hit4 = held_out(m, x, ids, 0.4)
                 rows.append((dt, kl, hit, kl4, hit4))

@@ -19,12 +19,12 @@ Fit (needs no labels):
    size decaying linearly from ``eps / 4``), every step on a keyed mini-batch of ``batch`` members of
    every cluster (drawn with replacement, at most 8 per member, so a cluster of one photo does
    not spend a step on 16 copies of it), through random flips and padded crops (``augment``) so
-   the perturbation survives the attacker's augmentation. ``mode="generator"`` is the paper's: one small residual generator per
-   cluster from a fixed keyed noise input, ``eps * tanh`` output, Adam (lr 1e-4) for ``epochs``
-   epochs. Deliberate differences from the reference code: each generator is trained on its own
-   cluster's members (the reference trains every generator on the whole dataset) and the
-   surrogate stays in eval mode (the reference reads it with BatchNorm in train mode, so a batch's
-   statistics leak into the perturbation).
+   the perturbation survives the attacker's augmentation. ``mode="generator"`` is the paper's: one
+   small residual generator per cluster from a fixed keyed noise input, ``eps * tanh`` output, Adam
+   (lr 1e-4) for ``epochs`` epochs. Deliberate differences from the reference code: each generator
+   is trained on its own cluster's members (the reference trains every generator on the whole
+   dataset) and the surrogate stays in eval mode (the reference reads it with BatchNorm in train
+   mode, so a batch's statistics leak into the perturbation).
    With ``resize="LO-HI"`` every loss first passes ``x + delta`` through the attacker's resize
    (upsampled to the photos' size as applied, shrunk to a keyed random size in [LO, HI] with
    antialiasing, back to ``S``), so ``delta`` is optimised for what survives the downscale an

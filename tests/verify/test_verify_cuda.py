@@ -14,7 +14,7 @@ clean) 0.091-0.375. Seed 0, the one tested: clean 0.369 / 0.450 / 0.463, effect 
 0.448, shortcut 0.091 / 0.176 / 0.175 (1 thread, 2 threads, SSE41). The read answers beat the own
 ones in 1 run of 15. The bounds sit at about half of the lowest single-seed value (clean: 0.07 below
 the lowest). One seed, not two (a mean of two seeds, 2026-12-03: effect 0.240-0.616), halves the
-test's time; the bounds were halved with it. A broken protection (the clean images in place of the
+test's time; the bounds were lowered with it. A broken protection (the clean images in place of the
 protected ones) trains the very same model as the baseline: effect 0 and shortcut 0, so both claims
 still fail.
 """
